@@ -1,0 +1,1 @@
+/* api/cgroup.h - see pycri.h for the conventions. */

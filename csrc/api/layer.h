@@ -1,0 +1,1 @@
+/* api/layer.h - see pycri.h for the conventions. */

@@ -1,0 +1,1 @@
+/* api/monitor.h - see pycri.h for the conventions. */

@@ -1,0 +1,1 @@
+/* api/mount.h - see pycri.h for the conventions. */

@@ -1,0 +1,1 @@
+/* api/spawn.h - see pycri.h for the conventions. */

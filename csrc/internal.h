@@ -1,0 +1,38 @@
+/* internal.h - helpers for the C core that cffi never sees. */
+#ifndef PYCRI_INTERNAL_H
+#define PYCRI_INTERNAL_H
+
+#include <errno.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#include "pycri.h"
+
+#define PYCRI_EXPORT __attribute__((visibility("default")))
+
+static inline void pycri__closep(int *fd) {
+    if (*fd >= 0) {
+        int saved = errno;
+        close(*fd);
+        errno = saved;
+    }
+}
+static inline void pycri__freep(void *p) { free(*(void **)p); }
+
+/* An fd closed when it goes out of scope; set it to -1 to keep it. */
+#define cleanup_fd __attribute__((cleanup(pycri__closep)))
+#define cleanup_free __attribute__((cleanup(pycri__freep)))
+
+/* Fill err with code and a formatted message (": strerror(code)" appended when
+ * code != 0) and return -code (or -1 when code is 0). */
+int pycri_fail(struct pycri_error *err, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Take ownership of an fd: returns it and sets the source to -1. */
+static inline int pycri_steal_fd(int *fd) {
+    int r = *fd;
+    *fd = -1;
+    return r;
+}
+
+#endif

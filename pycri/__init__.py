@@ -1,0 +1,14 @@
+"""pycri: a container runtime you import.
+
+    import pycri
+    rt = pycri.Runtime()
+    img = rt.images.pull("127.0.0.1:5000/library/busybox:latest")
+"""
+
+from pycri.config import Auth, Platform
+from pycri.errors import *  # noqa: F401,F403
+from pycri.errors import __all__ as _errors_all
+
+__version__ = "0.1.0"
+
+__all__ = ["Auth", "Platform", "__version__", *_errors_all]
