@@ -6,9 +6,13 @@
 """
 
 from pycri.config import Auth, Platform
+from pycri.image import FsInfo, Image, ImageStore, PullProgress
+from pycri.oci import ImageConfig
+from pycri.runtime import Runtime
 from pycri.errors import *  # noqa: F401,F403
 from pycri.errors import __all__ as _errors_all
 
 __version__ = "0.1.0"
 
-__all__ = ["Auth", "Platform", "__version__", *_errors_all]
+__all__ = ["Auth", "Platform", "Runtime", "Image", "ImageStore", "ImageConfig", "FsInfo",
+           "PullProgress", "__version__", *_errors_all]
