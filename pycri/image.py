@@ -23,7 +23,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycri import layer as _layer
 from pycri import oci, reference, store
 from pycri.config import Auth, Platform
 from pycri.errors import (
@@ -556,7 +555,9 @@ class ImageStore:
                         _read_file(blob) if have_blob
                         else self._ingest_chunks(desc, ingest, fetch_from, label, progress)
                     )
-                    _layer.apply_layer(
+                    from pycri.layer import apply_layer
+
+                    apply_layer(
                         chunks, info.media_type, tmp,
                         expected_digest=info.digest, expected_diff_id=info.diff_id,
                     )
