@@ -81,3 +81,39 @@ def sha256_fd(fd: int) -> tuple[str, int]:
 # --- cgroups (csrc/cgroup.c) ------------------------------------------------
 
 # --- monitor (csrc/monitor.c) -----------------------------------------------
+
+# --- pinned namespaces (csrc/ns.c) -------------------------------------------
+
+NS_NET = 1
+NS_IPC = 2
+NS_UTS = 4
+
+
+def ns_pin(kinds: int, net: str | None, ipc: str | None, uts: str | None,
+           hostname: str = "", sysctls: dict[str, str] | None = None) -> None:
+    """Create and pin new namespaces onto the given (existing, empty) files."""
+    from pycri.config import sysctl_namespace
+
+    err = _new_err()
+    items = list((sysctls or {}).items())
+    for k, _ in items:  # never let a host-wide sysctl through, whoever calls this
+        sysctl_namespace(k)
+    blob = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in items)
+
+    def c(s: str | None):  # type: ignore[no-untyped-def]
+        return s.encode() if s else ffi.NULL
+
+    _check(lib.pycri_ns_pin(kinds, c(net), c(ipc), c(uts), hostname.encode(),
+                            blob or ffi.NULL, len(items), err), err)
+
+
+def ns_unpin(path: str) -> None:
+    err = _new_err()
+    _check(lib.pycri_ns_unpin(path.encode(), err), err, path)
+
+
+def ns_inode(path: str) -> int:
+    err = _new_err()
+    ino = ffi.new("unsigned long long *")
+    _check(lib.pycri_ns_inode(path.encode(), ino, err), err, path)
+    return int(ino[0])
