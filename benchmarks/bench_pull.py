@@ -29,10 +29,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TREE = os.path.dirname(HERE)
 sys.path[:0] = [TREE, os.path.join(TREE, "tests")]
 
-import imagebuild as ib  # noqa: E402
-from conftest import LocalRegistry  # noqa: E402
+import imagebuild as ib
+from conftest import LocalRegistry
 
-import pycri  # noqa: E402
+import pycri
 
 
 def make_layer(seed: int, total: int) -> bytes:
@@ -104,11 +104,11 @@ def main() -> None:
                     # nothing fetched or unpacked before is reused
                     ctrd = Containerd(os.path.join(work, f"containerd-{i}"))
                     try:
-                        times[name].append(timed(lambda: ctrd.pull(ref)))
+                        times[name].append(timed(lambda c=ctrd: c.pull(ref)))
                     finally:
                         ctrd.stop()
                 else:
-                    times[name].append(timed(lambda: fn(i)))
+                    times[name].append(timed(lambda f=fn, n=i: f(n)))
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"{'tool':<14} {'median s':>9}  runs")
         for k, v in times.items():

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import posixpath as _pp
+import re as _re
+from collections.abc import Mapping as _Mapping
+
 from dataclasses import dataclass, field
 
 from pycri.errors import InvalidArgumentError
@@ -61,10 +65,6 @@ class Platform:
 # ---------------------------------------------------------------------------
 # Sandbox and container configuration (the runtime layer).
 # ---------------------------------------------------------------------------
-
-import posixpath as _pp  # noqa: E402
-import re as _re  # noqa: E402
-from collections.abc import Mapping as _Mapping  # noqa: E402
 
 # Namespace modes, as the CRI names them.
 POD = "pod"
