@@ -91,9 +91,9 @@ PYCRI_EXPORT int pycri_ns_pin(int kinds, const char *net_path, const char *ipc_p
                               const char *uts_path, const char *hostname, const char *sysctls,
                               int nsysctls, struct pycri_error *err) {
     int flags = 0;
-    if (kinds & PYCRI_NS_NET) flags |= CLONE_NEWNET;
-    if (kinds & PYCRI_NS_IPC) flags |= CLONE_NEWIPC;
-    if (kinds & PYCRI_NS_UTS) flags |= CLONE_NEWUTS;
+    if (kinds & PYCRI_PIN_NET) flags |= CLONE_NEWNET;
+    if (kinds & PYCRI_PIN_IPC) flags |= CLONE_NEWIPC;
+    if (kinds & PYCRI_PIN_UTS) flags |= CLONE_NEWUTS;
     int pipefd[2];
     if (pipe2(pipefd, O_CLOEXEC) < 0)
         return pycri_fail(err, errno, "pin namespaces: pipe2");
@@ -108,10 +108,10 @@ PYCRI_EXPORT int pycri_ns_pin(int kinds, const char *net_path, const char *ipc_p
         close(pipefd[0]);
         if (unshare(flags) < 0)
             report_and_exit(pipefd[1], STEP_UNSHARE, errno);
-        if ((kinds & PYCRI_NS_UTS) && hostname && hostname[0] &&
+        if ((kinds & PYCRI_PIN_UTS) && hostname && hostname[0] &&
             sethostname(hostname, strlen(hostname)) < 0)
             report_and_exit(pipefd[1], STEP_HOSTNAME, errno);
-        if ((kinds & PYCRI_NS_NET) && lo_up() < 0)
+        if ((kinds & PYCRI_PIN_NET) && lo_up() < 0)
             report_and_exit(pipefd[1], STEP_LO, errno);
         const char *p = sysctls;
         for (int i = 0; p && i < nsysctls; i++) {
@@ -121,11 +121,11 @@ PYCRI_EXPORT int pycri_ns_pin(int kinds, const char *net_path, const char *ipc_p
                 report_and_exit(pipefd[1], STEP_SYSCTL * 1000 + i, errno);
             p = value + strlen(value) + 1;
         }
-        if ((kinds & PYCRI_NS_NET) && mount("/proc/self/ns/net", net_path, NULL, MS_BIND, NULL) < 0)
+        if ((kinds & PYCRI_PIN_NET) && mount("/proc/self/ns/net", net_path, NULL, MS_BIND, NULL) < 0)
             report_and_exit(pipefd[1], STEP_PIN_NET, errno);
-        if ((kinds & PYCRI_NS_IPC) && mount("/proc/self/ns/ipc", ipc_path, NULL, MS_BIND, NULL) < 0)
+        if ((kinds & PYCRI_PIN_IPC) && mount("/proc/self/ns/ipc", ipc_path, NULL, MS_BIND, NULL) < 0)
             report_and_exit(pipefd[1], STEP_PIN_IPC, errno);
-        if ((kinds & PYCRI_NS_UTS) && mount("/proc/self/ns/uts", uts_path, NULL, MS_BIND, NULL) < 0)
+        if ((kinds & PYCRI_PIN_UTS) && mount("/proc/self/ns/uts", uts_path, NULL, MS_BIND, NULL) < 0)
             report_and_exit(pipefd[1], STEP_PIN_UTS, errno);
         _exit(0);
     }

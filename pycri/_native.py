@@ -84,9 +84,9 @@ def sha256_fd(fd: int) -> tuple[str, int]:
 
 # --- pinned namespaces (csrc/ns.c) -------------------------------------------
 
-NS_NET = 1
-NS_IPC = 2
-NS_UTS = 4
+PIN_NET = 1
+PIN_IPC = 2
+PIN_UTS = 4
 
 
 def ns_pin(kinds: int, net: str | None, ipc: str | None, uts: str | None,

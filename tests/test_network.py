@@ -35,7 +35,7 @@ def conflist(tmp_path, bridge="pycritest0", subnet="10.213.7.0/24"):
 def netns(tmp_path):
     path = str(tmp_path / "netns")
     open(path, "w").close()
-    _native.ns_pin(_native.NS_NET, path, None, None)
+    _native.ns_pin(_native.PIN_NET, path, None, None)
     yield path
     _native.ns_unpin(path)
 

@@ -28,7 +28,7 @@ def nsdir(tmp_path):
 
 
 def test_pin_and_enter(nsdir):
-    _native.ns_pin(_native.NS_NET | _native.NS_IPC | _native.NS_UTS, nsdir["net"], nsdir["ipc"],
+    _native.ns_pin(_native.PIN_NET | _native.PIN_IPC | _native.PIN_UTS, nsdir["net"], nsdir["ipc"],
                    nsdir["uts"], "podhost", {"net.ipv4.ip_unprivileged_port_start": "81",
                                              "kernel.shmmni": "1234"})
     for kind in ("net", "ipc", "uts"):
@@ -49,14 +49,14 @@ def test_pin_and_enter(nsdir):
 def test_host_sysctl_refused_before_any_change(nsdir):
     before = open("/proc/sys/kernel/core_pattern").read()
     with pytest.raises(InvalidArgumentError):
-        _native.ns_pin(_native.NS_NET, nsdir["net"], None, None, "", {"kernel.core_pattern": "x"})
+        _native.ns_pin(_native.PIN_NET, nsdir["net"], None, None, "", {"kernel.core_pattern": "x"})
     assert open("/proc/sys/kernel/core_pattern").read() == before
     assert not mounts_under(os.path.dirname(nsdir["net"]))
 
 
 def test_failure_leaves_no_pin(nsdir):
     with pytest.raises(OSError) as ei:
-        _native.ns_pin(_native.NS_NET, nsdir["net"], None, None, "",
+        _native.ns_pin(_native.PIN_NET, nsdir["net"], None, None, "",
                        {"net.ipv4.no_such_knob": "1"})
     assert "sysctl" in str(ei.value)
     assert not mounts_under(os.path.dirname(nsdir["net"]))

@@ -1,10 +1,10 @@
 /* api/ns.h - pod namespaces pinned to files, so no infra process is needed. */
 
-#define PYCRI_NS_NET 1
-#define PYCRI_NS_IPC 2
-#define PYCRI_NS_UTS 4
+#define PYCRI_PIN_NET 1
+#define PYCRI_PIN_IPC 2
+#define PYCRI_PIN_UTS 4
 
-/* Create new namespaces of the kinds in `kinds` (PYCRI_NS_*) in a short-lived child
+/* Create new namespaces of the kinds in `kinds` (PYCRI_PIN_*) in a short-lived child
  * and bind-mount each onto its path (an existing empty file) so it outlives the
  * child. In the new namespaces the child also sets `hostname` (uts), brings up
  * `lo` (net), and writes `nsysctls` sysctls given as "key\0value\0..." pairs of
