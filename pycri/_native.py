@@ -80,4 +80,67 @@ def sha256_fd(fd: int) -> tuple[str, int]:
 
 # --- cgroups (csrc/cgroup.c) ------------------------------------------------
 
+CGROUP_UNKNOWN = 0
+CGROUP_V1 = 1
+CGROUP_V2 = 2
+
+
+def cgroup_fstype(path: str) -> int:
+    """CGROUP_V2 for a cgroup2 mount, CGROUP_V1 for a v1 one, else CGROUP_UNKNOWN."""
+    err = _new_err()
+    return _check(lib.pycri_cgroup_fstype(path.encode(), err), err, path)
+
+
+def cgroup_open(path: str) -> int:
+    """An O_DIRECTORY fd on a cgroup dir; the caller closes it."""
+    err = _new_err()
+    return _check(lib.pycri_cgroup_open(path.encode(), err), err, path)
+
+
+def cgroup_write(dirfd: int, name: str, value: str) -> None:
+    """Write value to name beneath dirfd in one write(2); names cannot escape dirfd."""
+    err = _new_err()
+    data = value.encode()
+    _check(lib.pycri_cgroup_write(dirfd, name.encode(), data, len(data), err), err, name)
+
+
+def cgroup_write_batch(dirfd: int, pairs: list[tuple[str, str]]) -> None:
+    """Write (name, value) pairs in order; on failure the OSError carries
+    ``.failed_index`` (how many writes succeeded before it)."""
+    err = _new_err()
+    keep = [(ffi.new("char[]", n.encode()), ffi.new("char[]", v.encode())) for n, v in pairs]
+    names = ffi.new("const char *[]", [k[0] for k in keep] or [ffi.NULL])
+    values = ffi.new("const char *[]", [k[1] for k in keep] or [ffi.NULL])
+    failed = ffi.new("int *")
+    rc = lib.pycri_cgroup_write_batch(dirfd, names, values, len(pairs), failed, err)
+    if rc < 0:
+        idx = int(failed[0])
+        msg = ffi.string(err.msg).decode("utf-8", "replace")
+        e = OSError(err.code or 0, msg, pairs[idx][0] if idx < len(pairs) else None)
+        e.failed_index = idx  # type: ignore[attr-defined]
+        raise e
+
+
+def cgroup_read(dirfd: int, name: str, cap: int = 1 << 16) -> str:
+    """The text of the file name beneath dirfd (EFBIG past cap bytes)."""
+    err = _new_err()
+    buf = ffi.new("char[]", cap)
+    n = _check(lib.pycri_cgroup_read(dirfd, name.encode(), buf, cap, err), err, name)
+    return bytes(ffi.buffer(buf, n)).decode("utf-8", "replace")
+
+
+def cgroup_kill(procs_dirfd: int, freezer_dirfd: int, v2: bool, timeout: float) -> int:
+    """SIGKILL everything in the cgroup until cgroup.procs is empty; returns signals sent.
+    Raises TimeoutError (ETIMEDOUT) when processes remain after timeout seconds."""
+    err = _new_err()
+    return _check(lib.pycri_cgroup_kill(procs_dirfd, freezer_dirfd, 1 if v2 else 0,
+                                        int(timeout * 1000), err), err)
+
+
+def cgroup_rmdir(path: str, timeout: float) -> None:
+    """rmdir a cgroup dir, retrying EBUSY up to timeout seconds; missing is fine."""
+    err = _new_err()
+    _check(lib.pycri_cgroup_rmdir(path.encode(), int(timeout * 1000), err), err, path)
+
+
 # --- monitor (csrc/monitor.c) -----------------------------------------------
