@@ -29,7 +29,8 @@
 
 static int open_beneath(int dirfd, const char *name, int flags) {
     struct open_how how = {
-        .flags = (unsigned long long)(flags | O_CLOEXEC | O_NOCTTY),
+        .flags = (unsigned long long)(flags | O_CLOEXEC | O_NOCTTY |
+                                      ((flags & O_ACCMODE) == O_WRONLY ? O_TRUNC : 0)),
         .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
     };
     return (int)syscall(SYS_openat2, dirfd, name, &how, sizeof(how));

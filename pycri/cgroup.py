@@ -151,13 +151,13 @@ class Resources:
             raise InvalidArgumentError(f"cpu_period {p} outside 1000..1000000 microseconds")
         for name in ("cpuset_cpus", "cpuset_mems"):
             v = getattr(self, name)
-            if not isinstance(v, str) or (v and not _CPUSET_RE.match(v)):
+            if not isinstance(v, str) or (v and not _CPUSET_RE.fullmatch(v)):
                 raise InvalidArgumentError(f"{name} {v!r} is not a cpu list like 0-3,5")
         _limit("memory_limit_in_bytes", self.memory_limit_in_bytes)
         _limit("memory_swap_limit_in_bytes", self.memory_swap_limit_in_bytes)
         _limit("pids_limit", self.pids_limit)
         for size, lim in self.hugepage_limits.items():
-            if not isinstance(size, str) or not _PAGESIZE_RE.match(size):
+            if not isinstance(size, str) or not _PAGESIZE_RE.fullmatch(size):
                 raise InvalidArgumentError(f"hugepage size {size!r} is not like 2MB or 1GB")
             _limit(f"hugepage_limits[{size}]", lim)
         for key, val in self.unified.items():
@@ -174,7 +174,7 @@ class Resources:
 
 def validate_unified_key(key: object) -> str:
     """A unified key is a plain cgroup file name: no '/', no '..', not a control file."""
-    if not isinstance(key, str) or not _UNIFIED_KEY_RE.match(key) or ".." in key:
+    if not isinstance(key, str) or not _UNIFIED_KEY_RE.fullmatch(key) or ".." in key:
         raise InvalidArgumentError(f"unified key {key!r} is not a plain cgroup file name")
     if key in _UNIFIED_DENY:
         raise InvalidArgumentError(f"unified key {key!r} may not be set")
@@ -192,13 +192,13 @@ def validate_cgroup_parent(parent: object) -> tuple[str, ...]:
     rel = parent[1:] if parent.startswith("/") else parent
     parts = tuple(rel.split("/"))
     for p in parts:
-        if p in ("", ".", "..") or not _COMPONENT_RE.match(p):
+        if p in ("", ".", "..") or not _COMPONENT_RE.fullmatch(p):
             raise InvalidArgumentError(f"cgroup_parent {parent!r}: bad component {p!r}")
     return parts
 
 
 def _validate_id(kind: str, v: object) -> str:
-    if not isinstance(v, str) or v in (".", "..") or not _COMPONENT_RE.match(v):
+    if not isinstance(v, str) or v in (".", "..") or not _COMPONENT_RE.fullmatch(v):
         raise InvalidArgumentError(f"{kind} {v!r} is not a valid cgroup name")
     return v
 
@@ -216,7 +216,7 @@ def hugepage_sizes() -> list[str]:
     except FileNotFoundError:
         return out
     for n in names:
-        m = re.match(r"^hugepages-([0-9]+)kB$", n)
+        m = re.fullmatch(r"^hugepages-([0-9]+)kB$", n)
         if m:
             kb = int(m.group(1))
             if kb % (1 << 20) == 0:
