@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pycri import _native  # noqa: E402
+from pycri import _native
 
 RUNC = shutil.which("runc") or "/usr/sbin/runc"
 CONMON = shutil.which("conmon") or "/usr/bin/conmon"
@@ -119,10 +119,11 @@ def start_conmon(work: str, rootfs: str, n: int, tag: str) -> list[tuple[str, in
 
 def stop_conmon(procs: list[tuple[str, int, str]]) -> None:
     for cid, _pid, _b in procs:
-        subprocess.run([RUNC, "kill", cid, "KILL"], capture_output=True)
+        subprocess.run([RUNC, "kill", cid, "KILL"], check=False, capture_output=True)
     for cid, pid, _b in procs:
         wait_gone(pid)
-        subprocess.run([RUNC, "delete", "--force", cid], capture_output=True)
+        subprocess.run([RUNC, "delete", "--force", cid], check=False,
+                       capture_output=True)
 
 
 def summarize(pids: list[int]) -> tuple[float, float, int]:
@@ -141,7 +142,8 @@ def main() -> None:
     print(f"# pycri-monitor: {_native.monitor_path()} "
           f"({os.path.getsize(_native.monitor_path())} bytes)")
     if have_conmon:
-        ver = subprocess.run([CONMON, "--version"], capture_output=True, text=True).stdout
+        ver = subprocess.run([CONMON, "--version"], check=False, capture_output=True,
+                             text=True).stdout
         print(f"# conmon: {CONMON} ({ver.splitlines()[0]}), runtime {RUNC}")
     else:
         print("# conmon or runc missing: only pycri-monitor is measured")

@@ -213,7 +213,7 @@ def launch_monitor(exit_file: str, log: str, argv: Sequence[str], *, timeout: fl
     import subprocess
 
     cmd = monitor_command(exit_file, log, argv=argv, detach=True, **kw)
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
+    r = subprocess.run(cmd, check=False, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout,
                        close_fds=True)
     if r.returncode != 0:
         raise OSError(0, r.stderr.decode("utf-8", "replace").strip() or "pycri-monitor failed")

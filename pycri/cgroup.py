@@ -189,7 +189,7 @@ def validate_cgroup_parent(parent: object) -> tuple[str, ...]:
     """
     if not isinstance(parent, str) or not parent:
         raise InvalidArgumentError("cgroup_parent must be a non-empty string")
-    rel = parent[1:] if parent.startswith("/") else parent
+    rel = parent.removeprefix("/")
     parts = tuple(rel.split("/"))
     for p in parts:
         if p in ("", ".", "..") or not _COMPONENT_RE.fullmatch(p):
@@ -210,7 +210,7 @@ def shares_to_weight(shares: int) -> int:
 
 def hugepage_sizes() -> list[str]:
     """Host huge page sizes as cgroup names ("2MB", "1GB")."""
-    out = []
+    out: list[str] = []
     try:
         names = os.listdir("/sys/kernel/mm/hugepages")
     except FileNotFoundError:
@@ -321,7 +321,7 @@ class _Dirs:
             fd = self.fds[key] = _native.cgroup_open(path)
         return fd
 
-    def __enter__(self) -> _Dirs:
+    def __enter__(self) -> _Dirs:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -724,15 +724,15 @@ class CgroupManager:
 
 
 __all__ = [
-    "CgroupManager",
+    "DEFAULT_DEVICES",
     "Cgroup",
+    "CgroupManager",
+    "DeviceRule",
     "Hierarchy",
     "Resources",
-    "DeviceRule",
-    "DEFAULT_DEVICES",
     "Stats",
+    "hugepage_sizes",
     "shares_to_weight",
     "validate_cgroup_parent",
     "validate_unified_key",
-    "hugepage_sizes",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pycri.errors import InvalidArgumentError
 
@@ -38,7 +38,7 @@ def parse_time(stamp: bytes) -> int:
 
 def _to_ns(base: bytes, frac: bytes | None, zone: bytes) -> int:
     tz = "+00:00" if zone == b"Z" else zone.decode()
-    dt = datetime.fromisoformat(base.decode() + tz).astimezone(timezone.utc)
+    dt = datetime.fromisoformat(base.decode() + tz).astimezone(UTC)
     secs = int(dt.timestamp())
     ns = int((frac or b"0").ljust(9, b"0"))
     return secs * 1_000_000_000 + ns
@@ -88,4 +88,4 @@ def read_log(path: str) -> list[LogRecord]:
         return parse_cri_log(f)
 
 
-__all__ = ["LogRecord", "parse_cri_log", "parse_record", "parse_time", "join_lines", "read_log"]
+__all__ = ["LogRecord", "join_lines", "parse_cri_log", "parse_record", "parse_time", "read_log"]

@@ -175,8 +175,8 @@ def test_survives_launcher_sigkill(tmp_path):
     go = str(tmp_path / "go")
     cmd = _native.monitor_command(
         exit_file, log, pid_file=pid_file,
-        argv=["sh", "-c", f"echo started; while [ ! -e {go} ]; do sleep 0.02; done; "
-                          "echo finished; exit 5"])
+        argv=["sh", "-c", (f"echo started; while [ ! -e {go} ]; do sleep 0.02; done; "
+                           "echo finished; exit 5")])
     launcher_code = ("import subprocess, sys, time\n"
                      f"p = subprocess.Popen({cmd!r})\n"
                      "print(p.pid, flush=True)\n"
@@ -205,7 +205,7 @@ def test_survives_launcher_sigkill(tmp_path):
 def test_launch_monitor_detached(tmp_path):
     exit_file = str(tmp_path / "exit.json")
     log = str(tmp_path / "ctr.log")
-    mon_pid, ctr_pid = _native.launch_monitor(exit_file, log, ["sh", "-c", "echo hi; exit 7"])
+    mon_pid, _ctr_pid = _native.launch_monitor(exit_file, log, ["sh", "-c", "echo hi; exit 7"])
     with pytest.raises(ChildProcessError):
         os.waitpid(mon_pid, os.WNOHANG)  # not our child: nothing to reap here
     _wait_file(exit_file)
@@ -344,7 +344,7 @@ def test_adopt(tmp_path):
 
 def test_adopt_requires_own_child(tmp_path):
     r = subprocess.run([MON, "--exit-file", str(tmp_path / "x"), "--log", str(tmp_path / "l"),
-                        "--adopt", "1"], capture_output=True)
+                        "--adopt", "1"], check=False, capture_output=True)
     assert r.returncode == 1 and b"not a child" in r.stderr
 
 
@@ -356,7 +356,7 @@ def test_adopt_requires_own_child(tmp_path):
                                   ["--exit-file", "x", "--log", "y", "--log-max-line", "0", "--",
                                    "true"]])
 def test_bad_command_lines(tmp_path, args):
-    r = subprocess.run([MON, *args], capture_output=True, cwd=tmp_path, timeout=10)
+    r = subprocess.run([MON, *args], check=False, capture_output=True, cwd=tmp_path, timeout=10)
     assert r.returncode == 1 and r.stderr.startswith(b"pycri-monitor:")
     assert not os.path.exists(tmp_path / "x")
 
@@ -371,8 +371,9 @@ def _pss_kb(pid: int) -> int:
 
 def test_memory_is_small(mon, tmp_path):
     sock = str(tmp_path / "attach.sock")
-    m = mon([sys.executable, "-c", "import sys\nfor i in range(2000): print('y' * 100)\n"
-             "sys.stdout.flush()\nimport time; time.sleep(30)"],
+    code = ("import sys\nfor i in range(2000): print('y' * 100)\n"
+            "sys.stdout.flush()\nimport time; time.sleep(30)")
+    m = mon([sys.executable, "-c", code],
             stdin=True, attach_socket=sock)
     deadline = time.monotonic() + 10
     while len(m.records()) < 2000:
