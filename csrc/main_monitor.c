@@ -27,6 +27,12 @@
  *                  the socket listens and the container runs.
  *   --pid-file P   the container's pid in decimal, written atomically.
  *   --log-max-line N  longest log record payload (default 16384, 1..1048576).
+ *   --oom-file F   the container cgroup's memory.oom_control (v1) or memory.events
+ *                  (v2); its "oom_kill N" count is read at start and at exit, and
+ *                  a SIGKILLed container whose count grew is recorded oom_killed.
+ *
+ * Every fd the monitor inherits other than the ones named above is closed at
+ * start, and the container (-- mode) gets only its fds 0, 1 and 2.
  *
  * Setup errors go to stderr with exit status 1 (before the ready byte). After
  * that stdio is /dev/null, the monitor is a session leader (setsid), ignores
@@ -42,8 +48,8 @@
  * Exit file, written tmp + fsync + rename + dir fsync (retried until it works),
  * after the container is reaped and its output drained:
  *   {"pid":N,"exit_code":N,"signal":N,"exited_at_ns":N,"oom_killed":false}
- * exit_code is 128+signal when killed by a signal. oom_killed is always false
- * here: the monitor cannot see the cgroup; the caller decides from its stats.
+ * exit_code is 128+signal when killed by a signal. oom_killed needs --oom-file
+ * (otherwise it is false and the caller decides from the cgroup stats).
  *
  * Attach socket (unix stream, mode 0600, never abstract, up to 8 clients).
  * Frames both ways are: 1 byte type, 4 bytes big-endian payload length, payload.
@@ -69,6 +75,8 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <linux/close_range.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -102,7 +110,7 @@ struct client {
 };
 
 static struct {
-    const char *exit_file, *log_path, *attach_path, *pid_file;
+    const char *exit_file, *log_path, *attach_path, *pid_file, *oom_file;
     int want_stdin, tty, detach;
     int ready_fd;
     size_t max_line;
@@ -123,6 +131,7 @@ static int child_done;
 static long long exited_at_ns;
 static char stdin_buf[4096];
 static size_t stdin_len, stdin_off;
+static long long oom_at_start = -1;
 
 /* --- small helpers ---------------------------------------------------------- */
 
@@ -559,6 +568,26 @@ static int write_file_atomic(const char *path, const char *data, size_t len, mod
     return 0;
 }
 
+/* The "oom_kill N" counter of the --oom-file, or -1. */
+static long long read_oom_kills(void) {
+    if (!opt.oom_file)
+        return -1;
+    int fd = open(opt.oom_file, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    char buf[1024];
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -1;
+    buf[n] = '\0';
+    for (char *line = buf; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+        if (!strncmp(line, "oom_kill ", 9))
+            return strtoll(line + 9, NULL, 10);
+    }
+    return -1;
+}
+
 static int exit_code(void) {
     if (WIFSIGNALED(child_status))
         return 128 + WTERMSIG(child_status);
@@ -568,10 +597,12 @@ static int exit_code(void) {
 static void record_exit(void) {
     char json[256];
     int sig = WIFSIGNALED(child_status) ? WTERMSIG(child_status) : 0;
+    long long oom_now = read_oom_kills();
+    int oom = sig == SIGKILL && oom_at_start >= 0 && oom_now > oom_at_start;
     int n = snprintf(json, sizeof(json),
                      "{\"pid\":%d,\"exit_code\":%d,\"signal\":%d,\"exited_at_ns\":%lld,"
-                     "\"oom_killed\":false}\n",
-                     (int)child_pid, exit_code(), sig, exited_at_ns);
+                     "\"oom_killed\":%s}\n",
+                     (int)child_pid, exit_code(), sig, exited_at_ns, oom ? "true" : "false");
     /* The end of a container must not be lost: retry with back-off. Give up only
      * when the state directory itself has been removed (nobody is left to read it). */
     int delay = 10, gone = 0;
@@ -603,6 +634,7 @@ static void reap(void) {
 static void usage(void) {
     die("usage: pycri-monitor --exit-file PATH --log PATH [--stdin] [--tty] "
         "[--attach-socket PATH] [--ready-fd N] [--pid-file PATH] [--log-max-line N] "
+        "[--oom-file PATH] "
         "[--detach] (--adopt PID [--stdout-fd N] [--stderr-fd N] [--stdin-fd N] "
         "[--pty-master-fd N] | -- ARGV...)%s", NULL, 0);
 }
@@ -621,6 +653,7 @@ static void parse_args(int argc, char **argv) {
         } else if (!strcmp(a, "--log")) { NEEDV(); opt.log_path = v;
         } else if (!strcmp(a, "--attach-socket")) { NEEDV(); opt.attach_path = v;
         } else if (!strcmp(a, "--pid-file")) { NEEDV(); opt.pid_file = v;
+        } else if (!strcmp(a, "--oom-file")) { NEEDV(); opt.oom_file = v;
         } else if (!strcmp(a, "--ready-fd")) { NEEDV(); opt.ready_fd = (int)parse_num(v, a, 0, INT_MAX);
         } else if (!strcmp(a, "--log-max-line")) { NEEDV(); opt.max_line = (size_t)parse_num(v, a, 1, 1 << 20);
         } else if (!strcmp(a, "--adopt")) { NEEDV(); opt.adopt = (pid_t)parse_num(v, a, 1, INT_MAX);
@@ -701,6 +734,9 @@ static void spawn_child(const sigset_t *oldmask) {
             if (null < 0 || dup2(null, 0) < 0 || dup2(out[1], 1) < 0 || dup2(errp[1], 2) < 0)
                 e = errno;
         }
+        /* Nothing but 0, 1, 2 crosses exec (the report pipe is CLOEXEC already). */
+        if (!e && syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+            e = errno;
         if (!e) {
             execvp(opt.argv[0], opt.argv);
             e = errno;
@@ -757,8 +793,28 @@ static void adopt_child(void) {
     }
 }
 
+static int cmp_int(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
+
+/* Close every inherited fd >= 3 except the ones the command line names: a stray
+ * copy of the container's pipe write end would keep us from ever seeing EOF. */
+static void close_stray_fds(void) {
+    int keep[6] = {opt.ready_fd, opt.stdout_fd, opt.stderr_fd, opt.stdin_fd, opt.pty_fd, INT_MAX};
+    qsort(keep, 6, sizeof(int), cmp_int);
+    unsigned int from = 3;
+    for (int i = 0; i < 6; i++) {
+        if (keep[i] < (int)from)
+            continue;
+        if (keep[i] > (int)from)
+            syscall(SYS_close_range, from, keep[i] == INT_MAX ? ~0U : (unsigned int)keep[i] - 1, 0);
+        if (keep[i] == INT_MAX)
+            break;
+        from = (unsigned int)keep[i] + 1;
+    }
+}
+
 int main(int argc, char **argv) {
     parse_args(argc, argv);
+    close_stray_fds();
     if (opt.ready_fd >= 0)
         opt.ready_fd = keep_fd(opt.ready_fd);
 
@@ -808,6 +864,7 @@ int main(int argc, char **argv) {
     streams[1] = (struct stream){.fd = -1, .name = "stderr", .frame = FR_STDERR};
 
     open_log(1);
+    oom_at_start = read_oom_kills();
     if (opt.attach_path)
         listen_attach();
     if (opt.adopt)
@@ -870,8 +927,9 @@ int main(int argc, char **argv) {
             i_client[i] = -1;
             if (clients[i].fd >= 0) {
                 i_client[i] = np;
-                /* Back-pressure: no client input while stdin is still full. */
-                p[np++] = (struct pollfd){.fd = clients[i].fd, .events = stdin_len ? 0 : POLLIN};
+                /* Back-pressure: clients are not polled at all (a negative fd is
+                 * skipped, so a hung-up client cannot spin us) while stdin is full. */
+                p[np++] = (struct pollfd){.fd = stdin_len ? -1 : clients[i].fd, .events = POLLIN};
             }
         }
         int timeout = -1;

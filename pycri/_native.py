@@ -177,7 +177,7 @@ def monitor_command(exit_file: str, log: str, *, argv: Sequence[str] | None = No
                     pid_file: str | None = None, log_max_line: int | None = None,
                     detach: bool = False, stdout_fd: int | None = None,
                     stderr_fd: int | None = None, stdin_fd: int | None = None,
-                    pty_master_fd: int | None = None) -> list[str]:
+                    pty_master_fd: int | None = None, oom_file: str | None = None) -> list[str]:
     """The argv that runs a monitor; exactly one of ``argv`` / ``adopt``."""
     if (argv is None) == (adopt is None):
         raise ValueError("give exactly one of argv and adopt")
@@ -191,7 +191,8 @@ def monitor_command(exit_file: str, log: str, *, argv: Sequence[str] | None = No
     for flag, val in (("--attach-socket", attach_socket), ("--ready-fd", ready_fd),
                       ("--pid-file", pid_file), ("--log-max-line", log_max_line),
                       ("--stdout-fd", stdout_fd), ("--stderr-fd", stderr_fd),
-                      ("--stdin-fd", stdin_fd), ("--pty-master-fd", pty_master_fd)):
+                      ("--stdin-fd", stdin_fd), ("--pty-master-fd", pty_master_fd),
+                      ("--oom-file", oom_file)):
         if val is not None:
             cmd += [flag, str(val)]
     if adopt is not None:

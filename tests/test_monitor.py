@@ -42,14 +42,14 @@ def _wait_file(path: str, timeout: float = 10.0) -> None:
 class Mon:
     """A monitor started as our child, waited for through --ready-fd."""
 
-    def __init__(self, d, argv, **kw):
+    def __init__(self, d, argv, extra_fds=(), **kw):
         self.exit_file = str(d / "exit.json")
         self.log = str(d / "ctr.log")
         self.pid_file = str(d / "ctr.pid")
         r, w = os.pipe()
         cmd = _native.monitor_command(self.exit_file, self.log, argv=argv, ready_fd=w,
                                       pid_file=self.pid_file, **kw)
-        self.proc = subprocess.Popen(cmd, pass_fds=(w,), stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(cmd, pass_fds=(w, *extra_fds), stderr=subprocess.PIPE)
         os.close(w)
         ready = os.read(r, 1)
         os.close(r)
@@ -152,6 +152,21 @@ def test_exit_code(mon):
 def test_killed_by_signal(mon):
     st = mon(["sh", "-c", "kill -9 $$"]).wait()
     assert (st.exit_code, st.signal) == (137, 9)
+
+
+def test_oom_flag_logic(mon, tmp_path):
+    """oom_killed needs both a SIGKILL and a grown oom_kill count in --oom-file."""
+    f = tmp_path / "memory.events"
+    f.write_text("oom 0\noom_kill 0\n")
+    st = mon(["sh", "-c", "kill -9 $$"], oom_file=str(f)).wait()
+    assert (st.signal, st.oom_killed) == (9, False)
+    os.unlink(tmp_path / "exit.json")
+    st = mon(["sh", "-c", f"printf 'oom 1\\noom_kill 1\\n' > {f}; kill -9 $$"],
+             oom_file=str(f)).wait()
+    assert (st.signal, st.oom_killed) == (9, True)
+    os.unlink(tmp_path / "exit.json")
+    st = mon(["sh", "-c", f"printf 'oom_kill 2\\n' > {f}; exit 1"], oom_file=str(f)).wait()
+    assert (st.exit_code, st.oom_killed) == (1, False)
 
 
 def test_sigterm_is_forwarded(mon):
@@ -359,6 +374,67 @@ def test_bad_command_lines(tmp_path, args):
     r = subprocess.run([MON, *args], check=False, capture_output=True, cwd=tmp_path, timeout=10)
     assert r.returncode == 1 and r.stderr.startswith(b"pycri-monitor:")
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_container_sees_only_stdio(mon):
+    """Fds the launcher leaks into the monitor reach neither it nor the container."""
+    r, w = os.pipe()
+    try:
+        m = mon(["sh", "-c", "ls /proc/$$/fd"], extra_fds=(r, w))
+        m.wait()
+        assert sorted(rec.content for rec in m.records()) == [b"0", b"1", b"2"]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_monitor_holds_no_stray_fds(mon, tmp_path):
+    r, w = os.pipe()
+    try:
+        m = mon(["sleep", "30"], extra_fds=(r, w), attach_socket=str(tmp_path / "a.sock"))
+        fds = os.listdir(f"/proc/{m.proc.pid}/fd")
+        targets = {os.readlink(f"/proc/{m.proc.pid}/fd/{fd}") for fd in fds}
+        assert f"pipe:[{os.fstat(w).st_ino}]" not in targets
+        # stdio (/dev/null), log, signalfd, listening socket, stdout and stderr pipes
+        assert len(fds) <= 8, targets
+        os.kill(m.ctr_pid, signal.SIGKILL)
+        m.wait()
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for cgroups")
+def test_oom_killed_recorded(tmp_path):
+    import uuid
+
+    from pycri.cgroup import CgroupManager, Resources
+
+    mgr = CgroupManager("pycri-test-" + uuid.uuid4().hex[:8])
+    pod = mgr.create_pod("pod")
+    ctr = mgr.create_container("pod", "ctr", Resources(memory_limit_in_bytes=32 << 20,
+                                                       memory_swap_limit_in_bytes=32 << 20))
+    try:
+        mem = ctr._dir_for("memory")
+        oom_file = os.path.join(mem, "memory.events" if ctr.v2 else "memory.oom_control")
+        exit_file = str(tmp_path / "exit.json")
+        cmd = _native.monitor_command(
+            exit_file, str(tmp_path / "log"), oom_file=oom_file,
+            argv=[sys.executable, "-c", "b=[]\nwhile True: b.append(bytearray(1 << 20))"])
+
+        def join():
+            for f in ctr.procs_files():
+                with open(f, "w") as fh:
+                    fh.write(str(os.getpid()))
+
+        p = subprocess.Popen(cmd, preexec_fn=join)  # noqa: PLW1509
+        assert p.wait(60) == 0
+        st = _native.read_exit_file(exit_file)
+        assert (st.signal, st.oom_killed) == (9, True)
+    finally:
+        ctr.destroy()
+        pod.destroy()
+        mgr.remove_parent()
 
 
 def _pss_kb(pid: int) -> int:
