@@ -337,10 +337,10 @@ static void send_frame(int type, const char *data, size_t len) {
             drop_client(c);
             continue;
         }
-        /* Slow reader: finish this frame with a 1 s send timeout, or drop it. */
+        /* Slow reader: give it up to 1 s to take the rest of this frame (a torn
+         * frame would corrupt the stream), else drop it. */
         size_t done = n < 0 ? 0 : (size_t)n;
-        struct timeval tv = {1, 0};
-        setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+        long long deadline = mono_ms() + 1000;
         while (done < total) {
             const char *p;
             size_t left;
@@ -351,12 +351,19 @@ static void send_frame(int type, const char *data, size_t len) {
                 p = data + (done - 5);
                 left = total - done;
             }
-            ssize_t w = send(c->fd, p, left, MSG_NOSIGNAL);
+            ssize_t w = send(c->fd, p, left, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (w > 0) {
+                done += (size_t)w;
+                continue;
+            }
             if (w < 0 && errno == EINTR)
                 continue;
-            if (w <= 0)
+            long long wait = deadline - mono_ms();
+            if (w == 0 || errno != EAGAIN || wait <= 0)
                 break;
-            done += (size_t)w;
+            struct pollfd pf = {.fd = c->fd, .events = POLLOUT};
+            if (poll(&pf, 1, (int)wait) <= 0 || (pf.revents & (POLLERR | POLLHUP)))
+                break;
         }
         if (done < total)
             drop_client(c);

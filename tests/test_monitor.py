@@ -296,6 +296,46 @@ def test_attach_stdin_echo(mon, tmp_path):
     assert not os.path.exists(sock)  # removed at exit
 
 
+def test_attach_stdin_backpressure(mon, tmp_path):
+    """1 MiB of stdin to a container that reads late: nothing lost, nothing stuck."""
+    sock = str(tmp_path / "attach.sock")
+    m = mon(["sh", "-c", "sleep 0.5; wc -c"], stdin=True, attach_socket=sock)
+    s = _connect(sock)
+    chunk = b"z" * 65536
+    for _ in range(16):
+        s.sendall(_native.attach_frame(_native.ATTACH_STDIN, chunk))
+    s.sendall(_native.attach_frame(_native.ATTACH_CLOSE_STDIN))
+    got = _read_until(s, b"\n")
+    assert got[_native.ATTACH_STDOUT].strip() == b"1048576"
+    s.close()
+    assert m.wait().exit_code == 0
+
+
+def test_attach_client_that_never_reads_is_dropped(mon, tmp_path):
+    sock = str(tmp_path / "attach.sock")
+    go = str(tmp_path / "go")
+    code = (f"import os, time\nwhile not os.path.exists({go!r}): time.sleep(0.01)\n"
+            "import sys\nfor i in range(4096): sys.stdout.write('w' * 1023 + '\\n')\n")
+    m = mon([sys.executable, "-c", code], attach_socket=sock)
+    lazy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    lazy.connect(sock)
+    time.sleep(0.1)
+    with open(go, "w"):
+        pass
+    t0 = time.monotonic()
+    assert m.wait(30).exit_code == 0
+    # One second of grace for the lazy client, then it is dropped and output flows.
+    assert 0.9 < time.monotonic() - t0 < 10
+    assert len(m.records()) == 4096  # the log got everything
+    got = b""
+    while chunk := lazy.recv(65536):
+        got += chunk
+    lazy.close()
+    assert len(got) < 4096 * 1024  # dropped part-way, so no exit frame either
+    assert got[:1] == bytes([_native.ATTACH_STDOUT])
+
+
 def test_attach_rejects_garbage(mon, tmp_path):
     sock = str(tmp_path / "attach.sock")
     m = mon(["cat"], stdin=True, attach_socket=sock)
