@@ -34,7 +34,7 @@
  * Every fd the monitor inherits other than the ones named above is closed at
  * start, and the container (-- mode) gets only its fds 0, 1 and 2.
  *
- * Setup errors go to stderr with exit status 1 (before the ready byte). After
+ * All paths must be absolute. Setup errors go to stderr with exit status 1 (before the ready byte). After
  * that stdio is /dev/null, the monitor is a session leader (setsid), ignores
  * SIGHUP and SIGPIPE, forwards SIGTERM/SIGINT/SIGQUIT to the container, and is a
  * child subreaper (orphaned descendants are reaped too).
@@ -680,8 +680,13 @@ static void parse_args(int argc, char **argv) {
         usage();
     if (opt.adopt && opt.detach)
         die("--detach cannot be used with --adopt (the container must stay our child)%s", NULL, 0);
-    if (opt.attach_path && opt.attach_path[0] != '/')
-        die("--attach-socket must be an absolute path: %s", opt.attach_path, 0);
+    /* Absolute paths only: the monitor leaves its working directory (chdir "/") so
+     * it never pins a mount for its long life. */
+    const char *paths[] = {opt.exit_file, opt.log_path, opt.attach_path, opt.pid_file,
+                           opt.oom_file};
+    for (size_t i = 0; i < sizeof(paths) / sizeof(paths[0]); i++)
+        if (paths[i] && paths[i][0] != '/')
+            die("paths must be absolute: %s", paths[i], 0);
 }
 
 static void listen_attach(void) {
@@ -883,6 +888,8 @@ int main(int argc, char **argv) {
             set_nonblock(streams[i].fd);
     if (stdin_fd >= 0)
         set_nonblock(stdin_fd);
+    if (chdir("/") < 0)
+        die("chdir /%s", NULL, errno);
     if (opt.pid_file) {
         char buf[32];
         int n = snprintf(buf, sizeof(buf), "%d\n", (int)child_pid);

@@ -409,7 +409,10 @@ def test_adopt_requires_own_child(tmp_path):
                                   ["--exit-file", "x", "--log", "y", "--attach-socket", "rel.sock",
                                    "--", "true"],
                                   ["--exit-file", "x", "--log", "y", "--log-max-line", "0", "--",
-                                   "true"]])
+                                   "true"],
+                                  ["--exit-file", "x", "--log", "/tmp/y", "--", "true"],
+                                  ["--exit-file", "/tmp/x", "--log", "/tmp/y", "--detach",
+                                   "--adopt", "1"]])
 def test_bad_command_lines(tmp_path, args):
     r = subprocess.run([MON, *args], check=False, capture_output=True, cwd=tmp_path, timeout=10)
     assert r.returncode == 1 and r.stderr.startswith(b"pycri-monitor:")
