@@ -11,6 +11,21 @@ hierarchy has, e.g. hugetlb) the cgroup is created in the unified mount as well,
 with those controllers enabled along the path, and its cgroup.procs is one of
 the files a spawner must join.
 
+Use::
+
+    mgr = CgroupManager("pycri")                    # detects v1 / v2 / hybrid
+    pod = mgr.create_pod(pod_id, Resources(cpu_shares=512))
+    ctr = mgr.create_container(pod_id, ctr_id, Resources(memory_limit_in_bytes=64 << 20))
+    spawner_writes_pid_into(ctr.procs_files())      # absolute .../cgroup.procs paths
+    ctr.update(Resources(pids_limit=100))           # all-or-nothing
+    ctr.stats()                                     # Stats(cpu_usage_ns=..., ...)
+    ctr.kill(); ctr.remove()                        # or ctr.destroy(); then pod.destroy()
+
+Errors: InvalidArgumentError for bad input or a value the kernel refuses,
+UnsupportedError for a controller the host lacks, AlreadyExistsError,
+NotFoundError (container without its pod), RuntimeFailure(stage="cgroup") for
+other failures; kill/remove raise OSError (TimeoutError when processes remain).
+
 Limitations (documented, tested where they can be):
   - v2 device rules need an eBPF program; they are not applied on v2.
   - The ``unified`` map is a v2 feature and is refused on v1.
@@ -661,10 +676,15 @@ class CgroupManager:
         res = res if res is not None else Resources()
         created: list[str] = []
         try:
-            for key, d in sorted(cg.dirs.items()):
-                self._mkdirs(key, d, created)
-            cg.apply(res, devices=devices)
+            try:
+                for key, d in sorted(cg.dirs.items()):
+                    self._mkdirs(key, d, created)
+                cg.apply(res, devices=devices)
+            except OSError as e:
+                raise RuntimeFailure(f"creating cgroup {cg.relpath}: {e}", "cgroup",
+                                     e.errno or 0) from e
         except BaseException:
+            # Nothing half-made stays behind: remove what this call created.
             for d in reversed(created):
                 try:
                     _native.cgroup_rmdir(d, 1.0)

@@ -124,6 +124,14 @@ def test_limits_are_written(mgr, pod):
     assert ctr.read("pids", "pids.max").strip() == "42"
 
 
+def test_failed_create_leaves_nothing(mgr, pod):
+    pod_id = pod.relpath.rsplit("/", 1)[1]
+    with pytest.raises(InvalidArgumentError):
+        # Refused by the kernel after the directories were made.
+        mgr.create_container(pod_id, "bad", Resources(cpuset_cpus="999"))
+    assert not mgr.container(pod_id, "bad").exists()
+
+
 def test_device_rules_v1(mgr, pod):
     if not V1:
         pytest.skip("v1 device rules")
