@@ -249,10 +249,17 @@ def test_log_reopen_on_sigusr1(mon, tmp_path):
 
 
 def _connect(path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(path)
-    return s
+    deadline = time.monotonic() + 10
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            s.connect(path)
+            return s
+        except (ConnectionRefusedError, FileNotFoundError):
+            s.close()  # bound but not yet listening (adopt test polls for the file)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
 
 
 def _read_until(s, want: bytes):
@@ -395,6 +402,34 @@ def test_adopt(tmp_path):
         assert int(f.read()) == st.pid
     got = sorted((r.stream, r.content) for r in read_log(log))
     assert got == [("stderr", b"e"), ("stdout", b"adopted")]
+
+
+def test_adopt_tty(tmp_path):
+    """--adopt with a pty: the launcher made the pty, the container has the slave."""
+    master, slave = os.openpty()
+    exit_file = str(tmp_path / "exit.json")
+    log = str(tmp_path / "ctr.log")
+    sock = str(tmp_path / "a.sock")
+    script = (f"setsid -c sh -c 'read l; echo \"tty:$l\"; stty size' <&{slave} >&{slave} 2>&{slave} & "
+              f"pid=$!; exec {slave}>&-; "
+              f"exec {MON} --exit-file {exit_file} --log {log} --tty --attach-socket {sock} "
+              f"--adopt $pid --pty-master-fd {master}")
+    p = subprocess.Popen(["bash", "-c", script], pass_fds=(master, slave))
+    os.close(master)
+    os.close(slave)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock):
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.01)
+    s = _connect(sock)
+    s.sendall(_native.attach_resize_frame(33, 77))
+    s.sendall(_native.attach_frame(_native.ATTACH_STDIN, b"hi\n"))
+    got = _read_until(s, b"33 77")
+    s.close()
+    assert b"tty:hi" in got[_native.ATTACH_STDOUT]
+    assert p.wait(20) == 0
+    assert _native.read_exit_file(exit_file).exit_code == 0
+    assert {r.stream for r in read_log(log)} == {"stdout"}
 
 
 def test_adopt_requires_own_child(tmp_path):
