@@ -457,6 +457,12 @@ class Cgroup:
                 w.append((u, "pids.max", "max" if res.pids_limit == -1 else str(res.pids_limit)))
             for size, lim in sorted(res.hugepage_limits.items()):
                 w.append((u, f"hugetlb.{size}.max", "max" if lim == -1 else str(lim)))
+            # A controller that is not enabled here has no files: say so clearly.
+            for _k, name, _v in w:
+                if not os.path.exists(os.path.join(self.dirs[u], name)):
+                    ctl = name.split(".", 1)[0]
+                    raise UnsupportedError(f"the {ctl} controller is not available here "
+                                           f"({name} is missing)")
             for key, val in sorted(res.unified.items()):
                 if not os.path.exists(os.path.join(self.dirs[u], key)):
                     raise InvalidArgumentError(f"unified key {key!r} is not a file of this cgroup")

@@ -455,3 +455,69 @@ def test_missing_controller_is_unsupported(tmp_path):
     os.mkdir(os.path.join(str(tmp_path), "x"))
     with pytest.raises(UnsupportedError):
         cg.update(Resources(pids_limit=5))
+
+
+# --- v2 mechanics on the host's real cgroup2 mount (hybrid hosts have one) ------
+
+
+def _unified_mount():
+    if HIER.version == 2:
+        return HIER.v2_root
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            if post.split()[0] == "cgroup2":
+                return pre.split()[4]
+    return None
+
+
+@pytest.fixture
+def real_v2():
+    root = _unified_mount()
+    if root is None:
+        pytest.skip("no cgroup2 mount")
+    m = CgroupManager("pycri-test-" + uuid.uuid4().hex[:8], hierarchy=Hierarchy(2, {}, root))
+    yield m
+    top = Cgroup(m.hierarchy, "/".join(m.parent))
+    if top.exists():
+        top.kill(5)
+        top.remove(5)
+    m.remove_parent()
+    assert not os.path.exists(os.path.join(root, *m.parent))
+
+
+def test_real_v2_kill_stats_remove(real_v2):
+    m = real_v2
+    m.create_pod("p")
+    ctr = m.create_container("p", "c")
+    assert ctr.procs_files() == [os.path.join(m.hierarchy.v2_root, *m.parent, "p", "c",
+                                              "cgroup.procs")]
+    code = "import time\nt=time.time()\nwhile time.time()-t<0.2: pass\nprint(1, flush=True)\n" \
+           "import os\nos.fork(); time.sleep(60)"
+    p = subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda: _procs_join(ctr),
+                         stdout=subprocess.PIPE)
+    assert p.stdout.readline() == b"1\n"
+    deadline = time.monotonic() + 5
+    while len(ctr.pids()) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert ctr.stats().cpu_usage_ns >= 100_000_000
+    ctr.kill(5)  # cgroup.kill: parent and forked child both
+    assert p.wait(5) == -signal.SIGKILL
+    p.stdout.close()
+    assert ctr.pids() == []
+    ctr.remove()
+    m.pod("p").remove()
+    assert not m.pod("p").exists()
+
+
+def test_real_v2_missing_controller_is_unsupported(real_v2):
+    m = real_v2
+    m.create_pod("p")
+    with open(os.path.join(m.hierarchy.v2_root, "cgroup.controllers")) as f:
+        avail = f.read().split()
+    if "pids" in avail:
+        pytest.skip("pids controller is available in this v2 mount")
+    with pytest.raises(UnsupportedError, match="pids"):
+        m.create_container("p", "c", Resources(pids_limit=5))
+    assert not m.container("p", "c").exists()
