@@ -55,7 +55,7 @@
  * Frames both ways are: 1 byte type, 4 bytes big-endian payload length, payload.
  *   monitor -> client  1 stdout data, 2 stderr data,
  *                      3 exit (payload: decimal exit code), then the socket closes
- *   client -> monitor  0 stdin data (with --stdin or --tty), 5 close stdin
+ *   client -> monitor  0 stdin data (only with --stdin), 5 close stdin
  *                      (EOF; ^D on a tty), 4 resize (payload 4 bytes: rows, cols
  *                      as big-endian u16) -> TIOCSWINSZ on the pty
  * Payloads from clients are at most 65536 bytes; a client that sends garbage or
@@ -398,7 +398,8 @@ static void close_stdin(void) {
     stdin_len = stdin_off = 0;
 }
 
-static int stdin_enabled(void) { return stdin_fd >= 0 && (opt.want_stdin || opt.tty); }
+/* Input from clients is accepted only with --stdin (a tty without it is output-only). */
+static int stdin_enabled(void) { return stdin_fd >= 0 && opt.want_stdin; }
 
 static void flush_stdin(void) {
     while (stdin_fd >= 0 && stdin_off < stdin_len) {

@@ -358,6 +358,18 @@ def test_attach_rejects_garbage(mon, tmp_path):
     assert m.wait().exit_code == 0
 
 
+def test_tty_without_stdin_ignores_input(mon, tmp_path):
+    sock = str(tmp_path / "attach.sock")
+    # Input written to a pty is echoed by the line discipline, so it would show.
+    m = mon(["sh", "-c", "sleep 0.5; echo done"], tty=True, attach_socket=sock)
+    s = _connect(sock)
+    s.sendall(_native.attach_frame(_native.ATTACH_STDIN, b"sneaky\n"))
+    m.wait()
+    s.close()
+    text = b"".join(c for _, c, _ in join_lines(m.records()))
+    assert b"sneaky" not in text and b"done" in text
+
+
 def test_no_stdin_means_devnull(mon):
     m = mon(["sh", "-c", "cat; echo done"])
     m.wait()
@@ -412,7 +424,7 @@ def test_adopt_tty(tmp_path):
     sock = str(tmp_path / "a.sock")
     script = (f"setsid -c sh -c 'read l; echo \"tty:$l\"; stty size' <&{slave} >&{slave} 2>&{slave} & "
               f"pid=$!; exec {slave}>&-; "
-              f"exec {MON} --exit-file {exit_file} --log {log} --tty --attach-socket {sock} "
+              f"exec {MON} --exit-file {exit_file} --log {log} --tty --stdin --attach-socket {sock} "
               f"--adopt $pid --pty-master-fd {master}")
     p = subprocess.Popen(["bash", "-c", script], pass_fds=(master, slave))
     os.close(master)
