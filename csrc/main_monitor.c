@@ -60,6 +60,11 @@
  *                      as big-endian u16) -> TIOCSWINSZ on the pty
  * Payloads from clients are at most 65536 bytes; a client that sends garbage or
  * cannot take output for a second is dropped.
+ *
+ * Files: this one (setup, event loop, attach, exit), monitor_log.h (the CRI log
+ * writer), monitor_util.h (helpers, atomic file write). Built by setup.py as its
+ * own executable; build.py skips main_*.c, and the headers hold static code for
+ * this one translation unit only.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -87,18 +92,11 @@
 #define MAX_CLIENTS 8
 #define MAX_CLIENT_FRAME 65536
 #define READ_CHUNK 16384
-#define PARTIAL_FLUSH_MS 200
+
+#include "monitor_util.h"
+#include "monitor_log.h"
 
 enum { FR_STDIN = 0, FR_STDOUT = 1, FR_STDERR = 2, FR_EXIT = 3, FR_RESIZE = 4, FR_CLOSE = 5 };
-
-struct stream {
-    int fd;           /* read end, -1 when closed */
-    const char *name; /* "stdout" / "stderr" */
-    int frame;        /* FR_STDOUT / FR_STDERR */
-    char *pend;       /* partial line, up to max_line bytes */
-    size_t plen;
-    long long pend_since;
-};
 
 struct client {
     int fd;
@@ -113,14 +111,12 @@ static struct {
     const char *exit_file, *log_path, *attach_path, *pid_file, *oom_file;
     int want_stdin, tty, detach;
     int ready_fd;
-    size_t max_line;
     pid_t adopt;
     char **argv;
     int stdout_fd, stderr_fd, stdin_fd, pty_fd;
-} opt = {.ready_fd = -1, .max_line = 16384, .stdout_fd = -1, .stderr_fd = -1,
+} opt = {.ready_fd = -1, .stdout_fd = -1, .stderr_fd = -1,
          .stdin_fd = -1, .pty_fd = -1};
 
-static int log_fd = -1;
 static int listen_fd = -1;
 static int stdin_fd = -1; /* write end towards the container (pipe or pty master) */
 static struct stream streams[2];
@@ -132,183 +128,6 @@ static long long exited_at_ns;
 static char stdin_buf[4096];
 static size_t stdin_len, stdin_off;
 static long long oom_at_start = -1;
-
-/* --- small helpers ---------------------------------------------------------- */
-
-static void die(const char *fmt, const char *arg, int err) {
-    char buf[1024];
-    int n = snprintf(buf, sizeof(buf), "pycri-monitor: ");
-    n += snprintf(buf + n, sizeof(buf) - (size_t)n, fmt, arg ? arg : "");
-    if (err)
-        n += snprintf(buf + n, sizeof(buf) - (size_t)n, ": %s", strerror(err));
-    if (n < (int)sizeof(buf) - 1)
-        buf[n++] = '\n';
-    ssize_t ignored = write(2, buf, (size_t)n);
-    (void)ignored;
-    _exit(1);
-}
-
-static long long mono_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static long long real_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static void sleep_ms(int ms) {
-    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
-    }
-}
-
-static int write_all(int fd, const void *buf, size_t len) {
-    const char *p = buf;
-    while (len) {
-        ssize_t n = write(fd, p, len);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0)
-            return -1;
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
-static void set_nonblock(int fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
-
-/* Move an inherited fd above 2 (stdio becomes /dev/null) and mark it CLOEXEC. */
-static int keep_fd(int fd) {
-    if (fd < 0)
-        return -1;
-    if (fcntl(fd, F_GETFD) < 0)
-        die("inherited fd %s is not open", NULL, errno);
-    if (fd <= 2) {
-        int n = fcntl(fd, F_DUPFD_CLOEXEC, 3);
-        if (n < 0)
-            die("dup inherited fd%s", NULL, errno);
-        return n;
-    }
-    fcntl(fd, F_SETFD, FD_CLOEXEC);
-    return fd;
-}
-
-static long parse_num(const char *s, const char *what, long lo, long hi) {
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || *s == '\0' || *end != '\0' || v < lo || v > hi)
-        die("bad number for %s", what, 0);
-    return v;
-}
-
-/* --- the CRI log --------------------------------------------------------------- */
-
-static void open_log(int fatal) {
-    int fd = open(opt.log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY, 0640);
-    if (fd < 0) {
-        if (fatal)
-            die("open log %s", opt.log_path, errno);
-        return; /* keep writing to the old file rather than nowhere */
-    }
-    if (log_fd >= 0)
-        close(log_fd);
-    log_fd = fd;
-}
-
-/* "2026-01-02T03:04:05.123456789Z" (30 bytes) */
-static size_t format_time(char *out, long long ns) {
-    time_t secs = (time_t)(ns / 1000000000LL);
-    struct tm tm;
-    gmtime_r(&secs, &tm);
-    size_t n = strftime(out, 32, "%Y-%m-%dT%H:%M:%S", &tm);
-    return n + (size_t)snprintf(out + n, 16, ".%09lldZ", ns % 1000000000LL);
-}
-
-static void log_record(struct stream *s, int full, const char *data, size_t len) {
-    if (log_fd < 0)
-        return;
-    char head[64];
-    size_t n = format_time(head, real_ns());
-    n += (size_t)snprintf(head + n, sizeof(head) - n, " %s %c ", s->name, full ? 'F' : 'P');
-    struct iovec iov[3] = {{head, n}, {(void *)data, len}, {"\n", 1}};
-    size_t total = n + len + 1;
-    int i = 0;
-    while (total) {
-        ssize_t w = writev(log_fd, iov + i, 3 - i);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0)
-            return; /* disk full etc.: drop the record, keep the container going */
-        total -= (size_t)w;
-        while (i < 3 && (size_t)w >= iov[i].iov_len) {
-            w -= (ssize_t)iov[i].iov_len;
-            i++;
-        }
-        if (i < 3) {
-            iov[i].iov_base = (char *)iov[i].iov_base + w;
-            iov[i].iov_len -= (size_t)w;
-        }
-    }
-}
-
-static void flush_partial(struct stream *s) {
-    if (s->plen) {
-        log_record(s, 0, s->pend, s->plen);
-        s->plen = 0;
-    }
-}
-
-/* Append bytes that belong to the current line, cutting P records at max_line. */
-static void line_append(struct stream *s, const char *data, size_t len) {
-    while (len) {
-        if (s->plen == opt.max_line)
-            flush_partial(s);
-        if (s->plen == 0 && len > opt.max_line) {
-            /* A whole record straight from the read buffer; more follows. */
-            log_record(s, 0, data, opt.max_line);
-            data += opt.max_line;
-            len -= opt.max_line;
-            continue;
-        }
-        size_t n = opt.max_line - s->plen;
-        if (n > len)
-            n = len;
-        if (!s->pend && !(s->pend = malloc(opt.max_line)))
-            die("out of memory%s", NULL, ENOMEM);
-        if (s->plen == 0)
-            s->pend_since = mono_ms();
-        memcpy(s->pend + s->plen, data, n);
-        s->plen += n;
-        data += n;
-        len -= n;
-    }
-}
-
-static void log_data(struct stream *s, const char *data, size_t len) {
-    while (len) {
-        const char *nl = memchr(data, '\n', len);
-        if (!nl) {
-            line_append(s, data, len);
-            return;
-        }
-        size_t seg = (size_t)(nl - data);
-        if (s->plen == 0 && seg <= opt.max_line) {
-            log_record(s, 1, data, seg); /* the common case: no copy */
-        } else {
-            line_append(s, data, seg);
-            log_record(s, 1, s->pend, s->plen);
-            s->plen = 0;
-        }
-        data = nl + 1;
-        len -= seg + 1;
-    }
-}
 
 /* --- attach clients ------------------------------------------------------------ */
 
@@ -536,46 +355,6 @@ static void drain(void) {
 
 /* --- exit ------------------------------------------------------------------------ */
 
-static int write_file_atomic(const char *path, const char *data, size_t len, mode_t mode) {
-    char tmp[PATH_MAX];
-    if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp)) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode);
-    if (fd < 0)
-        return -1;
-    if (write_all(fd, data, len) < 0 || fsync(fd) < 0) {
-        int e = errno;
-        close(fd);
-        unlink(tmp);
-        errno = e;
-        return -1;
-    }
-    close(fd);
-    if (rename(tmp, path) < 0) {
-        int e = errno;
-        unlink(tmp);
-        errno = e;
-        return -1;
-    }
-    char dir[PATH_MAX];
-    snprintf(dir, sizeof(dir), "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (slash == dir)
-        slash[1] = '\0';
-    else if (slash)
-        *slash = '\0';
-    else
-        snprintf(dir, sizeof(dir), ".");
-    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
-    }
-    return 0;
-}
-
 /* The "oom_kill N" counter of the --oom-file, or -1. */
 static long long read_oom_kills(void) {
     if (!opt.oom_file)
@@ -658,12 +437,12 @@ static void parse_args(int argc, char **argv) {
                 usage();
             break;
         } else if (!strcmp(a, "--exit-file")) { NEEDV(); opt.exit_file = v;
-        } else if (!strcmp(a, "--log")) { NEEDV(); opt.log_path = v;
+        } else if (!strcmp(a, "--log")) { NEEDV(); opt.log_path = crilog.path = v;
         } else if (!strcmp(a, "--attach-socket")) { NEEDV(); opt.attach_path = v;
         } else if (!strcmp(a, "--pid-file")) { NEEDV(); opt.pid_file = v;
         } else if (!strcmp(a, "--oom-file")) { NEEDV(); opt.oom_file = v;
         } else if (!strcmp(a, "--ready-fd")) { NEEDV(); opt.ready_fd = (int)parse_num(v, a, 0, INT_MAX);
-        } else if (!strcmp(a, "--log-max-line")) { NEEDV(); opt.max_line = (size_t)parse_num(v, a, 1, 1 << 20);
+        } else if (!strcmp(a, "--log-max-line")) { NEEDV(); crilog.max_line = (size_t)parse_num(v, a, 1, 1 << 20);
         } else if (!strcmp(a, "--adopt")) { NEEDV(); opt.adopt = (pid_t)parse_num(v, a, 1, INT_MAX);
         } else if (!strcmp(a, "--stdout-fd")) { NEEDV(); opt.stdout_fd = (int)parse_num(v, a, 0, INT_MAX);
         } else if (!strcmp(a, "--stderr-fd")) { NEEDV(); opt.stderr_fd = (int)parse_num(v, a, 0, INT_MAX);
@@ -951,7 +730,7 @@ int main(int argc, char **argv) {
         long long now = mono_ms();
         for (int i = 0; i < 2; i++) {
             if (streams[i].plen) {
-                long long left = streams[i].pend_since + PARTIAL_FLUSH_MS - now;
+                long long left = streams[i].pend_since + CRI_PARTIAL_FLUSH_MS - now;
                 int t = left > 0 ? (int)left : 0;
                 if (timeout < 0 || t < timeout)
                     timeout = t;
@@ -964,7 +743,7 @@ int main(int argc, char **argv) {
             sleep_ms(10);
         now = mono_ms();
         for (int i = 0; i < 2; i++)
-            if (streams[i].plen && now - streams[i].pend_since >= PARTIAL_FLUSH_MS)
+            if (streams[i].plen && now - streams[i].pend_since >= CRI_PARTIAL_FLUSH_MS)
                 flush_partial(&streams[i]);
         if (r <= 0) {
             if (stdin_len)
