@@ -233,7 +233,7 @@ def _kv_events(text):
 
 def test_stats_cpu_and_memory(mgr, pod):
     ctr = _ctr(mgr, pod)
-    code = "b=bytearray(8<<20)\nimport time\nt=time.time()\nwhile time.time()-t<0.3: pass\n" \
+    code = "b=bytearray(8<<20)\nimport time\nwhile time.process_time()<0.3: pass\n" \
            "print('x', flush=True)\ntime.sleep(30)"
     p = subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda: _procs_join(ctr),
                          stdout=subprocess.PIPE)
@@ -492,7 +492,7 @@ def test_real_v2_kill_stats_remove(real_v2):
     ctr = m.create_container("p", "c")
     assert ctr.procs_files() == [os.path.join(m.hierarchy.v2_root, *m.parent, "p", "c",
                                               "cgroup.procs")]
-    code = "import time\nt=time.time()\nwhile time.time()-t<0.2: pass\nprint(1, flush=True)\n" \
+    code = "import time\nwhile time.process_time()<0.2: pass\nprint(1, flush=True)\n" \
            "import os\nos.fork(); time.sleep(60)"
     p = subprocess.Popen([sys.executable, "-c", code], preexec_fn=lambda: _procs_join(ctr),
                          stdout=subprocess.PIPE)
