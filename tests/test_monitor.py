@@ -176,6 +176,40 @@ def test_sigterm_is_forwarded(mon):
     assert (st.exit_code, st.signal) == (143, 15)
 
 
+def _children(pid: int) -> dict[int, tuple[str, str]]:
+    """{child pid: (state, comm)} of pid, from /proc."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[1]) == pid:
+            out[int(name)] = (fields[0], comm)
+    return out
+
+
+def test_orphans_are_reaped(mon):
+    """A grandchild orphaned inside the container is re-parented to the monitor
+    (child subreaper) and reaped when it exits: no zombie is left."""
+    m = mon(["sh", "-c", "(sleep 0.6 >/dev/null 2>&1 &); exec sleep 3"])
+    deadline = time.monotonic() + 5
+    while not any(c[1] == "sleep" and p != m.ctr_pid for p, c in _children(m.proc.pid).items()):
+        assert time.monotonic() < deadline, _children(m.proc.pid)
+        time.sleep(0.02)
+    deadline = time.monotonic() + 5
+    while set(_children(m.proc.pid)) != {m.ctr_pid}:
+        assert time.monotonic() < deadline, _children(m.proc.pid)
+        time.sleep(0.02)
+    os.kill(m.ctr_pid, signal.SIGKILL)
+    assert m.wait().signal == 9
+
+
 def test_exec_failure_is_a_setup_error(tmp_path):
     with pytest.raises(AssertionError, match="exec"):
         Mon(tmp_path, ["/nonexistent/binary"])
