@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses as _dc
 import posixpath as _pp
 import re as _re
+import types as _types
+import typing as _t
 from collections.abc import Mapping as _Mapping
 
 from dataclasses import dataclass, field
@@ -317,3 +320,45 @@ class ContainerConfig:
             raise _bad("container resources must be a Resources")
         if self.stdin_once and not self.stdin:
             raise _bad("stdin_once requires stdin")
+
+
+# ---------------------------------------------------------------------------
+# JSON round trip of the config dataclasses (for on-disk records).
+# ---------------------------------------------------------------------------
+
+def to_json(obj: object) -> object:
+    """A dataclass config as plain JSON values (tuples become lists)."""
+    if _dc.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_json(getattr(obj, f.name)) for f in _dc.fields(obj)}
+    if isinstance(obj, _Mapping):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(x) for x in obj]
+    return obj
+
+
+def _from(tp: object, v: object) -> object:
+    if v is None:
+        return None
+    origin = _t.get_origin(tp)
+    args = _t.get_args(tp)
+    if origin in (_t.Union, _types.UnionType):
+        real = [a for a in args if a is not type(None)]
+        return _from(real[0], v) if real else v
+    if isinstance(tp, type) and _dc.is_dataclass(tp):
+        return from_json(tp, v)
+    if origin is tuple:
+        inner = args[0] if args else object
+        return tuple(_from(inner, x) for x in v)  # type: ignore[attr-defined]
+    if origin in (dict, _Mapping) or tp is dict:
+        return dict(v)  # type: ignore[call-overload]
+    return v
+
+
+def from_json(cls: type, data: object) -> object:
+    """Rebuild a config dataclass (validating it again) from ``to_json`` output."""
+    if not isinstance(data, dict):
+        raise InvalidArgumentError(f"{cls.__name__}: expected an object")
+    hints = _t.get_type_hints(cls)
+    kwargs = {f.name: _from(hints[f.name], data[f.name]) for f in _dc.fields(cls) if f.name in data}
+    return cls(**kwargs)
