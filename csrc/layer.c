@@ -152,8 +152,14 @@ static int make_parents(struct layer *L, char *parent, struct pycri_error *err) 
                 return FAIL(e, "mkdirat '%s'", parent);
             }
             fd = open_in_root(L->root_fd, parent, O_RDONLY | O_DIRECTORY);
-            if (fd >= 0)
+            if (fd >= 0) {
                 fchmod(fd, 0755); /* not subject to the umask */
+            } else if (errno == ENOENT || errno == ENOTDIR) {
+                if (prev != L->root_fd)
+                    close(prev);
+                return FAIL(ENOENT, "parent '%s' is a symlink that resolves to nothing inside "
+                            "the layer root (dangling, or aimed outside it)", parent);
+            }
         }
         if (fd < 0) {
             int e = errno;
@@ -430,7 +436,9 @@ static int copy_from_lower(struct layer *L, struct pycri_layer *l, int dfd, cons
 
 static int make_hardlink(struct layer *L, struct pycri_layer *l, int dfd, const char *base,
                          struct tar_entry *e, struct pycri_error *err) {
-    if (tar_clean_path(e->link, L->lim.max_path_len, "hardlink target of layer entry", err) < 0)
+    char what[260];
+    snprintf(what, sizeof(what), "layer entry '%s': hardlink target", L->shown);
+    if (tar_clean_path(e->link, L->lim.max_path_len, what, err) < 0)
         return -1;
     if (!e->link[0])
         return FAIL(EPERM, "hardlink to the layer root");
@@ -595,6 +603,9 @@ static int on_header(struct layer *L, struct pycri_layer *l, unsigned long long 
         L->state = ST_META;
         return e.size ? 0 : on_meta(L, err);
     }
+    if (e.size > L->lim.max_bytes)
+        return pycri_fail(err, EFBIG, "layer: entry at byte %llu claims %llu bytes, over the "
+                          "limit of %llu", at, (unsigned long long)e.size, L->lim.max_bytes);
     if (l->stats.entries >= L->lim.max_entries)
         return pycri_fail(err, EFBIG, "layer: more than %llu entries", L->lim.max_entries);
     int rc = apply_entry(L, l, &e, err);
