@@ -10,9 +10,10 @@ Sections below follow the csrc/api/ headers; keep each section to its concern.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from pycri import _core
 
@@ -75,6 +76,83 @@ def sha256_fd(fd: int) -> tuple[str, int]:
 
 
 # --- layer apply (csrc/layer.c) ---------------------------------------------
+
+
+class LayerStats(NamedTuple):
+    """Counters from the C layer writer (see csrc/api/layer.h)."""
+
+    bytes: int
+    entries: int
+    files: int
+    dirs: int
+    symlinks: int
+    hardlinks: int
+    devices: int
+    whiteouts: int
+    xattrs_dropped: int
+    lower_copies: int
+
+
+class LayerWriter:
+    """Streams an uncompressed layer tar into ``dest`` (an existing directory).
+
+    ``open`` happens in the constructor; then ``feed`` chunks, ``finish`` (returns
+    the diff_id hex) and ``close`` (idempotent; also done by ``with``). A failed
+    ``feed`` or ``finish`` raises ``OSError`` and the writer refuses further
+    input. ``lowers`` are the directories of the layers below (top first), used
+    only for hardlinks to files this layer does not contain. Zero limits mean
+    the C defaults. ``feed`` releases the GIL while C parses and writes.
+    """
+
+    __slots__ = ("_l", "_err", "_dest")
+
+    def __init__(self, dest: str, *, lowers: Sequence[str] = (), max_entries: int = 0,
+                 max_bytes: int = 0, max_meta_size: int = 0, max_path_len: int = 0) -> None:
+        self._dest = dest
+        self._err = _new_err()
+        self._l = ffi.new("struct pycri_layer *")
+        lim = ffi.new("struct pycri_layer_limits *")
+        lim.max_entries = max_entries
+        lim.max_bytes = max_bytes
+        lim.max_meta_size = max_meta_size
+        lim.max_path_len = max_path_len
+        fds: list[int] = []
+        try:
+            for d in lowers:
+                fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            arr = ffi.new("int[]", fds) if fds else ffi.NULL
+            rc = lib.pycri_layer_open(self._l, -100, os.fsencode(dest), lim, arr, len(fds),
+                                      self._err)
+            if rc < 0:
+                lib.pycri_layer_close(self._l)
+                _raise(self._err, dest)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        buf = ffi.from_buffer(data)
+        _check(lib.pycri_layer_feed(self._l, buf, len(buf), self._err), self._err, self._dest)
+
+    def finish(self) -> str:
+        out = ffi.new("char[65]")
+        _check(lib.pycri_layer_finish(self._l, out, self._err), self._err, self._dest)
+        return ffi.string(out).decode("ascii")
+
+    @property
+    def stats(self) -> LayerStats:
+        s = self._l.stats
+        return LayerStats(*(int(getattr(s, f)) for f in LayerStats._fields))
+
+    def close(self) -> None:
+        lib.pycri_layer_close(self._l)
+
+    def __enter__(self) -> LayerWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 # --- spawn (csrc/spawn.c) ---------------------------------------------------
 
