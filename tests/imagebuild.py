@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 # --- media types --------------------------------------------------------------
@@ -145,7 +145,7 @@ class Raw:
     data: bytes = b""
 
 
-Entry = Union[File, Dir, Symlink, Hardlink, Whiteout, Opaque, Fifo, CharDev, BlockDev, Raw]
+Entry = File | Dir | Symlink | Hardlink | Whiteout | Opaque | Fifo | CharDev | BlockDev | Raw
 
 
 def _info(name: str, type_: bytes, mode: int, uid: int = 0, gid: int = 0) -> tarfile.TarInfo:
@@ -334,7 +334,7 @@ class BuiltIndex:
         return out
 
 
-Built = Union[BuiltImage, BuiltIndex]
+Built = BuiltImage | BuiltIndex
 
 
 def _json(obj: Any) -> bytes:

@@ -8,9 +8,8 @@ import json
 import subprocess
 import tarfile
 
-import urllib3
-
 import imagebuild as ib
+import urllib3
 
 
 def _get(url: str, accept: str = "") -> urllib3.BaseHTTPResponse:
