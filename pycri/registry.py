@@ -320,7 +320,7 @@ class Registry:
         """GET ``url`` on ``ep`` with authentication; returns an unread response."""
         creds = self._credentials(ep, ref, auth)
         scope = f"repository:{ref.repository}:pull"
-        base = {"User-Agent": USER_AGENT, **dict(ep.headers), **headers, **(extra or {})}
+        base = {"User-Agent": USER_AGENT, **_join_headers(ep.headers), **headers, **(extra or {})}
         cred_id = _cred_id(creds)
         tok_key = (ep.host, scope, cred_id)
         authz = self._cached_authorization(tok_key, ep, creds)
@@ -445,13 +445,19 @@ class Registry:
 
     def _pool_for(self, url: str, ep: Endpoint | None) -> urllib3.PoolManager:
         """The endpoint's TLS settings for its own host; the system defaults elsewhere."""
-        same = ep is not None and urlsplit(url).netloc.lower() == ep.host
-        key: tuple[Any, ...] = ((ep.skip_verify, ep.ca, ep.client)  # type: ignore[union-attr]
-                                if same else (False, (), ()))
+        u = urlsplit(url)
+        key: tuple[Any, ...]
+        if u.scheme != "https":
+            key = ("plain",)
+        elif ep is not None and u.netloc.lower() == ep.host:
+            key = (ep.skip_verify, ep.ca, ep.client)
+        else:
+            key = (False, (), ())
         with self._lock:
             pool = self._pools.get(key)
             if pool is None:
-                pool = self._make_pool(*key)
+                pool = (urllib3.PoolManager(num_pools=16, maxsize=4, retries=False)
+                        if key == ("plain",) else self._make_pool(*key))
                 self._pools[key] = pool
             return pool
 
@@ -789,6 +795,14 @@ def _extra_args(e: Exception) -> tuple[Any, ...]:
     if isinstance(e, RegistryError):
         return (e.status,)
     return ()
+
+
+def _join_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """hosts.toml headers may repeat a name; HTTP joins repeated values with commas."""
+    out: dict[str, str] = {}
+    for k, v in pairs:
+        out[k] = f"{out[k]}, {v}" if k in out else v
+    return out
 
 
 def _basic(creds: Auth) -> str:
