@@ -229,7 +229,7 @@ class Registry:
         (DigestMismatchError). A body over ``max_size`` bytes raises
         ResourceExhaustedError; a Docker schema 1 manifest raises UnsupportedError.
         """
-        repo, reference = _check_ref(ref)
+        _, reference = _check_ref(ref)
         by_digest = ref.digest is not None
         cap = "pull" if by_digest else "resolve"
         headers = {"Accept": ", ".join(accept)}
@@ -272,7 +272,7 @@ class Registry:
                 p.clear()
             self._pools.clear()
 
-    def __enter__(self) -> Registry:
+    def __enter__(self) -> Registry:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -763,10 +763,9 @@ def _read_capped(resp: urllib3.BaseHTTPResponse, limit: int, what: str) -> bytes
 
 def _drain(resp: urllib3.BaseHTTPResponse) -> None:
     """Read a little of an unwanted response so the connection can be reused, or drop it."""
-    try:
+    # Best effort: on failure the connection is simply discarded.
+    with contextlib.suppress(Exception):
         resp.read(MAX_ERROR_BODY)
-    except Exception:  # noqa: BLE001 - best effort; the connection is then discarded
-        pass
     with contextlib.suppress(Exception):
         resp.release_conn()
 
@@ -813,8 +812,9 @@ def _basic(creds: Auth) -> str:
 def _cred_id(creds: Auth | None) -> str:
     if creds is None:
         return ""
-    h = hashlib.sha256("\0".join([creds.username, creds.password, creds.identity_token,
-                                  creds.registry_token]).encode())
+    secret = (f"{creds.username}\0{creds.password}\0{creds.identity_token}\0"
+              f"{creds.registry_token}")
+    h = hashlib.sha256(secret.encode())
     return h.hexdigest()[:16]
 
 
@@ -834,6 +834,16 @@ def _reason(e: BaseException) -> str:
     return str(r or e) or e.__class__.__name__
 
 
-__all__ = ["Registry", "Fetched", "MANIFEST_MEDIA_TYPES", "INDEX_MEDIA_TYPES",
-           "SCHEMA1_MEDIA_TYPES", "OCI_MANIFEST", "OCI_INDEX", "DOCKER_MANIFEST", "DOCKER_LIST",
-           "parse_challenges", "load_docker_config"]
+__all__ = [
+    "DOCKER_LIST",
+    "DOCKER_MANIFEST",
+    "INDEX_MEDIA_TYPES",
+    "MANIFEST_MEDIA_TYPES",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "SCHEMA1_MEDIA_TYPES",
+    "Fetched",
+    "Registry",
+    "load_docker_config",
+    "parse_challenges",
+]

@@ -22,11 +22,12 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import imagebuild as ib
 import pytest
 import urllib3
-
-import imagebuild as ib
 from conftest import LocalRegistry
+from tokenserver import TokenServer, self_signed, write_pem
+
 from pycri import hosts
 from pycri.config import Auth
 from pycri.errors import (
@@ -49,7 +50,6 @@ from pycri.registry import (
     load_docker_config,
     parse_challenges,
 )
-from tokenserver import TokenServer, self_signed, write_pem
 
 # --- no traffic off loopback ----------------------------------------------------------
 
@@ -458,7 +458,7 @@ def token_registry() -> Iterator[tuple[LocalRegistry, TokenServer, Any]]:
 
 
 def test_token_anonymous_denied(token_registry) -> None:  # type: ignore[no-untyped-def]
-    reg, ts, _ = token_registry
+    reg, _ts, _ = token_registry
     with pytest.raises(AuthenticationError):
         fast().get_manifest(parse(f"{reg.host}/private/app:v1"))
 
@@ -481,8 +481,35 @@ def test_token_good_credentials_and_cache(token_registry) -> None:  # type: igno
     assert q["service"] == ["pycri-test-registry"]
 
 
+def test_token_expiry_fetches_a_new_one(token_registry, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import time as real_time
+    import types
+
+    import pycri.registry
+
+    reg, ts, _img = token_registry
+    now = [1000.0]
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], sleep=real_time.sleep,
+                                  time=real_time.time)
+    monkeypatch.setattr(pycri.registry, "time", clock)
+    r = fast()
+    ref = parse(f"{reg.host}/private/app:v1")
+    auth = Auth("alice", "wonderland")
+    before = ts.count()
+    r.get_manifest(ref, auth)
+    now[0] += 100          # within the 300 s lifetime
+    r.get_manifest(ref, auth)
+    assert ts.count() - before == 1
+    now[0] += 300          # past it
+    r.get_manifest(ref, auth)
+    assert ts.count() - before == 2
+    # Different credentials never reuse another's token.
+    with pytest.raises(AuthenticationError):
+        r.get_manifest(ref, Auth("alice", "not-her-password"))
+
+
 def test_token_bad_credentials(token_registry) -> None:  # type: ignore[no-untyped-def]
-    reg, ts, _ = token_registry
+    reg, _ts, _ = token_registry
     with pytest.raises(AuthenticationError, match="token server"):
         fast().get_manifest(parse(f"{reg.host}/private/app:v1"), Auth("alice", "wrong"))
 
@@ -696,8 +723,8 @@ ca = "up-ca.pem"
 
 
 def test_parse_challenges() -> None:
-    c = parse_challenges(['Bearer realm="https://auth.example/token",service="reg",'
-                          'scope="repository:a/b:pull,push"',
+    c = parse_challenges([('Bearer realm="https://auth.example/token",service="reg",'
+                           'scope="repository:a/b:pull,push"'),
                           'Basic realm="x"'])
     assert c[0] == ("bearer", {"realm": "https://auth.example/token", "service": "reg",
                                "scope": "repository:a/b:pull,push"})
@@ -735,7 +762,7 @@ def test_realm_with_other_scheme_refused(server_factory, realm) -> None:  # type
 
 def test_realm_on_another_loopback_host_is_allowed(server_factory, token_registry) -> None:  # type: ignore[no-untyped-def]
     """Like Docker Hub (registry-1.docker.io -> auth.docker.io): the realm may be elsewhere."""
-    reg, ts, img = token_registry
+    reg, _ts, img = token_registry
     # Front the registry under "localhost:<port>" so the realm (127.0.0.1) is another host.
     front = server_factory(proxy_to(reg.url))
     m = fast().get_manifest(parse(f"localhost:{front.port}/private/app:v1"),

@@ -46,7 +46,7 @@ def self_signed(common_name: str = "pycri test", san: list[str] | None = None
     """An RSA key and a self-signed certificate (valid a day, optional IP/DNS SANs)."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     b = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(now - datetime.timedelta(hours=1))
@@ -103,10 +103,10 @@ class TokenServer:
                 u = urlsplit(self.path)
                 q = parse_qs(u.query)
                 user = self._basic_user()
-                server._record("GET", u.path, q, user or "")
+                server._record("GET", u.path, q, user if isinstance(user, str) else "")
                 if user is False:
                     return self._reply(401, {"details": "bad credentials"})
-                self._grant(q, user or "")
+                self._grant(q, user if isinstance(user, str) else "")
 
             def do_POST(self) -> None:
                 u = urlsplit(self.path)
