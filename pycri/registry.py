@@ -234,22 +234,23 @@ class Registry:
         cap = "pull" if by_digest else "resolve"
         headers = {"Accept": ", ".join(accept)}
 
-        def fetch(ep: Endpoint, resp: urllib3.BaseHTTPResponse, url: str) -> Fetched:
+        what = f"manifest {ref}"
+        resp, url, ep = self._open(ref, auth, cap, f"manifests/{reference}", headers, what)
+        try:
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_size:
                 raise ResourceExhaustedError(
-                    f"manifest {ref} at {url} is {length} bytes, over the {max_size}-byte limit")
-            data = _read_capped(resp, max_size, f"manifest {ref} at {url}")
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
-            if by_digest and digest != reference:
-                raise DigestMismatchError(
-                    f"manifest {ref} from {url} has digest {digest}, not the one asked for",
-                    expected=reference, actual=digest)
-            media_type = _media_type(resp.headers.get("Content-Type", ""), data, str(ref), url)
-            return Fetched(media_type, data, digest, ep.api)
-
-        return self._each_endpoint(ref, auth, cap, f"manifests/{reference}", headers, fetch,
-                                   what=f"manifest {ref}")
+                    f"{what} at {url} is {length} bytes, over the {max_size}-byte limit")
+            data = _read_capped(resp, max_size, f"{what} at {url}")
+        finally:
+            resp.release_conn()
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        if by_digest and digest != reference:
+            raise DigestMismatchError(
+                f"{what} from {url} has digest {digest}, not the one asked for",
+                expected=reference, actual=digest)
+        media_type = _media_type(resp.headers.get("Content-Type", ""), data, str(ref), url)
+        return Fetched(media_type, data, digest, ep.api)
 
     def get_blob(self, ref: Reference, digest: str, size: int | None = None,
                  auth: Auth | None = None, offset: int = 0,
@@ -280,31 +281,34 @@ class Registry:
 
     # -- endpoints and fallthrough -----------------------------------------------------
 
-    def _each_endpoint(self, ref: Reference, auth: Auth | None, cap: str, tail: str,
-                       headers: dict[str, str], handle: Any, what: str,
-                       extra_headers: dict[str, str] | None = None) -> Any:
+    def _open(self, ref: Reference, auth: Auth | None, cap: str, tail: str,
+              headers: dict[str, str], what: str, decode: bool = True
+              ) -> tuple[urllib3.BaseHTTPResponse, str, Endpoint]:
+        """GET ``<api>/<repo>/<tail>`` on the first endpoint that answers 200/206.
+
+        Returns the unread response (the caller releases it), its final URL and
+        the endpoint. Endpoints without ``cap`` are skipped; a mirror's 404, 429,
+        5xx, refusal or unreachability moves on to the next endpoint.
+        """
         eps = [ep for ep in self.endpoints(ref.registry) if cap in ep.capabilities]
         if not eps:
             raise RegistryError(f"no endpoint for {ref.registry} has the {cap!r} capability "
                                 f"(check hosts.toml under {self.config_dir})")
         failures: list[str] = []
         for i, ep in enumerate(eps):
-            last = i == len(eps) - 1
             url = f"{ep.api}/{ref.repository}/{tail}"
             try:
-                resp, final_url = self._get(ep, ref, auth, url, {**headers, **(extra_headers or {})})
+                resp, final = self._get(ep, ref, auth, url, headers, decode=decode)
+                if resp.status in (200, 206):
+                    return resp, final, ep
                 try:
                     if resp.status == 404:
                         raise NotFoundError(f"{what} not found at {url}")
-                    if resp.status not in (200, 206):
-                        raise _status_error(resp, final_url, what)
-                    return handle(ep, resp, final_url)
+                    raise _status_error(resp, final, what)
                 finally:
                     resp.release_conn()
             except (NotFoundError, AuthenticationError, RegistryError) as e:
-                fallthrough = isinstance(e, (NotFoundError, AuthenticationError)) or (
-                    type(e) is RegistryError and (e.status is None or e.status >= 500))
-                if last or not fallthrough or isinstance(e, InsecureRegistryError):
+                if i == len(eps) - 1 or not _falls_through(e):
                     if failures:
                         raise type(e)(f"{e} (also tried: {'; '.join(failures)})",
                                       *_extra_args(e)) from e
@@ -612,8 +616,8 @@ class Registry:
             if chosen is None:
                 # The first request picks the endpoint (mirrors may fall through);
                 # resumes go back to the same one.
-                eps = [ep for ep in self.endpoints(ref.registry) if "pull" in ep.capabilities]
-                resp, url, chosen = self._open_blob(eps, ref, auth, digest, extra, what)
+                resp, url, chosen = self._open(ref, auth, "pull", f"blobs/{digest}", extra,
+                                               what, decode=False)
             else:
                 url = f"{chosen.api}/{ref.repository}/blobs/{digest}"
                 resp, url = self._get(chosen, ref, auth, url, {}, extra, decode=False)
@@ -665,36 +669,6 @@ class Registry:
                                     f"{resumes} resumes did not finish it")
             resumes += 1
             time.sleep(self.backoff * (2 ** (resumes - 1)))
-
-    def _open_blob(self, eps: list[Endpoint], ref: Reference, auth: Auth | None, digest: str,
-                   extra: dict[str, str], what: str
-                   ) -> tuple[urllib3.BaseHTTPResponse, str, Endpoint]:
-        if not eps:
-            raise RegistryError(f"no endpoint for {ref.registry} has the 'pull' capability")
-        failures: list[str] = []
-        for i, ep in enumerate(eps):
-            url = f"{ep.api}/{ref.repository}/blobs/{digest}"
-            last = i == len(eps) - 1
-            try:
-                resp, final = self._get(ep, ref, auth, url, {}, extra, decode=False)
-                if resp.status in (200, 206):
-                    return resp, final, ep
-                try:
-                    if resp.status == 404:
-                        raise NotFoundError(f"{what} not found at {url}")
-                    raise _status_error(resp, final, what)
-                finally:
-                    resp.release_conn()
-            except (NotFoundError, AuthenticationError, RegistryError) as e:
-                fallthrough = isinstance(e, (NotFoundError, AuthenticationError)) or (
-                    type(e) is RegistryError and (e.status is None or e.status >= 500))
-                if last or not fallthrough or isinstance(e, InsecureRegistryError):
-                    if failures:
-                        raise type(e)(f"{e} (also tried: {'; '.join(failures)})",
-                                      *_extra_args(e)) from e
-                    raise
-                failures.append(f"{ep.api}: {e}")
-        raise AssertionError("unreachable")
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -786,6 +760,15 @@ def _status_error(resp: urllib3.BaseHTTPResponse, url: str, what: str) -> Regist
                                    + (f": {detail}" if detail else ""), resp.status)
     return RegistryError(f"{url}: HTTP {resp.status} for {what}" +
                          (f": {detail}" if detail else ""), resp.status)
+
+
+def _falls_through(e: Exception) -> bool:
+    """May the next endpoint be tried after ``e``? Not after a safety refusal."""
+    if isinstance(e, InsecureRegistryError):
+        return False
+    if isinstance(e, (NotFoundError, AuthenticationError)):
+        return True
+    return type(e) is RegistryError and (e.status is None or e.status == 429 or e.status >= 500)
 
 
 def _extra_args(e: Exception) -> tuple[Any, ...]:
