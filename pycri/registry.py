@@ -243,7 +243,7 @@ class Registry:
                     f"{what} at {url} is {length} bytes, over the {max_size}-byte limit")
             data = _read_capped(resp, max_size, f"{what} at {url}")
         finally:
-            resp.release_conn()
+            _release(resp)
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         if by_digest and digest != reference:
             raise DigestMismatchError(
@@ -306,7 +306,7 @@ class Registry:
                         raise NotFoundError(f"{what} not found at {url}")
                     raise _status_error(resp, final, what)
                 finally:
-                    resp.release_conn()
+                    _release(resp)
             except (NotFoundError, AuthenticationError, RegistryError) as e:
                 if i == len(eps) - 1 or not _falls_through(e):
                     if failures:
@@ -563,7 +563,7 @@ class Registry:
                 raise _status_error(resp, realm, "token")
             body = _read_capped(resp, MAX_TOKEN_RESPONSE, f"token response from {realm}")
         finally:
-            resp.release_conn()
+            _release(resp)
         try:
             doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")
@@ -625,12 +625,12 @@ class Registry:
                     try:
                         raise _status_error(resp, url, what)
                     finally:
-                        resp.release_conn()
+                        _release(resp)
             skip = 0
             if resp.status == 206:
                 start = _content_range_start(resp.headers.get("Content-Range", ""))
                 if start is not None and start != pos:
-                    resp.release_conn()
+                    _release(resp)
                     raise RegistryError(f"{url} answered range from byte {start} when asked "
                                         f"for {pos}")
             elif pos > 0:
@@ -658,8 +658,7 @@ class Registry:
                     pos += len(chunk)
                     yield chunk
             finally:
-                with contextlib.suppress(Exception):
-                    resp.release_conn()
+                _release(resp)
             if broken is None and size is not None and pos < size:
                 broken = f"the connection ended at byte {pos} of {size}"
             if broken is None:
@@ -737,9 +736,17 @@ def _read_capped(resp: urllib3.BaseHTTPResponse, limit: int, what: str) -> bytes
 
 def _drain(resp: urllib3.BaseHTTPResponse) -> None:
     """Read a little of an unwanted response so the connection can be reused, or drop it."""
-    # Best effort: on failure the connection is simply discarded.
     with contextlib.suppress(Exception):
         resp.read(MAX_ERROR_BODY)
+    _release(resp)
+
+
+def _release(resp: urllib3.BaseHTTPResponse) -> None:
+    """Give the connection back to its pool, closing it first if the body was not all read
+    (a half-read body must never be mistaken for the next response)."""
+    with contextlib.suppress(Exception):
+        if not resp.closed:
+            resp.close()
     with contextlib.suppress(Exception):
         resp.release_conn()
 

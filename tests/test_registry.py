@@ -283,6 +283,18 @@ def test_get_blob_whole_and_from_offset(registry, images) -> None:  # type: igno
     assert b"".join(r.get_blob(ref, img.config_digest)) == img.config
 
 
+def test_abandoned_blob_does_not_poison_the_connection(registry, images) -> None:  # type: ignore[no-untyped-def]
+    img = images["oci"]
+    d = img.layer_digests[0]
+    ref = parse(f"{registry.host}/pycri/oci:v1")
+    r = fast()
+    for _ in range(3):
+        it = r.get_blob(ref, d, chunk_size=1024)
+        assert next(it) == img.blobs[d][:1024]
+        it.close()   # stop half-way: the rest of the body is still on the socket
+        assert r.get_manifest(ref).data == img.manifest
+
+
 def test_get_blob_never_yields_more_than_size(registry, images) -> None:  # type: ignore[no-untyped-def]
     img = images["oci"]
     d = img.layer_digests[0]
