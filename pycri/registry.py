@@ -45,6 +45,7 @@ from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import urllib3
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import SSLError as Urllib3SSLError
 
@@ -402,8 +403,12 @@ class Registry:
                 raise RegistryError(f"TLS failure talking to {url}: {e.__class__.__name__}: "
                                     f"{_reason(e)} (set 'ca' or 'skip_verify' in hosts.toml "
                                     "if this registry uses a private CA)") from None
-            except Urllib3Error as e:
+            except ReadTimeoutError:
+                raise _Retryable(f"no answer from {url} within {self.timeout:g}s") from None
+            except (NewConnectionError, ConnectTimeoutError) as e:
                 raise _Retryable(f"cannot reach {url}: {_reason(e)}") from None
+            except Urllib3Error as e:
+                raise _Retryable(f"request to {url} failed: {_reason(e)}") from None
             if resp.status not in _REDIRECTS or not resp.headers.get("Location"):
                 return resp, url
             loc = urljoin(url, resp.headers["Location"])

@@ -797,6 +797,7 @@ def _tls(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
 def test_https_with_configured_ca(server_factory, registry, images, tls_files, tmp_path) -> None:  # type: ignore[no-untyped-def]
     _, cert, key = tls_files
     s = server_factory(proxy_to(registry.url), tls=_tls(cert, key))
@@ -879,3 +880,74 @@ def test_plain_http_only_on_loopback_or_insecure(server_factory) -> None:  # typ
     r._check_url("http://localhost:1/v2/", None)
     fast(insecure=["registry.example.test"])._check_url("http://registry.example.test/v2/", None)
     assert hosts.resolve("registry.example.test")[0].scheme == "https"
+
+
+def test_client_certificate_from_hosts_toml(server_factory, registry, images, tls_files,  # type: ignore[no-untyped-def]
+                                            tmp_path) -> None:
+    _, cert, key = tls_files
+    ckey, ccert = self_signed("pycri client")
+    client_pem, client_key = write_pem(str(tmp_path), ckey, ccert, "client")
+    ctx = _tls(cert, key)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(client_pem)
+    s = server_factory(proxy_to(registry.url), tls=ctx)
+    ref = parse(f"{s.host}/pycri/oci:v1")
+    hosts_toml(str(tmp_path / "without"), s.host, f'server = "https://{s.host}"\nca = "{cert}"\n')
+    with pytest.raises(RegistryError):
+        fast(config_dir=str(tmp_path / "without"), retries=0).get_manifest(ref)
+    hosts_toml(str(tmp_path / "with"), s.host, f'''server = "https://{s.host}"
+ca = ["{cert}"]
+client = [["{client_pem}", "{client_key}"]]
+''')
+    m = fast(config_dir=str(tmp_path / "with")).get_manifest(ref)
+    assert m.digest == images["oci"].manifest_digest
+
+
+def test_docker_config_from_environment(token_registry, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    reg, ts, img = token_registry
+    (tmp_path / "config.json").write_text(json.dumps({"auths": {reg.host: {
+        "username": "alice", "password": "wonderland"}}}))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path))
+    assert fast().get_manifest(parse(f"{reg.host}/private/app:v1")).data == img.manifest
+    assert ts.requests[-1][3] == "alice"
+
+
+def test_read_timeout(server_factory) -> None:  # type: ignore[no-untyped-def]
+    release = threading.Event()
+
+    def handle(h: BaseHTTPRequestHandler) -> None:
+        release.wait(10)   # accept, then say nothing
+
+    s = server_factory(handle)
+    try:
+        with pytest.raises(RegistryError, match="no answer"):
+            fast(timeout=0.3, retries=1).get_manifest(parse(f"{s.host}/x/y:z"))
+        assert len(s.requests) == 2
+    finally:
+        release.set()
+
+
+def test_mirror_gets_its_own_credentials_only(server_factory, registry, images, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    forward = proxy_to(registry.url)
+    mirror_auth = "Basic " + base64.b64encode(b"mirror-user:mirror-pass").decode()
+
+    def mirror(h: BaseHTTPRequestHandler) -> None:
+        if h.headers.get("Authorization") != mirror_auth:
+            return reply(h, 401, b"", {"WWW-Authenticate": 'Basic realm="mirror"'})
+        forward(h)
+
+    m = server_factory(mirror)
+    hosts_toml(str(tmp_path), "registry.example.test", f'''
+server = "https://registry.example.test"
+[host."http://{m.host}"]
+  capabilities = ["pull", "resolve"]
+''')
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"auths": {
+        m.host: {"auth": base64.b64encode(b"mirror-user:mirror-pass").decode()},
+        "registry.example.test": {"auth": base64.b64encode(b"up-user:up-pass").decode()}}}))
+    r = fast(config_dir=str(tmp_path), docker_config=str(cfg))
+    got = r.get_manifest(parse("registry.example.test/pycri/oci:v1"), Auth("caller", "secret"))
+    assert got.digest == images["oci"].manifest_digest
+    sent = {hd.get("Authorization") for _, _, hd in m.requests}
+    assert sent == {None, mirror_auth}
