@@ -606,7 +606,7 @@ class ImageStore:
                 yield b
             if progress:
                 progress(PullProgress(label, desc.digest, have, desc.size, "downloading"))
-            last = 0.0
+            last, last_bytes = time.monotonic(), have
             for chunk in fetch_from(desc, have):
                 if have + len(chunk) > desc.size:
                     raise ResourceExhaustedError(
@@ -614,8 +614,9 @@ class ImageStore:
                 f.write(chunk)
                 have += len(chunk)
                 now = time.monotonic()
-                if progress and now - last > 0.1:
-                    last = now
+                # report every 100 ms, and at least every 4 MiB on a fast link
+                if progress and (now - last > 0.1 or have - last_bytes >= 4 << 20):
+                    last, last_bytes = now, have
                     progress(PullProgress(label, desc.digest, have, desc.size, "downloading"))
                 yield chunk
             os.fsync(fd)
