@@ -226,8 +226,11 @@ fail:;
  * the image made it a symlink. */
 static int std_target(int rootfd, const char *name, struct pycri__cerr *ce) {
     int fd = pycri__inroot_mkdirs(rootfd, name, 0755);
-    if (fd >= 0)
-        close(fd);
+    if (fd < 0) {
+        pycri__cfail(ce, PYCRI_STAGE_MOUNT, errno, "mkdir (in-root)", name);
+        return -1;
+    }
+    close(fd);
     fd = pycri__inroot_open(rootfd, name, O_PATH | O_DIRECTORY, RESOLVE_NO_SYMLINKS);
     if (fd < 0)
         pycri__cfail(ce, PYCRI_STAGE_MOUNT, errno, "openat2 (no symlinks)", name);
@@ -345,6 +348,10 @@ static int do_bind(int rootfd, const char *source, const char *target, int ro, i
 
 static int mask_paths(const struct pycri__plan *plan, int rootfd, struct pycri__cerr *ce) {
     const char *const *m = plan->spec->masked_paths;
+    /* opened here: open_tree only clones mounts of the caller's own mount namespace */
+    int devnull cleanup_fd = open("/dev/null", O_PATH | O_CLOEXEC);
+    if (devnull < 0)
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "open", "/dev/null");
     for (; m && *m; m++) {
         int fd cleanup_fd = pycri__inroot_open(rootfd, *m, O_PATH, 0);
         if (fd < 0) {
@@ -358,7 +365,7 @@ static int mask_paths(const struct pycri__plan *plan, int rootfd, struct pycri__
         int rc = S_ISDIR(st.st_mode)
                      ? mount_at(fd, "tmpfs", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
                                 "size=0,mode=0")
-                     : bind_fd(plan->devnull, fd, 0, 0, 0, 0, -1);
+                     : bind_fd(devnull, fd, 0, 0, 0, 0, -1);
         if (rc < 0)
             return fail_at(ce, PYCRI_STAGE_MOUNT, "mask", *m);
     }
@@ -458,11 +465,6 @@ int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls
         return fail_at(ce, PYCRI_STAGE_PIVOT, "umount old root", NULL);
     if (chdir("/") < 0)
         return fail_at(ce, PYCRI_STAGE_PIVOT, "chdir", "/");
-    if (s->rootfs_readonly) {
-        struct mount_attr a = {.attr_set = MOUNT_ATTR_RDONLY};
-        if (mount_setattr(AT_FDCWD, "/", 0, &a, sizeof(a)) < 0)
-            return fail_at(ce, PYCRI_STAGE_PIVOT, "read-only rootfs", NULL);
-    }
     return 0;
 }
 

@@ -26,6 +26,7 @@
 #include <string.h>
 #include <grp.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -326,6 +327,12 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
         close(d);
         close(root);
     }
+    /* read-only only now, so the working dir could still be created */
+    if (s->rootfs && s->rootfs_readonly) {
+        struct mount_attr a = {.attr_set = MOUNT_ATTR_RDONLY};
+        if (mount_setattr(AT_FDCWD, "/", 0, &a, sizeof(a)) < 0)
+            CFAIL(PYCRI_STAGE_PIVOT, "read-only rootfs", NULL);
+    }
     for (int i = 0; i < s->n_rlimits; i++) {
         struct rlimit rl = {(rlim_t)s->rlimits[i].soft, (rlim_t)s->rlimits[i].hard};
         if (prlimit(0, (__rlimit_resource_t)s->rlimits[i].resource, &rl, NULL) < 0) {
@@ -360,6 +367,8 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     if (want_seccomp && s->no_new_privs && load_seccomp(s) < 0)
         CFAIL(PYCRI_STAGE_SECCOMP, "seccomp(SET_MODE_FILTER)", NULL);
 
+    /* a uid change resets dumpable to fs.suid_dumpable: clear it again */
+    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
     char path[PATH_MAX];
     if (resolve_exec(plan, path, &ce) < 0)
         die(plan, &ce);
@@ -462,7 +471,7 @@ static int read_start_time(int pid, unsigned long long *out) {
         return -1;
     /* after ") " comes field 3 (state); starttime is field 22 */
     p++;
-    for (int field = 2; field < 22 && p; field++)
+    for (int field = 3; field < 22 && p; field++)
         p = strchr(p + 1, ' ');
     if (!p)
         return -1;
