@@ -341,8 +341,29 @@ static int do_bind(int rootfd, const char *source, const char *target, int ro, i
     int t cleanup_fd = inroot_target(rootfd, target, S_ISDIR(st.st_mode));
     if (t < 0)
         return fail_at(ce, PYCRI_STAGE_MOUNT, "openat2 bind target", target);
-    if (bind_fd(src, t, !nonrec, ro, rro, 0, prop) < 0)
+    if (prop != PYCRI_PROP_RSHARED) {
+        if (bind_fd(src, t, !nonrec, ro, rro, 0, prop) < 0)
+            return fail_at(ce, PYCRI_STAGE_MOUNT, "bind mount onto", target);
+        return 0;
+    }
+    /* rshared: the mount must join the source's peer group, which a mount(2)
+     * bind does and an open_tree clone does not; both ends still go by fd */
+    char sp[32], tp[32];
+    pycri__fdpath(sp, src);
+    pycri__fdpath(tp, t);
+    if (mount(sp, tp, NULL, MS_BIND | (nonrec ? 0 : MS_REC), NULL) < 0)
         return fail_at(ce, PYCRI_STAGE_MOUNT, "bind mount onto", target);
+    int top cleanup_fd = pycri__inroot_open(rootfd, target, O_PATH, 0);
+    if (top < 0)
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "openat2 bind target", target);
+    struct mount_attr a = {.propagation = MS_SHARED};
+    if (mount_setattr(top, "", AT_EMPTY_PATH | AT_RECURSIVE, &a, sizeof(a)) < 0)
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "make rshared", target);
+    if (ro || rro) {
+        struct mount_attr r = {.attr_set = MOUNT_ATTR_RDONLY};
+        if (mount_setattr(top, "", AT_EMPTY_PATH | (rro ? AT_RECURSIVE : 0), &r, sizeof(r)) < 0)
+            return fail_at(ce, PYCRI_STAGE_MOUNT, "read-only", target);
+    }
     return 0;
 }
 
@@ -395,12 +416,21 @@ int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls
     if (!s->rootfs)
         return 0;
 
+    if (plan->rootfs_parent[0]) {
+        /* "/" stays shared: keep the rootfs mount itself from propagating to the
+         * host by making the mount under it private (pivot_root needs that too) */
+        if (mount(NULL, plan->rootfs_parent, NULL, MS_PRIVATE, NULL) < 0)
+            return fail_at(ce, PYCRI_STAGE_ROOTFS, "make private", plan->rootfs_parent);
+    }
     if (s->overlay_lower) {
         if (mount("overlay", s->rootfs, "overlay", 0, plan->overlay_opts) < 0)
             return fail_at(ce, PYCRI_STAGE_ROOTFS, "mount overlay at", s->rootfs);
     } else if (mount(s->rootfs, s->rootfs, NULL, MS_BIND | MS_REC, NULL) < 0) {
         return fail_at(ce, PYCRI_STAGE_ROOTFS, "bind rootfs", s->rootfs);
     }
+    /* a self-bind of a shared mount joins its peer group: pivot_root refuses shared */
+    if (plan->rootfs_parent[0] && mount(NULL, s->rootfs, NULL, MS_PRIVATE, NULL) < 0)
+        return fail_at(ce, PYCRI_STAGE_ROOTFS, "make private", s->rootfs);
     int rootfd cleanup_fd = open(s->rootfs, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (rootfd < 0)
         return fail_at(ce, PYCRI_STAGE_ROOTFS, "open", s->rootfs);
@@ -453,14 +483,20 @@ int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls
     if (mask_paths(plan, rootfd, ce) < 0)
         return -1;
 
-    /* pivot_root(".", "."): the old root ends up stacked on the new one; cut it
-     * loose (after making it a slave so the unmount cannot reach the host). */
+    /* pivot_root(".", "."): the old root ends up stacked on the new one. Before
+     * the lazy unmount cuts it loose, its tree becomes slave (through an fd
+     * opened before the pivot: a "." path would mean the new root and its
+     * binds), so no unmount in it propagates to the host's peers. */
+    int oldroot cleanup_fd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (oldroot < 0)
+        return fail_at(ce, PYCRI_STAGE_PIVOT, "open", "/");
     if (fchdir(rootfd) < 0)
         return fail_at(ce, PYCRI_STAGE_PIVOT, "fchdir", s->rootfs);
     if (syscall(SYS_pivot_root, ".", ".") < 0)
         return fail_at(ce, PYCRI_STAGE_PIVOT, "pivot_root", s->rootfs);
-    if (mount(NULL, ".", NULL, MS_SLAVE | MS_REC, NULL) < 0)
-        return fail_at(ce, PYCRI_STAGE_PIVOT, "make old root rslave", NULL);
+    struct mount_attr slave = {.propagation = MS_SLAVE};
+    if (mount_setattr(oldroot, "", AT_EMPTY_PATH | AT_RECURSIVE, &slave, sizeof(slave)) < 0)
+        return fail_at(ce, PYCRI_STAGE_PIVOT, "make the old root rslave", NULL);
     if (umount2(".", MNT_DETACH) < 0)
         return fail_at(ce, PYCRI_STAGE_PIVOT, "umount old root", NULL);
     if (chdir("/") < 0)

@@ -557,6 +557,42 @@ static int prepare_sysctls(const struct pycri_spawn_spec *s, char **buf, int *co
     return 0;
 }
 
+/* The mount point of the mount that holds path (mountinfo field 5, unescaped). */
+static int parent_mount_point(const char *path, char *out, size_t outlen,
+                              struct pycri_error *err) {
+    struct statx stx;
+    if (statx(AT_FDCWD, path, 0, STATX_MNT_ID, &stx) < 0 || !(stx.stx_mask & STATX_MNT_ID))
+        return pycri_fail(err, errno ? errno : ENOTSUP, "prepare: statx %s", path);
+    FILE *f = fopen("/proc/self/mountinfo", "re");
+    if (!f)
+        return pycri_fail(err, errno, "prepare: open /proc/self/mountinfo");
+    char *line = NULL;
+    size_t cap = 0;
+    int found = 0;
+    while (!found && getline(&line, &cap, f) > 0) {
+        unsigned long long id;
+        char mp[4096];
+        if (sscanf(line, "%llu %*u %*s %*s %4095s", &id, mp) != 2 || id != stx.stx_mnt_id)
+            continue;
+        size_t o = 0;
+        for (char *c = mp; *c && o + 1 < outlen; c++) {
+            if (c[0] == '\\' && c[1] >= '0' && c[1] <= '3' && c[2] && c[3]) {
+                out[o++] = (char)((c[1] - '0') * 64 + (c[2] - '0') * 8 + (c[3] - '0'));
+                c += 3;
+            } else {
+                out[o++] = *c;
+            }
+        }
+        out[o] = '\0';
+        found = 1;
+    }
+    free(line);
+    fclose(f);
+    if (!found)
+        return pycri_fail(err, ENOENT, "prepare: no mountinfo entry holds %s", path);
+    return 0;
+}
+
 static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
                    struct pycri_error *err) {
     if (!s->argv || !s->argv[0])
@@ -612,6 +648,9 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
         if (n < 0 || (size_t)n >= sizeof(plan->overlay_opts))
             return pycri_fail(err, E2BIG, "prepare: overlay options longer than a page");
     }
+    if (s->rootfs && s->root_propagation == PYCRI_PROP_RSHARED &&
+        parent_mount_point(s->rootfs, plan->rootfs_parent, sizeof(plan->rootfs_parent), err) < 0)
+        return -1;
     char buf[16] = {0};
     int fd = open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC);
     if (fd >= 0) {

@@ -22,6 +22,7 @@ struct pycri__plan {
     int devnull;                   /* O_RDWR /dev/null of the host */
     int cap_last;
     char overlay_opts[4096];
+    char rootfs_parent[4096];      /* rshared root only: mount point holding the rootfs dir */
     const char *sysctl_buf;        /* n_sysctl pairs of "sys/a/b\0value\0" */
     int n_sysctl;
 };

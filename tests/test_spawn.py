@@ -27,7 +27,8 @@ ALL_NEW = {k: "new" for k in ("mnt", "pid", "uts", "ipc", "net", "cgroup")}
 # The CRI default capability set (containerd/CRI-O): chown dac_override fowner fsetid
 # kill setgid setuid setpcap net_bind_service net_raw sys_chroot mknod audit_write setfcap.
 DEFAULT_CAPS = sum(1 << c for c in (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31))
-APPLETS = ["sh", "ls", "cat", "mkdir", "echo", "true", "sleep", "id", "test", "touch", "tty"]
+APPLETS = ["sh", "ls", "cat", "mkdir", "echo", "true", "sleep", "id", "test", "touch", "tty",
+           "mount", "wc"]
 
 
 @pytest.fixture(scope="session")
@@ -548,3 +549,72 @@ def test_pidfd_and_start_time(rootfs):
     os.close(w)
     os.waitid(os.P_PIDFD, res.pidfd, os.WEXITED)
     os.close(res.pidfd)
+
+
+# --- propagation (needs a mount namespace whose "/" is shared) ------------------------
+
+PROPAGATION_SCRIPT = r"""
+import json, os, subprocess, sys
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
+from pycri import _native as n
+import test_spawn as t
+
+rootfs, tmp = sys.argv[2], sys.argv[3]
+out = {}
+
+def start(root_prop, prop, script, rootfs=rootfs):
+    src = os.path.join(tmp, "src-" + prop)
+    os.makedirs(src, exist_ok=True)
+    inr, inw = os.pipe()
+    outr, outw = os.pipe()
+    spec = t.spec_for(rootfs, ["sh", "-c", script], root_propagation=root_prop,
+                      binds=[n.BindMount(src, "/m", propagation=prop)],
+                      cap_bounding=(1 << 41) - 1 & ~(1 << 24), cap_effective=(1 << 41) - 1 & ~(1 << 24),
+                      cap_permitted=(1 << 41) - 1 & ~(1 << 24), stdin=inr, stdout=outw)
+    res = n.spawn(spec)
+    os.close(inr); os.close(outw)
+    return src, res, os.fdopen(inw, "w"), os.fdopen(outr)
+
+def finish(res, inw, outr):
+    inw.write("go\n"); inw.close()
+    text = outr.read(); outr.close()
+    os.waitpid(res.pid, 0); os.close(res.pidfd)
+    return text
+
+for root_prop, prop in (("rslave", "rslave"), ("private", "private")):
+    src, res, inw, outr = start(root_prop, prop, "read x; ls /m/sub")
+    os.makedirs(os.path.join(src, "sub"), exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", os.path.join(src, "sub")], check=True)
+    open(os.path.join(src, "sub", "seen"), "w").close()
+    out[prop] = "seen" in finish(res, inw, outr)
+    subprocess.run(["umount", os.path.join(src, "sub")], check=True)
+
+# with an rshared root the mount holding the rootfs dir turns private in the
+# container (pivot_root needs it, and the rootfs must not propagate out), so the
+# rootfs lives on its own mount here, apart from the shared source
+holder = os.path.join(tmp, "holder")
+os.makedirs(holder)
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", holder], check=True)
+import shutil
+shutil.copytree(rootfs, os.path.join(holder, "rootfs"), symlinks=True)
+src, res, inw, outr = start("rshared", "rshared",
+                            "mkdir -p /m/x && mount -t tmpfs tmpfs /m/x && touch /m/x/fromc && echo ready; read x",
+                            rootfs=os.path.join(holder, "rootfs"))
+ready = outr.readline().strip()
+out["rshared"] = ready == "ready" and os.path.exists(os.path.join(src, "x", "fromc"))
+finish(res, inw, outr)
+subprocess.run(["umount", os.path.join(src, "x")], check=False)
+out["rootfs_leaked"] = any(holder + "/rootfs" in line for line in open("/proc/self/mountinfo"))
+print(json.dumps(out))
+"""
+
+
+def test_bind_propagation_rslave_private_rshared(rootfs, tmp_path):
+    cmd = ["unshare", "-m", "--propagation", "unchanged", "sh", "-c",
+           'mount --make-rshared / && exec "$@"', "sh", sys.executable, "-c",
+           PROPAGATION_SCRIPT, os.path.dirname(HERE), rootfs, str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert res == {"rslave": True, "private": False, "rshared": True, "rootfs_leaked": False}
