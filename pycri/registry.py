@@ -17,9 +17,10 @@ Safety rules (SECURITY.md item 11), each an :class:`InsecureRegistryError`:
 - a token realm must be https, or http on loopback / an insecure host; any other
   scheme (``file://``, ``ftp://``) is refused before anything is contacted;
 - no redirect from https to http, nor to a scheme other than http(s);
-- credentials only go where they were configured: the caller's ``auth`` to the
-  requested registry's own server (never a [host] mirror of it), config.json
-  entries to the host they are keyed by, and ``Authorization`` is dropped when a
+- credentials only go where they were configured: the caller's ``auth`` to
+  endpoints on the requested registry's own host (never a mirror, nor a
+  hosts.toml ``server`` on another host), config.json entries to the host they
+  are keyed by, and ``Authorization`` is dropped when a
   redirect leaves the host (blob storage).  Redirects are followed by hand, at
   most :data:`MAX_REDIRECTS`.
 
@@ -491,13 +492,18 @@ class Registry:
     # -- credentials and tokens ------------------------------------------------------------
 
     def _credentials(self, ep: Endpoint, ref: Reference, auth: Auth | None) -> Auth | None:
-        """What this endpoint may receive: never the caller's auth at a mirror."""
-        if auth is not None and not auth.empty and not ep.mirror:
+        """What this endpoint may receive.
+
+        The caller's ``auth`` is for the requested registry: it goes only to an
+        endpoint on that very host (for docker.io, registry-1.docker.io), never
+        to a mirror or a hosts.toml ``server`` elsewhere. Any endpoint gets the
+        config.json entry keyed by its own host.
+        """
+        own_host = hostsmod.canonical_registry(ep.host) == hostsmod.canonical_registry(
+            ref.registry)
+        if auth is not None and not auth.empty and own_host:
             return auth
-        found = self._docker_auth(ep.host)
-        if found is None and not ep.mirror:
-            found = self._docker_auth(ref.registry)
-        return found
+        return self._docker_auth(ep.host)
 
     def _docker_auth(self, host: str) -> Auth | None:
         if self._docker_auths is None:
