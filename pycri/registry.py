@@ -99,12 +99,7 @@ class Fetched:
 
 
 class _Retryable(Exception):
-    """A transient failure (connection, 429, 5xx) worth another try."""
-
-    def __init__(self, message: str, status: int | None = None, retry_after: float = 0) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
+    """A connection-level failure (refused, reset, timed out) worth another try."""
 
 
 @dataclass
@@ -380,7 +375,7 @@ class Registry:
                 return resp, final
             except _Retryable as e:
                 if attempt == self.retries:
-                    raise RegistryError(f"{e} (after {attempt + 1} attempts)", e.status) from None
+                    raise RegistryError(f"{e} (after {attempt + 1} attempts)") from None
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
@@ -536,9 +531,9 @@ class Registry:
                      creds: Auth | None, for_url: str) -> str:
         realm = params.get("realm", "")
         r = urlsplit(realm)
-        if r.scheme not in ("http", "https") or not r.netloc:
+        if r.scheme not in ("http", "https") or not r.netloc or "@" in r.netloc:
             raise InsecureRegistryError(f"{for_url} names token realm {realm!r}: a realm must "
-                                        "be an http(s) URL")
+                                        "be an http(s) URL without user info")
         if r.scheme == "http":
             host = r.netloc.lower()
             if not (is_loopback(host) or host in self.insecure

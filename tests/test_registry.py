@@ -765,7 +765,8 @@ def test_plain_http_realm_off_loopback_refused(server_factory, realm) -> None:  
 
 
 @pytest.mark.parametrize("realm", ["file:///etc/passwd", "ftp://127.0.0.1/token",
-                                   "gopher://127.0.0.1/", "/relative/token", ""])
+                                   "gopher://127.0.0.1/", "/relative/token", "",
+                                   "https://user:pw@127.0.0.1/token"])
 def test_realm_with_other_scheme_refused(server_factory, realm) -> None:  # type: ignore[no-untyped-def]
     s = server_factory(_challenge(realm))
     with pytest.raises(InsecureRegistryError, match="realm"):
