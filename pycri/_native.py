@@ -279,12 +279,8 @@ class _Builder:
         return arr
 
 
-def spawn(spec: SpawnSpec) -> SpawnResult:
-    """Create the process described by spec; raise OSError (with ``.stage``) on failure.
-
-    The GIL is released while the child is set up. On failure no process and no
-    mount is left behind.
-    """
+def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
+    """The C spawn spec for ``spec``; the builder keeps its memory alive."""
     b = _Builder()
     c = ffi.new("struct pycri_spawn_spec *")
     if not spec.argv:
@@ -366,7 +362,16 @@ def spawn(spec: SpawnSpec) -> SpawnResult:
     c.masked_paths = b.strv(spec.masked_paths)
     c.readonly_paths = b.strv(spec.readonly_paths)
     c.start_wait = int(spec.start_wait)
+    return c, b
 
+
+def spawn(spec: SpawnSpec) -> SpawnResult:
+    """Create the process described by spec; raise OSError (with ``.stage``) on failure.
+
+    The GIL is released while the child is set up. On failure no process and no
+    mount is left behind.
+    """
+    c, _keep = _spec_struct(spec)
     res = ffi.new("struct pycri_spawn_result *")
     err = _new_err()
     if lib.pycri_spawn(c, res, err) < 0:
@@ -643,3 +648,45 @@ def ns_inode(path: str) -> int:
     ino = ffi.new("unsigned long long *")
     _check(lib.pycri_ns_inode(path.encode(), ino, err), err, path)
     return int(ino[0])
+
+
+# --- launch: detached containers that outlive the caller (csrc/launch.c) -------
+
+
+class LaunchResult(NamedTuple):
+    monitor_pid: int
+    pid: int
+    start_time: int
+
+
+def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
+           monitor_fds: Sequence[int]) -> LaunchResult:
+    """Create a container held before execve by a detached launcher that becomes
+    its monitor on start (see csrc/api/launch.h). Raises OSError with ``.stage``."""
+    if not spec.start_wait:
+        raise ValueError("launch needs start_wait=True")
+    c, b = _spec_struct(spec)
+    argv = b.strv(list(monitor_argv))
+    fds = ffi.new("int[]", max(1, len(monitor_fds)))
+    for i, fd in enumerate(monitor_fds):
+        fds[i] = fd
+    res = ffi.new("struct pycri_launch_result *")
+    err = _new_err()
+    if lib.pycri_launch(c, start_sock.encode(), argv, fds, len(monitor_fds), res, err) < 0:
+        raise _spawn_error(err, res.stage)
+    return LaunchResult(res.monitor_pid, res.pid, res.start_time)
+
+
+def launch_start(start_sock: str, timeout: float = 30.0) -> None:
+    """Release a launched container; raises OSError if its execve failed."""
+    err = _new_err()
+    if lib.pycri_launch_start(start_sock.encode(), int(timeout * 1000), err) < 0:
+        raise _spawn_error(err, lib.PYCRI_STAGE_EXEC)
+
+
+def pidfd_open(pid: int) -> int:
+    """A pidfd for any process (readable when it exits), or -1 if it is gone."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return -1
