@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 
@@ -76,10 +77,25 @@ static int in_list(int fd, const int *fds, int n) {
     return 0;
 }
 
+static int spec_uses(const struct pycri_spawn_spec *spec, int fd) {
+    for (int i = 0; i < 3; i++)
+        if (spec->stdio[i] == fd)
+            return 1;
+    if (spec->tty_fd == fd)
+        return 1;
+    return in_list(fd, spec->keep_fds, spec->n_keep_fds);
+}
+
 /* Runs in the intermediate; never returns. */
 static void intermediate(const struct pycri_spawn_spec *spec, const char *start_sock,
                          const char *const *monitor_argv, const int *monitor_fds,
                          int n_monitor_fds, int report) {
+    /* Nothing of the caller's may reach the container (or be held by it while it
+     * waits for start: a lock fd held here would deadlock the caller). */
+    for (int fd = 3; fd < 4096; fd++)
+        if (fd != report && !in_list(fd, monitor_fds, n_monitor_fds) && !spec_uses(spec, fd))
+            close(fd);
+    syscall(SYS_close_range, 4096U, ~0U, 0);
     struct launch_report rep;
     memset(&rep, 0, sizeof(rep));
     struct pycri_spawn_result sr;
