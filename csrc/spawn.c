@@ -277,6 +277,12 @@ int pycri__write_sysctls(const struct pycri__plan *plan, int procfd, struct pycr
     return 0;
 }
 
+/* glibc's set*id wrappers signal every thread the parent had (setxid
+ * broadcast) and would wait forever in the single-threaded child: use the
+ * system calls themselves. */
+static int raw_setresuid(unsigned int id) { return (int)syscall(SYS_setresuid, id, id, id); }
+static int raw_setresgid(unsigned int id) { return (int)syscall(SYS_setresgid, id, id, id); }
+
 /* The container process from GO to execve. */
 static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     const struct pycri_spawn_spec *s = plan->spec;
@@ -285,7 +291,7 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
 
     if (plan->userns_any) {
         /* become the namespace's root (its uid 0 is now mapped) */
-        if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
+        if (raw_setresgid(0) < 0 || raw_setresuid(0) < 0)
             CFAIL(PYCRI_STAGE_IDMAP, "setresuid(0) in the user namespace", NULL);
     }
     if (s->set_oom_score_adj) {
@@ -346,9 +352,9 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     if (want_seccomp && !s->no_new_privs && load_seccomp(s) < 0)
         CFAIL(PYCRI_STAGE_SECCOMP, "seccomp(SET_MODE_FILTER)", NULL);
 
-    if (setgroups((size_t)(s->n_groups > 0 ? s->n_groups : 0), (const gid_t *)s->groups) < 0)
+    if (syscall(SYS_setgroups, (size_t)(s->n_groups > 0 ? s->n_groups : 0), s->groups) < 0)
         CFAIL(PYCRI_STAGE_USER, "setgroups", NULL);
-    if (setresgid(s->gid, s->gid, s->gid) < 0)
+    if (raw_setresgid(s->gid) < 0)
         CFAIL(PYCRI_STAGE_USER, "setresgid", NULL);
     /* the bounding set can only shrink while CAP_SETPCAP is still effective */
     for (int c = 0; c <= plan->cap_last && c < 64; c++)
@@ -356,7 +362,7 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
             CFAIL(PYCRI_STAGE_CAPS, "prctl(PR_CAPBSET_DROP)", NULL);
     if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0)
         CFAIL(PYCRI_STAGE_USER, "prctl(PR_SET_KEEPCAPS)", NULL);
-    if (setresuid(s->uid, s->uid, s->uid) < 0)
+    if (raw_setresuid(s->uid) < 0)
         CFAIL(PYCRI_STAGE_USER, "setresuid", NULL);
     if (prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) < 0)
         CFAIL(PYCRI_STAGE_USER, "prctl(PR_SET_KEEPCAPS)", NULL);
@@ -390,9 +396,45 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     CFAIL(PYCRI_STAGE_EXEC, "execve", path);
 }
 
+/* Close every fd the child does not need. Besides hygiene, this keeps the
+ * report socket of a spawn running concurrently in another thread from being
+ * held open here (its caller would wait for our exec to see its EOF). */
+static void close_unneeded_fds(const struct pycri__plan *plan) {
+    const struct pycri_spawn_spec *s = plan->spec;
+    int keep[1024 + 16];
+    int n = 0;
+    keep[n++] = plan->sock;
+    keep[n++] = plan->start_rd;
+    keep[n++] = plan->devnull;
+    for (int k = 0; k < PYCRI_NS_COUNT; k++)
+        keep[n++] = plan->ns_fd[k];
+    for (int i = 0; i < 3; i++)
+        keep[n++] = s->stdio[i];
+    keep[n++] = s->tty_fd;
+    for (int i = 0; i < s->n_keep_fds && n < (int)(sizeof(keep) / sizeof(keep[0])); i++)
+        keep[n++] = s->keep_fds[i];
+    for (int i = 1; i < n; i++) /* insertion sort: n is small */
+        for (int j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
+            int t = keep[j];
+            keep[j] = keep[j - 1];
+            keep[j - 1] = t;
+        }
+    unsigned int from = 0;
+    for (int i = 0; i < n; i++) {
+        if (keep[i] < 0 || (unsigned int)keep[i] < from)
+            continue;
+        if ((unsigned int)keep[i] > from)
+            syscall(SYS_close_range, from, (unsigned int)keep[i] - 1, 0);
+        from = (unsigned int)keep[i] + 1;
+    }
+    syscall(SYS_close_range, from, ~0U, 0);
+}
+
 static __attribute__((noreturn)) void child_main(struct pycri__plan *plan, int two_step) {
     const struct pycri_spawn_spec *s = plan->spec;
     struct pycri__cerr ce;
+
+    close_unneeded_fds(plan);
 
     umask(0);
     /* signals stay blocked (the parent blocked them around clone); reset the

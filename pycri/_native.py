@@ -172,6 +172,12 @@ class SpawnResult:
     report_fd: int = -1
 
 
+def namespaces_of(pid: int) -> dict[str, str]:
+    """Join paths for every namespace of pid, for an exec into a running container
+    (SpawnSpec.namespaces). Kinds it shares with the caller are skipped in C."""
+    return {k: f"/proc/{pid}/ns/{k}" for k in NS_KINDS}
+
+
 def _spawn_error(err, res_stage: int | None = None) -> OSError:  # type: ignore[no-untyped-def]
     msg = ffi.string(err.msg).decode("utf-8", "replace") or "spawn failed"
     e = OSError(err.code or 0, msg)

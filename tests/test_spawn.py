@@ -618,3 +618,86 @@ def test_bind_propagation_rslave_private_rshared(rootfs, tmp_path):
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res == {"rslave": True, "private": False, "rshared": True, "rootfs_leaked": False}
+
+
+# --- exec into a running container, concurrency -----------------------------------------
+
+
+def _holder(rootfs, **kw):
+    r, w = os.pipe()
+    res = n.spawn(spec_for(rootfs, ["sh", "-c", "read x"], stdin=r, **kw))
+    os.close(r)
+    return res, w
+
+
+def _release(res, w):
+    os.close(w)
+    os.waitpid(res.pid, 0)
+    os.close(res.pidfd)
+
+
+def test_runtime_exe_unreachable_from_container_during_exec(rootfs):
+    holder, hw = _holder(rootfs)
+    ex = None
+    try:
+        ex = n.spawn(n.SpawnSpec(argv=["true"], env=["PATH=/bin"],
+                                 namespaces=n.namespaces_of(holder.pid), start_wait=True))
+        with open(f"/proc/{ex.pid}/status") as f:
+            nspid = [ln for ln in f if ln.startswith("NSpid:")][0].split()[-1]
+        # container root with the default caps looks at the waiting exec process
+        status, out = run(n.SpawnSpec(
+            argv=["sh", "-c", f"ls -d /proc/{nspid} && readlink /proc/{nspid}/exe; "
+                              f"cat /proc/{nspid}/environ; echo end"],
+            env=["PATH=/bin"], namespaces=n.namespaces_of(holder.pid), stderr=-1,
+            cap_bounding=DEFAULT_CAPS, cap_effective=DEFAULT_CAPS, cap_permitted=DEFAULT_CAPS))
+        assert f"/proc/{nspid}" in out
+        assert "python" not in out and "PATH" not in out
+        assert out.strip().endswith("end")
+        n.spawn_start(ex)
+    finally:
+        if ex is not None:
+            if ex.start_fd >= 0:
+                os.close(ex.start_fd)
+                os.close(ex.report_fd)
+            os.waitpid(ex.pid, 0)
+            os.close(ex.pidfd)
+        _release(holder, hw)
+
+
+def test_exec_joins_cgroup_through_the_intermediate(rootfs):
+    base = "/sys/fs/cgroup/pids"
+    if not os.path.isdir(base):
+        pytest.skip("no v1 pids hierarchy")
+    cg = tempfile.mkdtemp(prefix="pycri-spawn-test-", dir=base)
+    holder, hw = _holder(rootfs)
+    try:
+        status, out = run(n.SpawnSpec(argv=["cat", "/proc/self/cgroup"], env=["PATH=/bin"],
+                                      namespaces=n.namespaces_of(holder.pid),
+                                      cgroup_procs=[os.path.join(cg, "cgroup.procs")]))
+        assert status == 0 and os.path.basename(cg) in out
+    finally:
+        _release(holder, hw)
+        os.rmdir(cg)
+
+
+def test_concurrent_spawn_not_blocked_by_a_waiting_one(rootfs):
+    import threading
+
+    waiting = n.spawn(spec_for(rootfs, ["true"], start_wait=True))
+    try:
+        results = []
+
+        def worker():
+            results.append(run(spec_for(rootfs, ["echo", "ok"])))
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in threads)
+        assert [out for _, out in results] == ["ok\n"] * 4
+    finally:
+        n.spawn_start(waiting)
+        os.waitpid(waiting.pid, 0)
+        os.close(waiting.pidfd)
