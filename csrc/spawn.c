@@ -877,7 +877,8 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     }
     st.first_pid = (int)pid;
     st.first_pidfd = pidfd;
-    if (!two_step)
+    /* without a pid namespace to enter, the first process is the container */
+    if (!two_step || s->ns_mode[PYCRI_NS_PID] == PYCRI_NS_HOST)
         st.final_pid = (int)pid;
 
     int stage = PYCRI_STAGE_NONE;
@@ -885,8 +886,8 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     close_plan(&plan, sysctl_buf);
     if (rc < 0) {
         reap(&st, 1);
-        if (!two_step && pidfd >= 0)
-            close(pidfd);
+        if (st.first_pidfd >= 0)
+            close(st.first_pidfd);
         close(sv[0]);
         if (startp[1] >= 0)
             close(startp[1]);
@@ -895,7 +896,8 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     }
     reap(&st, 0); /* the intermediate process, if any */
     res->pid = st.final_pid;
-    res->pidfd = two_step ? (int)syscall(SYS_pidfd_open, st.final_pid, 0) : pidfd;
+    res->pidfd = st.final_pid == st.first_pid ? pidfd
+                                              : (int)syscall(SYS_pidfd_open, st.final_pid, 0);
     read_start_time(st.final_pid, &res->start_time);
     res->stage = PYCRI_STAGE_NONE;
     if (s->start_wait) {

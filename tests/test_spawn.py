@@ -701,3 +701,21 @@ def test_concurrent_spawn_not_blocked_by_a_waiting_one(rootfs):
         n.spawn_start(waiting)
         os.waitpid(waiting.pid, 0)
         os.close(waiting.pidfd)
+
+
+def test_join_net_only_keeps_host_pid_namespace(rootfs):
+    holder, hw = _holder(rootfs)
+    try:
+        ns = {"net": f"/proc/{holder.pid}/ns/net", "mnt": "new", "uts": "new"}
+        r, w = os.pipe()
+        res = n.spawn(spec_for(rootfs, ["probe"], namespaces=ns, hostname="joined", stdout=w))
+        os.close(w)
+        with os.fdopen(r) as f:
+            d = json.loads(f.read())
+        assert os.waitid(os.P_PIDFD, res.pidfd, os.WEXITED).si_pid == res.pid
+        os.close(res.pidfd)
+        assert d["ns"]["net"] == os.stat(ns["net"]).st_ino
+        assert d["ns"]["pid"] == host_ns("pid")
+        assert d["pid"] == res.pid and d["hostname"] == "joined"
+    finally:
+        _release(holder, hw)
