@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pycri import _native as n  # noqa: E402
+from pycri import _native as n
 
 NS = ("mnt", "pid", "uts", "ipc", "net", "cgroup")
 CAPS = sum(1 << c for c in (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31))

@@ -157,8 +157,15 @@ static int arrange_fds(const struct pycri__plan *plan, int *ttyfd_out) {
     for (int i = 0; i < need; i++)
         if (dup3(src[i], i, 0) < 0)
             return -1;
-    if (s->tty_fd >= 0)
-        *ttyfd_out = s->stdio[0] < 0 ? 0 : s->stdio[1] < 0 ? 1 : s->stdio[2] < 0 ? 2 : src[0];
+    if (s->tty_fd >= 0) {
+        /* a stdio slot that got the tty, or a private CLOEXEC copy of it */
+        *ttyfd_out = s->stdio[0] < 0   ? 0
+                     : s->stdio[1] < 0 ? 1
+                     : s->stdio[2] < 0 ? 2
+                                       : fcntl(s->tty_fd, F_DUPFD_CLOEXEC, need);
+        if (*ttyfd_out < 0)
+            return -1;
+    }
     /* the sources stay CLOEXEC (closed by execve), as do the report socket and start pipe */
     if (syscall(SYS_close_range, need, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
         for (int fd = need; fd < 65536; fd++)

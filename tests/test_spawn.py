@@ -73,9 +73,9 @@ def no_leaks(tmp_path):
 
 
 def spec_for(rootfs: str, argv: list[str], **kw) -> n.SpawnSpec:
-    base = dict(argv=argv, env=["PATH=/bin", "HOME=/"], rootfs=rootfs, namespaces=dict(ALL_NEW),
-                cap_bounding=DEFAULT_CAPS, cap_effective=DEFAULT_CAPS,
-                cap_permitted=DEFAULT_CAPS)
+    base = {"argv": argv, "env": ["PATH=/bin", "HOME=/"], "rootfs": rootfs,
+            "namespaces": dict(ALL_NEW), "cap_bounding": DEFAULT_CAPS,
+            "cap_effective": DEFAULT_CAPS, "cap_permitted": DEFAULT_CAPS}
     base.update(kw)
     return n.SpawnSpec(**base)
 
@@ -212,6 +212,7 @@ def test_standard_mounts(rootfs):
     assert d["checks"]["r:/dev/urandom"] == 0
     assert d["checks"]["w:/sys/kernel/x"] in (errno.EROFS, errno.EACCES, errno.ENOENT)
     status, out = run(spec_for(rootfs, ["ls", "-l", "/dev/ptmx", "/dev/fd", "/dev/stdin"]))
+    assert status == 0
     assert "pts/ptmx" in out and "/proc/self/fd" in out
 
 
@@ -223,8 +224,8 @@ def test_masked_and_readonly_paths(rootfs):
         f.write("hush")
     os.makedirs(os.path.join(rootfs, "data"))
     status, out = run(spec_for(
-        rootfs, ["sh", "-c", "cat /etc/shadowy; echo :; ls /secret; echo :; cat /proc/kcore | "
-                 "wc -c; touch /data/f 2>&1; echo :; touch /proc/sys/x 2>&1; echo end"],
+        rootfs, ["sh", "-c", ("cat /etc/shadowy; echo :; ls /secret; echo :; cat /proc/kcore | "
+                              "wc -c; touch /data/f 2>&1; echo :; touch /proc/sys/x 2>&1; echo end")],
         masked_paths=["/secret", "/etc/shadowy", "/proc/kcore", "/does/not/exist"],
         readonly_paths=["/data", "/proc/sys", "/missing"]))
     assert status == 0, out
@@ -321,6 +322,7 @@ def test_etc_files(rootfs, tmp_path):
     status, out = run(spec_for(rootfs, ["cat", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf"],
                                etc_hostname=files["hostname"], etc_hosts=files["hosts"],
                                etc_resolv=files["resolv"]))
+    assert status == 0
     assert out.split() == ["hostname-content", "hosts-content", "resolv-content"]
 
 
@@ -329,6 +331,45 @@ def test_symlinked_proc_in_image_is_refused(rootfs):
     with pytest.raises(OSError) as ei:
         n.spawn(spec_for(rootfs, ["true"]))
     assert ei.value.errno == errno.ELOOP and ei.value.stage == "mount"
+
+
+@pytest.mark.parametrize("name", ["dev", "sys"])
+def test_symlinked_dev_or_sys_in_image_is_refused(rootfs, name):
+    os.symlink("/etc", os.path.join(rootfs, name))
+    with pytest.raises(OSError) as ei:
+        n.spawn(spec_for(rootfs, ["true"]))
+    assert ei.value.errno == errno.ELOOP and ei.value.stage == "mount"
+
+
+def test_image_dev_null_symlink_does_not_redirect_masks(rootfs):
+    # without a /dev tmpfs the image's /dev stays; masks still use the host's /dev/null
+    os.makedirs(os.path.join(rootfs, "dev"))
+    os.symlink("/etc/victim", os.path.join(rootfs, "dev", "null"))
+    with open(os.path.join(rootfs, "etc", "victim"), "w") as f:
+        f.write("victim")
+    with open(os.path.join(rootfs, "etc", "masked"), "w") as f:
+        f.write("secret")
+    status, out = run(spec_for(rootfs, ["sh", "-c", "cat /etc/masked; echo end"],
+                               mount_dev=False, masked_paths=["/etc/masked"]))
+    assert status == 0 and out.strip() == "end"
+
+
+def test_tty_with_all_stdio_given(rootfs):
+    master, slave = pty.openpty()
+    r, w = os.pipe()
+    try:
+        res = n.spawn(spec_for(rootfs, ["sh", "-c", "test -t 0 || echo not-a-tty-on-0; echo done"],
+                               tty_fd=slave, stdin=r, stdout=w, stderr=w))
+        os.close(w)
+        w = -1
+        out = os.read(r, 4096)
+        os.waitpid(res.pid, 0)
+        os.close(res.pidfd)
+        assert b"not-a-tty-on-0" in out and b"done" in out
+    finally:
+        for fd in (master, slave, r, w):
+            if fd >= 0:
+                os.close(fd)
 
 
 def test_readonly_rootfs_and_working_dir(rootfs):
@@ -459,13 +500,13 @@ def test_failure_after_overlay_leaves_no_mounts(rootfs, tmp_path):
     upper, work, target = tmp_path / "upper", tmp_path / "work", tmp_path / "merged"
     for p in (upper, work, target):
         p.mkdir()
-    before = open("/proc/self/mountinfo").read().count(str(tmp_path))
+    before = our_mounts(str(tmp_path))
     with pytest.raises(OSError) as ei:
         n.spawn(spec_for(str(target), ["true"], overlay_lower=[rootfs], overlay_upper=str(upper),
                          overlay_work=str(work),
                          binds=[n.BindMount(str(tmp_path / "missing"), "/x")]))
     assert ei.value.stage == "mount"
-    assert open("/proc/self/mountinfo").read().count(str(tmp_path)) == before
+    assert our_mounts(str(tmp_path)) == before
 
 
 def test_bad_cgroup_path_kills_child(rootfs, tmp_path):
@@ -614,7 +655,7 @@ def test_bind_propagation_rslave_private_rshared(rootfs, tmp_path):
     cmd = ["unshare", "-m", "--propagation", "unchanged", "sh", "-c",
            'mount --make-rshared / && exec "$@"', "sh", sys.executable, "-c",
            PROPAGATION_SCRIPT, os.path.dirname(HERE), rootfs, str(tmp_path)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res == {"rslave": True, "private": False, "rshared": True, "rootfs_leaked": False}
@@ -643,13 +684,14 @@ def test_runtime_exe_unreachable_from_container_during_exec(rootfs):
         ex = n.spawn(n.SpawnSpec(argv=["true"], env=["PATH=/bin"],
                                  namespaces=n.namespaces_of(holder.pid), start_wait=True))
         with open(f"/proc/{ex.pid}/status") as f:
-            nspid = [ln for ln in f if ln.startswith("NSpid:")][0].split()[-1]
+            nspid = next(ln for ln in f if ln.startswith("NSpid:")).split()[-1]
         # container root with the default caps looks at the waiting exec process
         status, out = run(n.SpawnSpec(
-            argv=["sh", "-c", f"ls -d /proc/{nspid} && readlink /proc/{nspid}/exe; "
-                              f"cat /proc/{nspid}/environ; echo end"],
+            argv=["sh", "-c", (f"ls -d /proc/{nspid} && readlink /proc/{nspid}/exe; "
+                               f"cat /proc/{nspid}/environ; echo end")],
             env=["PATH=/bin"], namespaces=n.namespaces_of(holder.pid), stderr=-1,
             cap_bounding=DEFAULT_CAPS, cap_effective=DEFAULT_CAPS, cap_permitted=DEFAULT_CAPS))
+        assert status == 0
         assert f"/proc/{nspid}" in out
         assert "python" not in out and "PATH" not in out
         assert out.strip().endswith("end")
