@@ -296,6 +296,10 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     struct pycri__cerr ce;
     int procfd = -1;
 
+    /* a cgroup namespace is rooted at the cgroup current when it is made: only
+     * now, after the parent moved us into the container's cgroups */
+    if (s->ns_mode[PYCRI_NS_CGROUP] == PYCRI_NS_NEW && unshare(CLONE_NEWCGROUP) < 0)
+        CFAIL(PYCRI_STAGE_NAMESPACE, "unshare", "cgroup");
     if (plan->userns_any) {
         /* become the namespace's root (its uid 0 is now mapped) */
         if (raw_setresgid(0) < 0 || raw_setresuid(0) < 0)
@@ -469,7 +473,7 @@ static __attribute__((noreturn)) void child_main(struct pycri__plan *plan, int t
             CFAIL(PYCRI_STAGE_NAMESPACE, "setns", ns_name[k]);
     int flags = 0;
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
-        if (s->ns_mode[k] == PYCRI_NS_NEW)
+        if (s->ns_mode[k] == PYCRI_NS_NEW && k != PYCRI_NS_CGROUP)
             flags |= ns_flag[k];
     if (flags && unshare(flags) < 0)
         CFAIL(PYCRI_STAGE_NAMESPACE, "unshare", NULL);
@@ -852,7 +856,7 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     for (int k = 0; k < PYCRI_NS_COUNT; k++) {
         if (plan.ns_fd[k] >= 0)
             two_step = 1;
-        if (s->ns_mode[k] == PYCRI_NS_NEW)
+        if (s->ns_mode[k] == PYCRI_NS_NEW && k != PYCRI_NS_CGROUP)
             flags |= ns_flag[k];
     }
     struct parent_state st = {.first_pid = -1, .final_pid = -1, .first_pidfd = -1,

@@ -524,11 +524,16 @@ def test_joins_cgroup_before_exec(rootfs):
         pytest.skip("no v1 pids hierarchy")
     cg = tempfile.mkdtemp(prefix="pycri-spawn-test-", dir=base)
     try:
-        status, out = run(spec_for(rootfs, ["cat", "/proc/self/cgroup"],
-                                   namespaces={k: v for k, v in ALL_NEW.items() if k != "cgroup"},
-                                   cgroup_procs=[os.path.join(cg, "cgroup.procs")]))
+        procs = [os.path.join(cg, "cgroup.procs")]
+        host_cgns = dict(ALL_NEW, cgroup="host")
+        status, out = run(spec_for(rootfs, ["cat", "/proc/self/cgroup"], namespaces=host_cgns,
+                                   cgroup_procs=procs))
         assert status == 0
-        assert os.path.basename(cg) in out
+        assert f":pids:/{os.path.basename(cg)}\n" in out
+        # with a new cgroup namespace the container's own cgroup is its root
+        status, out = run(spec_for(rootfs, ["cat", "/proc/self/cgroup"], cgroup_procs=procs))
+        assert status == 0
+        assert ":pids:/\n" in out and os.path.basename(cg) not in out
     finally:
         os.rmdir(cg)
 
