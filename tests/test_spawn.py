@@ -766,3 +766,28 @@ def test_join_net_only_keeps_host_pid_namespace(rootfs):
         assert d["pid"] == res.pid and d["hostname"] == "joined"
     finally:
         _release(holder, hw)
+
+
+def test_seccomp_profile_compiled_with_libseccomp(rootfs):
+    from pycri import seccomp
+
+    prog = seccomp.compile_profile({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            {"names": ["mkdir", "mkdirat", "no_such_syscall"], "action": "SCMP_ACT_ERRNO",
+             "errnoRet": errno.EACCES},
+            # open(2)/openat(2) with O_CREAT refused by an argument rule
+            {"names": ["openat"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EROFS,
+             "args": [{"index": 2, "value": os.O_CREAT, "valueTwo": os.O_CREAT,
+                       "op": "SCMP_CMP_MASKED_EQ"}]},
+        ],
+    })
+    assert len(prog) % 8 == 0
+    d = probe(spec_for(rootfs, ["probe", "d:/tmp/a", "w:/tmp/b", "r:/bin/busybox"],
+                       no_new_privs=True, seccomp_bpf=prog))
+    assert d["seccomp"] == 2
+    assert d["checks"] == {"d:/tmp/a": errno.EACCES, "w:/tmp/b": errno.EROFS,
+                           "r:/bin/busybox": 0}
+    with pytest.raises(ValueError):
+        seccomp.compile_profile({"defaultAction": "SCMP_ACT_NOPE"})
