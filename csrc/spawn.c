@@ -166,7 +166,7 @@ static int arrange_fds(const struct pycri__plan *plan, int *ttyfd_out) {
         if (*ttyfd_out < 0)
             return -1;
     }
-    /* the sources stay CLOEXEC (closed by execve), as do the report socket and start pipe */
+    /* the sources stay CLOEXEC (closed by execve), as do the report and start sockets */
     if (syscall(SYS_close_range, need, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
         for (int fd = need; fd < 65536; fd++)
             fcntl(fd, F_SETFD, FD_CLOEXEC);
@@ -839,8 +839,11 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     int sv[2] = {-1, -1}, startp[2] = {-1, -1};
     if (rc == 0 && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
         rc = pycri_fail(err, errno, "prepare: socketpair");
-    if (rc == 0 && s->start_wait && pipe2(startp, O_CLOEXEC) < 0)
-        rc = pycri_fail(err, errno, "prepare: pipe2");
+    /* a socket rather than a pipe: the start write uses MSG_NOSIGNAL, so a dead
+     * child gives EPIPE and never a SIGPIPE to the caller */
+    if (rc == 0 && s->start_wait &&
+        socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, startp) < 0)
+        rc = pycri_fail(err, errno, "prepare: socketpair (start)");
     if (rc < 0) {
         if (sv[0] >= 0) {
             close(sv[0]);
@@ -923,13 +926,13 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
 PYCRI_EXPORT int pycri_spawn_start(int start_fd, int report_fd, struct pycri_error *err) {
     ssize_t n;
     do
-        n = write(start_fd, "1", 1);
+        n = send(start_fd, "1", 1, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
     int werr = errno;
     close(start_fd);
     if (n != 1) {
         close(report_fd);
-        return pycri_fail(err, werr, "start: write to the start pipe");
+        return pycri_fail(err, werr, "start: send on the start socket");
     }
     /* READY was already consumed by pycri_spawn: only EOF or ERROR can come */
     struct msg m;

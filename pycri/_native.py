@@ -11,6 +11,7 @@ Sections below follow the csrc/api/ headers; keep each section to its concern.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -176,6 +177,38 @@ def namespaces_of(pid: int) -> dict[str, str]:
     """Join paths for every namespace of pid, for an exec into a running container
     (SpawnSpec.namespaces). Kinds it shares with the caller are skipped in C."""
     return {k: f"/proc/{pid}/ns/{k}" for k in NS_KINDS}
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def cgroup_procs_of(pid: int) -> list[str]:
+    """The cgroup.procs files of every cgroup pid is in (v1 hierarchies and v2), as
+    paths in the caller's mount namespace: SpawnSpec.cgroup_procs for an exec."""
+    mounts: list[tuple[str, str, set[str]]] = []  # (root, mount point, super options)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(rfields) >= 3 and rfields[0] in ("cgroup", "cgroup2"):
+                opts = set(rfields[2].split(",")) if rfields[0] == "cgroup" else {""}
+                mounts.append((_unescape_mountinfo(fields[3]), _unescape_mountinfo(fields[4]),
+                               opts))
+    out: list[str] = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            want = set(controllers.split(",")) if controllers else {""}
+            for root, mp, opts in mounts:
+                if not want <= opts or not (path == root or path.startswith(root.rstrip("/") + "/")):
+                    continue
+                rel = path[len(root.rstrip("/")):].lstrip("/")
+                procs = os.path.join(mp, rel, "cgroup.procs")
+                if os.path.exists(procs):
+                    out.append(procs)
+                break
+    return out
 
 
 def _spawn_error(err, res_stage: int | None = None) -> OSError:  # type: ignore[no-untyped-def]

@@ -362,7 +362,9 @@ def test_tty_with_all_stdio_given(rootfs):
                                tty_fd=slave, stdin=r, stdout=w, stderr=w))
         os.close(w)
         w = -1
-        out = os.read(r, 4096)
+        out = b""
+        while chunk := os.read(r, 4096):
+            out += chunk
         os.waitpid(res.pid, 0)
         os.close(res.pidfd)
         assert b"not-a-tty-on-0" in out and b"done" in out
@@ -716,12 +718,17 @@ def test_exec_joins_cgroup_through_the_intermediate(rootfs):
     if not os.path.isdir(base):
         pytest.skip("no v1 pids hierarchy")
     cg = tempfile.mkdtemp(prefix="pycri-spawn-test-", dir=base)
-    holder, hw = _holder(rootfs)
+    holder, hw = _holder(rootfs, cgroup_procs=[os.path.join(cg, "cgroup.procs")])
     try:
+        procs = n.cgroup_procs_of(holder.pid)
+        assert os.path.join(cg, "cgroup.procs") in procs
         status, out = run(n.SpawnSpec(argv=["cat", "/proc/self/cgroup"], env=["PATH=/bin"],
                                       namespaces=n.namespaces_of(holder.pid),
-                                      cgroup_procs=[os.path.join(cg, "cgroup.procs")]))
-        assert status == 0 and os.path.basename(cg) in out
+                                      cgroup_procs=procs))
+        assert status == 0
+        # at the root of the holder's cgroup namespace, i.e. in the holder's cgroup
+        # (from any other cgroup the path would start with "/..")
+        assert ":pids:/\n" in out and "/.." not in out
     finally:
         _release(holder, hw)
         os.rmdir(cg)

@@ -137,7 +137,7 @@ struct pycri_spawn_result {
     int pidfd;                 /* CLOEXEC pidfd of pid, -1 if unavailable */
     int stage;                 /* PYCRI_STAGE_* that failed, 0 on success */
     unsigned long long start_time;  /* field 22 of /proc/<pid>/stat (clock ticks since boot) */
-    int start_fd;              /* start_wait only: the start pipe (CLOEXEC), else -1 */
+    int start_fd;              /* start_wait only: the start socket (CLOEXEC), else -1 */
     int report_fd;             /* start_wait only: the report socket (CLOEXEC), else -1 */
 };
 
@@ -146,7 +146,7 @@ struct pycri_spawn_result {
 int pycri_spawn(const struct pycri_spawn_spec *spec, struct pycri_spawn_result *res,
                 struct pycri_error *err);
 
-/* Release a process created with start_wait: writes one byte to start_fd, then
+/* Release a process created with start_wait: sends one byte on start_fd, then
  * waits on report_fd until execve succeeded (EOF) or the child reports a failure.
  * Closes both fds. Does not reap: on failure the caller still waits for pid. */
 int pycri_spawn_start(int start_fd, int report_fd, struct pycri_error *err);
