@@ -705,6 +705,7 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
         parent_mount_point(s->rootfs, plan->rootfs_parent, sizeof(plan->rootfs_parent), err) < 0)
         return -1;
     char buf[16] = {0};
+    plan->cap_last = CAP_LAST_CAP; /* the headers' idea, if the kernel's is unreadable */
     int fd = open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC);
     if (fd >= 0) {
         if (read(fd, buf, sizeof(buf) - 1) > 0)

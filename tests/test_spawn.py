@@ -798,3 +798,22 @@ def test_seccomp_profile_compiled_with_libseccomp(rootfs):
                            "r:/bin/busybox": 0}
     with pytest.raises(ValueError):
         seccomp.compile_profile({"defaultAction": "SCMP_ACT_NOPE"})
+
+
+def test_user_namespace_with_overlay_rootfs(rootfs, tmp_path):
+    p = str(tmp_path)
+    while p != "/":
+        os.chmod(p, os.stat(p).st_mode | 0o111)
+        p = os.path.dirname(p)
+    for d in ("proc", "sys", "dev"):
+        os.makedirs(os.path.join(rootfs, d))
+    upper, work, target = tmp_path / "upper", tmp_path / "work", tmp_path / "merged"
+    for d in (upper, work, target):
+        d.mkdir()
+        os.chown(d, 200000, 200000)
+    status, out = run(spec_for(str(target), ["sh", "-c", "echo hi > /x; id -u"],
+                               overlay_lower=[rootfs], overlay_upper=str(upper),
+                               overlay_work=str(work), namespaces=dict(ALL_NEW, user="new"),
+                               uid_map=(0, 200000, 65536), gid_map=(0, 200000, 65536)))
+    assert status == 0 and out.strip() == "0"
+    assert os.stat(upper / "x").st_uid == 200000  # written as the mapped root
