@@ -817,3 +817,36 @@ def test_user_namespace_with_overlay_rootfs(rootfs, tmp_path):
                                uid_map=(0, 200000, 65536), gid_map=(0, 200000, 65536)))
     assert status == 0 and out.strip() == "0"
     assert os.stat(upper / "x").st_uid == 200000  # written as the mapped root
+
+
+def test_join_pinned_namespace_file(rootfs, tmp_path):
+    holder, hw = _holder(rootfs)
+    pin = tmp_path / "netns"
+    pin.touch()
+    subprocess.run(["mount", "--bind", f"/proc/{holder.pid}/ns/net", str(pin)], check=True)
+    try:
+        _release(holder, hw)  # the pinned file keeps the namespace alive
+        d = probe(spec_for(rootfs, ["probe"], namespaces=dict(ALL_NEW, net=str(pin))))
+        assert d["ns"]["net"] == os.stat(pin).st_ino
+    finally:
+        subprocess.run(["umount", str(pin)], check=True)
+
+
+def test_sys_is_host_sysfs_read_only_with_host_network(rootfs):
+    ns = {k: v for k, v in ALL_NEW.items() if k != "net"}
+    d = probe(spec_for(rootfs, ["probe", "w:/sys/kernel/uevent_helper", "r:/sys/class/net/lo"],
+                       namespaces=ns))
+    sys_line = next(ln for ln in d["mounts"] if ln.split()[4] == "/sys")
+    assert sys_line.split()[5].startswith("ro")
+    assert d["checks"]["w:/sys/kernel/uevent_helper"] == errno.EROFS
+    assert d["checks"]["r:/sys/class/net/lo"] == 0
+    assert d["ns"]["net"] == host_ns("net")
+
+
+def test_pod_shm_path_bound_at_dev_shm(rootfs, tmp_path):
+    shm = tmp_path / "podshm"
+    shm.mkdir()
+    status, out = run(spec_for(rootfs, ["sh", "-c", "echo x > /dev/shm/seg && echo ok"],
+                               shm_path=str(shm)))
+    assert status == 0 and out.strip() == "ok"
+    assert (shm / "seg").read_text() == "x\n"
