@@ -850,3 +850,12 @@ def test_pod_shm_path_bound_at_dev_shm(rootfs, tmp_path):
                                shm_path=str(shm)))
     assert status == 0 and out.strip() == "ok"
     assert (shm / "seg").read_text() == "x\n"
+
+
+def test_bind_target_symlinked_into_proc_is_refused(rootfs, tmp_path):
+    os.symlink("/proc/sys/kernel", os.path.join(rootfs, "etc", "kern"))
+    src = tmp_path / "f"
+    src.write_text("x")
+    with pytest.raises(PermissionError) as ei:
+        n.spawn(spec_for(rootfs, ["true"], binds=[n.BindMount(str(src), "/etc/kern/core_pattern")]))
+    assert ei.value.stage == "mount" and "/proc or /sys" in str(ei.value)
