@@ -134,6 +134,9 @@ def main() -> None:
         med = statistics.median(t)
         print(f"{name:<12}{med * 1e3:>12.2f}{q[0] * 1e3:>10.2f}{q[-1] * 1e3:>10.2f}"
               f"{med / base:>9.1f}x")
+    print("note: runc/crun also create and remove a cgroup per container and exec their own"
+          " binary; pycri joins no cgroup here (cgroup setup is csrc/cgroup.c's) and runs"
+          " in-process")
     flag = " --crun" if args.crun else ""
     print(f"reproduce (root): python {os.path.relpath(__file__)} -n {args.n}{flag}")
 
