@@ -405,7 +405,7 @@ static int mask_paths(const struct pycri__plan *plan, int rootfd, struct pycri__
             return fail_at(ce, PYCRI_STAGE_MOUNT, "fstat masked path", *m);
         int rc = S_ISDIR(st.st_mode)
                      ? mount_at(fd, "tmpfs", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                                "size=0,mode=0")
+                                "mode=0755")
                      : bind_fd(devnull, fd, 0, 0, 0, 0, -1);
         if (rc < 0)
             return fail_at(ce, PYCRI_STAGE_MOUNT, "mask", *m);

@@ -3,7 +3,29 @@
  * See pycri.h for the conventions. Every pointer in the spec is owned by the
  * caller and must stay valid for the duration of the call (the child reads its
  * copy-on-write image of them). Lists are NULL-terminated string arrays, or an
- * array plus a count.
+ * array plus a count. A zeroed spec plus argv is a process in all of the
+ * caller's namespaces with no capabilities (bounding set empty) and stdio on
+ * /dev/null.
+ *
+ * Order in the child: join namespaces (user first), create the new ones (the
+ * cgroup namespace last, once the parent has written the pid into
+ * cgroup_procs and the id maps), setresuid(0) in a user namespace, oom_score_adj,
+ * mounts (rootfs, /proc, sysctls, /sys, /dev, binds, /etc files, masked and
+ * read-only paths, pivot_root), hostname, new session, stdio and kept fds
+ * (everything else CLOEXEC), tty, working dir, read-only rootfs, rlimits,
+ * seccomp (here when no_new_privs is off), groups/gid, bounding set, uid,
+ * capsets, ambient, no_new_privs, seccomp (here when it is on), $PATH lookup,
+ * then (start_wait) the wait for start, then execve.
+ *
+ * Capabilities: for uid 0 the kernel recomputes the sets at execve, so the
+ * program ends up with permitted = effective = cap_bounding (plus inheritable);
+ * give all three the same set for root. The process is not dumpable from clone
+ * to execve (so not ptraceable and /proc/<pid>/ files stay root's). Signal
+ * dispositions are reset to default and the mask cleared at execve.
+ *
+ * Exec into a running container: ns_mode JOIN with /proc/<pid>/ns/<kind> for
+ * every kind (kinds already shared with the caller are skipped), cgroup_procs
+ * of its cgroups, no rootfs; the cwd is then resolved inside its root.
  */
 
 /* Namespace kinds: index into ns_mode[] / ns_path[]. */
