@@ -3,9 +3,9 @@
  * See pycri.h for the conventions. Every pointer in the spec is owned by the
  * caller and must stay valid for the duration of the call (the child reads its
  * copy-on-write image of them). Lists are NULL-terminated string arrays, or an
- * array plus a count. A zeroed spec plus argv is a process in all of the
- * caller's namespaces with no capabilities (bounding set empty) and stdio on
- * /dev/null.
+ * array plus a count. A zeroed spec plus argv, with stdio[] and tty_fd set to
+ * -1, is a process in all of the caller's namespaces, uid/gid 0, no
+ * capabilities (bounding set empty) and stdio on /dev/null.
  *
  * Order in the child: join namespaces (user first), create the new ones (the
  * cgroup namespace last, once the parent has written the pid into
