@@ -859,3 +859,22 @@ def test_bind_target_symlinked_into_proc_is_refused(rootfs, tmp_path):
     with pytest.raises(PermissionError) as ei:
         n.spawn(spec_for(rootfs, ["true"], binds=[n.BindMount(str(src), "/etc/kern/core_pattern")]))
     assert ei.value.stage == "mount" and "/proc or /sys" in str(ei.value)
+
+
+def test_no_fd_leak_in_the_caller(rootfs, tmp_path):
+    def count():
+        return len(os.listdir("/proc/self/fd"))
+
+    run(spec_for(rootfs, ["true"]))  # warm up
+    before = count()
+    for _ in range(10):
+        run(spec_for(rootfs, ["true"]))
+        with pytest.raises(OSError):
+            n.spawn(spec_for(rootfs, ["nope"]))
+        with pytest.raises(OSError):
+            n.spawn(spec_for(rootfs, ["true"], binds=[n.BindMount(str(tmp_path / "x"), "/x")]))
+        res = n.spawn(spec_for(rootfs, ["true"], start_wait=True))
+        n.spawn_start(res)
+        os.waitpid(res.pid, 0)
+        os.close(res.pidfd)
+    assert count() == before
