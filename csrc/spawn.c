@@ -646,8 +646,30 @@ static int parent_mount_point(const char *path, char *out, size_t outlen,
     return 0;
 }
 
+/* The pid behind a pidfd (its fdinfo "Pid:" line); -errno on failure. */
+static int pidfd_pid(int pidfd) {
+    if (pidfd < 0)
+        return -EBADF;
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -EIO;
+    buf[n] = '\0';
+    char *p = strstr(buf, "\nPid:");
+    if (!p)
+        return -EBADF; /* not a pidfd */
+    int pid = atoi(p + 5);
+    return pid > 0 ? pid : -ESRCH; /* -1 once the process is gone */
+}
+
 static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
                    struct pycri_error *err) {
+    int target_pid = 0;
     if (!s->argv || !s->argv[0])
         return pycri_fail(err, EINVAL, "prepare: argv is empty");
     for (int k = 0; k < PYCRI_NS_COUNT; k++) {
@@ -656,12 +678,19 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
                               s->ns_mode[k], ns_name[k]);
         if (s->ns_mode[k] != PYCRI_NS_JOIN)
             continue;
-        if (!s->ns_path[k])
-            return pycri_fail(err, EINVAL, "prepare: no path to join the %s namespace",
-                              ns_name[k]);
-        int fd = open(s->ns_path[k], O_RDONLY | O_CLOEXEC);
+        const char *path = s->ns_path[k];
+        char bypid[64];
+        if (!path) {
+            if (target_pid <= 0 && (target_pid = pidfd_pid(s->join_pidfd)) <= 0)
+                return pycri_fail(err, target_pid < 0 ? -target_pid : EINVAL,
+                                  "prepare: no path to join the %s namespace and no usable "
+                                  "join_pidfd", ns_name[k]);
+            snprintf(bypid, sizeof(bypid), "/proc/%d/ns/%s", target_pid, ns_name[k]);
+            path = bypid;
+        }
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0)
-            return pycri_fail(err, errno, "prepare: open %s", s->ns_path[k]);
+            return pycri_fail(err, errno, "prepare: open %s", path);
         plan->ns_fd[k] = fd;
         /* joining the namespace we are already in is a no-op (and EINVAL for user) */
         char self[64];
@@ -673,6 +702,10 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
             plan->ns_fd[k] = -1;
         }
     }
+    /* the namespaces were opened by pid: still the pidfd's process? (a live
+     * pidfd pins its pid, so a successful signal-0 means no reuse happened) */
+    if (target_pid > 0 && syscall(SYS_pidfd_send_signal, s->join_pidfd, 0, NULL, 0) < 0)
+        return pycri_fail(err, errno, "prepare: the join_pidfd process is gone");
     plan->userns_new = s->ns_mode[PYCRI_NS_USER] == PYCRI_NS_NEW;
     plan->userns_any = plan->userns_new || plan->ns_fd[PYCRI_NS_USER] >= 0;
     if (plan->userns_new && (s->uid_map_count == 0 || s->gid_map_count == 0))

@@ -107,8 +107,9 @@ class BindMount:
 class SpawnSpec:
     """Everything pycri_spawn needs, as plain values; mirrors ``struct pycri_spawn_spec``.
 
-    namespaces maps a kind in NS_KINDS to "new" or a path to join (/proc/PID/ns/x or a
-    pinned file); kinds not listed stay the caller's. oom_score_adj is written as
+    namespaces maps a kind in NS_KINDS to "new", a path to join (/proc/PID/ns/x or a
+    pinned file), or "pidfd" (the namespace of join_pidfd's process, checked against
+    pid reuse); kinds not listed stay the caller's. oom_score_adj is written as
     given: clamp it (>= 0 without CAP_SYS_RESOURCE) before calling. Capability sets
     are bit masks (bit n = capability n); cap_inheritable is ORed with cap_ambient.
     """
@@ -137,7 +138,8 @@ class SpawnSpec:
     stderr: int = -1
     tty_fd: int = -1
     keep_fds: list[int] = field(default_factory=list)  # become 3, 4, ... in the container
-    namespaces: dict[str, str] = field(default_factory=dict)
+    namespaces: dict[str, str] = field(default_factory=dict)  # kind -> "new" | path | "pidfd"
+    join_pidfd: int = -1  # for kinds set to "pidfd": the namespaces of this pidfd's process
     uid_map: tuple[int, int, int] | None = None  # (inside, outside, count) for a new userns
     gid_map: tuple[int, int, int] | None = None
     cgroup_procs: list[str] = field(default_factory=list)
@@ -285,6 +287,7 @@ def spawn(spec: SpawnSpec) -> SpawnResult:
     c.parent_death_signal = spec.parent_death_signal
     c.stdio = [spec.stdin, spec.stdout, spec.stderr]
     c.tty_fd = spec.tty_fd
+    c.join_pidfd = spec.join_pidfd
     keep = ffi.new("int[]", max(1, len(spec.keep_fds)))
     for i, fd in enumerate(spec.keep_fds):
         keep[i] = fd
@@ -296,6 +299,8 @@ def spawn(spec: SpawnSpec) -> SpawnResult:
             c.ns_mode[k] = lib.PYCRI_NS_NEW
         elif how in ("host", "", None):
             c.ns_mode[k] = lib.PYCRI_NS_HOST
+        elif how == "pidfd":
+            c.ns_mode[k] = lib.PYCRI_NS_JOIN  # ns_path stays NULL: C uses join_pidfd
         else:
             c.ns_mode[k] = lib.PYCRI_NS_JOIN
             c.ns_path[k] = b.s(how)

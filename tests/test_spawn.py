@@ -878,3 +878,25 @@ def test_no_fd_leak_in_the_caller(rootfs, tmp_path):
         os.waitpid(res.pid, 0)
         os.close(res.pidfd)
     assert count() == before
+
+
+def test_exec_by_pidfd(rootfs):
+    holder, hw = _holder(rootfs, hostname="viapidfd")
+    try:
+        every = {k: "pidfd" for k in n.NS_KINDS}
+        d = probe(n.SpawnSpec(argv=["probe"], env=["PATH=/bin"], namespaces=every,
+                              join_pidfd=holder.pidfd))
+        assert d["hostname"] == "viapidfd"
+        assert d["ns"]["mnt"] == os.stat(f"/proc/{holder.pid}/ns/mnt").st_ino
+    finally:
+        _release(holder, hw)
+    # the process is gone (and reaped): joining by its pidfd must fail, not guess
+    dead = n.spawn(spec_for(rootfs, ["true"]))
+    os.waitpid(dead.pid, 0)
+    try:
+        with pytest.raises(OSError) as ei:
+            n.spawn(n.SpawnSpec(argv=["true"], namespaces={"net": "pidfd"},
+                                join_pidfd=dead.pidfd))
+        assert ei.value.stage == "prepare"
+    finally:
+        os.close(dead.pidfd)

@@ -122,7 +122,9 @@ struct pycri_spawn_spec {
 
     /* --- namespaces --- */
     int ns_mode[7];            /* PYCRI_NS_HOST / NEW / JOIN per PYCRI_NS_* kind */
-    const char *ns_path[7];    /* for JOIN */
+    const char *ns_path[7];    /* for JOIN; NULL = the namespace of join_pidfd's process */
+    int join_pidfd;            /* pidfd of a running container for JOIN without a path
+                                * (race-free against pid reuse); -1 = none */
     /* one uid and one gid mapping, used when ns_mode[USER] == NEW */
     unsigned int uid_map_inside, uid_map_outside, uid_map_count;
     unsigned int gid_map_inside, gid_map_outside, gid_map_count;
