@@ -702,8 +702,8 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
             plan->ns_fd[k] = -1;
         }
     }
-    /* the namespaces were opened by pid: still the pidfd's process? (a live
-     * pidfd pins its pid, so a successful signal-0 means no reuse happened) */
+    /* the namespaces were opened by pid: if the pidfd's process is still alive
+     * now, it was alive during the opens, so /proc/<pid> was that process */
     if (target_pid > 0 && syscall(SYS_pidfd_send_signal, s->join_pidfd, 0, NULL, 0) < 0)
         return pycri_fail(err, errno, "prepare: the join_pidfd process is gone");
     plan->userns_new = s->ns_mode[PYCRI_NS_USER] == PYCRI_NS_NEW;
