@@ -710,6 +710,8 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
     plan->userns_any = plan->userns_new || plan->ns_fd[PYCRI_NS_USER] >= 0;
     if (plan->userns_new && (s->uid_map_count == 0 || s->gid_map_count == 0))
         return pycri_fail(err, EINVAL, "prepare: a new user namespace needs a uid and a gid mapping");
+    if (plan->userns_new && (s->uid_map_inside != 0 || s->gid_map_inside != 0))
+        return pycri_fail(err, EINVAL, "prepare: the user namespace mappings must start at id 0");
     if (s->hostname && s->ns_mode[PYCRI_NS_UTS] != PYCRI_NS_NEW)
         return pycri_fail(err, EINVAL, "prepare: hostname needs a new uts namespace");
     if (s->rootfs && s->ns_mode[PYCRI_NS_MNT] != PYCRI_NS_NEW)

@@ -586,6 +586,10 @@ def test_user_namespace_with_one_mapping(rootfs, tmp_path):
     with pytest.raises(OSError) as ei:
         n.spawn(spec_for(rootfs, ["true"], namespaces=ns))
     assert ei.value.stage == "prepare"
+    with pytest.raises(OSError) as ei:
+        n.spawn(spec_for(rootfs, ["true"], namespaces=ns, uid_map=(1, 200000, 65536),
+                         gid_map=(0, 200000, 65536)))
+    assert ei.value.stage == "prepare" and ei.value.errno == errno.EINVAL
 
 
 def test_pidfd_and_start_time(rootfs):
