@@ -1,10 +1,13 @@
 """Spawn + wait of /bin/true: pycri_spawn beside `runc run`, same rootfs.
 
-Both get new mnt/pid/uts/ipc/net/cgroup namespaces, /proc, /sys, /dev and an
+All get new mnt/pid/uts/ipc/net/cgroup namespaces, /proc, /sys, /dev and an
 overlay rootfs (busybox-static). pycri mounts the overlay inside each container's
-mount namespace; runc gets a bundle whose rootfs is that same overlay mounted once.
+mount namespace; runc (and crun) get a bundle whose rootfs is that same overlay
+mounted once. --crun adds crun; crun 1.8 refuses this host's hybrid cgroup layout,
+so the whole run then happens in a private mount namespace with
+/sys/fs/cgroup/unified unmounted (all three runtimes measured in it).
 
-Reproduce (root):  python benchmarks/bench_spawn.py [-n 50]
+Reproduce (root):  python benchmarks/bench_spawn.py [-n 50] [--crun]
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pycri import _native as n  # noqa: E402
+from pycri import _native as n
 
 NS = ("mnt", "pid", "uts", "ipc", "net", "cgroup")
 CAPS = sum(1 << c for c in (0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 27, 29, 31))
@@ -41,7 +44,7 @@ def make_lower(d: str) -> str:
     return lower
 
 
-def fresh_overlay(d: str, i: int) -> tuple[str, str, str]:
+def fresh_overlay(d: str, i: int | str) -> tuple[str, str, str]:
     base = os.path.join(d, f"c{i}")
     up, wk, mp = (os.path.join(base, x) for x in ("upper", "work", "merged"))
     for p in (up, wk, mp):
@@ -69,8 +72,8 @@ def bench_pycri(d: str, lower: str, runs: int) -> list[float]:
 
 
 
-def bench_runc(d: str, lower: str, runs: int) -> list[float]:
-    bundle = os.path.join(d, "bundle")
+def bench_oci(runtime: str, d: str, lower: str, runs: int) -> list[float]:
+    bundle = os.path.join(d, "bundle-" + runtime)
     os.makedirs(bundle)
     subprocess.run(["runc", "spec"], cwd=bundle, check=True)
     with open(os.path.join(bundle, "config.json")) as f:
@@ -86,13 +89,14 @@ def bench_runc(d: str, lower: str, runs: int) -> list[float]:
         json.dump(cfg, f)
     rootfs = os.path.join(bundle, "rootfs")
     os.makedirs(rootfs)
-    up, wk, _ = fresh_overlay(d, 10**6)
+    up, wk, _ = fresh_overlay(d, runtime)
     n.mount_overlay(rootfs, [lower], up, wk)
     try:
         times = []
         for i in range(runs):
             t0 = time.perf_counter()
-            subprocess.run(["runc", "run", "--bundle", bundle, f"pycri-bench-{os.getpid()}-{i}"],
+            subprocess.run([runtime, "run", "--bundle", bundle,
+                            f"pycri-bench-{os.getpid()}-{i}"],
                            check=True, stdin=subprocess.DEVNULL)
             times.append(time.perf_counter() - t0)
         return times
@@ -103,24 +107,38 @@ def bench_runc(d: str, lower: str, runs: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=50, help="runs per runtime")
+    ap.add_argument("--crun", action="store_true", help="also measure crun (see above)")
     args = ap.parse_args()
+    if args.crun and not os.environ.get("PYCRI_BENCH_INNER"):
+        # re-run this script in a private mount namespace without the empty v2 mount
+        inner = 'umount /sys/fs/cgroup/unified 2>/dev/null; exec "$@"'
+        os.execvpe("unshare", ["unshare", "-m", "--propagation", "private", "sh", "-c", inner,
+                               "sh", sys.executable, *sys.argv],
+                   dict(os.environ, PYCRI_BENCH_INNER="1"))
     d = tempfile.mkdtemp(prefix="pycri-bench-")
     try:
         lower = make_lower(d)
         os.makedirs(d + "/warm")
         bench_pycri(d + "/warm", lower, 3)
-        p = bench_pycri(d, lower, args.n)
-        r = bench_runc(d, lower, args.n)
+        results = [("pycri", bench_pycri(d, lower, args.n)),
+                   ("runc run", bench_oci("runc", d, lower, args.n))]
+        if args.crun:
+            results.append(("crun run", bench_oci("crun", d, lower, args.n)))
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    mp, mr = statistics.median(p), statistics.median(r)
+    base = statistics.median(results[0][1])
     print(f"spawn + wait /bin/true, all namespaces + overlay rootfs + /proc /sys /dev, n={args.n}")
-    print(f"{'runtime':<12}{'median ms':>12}{'p10 ms':>10}{'p90 ms':>10}")
-    for name, t in (("pycri", p), ("runc run", r)):
+    print(f"{'runtime':<12}{'median ms':>12}{'p10 ms':>10}{'p90 ms':>10}{'vs pycri':>10}")
+    for name, t in results:
         q = statistics.quantiles(t, n=10)
-        print(f"{name:<12}{statistics.median(t) * 1e3:>12.2f}{q[0] * 1e3:>10.2f}{q[-1] * 1e3:>10.2f}")
-    print(f"ratio runc/pycri: {mr / mp:.1f}x")
-    print(f"reproduce: sudo python {os.path.relpath(__file__)} -n {args.n}")
+        med = statistics.median(t)
+        print(f"{name:<12}{med * 1e3:>12.2f}{q[0] * 1e3:>10.2f}{q[-1] * 1e3:>10.2f}"
+              f"{med / base:>9.1f}x")
+    print("note: runc/crun also create and remove a cgroup per container and exec their own"
+          " binary; pycri joins no cgroup here (cgroup setup is csrc/cgroup.c's) and runs"
+          " in-process")
+    flag = " --crun" if args.crun else ""
+    print(f"reproduce (root): python {os.path.relpath(__file__)} -n {args.n}{flag}")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,13 @@
  */
 #include <fcntl.h>
 #include <limits.h>
+#include <linux/magic.h>
 #include <linux/openat2.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <unistd.h>
@@ -330,6 +332,14 @@ static int setup_dev(const struct pycri__plan *plan, int rootfd, struct pycri__c
     return 0;
 }
 
+/* path (any leading slashes) is dir or below it, by its text */
+static int declared_under(const char *path, const char *dir) {
+    while (*path == '/')
+        path++;
+    size_t n = strlen(dir);
+    return strncmp(path, dir, n) == 0 && (path[n] == '\0' || path[n] == '/');
+}
+
 static int do_bind(int rootfd, const char *source, const char *target, int ro, int rro,
                    int nonrec, int prop, struct pycri__cerr *ce) {
     int src cleanup_fd = open(source, O_PATH | O_CLOEXEC);
@@ -341,6 +351,16 @@ static int do_bind(int rootfd, const char *source, const char *target, int ro, i
     int t cleanup_fd = inroot_target(rootfd, target, S_ISDIR(st.st_mode));
     if (t < 0)
         return fail_at(ce, PYCRI_STAGE_MOUNT, "openat2 bind target", target);
+    /* an image symlink must not turn a mount into one over procfs or sysfs
+     * (binds meant for /proc or /sys say so in their target; policy decides) */
+    struct statfs sfs;
+    if (fstatfs(t, &sfs) < 0)
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "fstatfs bind target", target);
+    if ((sfs.f_type == PROC_SUPER_MAGIC || sfs.f_type == SYSFS_MAGIC) &&
+        !declared_under(target, "proc") && !declared_under(target, "sys")) {
+        errno = EPERM;
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "bind target resolves into /proc or /sys:", target);
+    }
     if (prop != PYCRI_PROP_RSHARED) {
         if (bind_fd(src, t, !nonrec, ro, rro, 0, prop) < 0)
             return fail_at(ce, PYCRI_STAGE_MOUNT, "bind mount onto", target);
@@ -385,7 +405,7 @@ static int mask_paths(const struct pycri__plan *plan, int rootfd, struct pycri__
             return fail_at(ce, PYCRI_STAGE_MOUNT, "fstat masked path", *m);
         int rc = S_ISDIR(st.st_mode)
                      ? mount_at(fd, "tmpfs", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                                "size=0,mode=0")
+                                "mode=0755")
                      : bind_fd(devnull, fd, 0, 0, 0, 0, -1);
         if (rc < 0)
             return fail_at(ce, PYCRI_STAGE_MOUNT, "mask", *m);

@@ -157,9 +157,16 @@ static int arrange_fds(const struct pycri__plan *plan, int *ttyfd_out) {
     for (int i = 0; i < need; i++)
         if (dup3(src[i], i, 0) < 0)
             return -1;
-    if (s->tty_fd >= 0)
-        *ttyfd_out = s->stdio[0] < 0 ? 0 : s->stdio[1] < 0 ? 1 : s->stdio[2] < 0 ? 2 : src[0];
-    /* the sources stay CLOEXEC (closed by execve), as do the report socket and start pipe */
+    if (s->tty_fd >= 0) {
+        /* a stdio slot that got the tty, or a private CLOEXEC copy of it */
+        *ttyfd_out = s->stdio[0] < 0   ? 0
+                     : s->stdio[1] < 0 ? 1
+                     : s->stdio[2] < 0 ? 2
+                                       : fcntl(s->tty_fd, F_DUPFD_CLOEXEC, need);
+        if (*ttyfd_out < 0)
+            return -1;
+    }
+    /* the sources stay CLOEXEC (closed by execve), as do the report and start sockets */
     if (syscall(SYS_close_range, need, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
         for (int fd = need; fd < 65536; fd++)
             fcntl(fd, F_SETFD, FD_CLOEXEC);
@@ -277,15 +284,25 @@ int pycri__write_sysctls(const struct pycri__plan *plan, int procfd, struct pycr
     return 0;
 }
 
+/* glibc's set*id wrappers signal every thread the parent had (setxid
+ * broadcast) and would wait forever in the single-threaded child: use the
+ * system calls themselves. */
+static int raw_setresuid(unsigned int id) { return (int)syscall(SYS_setresuid, id, id, id); }
+static int raw_setresgid(unsigned int id) { return (int)syscall(SYS_setresgid, id, id, id); }
+
 /* The container process from GO to execve. */
 static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     const struct pycri_spawn_spec *s = plan->spec;
     struct pycri__cerr ce;
     int procfd = -1;
 
+    /* a cgroup namespace is rooted at the cgroup current when it is made: only
+     * now, after the parent moved us into the container's cgroups */
+    if (s->ns_mode[PYCRI_NS_CGROUP] == PYCRI_NS_NEW && unshare(CLONE_NEWCGROUP) < 0)
+        CFAIL(PYCRI_STAGE_NAMESPACE, "unshare", "cgroup");
     if (plan->userns_any) {
         /* become the namespace's root (its uid 0 is now mapped) */
-        if (setresgid(0, 0, 0) < 0 || setresuid(0, 0, 0) < 0)
+        if (raw_setresgid(0) < 0 || raw_setresuid(0) < 0)
             CFAIL(PYCRI_STAGE_IDMAP, "setresuid(0) in the user namespace", NULL);
     }
     if (s->set_oom_score_adj) {
@@ -346,9 +363,9 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     if (want_seccomp && !s->no_new_privs && load_seccomp(s) < 0)
         CFAIL(PYCRI_STAGE_SECCOMP, "seccomp(SET_MODE_FILTER)", NULL);
 
-    if (setgroups((size_t)(s->n_groups > 0 ? s->n_groups : 0), (const gid_t *)s->groups) < 0)
+    if (syscall(SYS_setgroups, (size_t)(s->n_groups > 0 ? s->n_groups : 0), s->groups) < 0)
         CFAIL(PYCRI_STAGE_USER, "setgroups", NULL);
-    if (setresgid(s->gid, s->gid, s->gid) < 0)
+    if (raw_setresgid(s->gid) < 0)
         CFAIL(PYCRI_STAGE_USER, "setresgid", NULL);
     /* the bounding set can only shrink while CAP_SETPCAP is still effective */
     for (int c = 0; c <= plan->cap_last && c < 64; c++)
@@ -356,7 +373,7 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
             CFAIL(PYCRI_STAGE_CAPS, "prctl(PR_CAPBSET_DROP)", NULL);
     if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0)
         CFAIL(PYCRI_STAGE_USER, "prctl(PR_SET_KEEPCAPS)", NULL);
-    if (setresuid(s->uid, s->uid, s->uid) < 0)
+    if (raw_setresuid(s->uid) < 0)
         CFAIL(PYCRI_STAGE_USER, "setresuid", NULL);
     if (prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) < 0)
         CFAIL(PYCRI_STAGE_USER, "prctl(PR_SET_KEEPCAPS)", NULL);
@@ -390,9 +407,45 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     CFAIL(PYCRI_STAGE_EXEC, "execve", path);
 }
 
+/* Close every fd the child does not need. Besides hygiene, this keeps the
+ * report socket of a spawn running concurrently in another thread from being
+ * held open here (its caller would wait for our exec to see its EOF). */
+static void close_unneeded_fds(const struct pycri__plan *plan) {
+    const struct pycri_spawn_spec *s = plan->spec;
+    int keep[1024 + 16];
+    int n = 0;
+    keep[n++] = plan->sock;
+    keep[n++] = plan->start_rd;
+    keep[n++] = plan->devnull;
+    for (int k = 0; k < PYCRI_NS_COUNT; k++)
+        keep[n++] = plan->ns_fd[k];
+    for (int i = 0; i < 3; i++)
+        keep[n++] = s->stdio[i];
+    keep[n++] = s->tty_fd;
+    for (int i = 0; i < s->n_keep_fds && n < (int)(sizeof(keep) / sizeof(keep[0])); i++)
+        keep[n++] = s->keep_fds[i];
+    for (int i = 1; i < n; i++) /* insertion sort: n is small */
+        for (int j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
+            int t = keep[j];
+            keep[j] = keep[j - 1];
+            keep[j - 1] = t;
+        }
+    unsigned int from = 0;
+    for (int i = 0; i < n; i++) {
+        if (keep[i] < 0 || (unsigned int)keep[i] < from)
+            continue;
+        if ((unsigned int)keep[i] > from)
+            syscall(SYS_close_range, from, (unsigned int)keep[i] - 1, 0);
+        from = (unsigned int)keep[i] + 1;
+    }
+    syscall(SYS_close_range, from, ~0U, 0);
+}
+
 static __attribute__((noreturn)) void child_main(struct pycri__plan *plan, int two_step) {
     const struct pycri_spawn_spec *s = plan->spec;
     struct pycri__cerr ce;
+
+    close_unneeded_fds(plan);
 
     umask(0);
     /* signals stay blocked (the parent blocked them around clone); reset the
@@ -420,7 +473,7 @@ static __attribute__((noreturn)) void child_main(struct pycri__plan *plan, int t
             CFAIL(PYCRI_STAGE_NAMESPACE, "setns", ns_name[k]);
     int flags = 0;
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
-        if (s->ns_mode[k] == PYCRI_NS_NEW)
+        if (s->ns_mode[k] == PYCRI_NS_NEW && k != PYCRI_NS_CGROUP)
             flags |= ns_flag[k];
     if (flags && unshare(flags) < 0)
         CFAIL(PYCRI_STAGE_NAMESPACE, "unshare", NULL);
@@ -593,8 +646,30 @@ static int parent_mount_point(const char *path, char *out, size_t outlen,
     return 0;
 }
 
+/* The pid behind a pidfd (its fdinfo "Pid:" line); -errno on failure. */
+static int pidfd_pid(int pidfd) {
+    if (pidfd < 0)
+        return -EBADF;
+    char path[64], buf[1024];
+    snprintf(path, sizeof(path), "/proc/self/fdinfo/%d", pidfd);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -errno;
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    close(fd);
+    if (n <= 0)
+        return -EIO;
+    buf[n] = '\0';
+    char *p = strstr(buf, "\nPid:");
+    if (!p)
+        return -EBADF; /* not a pidfd */
+    int pid = atoi(p + 5);
+    return pid > 0 ? pid : -ESRCH; /* -1 once the process is gone */
+}
+
 static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
                    struct pycri_error *err) {
+    int target_pid = 0;
     if (!s->argv || !s->argv[0])
         return pycri_fail(err, EINVAL, "prepare: argv is empty");
     for (int k = 0; k < PYCRI_NS_COUNT; k++) {
@@ -603,12 +678,19 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
                               s->ns_mode[k], ns_name[k]);
         if (s->ns_mode[k] != PYCRI_NS_JOIN)
             continue;
-        if (!s->ns_path[k])
-            return pycri_fail(err, EINVAL, "prepare: no path to join the %s namespace",
-                              ns_name[k]);
-        int fd = open(s->ns_path[k], O_RDONLY | O_CLOEXEC);
+        const char *path = s->ns_path[k];
+        char bypid[64];
+        if (!path) {
+            if (target_pid <= 0 && (target_pid = pidfd_pid(s->join_pidfd)) <= 0)
+                return pycri_fail(err, target_pid < 0 ? -target_pid : EINVAL,
+                                  "prepare: no path to join the %s namespace and no usable "
+                                  "join_pidfd", ns_name[k]);
+            snprintf(bypid, sizeof(bypid), "/proc/%d/ns/%s", target_pid, ns_name[k]);
+            path = bypid;
+        }
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
         if (fd < 0)
-            return pycri_fail(err, errno, "prepare: open %s", s->ns_path[k]);
+            return pycri_fail(err, errno, "prepare: open %s", path);
         plan->ns_fd[k] = fd;
         /* joining the namespace we are already in is a no-op (and EINVAL for user) */
         char self[64];
@@ -620,10 +702,16 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
             plan->ns_fd[k] = -1;
         }
     }
+    /* the namespaces were opened by pid: if the pidfd's process is still alive
+     * now, it was alive during the opens, so /proc/<pid> was that process */
+    if (target_pid > 0 && syscall(SYS_pidfd_send_signal, s->join_pidfd, 0, NULL, 0) < 0)
+        return pycri_fail(err, errno, "prepare: the join_pidfd process is gone");
     plan->userns_new = s->ns_mode[PYCRI_NS_USER] == PYCRI_NS_NEW;
     plan->userns_any = plan->userns_new || plan->ns_fd[PYCRI_NS_USER] >= 0;
     if (plan->userns_new && (s->uid_map_count == 0 || s->gid_map_count == 0))
         return pycri_fail(err, EINVAL, "prepare: a new user namespace needs a uid and a gid mapping");
+    if (plan->userns_new && (s->uid_map_inside != 0 || s->gid_map_inside != 0))
+        return pycri_fail(err, EINVAL, "prepare: the user namespace mappings must start at id 0");
     if (s->hostname && s->ns_mode[PYCRI_NS_UTS] != PYCRI_NS_NEW)
         return pycri_fail(err, EINVAL, "prepare: hostname needs a new uts namespace");
     if (s->rootfs && s->ns_mode[PYCRI_NS_MNT] != PYCRI_NS_NEW)
@@ -652,6 +740,7 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
         parent_mount_point(s->rootfs, plan->rootfs_parent, sizeof(plan->rootfs_parent), err) < 0)
         return -1;
     char buf[16] = {0};
+    plan->cap_last = CAP_LAST_CAP; /* the headers' idea, if the kernel's is unreadable */
     int fd = open("/proc/sys/kernel/cap_last_cap", O_RDONLY | O_CLOEXEC);
     if (fd >= 0) {
         if (read(fd, buf, sizeof(buf) - 1) > 0)
@@ -786,8 +875,11 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     int sv[2] = {-1, -1}, startp[2] = {-1, -1};
     if (rc == 0 && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
         rc = pycri_fail(err, errno, "prepare: socketpair");
-    if (rc == 0 && s->start_wait && pipe2(startp, O_CLOEXEC) < 0)
-        rc = pycri_fail(err, errno, "prepare: pipe2");
+    /* a socket rather than a pipe: the start write uses MSG_NOSIGNAL, so a dead
+     * child gives EPIPE and never a SIGPIPE to the caller */
+    if (rc == 0 && s->start_wait &&
+        socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, startp) < 0)
+        rc = pycri_fail(err, errno, "prepare: socketpair (start)");
     if (rc < 0) {
         if (sv[0] >= 0) {
             close(sv[0]);
@@ -803,7 +895,7 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     for (int k = 0; k < PYCRI_NS_COUNT; k++) {
         if (plan.ns_fd[k] >= 0)
             two_step = 1;
-        if (s->ns_mode[k] == PYCRI_NS_NEW)
+        if (s->ns_mode[k] == PYCRI_NS_NEW && k != PYCRI_NS_CGROUP)
             flags |= ns_flag[k];
     }
     struct parent_state st = {.first_pid = -1, .final_pid = -1, .first_pidfd = -1,
@@ -835,7 +927,8 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     }
     st.first_pid = (int)pid;
     st.first_pidfd = pidfd;
-    if (!two_step)
+    /* without a pid namespace to enter, the first process is the container */
+    if (!two_step || s->ns_mode[PYCRI_NS_PID] == PYCRI_NS_HOST)
         st.final_pid = (int)pid;
 
     int stage = PYCRI_STAGE_NONE;
@@ -843,8 +936,8 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     close_plan(&plan, sysctl_buf);
     if (rc < 0) {
         reap(&st, 1);
-        if (!two_step && pidfd >= 0)
-            close(pidfd);
+        if (st.first_pidfd >= 0)
+            close(st.first_pidfd);
         close(sv[0]);
         if (startp[1] >= 0)
             close(startp[1]);
@@ -853,7 +946,8 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     }
     reap(&st, 0); /* the intermediate process, if any */
     res->pid = st.final_pid;
-    res->pidfd = two_step ? (int)syscall(SYS_pidfd_open, st.final_pid, 0) : pidfd;
+    res->pidfd = st.final_pid == st.first_pid ? pidfd
+                                              : (int)syscall(SYS_pidfd_open, st.final_pid, 0);
     read_start_time(st.final_pid, &res->start_time);
     res->stage = PYCRI_STAGE_NONE;
     if (s->start_wait) {
@@ -868,13 +962,13 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
 PYCRI_EXPORT int pycri_spawn_start(int start_fd, int report_fd, struct pycri_error *err) {
     ssize_t n;
     do
-        n = write(start_fd, "1", 1);
+        n = send(start_fd, "1", 1, MSG_NOSIGNAL);
     while (n < 0 && errno == EINTR);
     int werr = errno;
     close(start_fd);
     if (n != 1) {
         close(report_fd);
-        return pycri_fail(err, werr, "start: write to the start pipe");
+        return pycri_fail(err, werr, "start: send on the start socket");
     }
     /* READY was already consumed by pycri_spawn: only EOF or ERROR can come */
     struct msg m;

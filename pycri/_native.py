@@ -11,6 +11,7 @@ Sections below follow the csrc/api/ headers; keep each section to its concern.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
@@ -184,8 +185,9 @@ class BindMount:
 class SpawnSpec:
     """Everything pycri_spawn needs, as plain values; mirrors ``struct pycri_spawn_spec``.
 
-    namespaces maps a kind in NS_KINDS to "new" or a path to join (/proc/PID/ns/x or a
-    pinned file); kinds not listed stay the caller's. oom_score_adj is written as
+    namespaces maps a kind in NS_KINDS to "new", a path to join (/proc/PID/ns/x or a
+    pinned file), or "pidfd" (the namespace of join_pidfd's process, checked against
+    pid reuse); kinds not listed stay the caller's. oom_score_adj is written as
     given: clamp it (>= 0 without CAP_SYS_RESOURCE) before calling. Capability sets
     are bit masks (bit n = capability n); cap_inheritable is ORed with cap_ambient.
     """
@@ -214,7 +216,8 @@ class SpawnSpec:
     stderr: int = -1
     tty_fd: int = -1
     keep_fds: list[int] = field(default_factory=list)  # become 3, 4, ... in the container
-    namespaces: dict[str, str] = field(default_factory=dict)
+    namespaces: dict[str, str] = field(default_factory=dict)  # kind -> "new" | path | "pidfd"
+    join_pidfd: int = -1  # for kinds set to "pidfd": the namespaces of this pidfd's process
     uid_map: tuple[int, int, int] | None = None  # (inside, outside, count) for a new userns
     gid_map: tuple[int, int, int] | None = None
     cgroup_procs: list[str] = field(default_factory=list)
@@ -248,6 +251,44 @@ class SpawnResult:
     start_time: int
     start_fd: int = -1
     report_fd: int = -1
+
+
+def namespaces_of(pid: int) -> dict[str, str]:
+    """Join paths for every namespace of pid, for an exec into a running container
+    (SpawnSpec.namespaces). Kinds it shares with the caller are skipped in C."""
+    return {k: f"/proc/{pid}/ns/{k}" for k in NS_KINDS}
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def cgroup_procs_of(pid: int) -> list[str]:
+    """The cgroup.procs files of every cgroup pid is in (v1 hierarchies and v2), as
+    paths in the caller's mount namespace: SpawnSpec.cgroup_procs for an exec."""
+    mounts: list[tuple[str, str, set[str]]] = []  # (root, mount point, super options)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(rfields) >= 3 and rfields[0] in ("cgroup", "cgroup2"):
+                opts = set(rfields[2].split(",")) if rfields[0] == "cgroup" else {""}
+                mounts.append((_unescape_mountinfo(fields[3]), _unescape_mountinfo(fields[4]),
+                               opts))
+    out: list[str] = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            want = set(controllers.split(",")) if controllers else {""}
+            for root, mp, opts in mounts:
+                if not want <= opts or not (path == root or path.startswith(root.rstrip("/") + "/")):
+                    continue
+                rel = path[len(root.rstrip("/")):].lstrip("/")
+                procs = os.path.join(mp, rel, "cgroup.procs")
+                if os.path.exists(procs):
+                    out.append(procs)
+                break
+    return out
 
 
 def _spawn_error(err, res_stage: int | None = None) -> OSError:  # type: ignore[no-untyped-def]
@@ -320,6 +361,7 @@ def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
     c.parent_death_signal = spec.parent_death_signal
     c.stdio = [spec.stdin, spec.stdout, spec.stderr]
     c.tty_fd = spec.tty_fd
+    c.join_pidfd = spec.join_pidfd
     keep = ffi.new("int[]", max(1, len(spec.keep_fds)))
     for i, fd in enumerate(spec.keep_fds):
         keep[i] = fd
@@ -331,6 +373,8 @@ def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
             c.ns_mode[k] = lib.PYCRI_NS_NEW
         elif how in ("host", "", None):
             c.ns_mode[k] = lib.PYCRI_NS_HOST
+        elif how == "pidfd":
+            c.ns_mode[k] = lib.PYCRI_NS_JOIN  # ns_path stays NULL: C uses join_pidfd
         else:
             c.ns_mode[k] = lib.PYCRI_NS_JOIN
             c.ns_path[k] = b.s(how)

@@ -73,9 +73,9 @@ def no_leaks(tmp_path):
 
 
 def spec_for(rootfs: str, argv: list[str], **kw) -> n.SpawnSpec:
-    base = dict(argv=argv, env=["PATH=/bin", "HOME=/"], rootfs=rootfs, namespaces=dict(ALL_NEW),
-                cap_bounding=DEFAULT_CAPS, cap_effective=DEFAULT_CAPS,
-                cap_permitted=DEFAULT_CAPS)
+    base = {"argv": argv, "env": ["PATH=/bin", "HOME=/"], "rootfs": rootfs,
+            "namespaces": dict(ALL_NEW), "cap_bounding": DEFAULT_CAPS,
+            "cap_effective": DEFAULT_CAPS, "cap_permitted": DEFAULT_CAPS}
     base.update(kw)
     return n.SpawnSpec(**base)
 
@@ -212,6 +212,7 @@ def test_standard_mounts(rootfs):
     assert d["checks"]["r:/dev/urandom"] == 0
     assert d["checks"]["w:/sys/kernel/x"] in (errno.EROFS, errno.EACCES, errno.ENOENT)
     status, out = run(spec_for(rootfs, ["ls", "-l", "/dev/ptmx", "/dev/fd", "/dev/stdin"]))
+    assert status == 0
     assert "pts/ptmx" in out and "/proc/self/fd" in out
 
 
@@ -223,8 +224,8 @@ def test_masked_and_readonly_paths(rootfs):
         f.write("hush")
     os.makedirs(os.path.join(rootfs, "data"))
     status, out = run(spec_for(
-        rootfs, ["sh", "-c", "cat /etc/shadowy; echo :; ls /secret; echo :; cat /proc/kcore | "
-                 "wc -c; touch /data/f 2>&1; echo :; touch /proc/sys/x 2>&1; echo end"],
+        rootfs, ["sh", "-c", ("cat /etc/shadowy; echo :; ls /secret; echo :; cat /proc/kcore | "
+                              "wc -c; touch /data/f 2>&1; echo :; touch /proc/sys/x 2>&1; echo end")],
         masked_paths=["/secret", "/etc/shadowy", "/proc/kcore", "/does/not/exist"],
         readonly_paths=["/data", "/proc/sys", "/missing"]))
     assert status == 0, out
@@ -321,6 +322,7 @@ def test_etc_files(rootfs, tmp_path):
     status, out = run(spec_for(rootfs, ["cat", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf"],
                                etc_hostname=files["hostname"], etc_hosts=files["hosts"],
                                etc_resolv=files["resolv"]))
+    assert status == 0
     assert out.split() == ["hostname-content", "hosts-content", "resolv-content"]
 
 
@@ -329,6 +331,47 @@ def test_symlinked_proc_in_image_is_refused(rootfs):
     with pytest.raises(OSError) as ei:
         n.spawn(spec_for(rootfs, ["true"]))
     assert ei.value.errno == errno.ELOOP and ei.value.stage == "mount"
+
+
+@pytest.mark.parametrize("name", ["dev", "sys"])
+def test_symlinked_dev_or_sys_in_image_is_refused(rootfs, name):
+    os.symlink("/etc", os.path.join(rootfs, name))
+    with pytest.raises(OSError) as ei:
+        n.spawn(spec_for(rootfs, ["true"]))
+    assert ei.value.errno == errno.ELOOP and ei.value.stage == "mount"
+
+
+def test_image_dev_null_symlink_does_not_redirect_masks(rootfs):
+    # without a /dev tmpfs the image's /dev stays; masks still use the host's /dev/null
+    os.makedirs(os.path.join(rootfs, "dev"))
+    os.symlink("/etc/victim", os.path.join(rootfs, "dev", "null"))
+    with open(os.path.join(rootfs, "etc", "victim"), "w") as f:
+        f.write("victim")
+    with open(os.path.join(rootfs, "etc", "masked"), "w") as f:
+        f.write("secret")
+    status, out = run(spec_for(rootfs, ["sh", "-c", "cat /etc/masked; echo end"],
+                               mount_dev=False, masked_paths=["/etc/masked"]))
+    assert status == 0 and out.strip() == "end"
+
+
+def test_tty_with_all_stdio_given(rootfs):
+    master, slave = pty.openpty()
+    r, w = os.pipe()
+    try:
+        res = n.spawn(spec_for(rootfs, ["sh", "-c", "test -t 0 || echo not-a-tty-on-0; echo done"],
+                               tty_fd=slave, stdin=r, stdout=w, stderr=w))
+        os.close(w)
+        w = -1
+        out = b""
+        while chunk := os.read(r, 4096):
+            out += chunk
+        os.waitpid(res.pid, 0)
+        os.close(res.pidfd)
+        assert b"not-a-tty-on-0" in out and b"done" in out
+    finally:
+        for fd in (master, slave, r, w):
+            if fd >= 0:
+                os.close(fd)
 
 
 def test_readonly_rootfs_and_working_dir(rootfs):
@@ -459,13 +502,13 @@ def test_failure_after_overlay_leaves_no_mounts(rootfs, tmp_path):
     upper, work, target = tmp_path / "upper", tmp_path / "work", tmp_path / "merged"
     for p in (upper, work, target):
         p.mkdir()
-    before = open("/proc/self/mountinfo").read().count(str(tmp_path))
+    before = our_mounts(str(tmp_path))
     with pytest.raises(OSError) as ei:
         n.spawn(spec_for(str(target), ["true"], overlay_lower=[rootfs], overlay_upper=str(upper),
                          overlay_work=str(work),
                          binds=[n.BindMount(str(tmp_path / "missing"), "/x")]))
     assert ei.value.stage == "mount"
-    assert open("/proc/self/mountinfo").read().count(str(tmp_path)) == before
+    assert our_mounts(str(tmp_path)) == before
 
 
 def test_bad_cgroup_path_kills_child(rootfs, tmp_path):
@@ -483,11 +526,16 @@ def test_joins_cgroup_before_exec(rootfs):
         pytest.skip("no v1 pids hierarchy")
     cg = tempfile.mkdtemp(prefix="pycri-spawn-test-", dir=base)
     try:
-        status, out = run(spec_for(rootfs, ["cat", "/proc/self/cgroup"],
-                                   namespaces={k: v for k, v in ALL_NEW.items() if k != "cgroup"},
-                                   cgroup_procs=[os.path.join(cg, "cgroup.procs")]))
+        procs = [os.path.join(cg, "cgroup.procs")]
+        host_cgns = dict(ALL_NEW, cgroup="host")
+        status, out = run(spec_for(rootfs, ["cat", "/proc/self/cgroup"], namespaces=host_cgns,
+                                   cgroup_procs=procs))
         assert status == 0
-        assert os.path.basename(cg) in out
+        assert f":pids:/{os.path.basename(cg)}\n" in out
+        # with a new cgroup namespace the container's own cgroup is its root
+        status, out = run(spec_for(rootfs, ["cat", "/proc/self/cgroup"], cgroup_procs=procs))
+        assert status == 0
+        assert ":pids:/\n" in out and os.path.basename(cg) not in out
     finally:
         os.rmdir(cg)
 
@@ -538,6 +586,10 @@ def test_user_namespace_with_one_mapping(rootfs, tmp_path):
     with pytest.raises(OSError) as ei:
         n.spawn(spec_for(rootfs, ["true"], namespaces=ns))
     assert ei.value.stage == "prepare"
+    with pytest.raises(OSError) as ei:
+        n.spawn(spec_for(rootfs, ["true"], namespaces=ns, uid_map=(1, 200000, 65536),
+                         gid_map=(0, 200000, 65536)))
+    assert ei.value.stage == "prepare" and ei.value.errno == errno.EINVAL
 
 
 def test_pidfd_and_start_time(rootfs):
@@ -614,7 +666,241 @@ def test_bind_propagation_rslave_private_rshared(rootfs, tmp_path):
     cmd = ["unshare", "-m", "--propagation", "unchanged", "sh", "-c",
            'mount --make-rshared / && exec "$@"', "sh", sys.executable, "-c",
            PROPAGATION_SCRIPT, os.path.dirname(HERE), rootfs, str(tmp_path)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 0, p.stderr
     res = json.loads(p.stdout.strip().splitlines()[-1])
     assert res == {"rslave": True, "private": False, "rshared": True, "rootfs_leaked": False}
+
+
+# --- exec into a running container, concurrency -----------------------------------------
+
+
+def _holder(rootfs, **kw):
+    r, w = os.pipe()
+    res = n.spawn(spec_for(rootfs, ["sh", "-c", "read x"], stdin=r, **kw))
+    os.close(r)
+    return res, w
+
+
+def _release(res, w):
+    os.close(w)
+    os.waitpid(res.pid, 0)
+    os.close(res.pidfd)
+
+
+def test_runtime_exe_unreachable_from_container_during_exec(rootfs):
+    holder, hw = _holder(rootfs)
+    ex = None
+    try:
+        ex = n.spawn(n.SpawnSpec(argv=["true"], env=["PATH=/bin"],
+                                 namespaces=n.namespaces_of(holder.pid), start_wait=True))
+        with open(f"/proc/{ex.pid}/status") as f:
+            nspid = next(ln for ln in f if ln.startswith("NSpid:")).split()[-1]
+        # container root with the default caps looks at the waiting exec process
+        status, out = run(n.SpawnSpec(
+            argv=["sh", "-c", (f"ls -d /proc/{nspid} && readlink /proc/{nspid}/exe; "
+                               f"cat /proc/{nspid}/environ; echo end")],
+            env=["PATH=/bin"], namespaces=n.namespaces_of(holder.pid), stderr=-1,
+            cap_bounding=DEFAULT_CAPS, cap_effective=DEFAULT_CAPS, cap_permitted=DEFAULT_CAPS))
+        assert status == 0
+        assert f"/proc/{nspid}" in out
+        assert "python" not in out and "PATH" not in out
+        assert out.strip().endswith("end")
+        n.spawn_start(ex)
+    finally:
+        if ex is not None:
+            if ex.start_fd >= 0:
+                os.close(ex.start_fd)
+                os.close(ex.report_fd)
+            os.waitpid(ex.pid, 0)
+            os.close(ex.pidfd)
+        _release(holder, hw)
+
+
+def test_exec_joins_cgroup_through_the_intermediate(rootfs):
+    base = "/sys/fs/cgroup/pids"
+    if not os.path.isdir(base):
+        pytest.skip("no v1 pids hierarchy")
+    cg = tempfile.mkdtemp(prefix="pycri-spawn-test-", dir=base)
+    holder, hw = _holder(rootfs, cgroup_procs=[os.path.join(cg, "cgroup.procs")])
+    try:
+        procs = n.cgroup_procs_of(holder.pid)
+        assert os.path.join(cg, "cgroup.procs") in procs
+        status, out = run(n.SpawnSpec(argv=["cat", "/proc/self/cgroup"], env=["PATH=/bin"],
+                                      namespaces=n.namespaces_of(holder.pid),
+                                      cgroup_procs=procs))
+        assert status == 0
+        # at the root of the holder's cgroup namespace, i.e. in the holder's cgroup
+        # (from any other cgroup the path would start with "/..")
+        assert ":pids:/\n" in out and "/.." not in out
+    finally:
+        _release(holder, hw)
+        os.rmdir(cg)
+
+
+def test_concurrent_spawn_not_blocked_by_a_waiting_one(rootfs):
+    import threading
+
+    waiting = n.spawn(spec_for(rootfs, ["true"], start_wait=True))
+    try:
+        results = []
+
+        def worker():
+            results.append(run(spec_for(rootfs, ["echo", "ok"])))
+
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        assert not any(t.is_alive() for t in threads)
+        assert [out for _, out in results] == ["ok\n"] * 4
+    finally:
+        n.spawn_start(waiting)
+        os.waitpid(waiting.pid, 0)
+        os.close(waiting.pidfd)
+
+
+def test_join_net_only_keeps_host_pid_namespace(rootfs):
+    holder, hw = _holder(rootfs)
+    try:
+        ns = {"net": f"/proc/{holder.pid}/ns/net", "mnt": "new", "uts": "new"}
+        r, w = os.pipe()
+        res = n.spawn(spec_for(rootfs, ["probe"], namespaces=ns, hostname="joined", stdout=w))
+        os.close(w)
+        with os.fdopen(r) as f:
+            d = json.loads(f.read())
+        assert os.waitid(os.P_PIDFD, res.pidfd, os.WEXITED).si_pid == res.pid
+        os.close(res.pidfd)
+        assert d["ns"]["net"] == os.stat(ns["net"]).st_ino
+        assert d["ns"]["pid"] == host_ns("pid")
+        assert d["pid"] == res.pid and d["hostname"] == "joined"
+    finally:
+        _release(holder, hw)
+
+
+def test_seccomp_profile_compiled_with_libseccomp(rootfs):
+    from pycri import seccomp
+
+    prog = seccomp.compile_profile({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [
+            {"names": ["mkdir", "mkdirat", "no_such_syscall"], "action": "SCMP_ACT_ERRNO",
+             "errnoRet": errno.EACCES},
+            # open(2)/openat(2) with O_CREAT refused by an argument rule
+            {"names": ["openat"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EROFS,
+             "args": [{"index": 2, "value": os.O_CREAT, "valueTwo": os.O_CREAT,
+                       "op": "SCMP_CMP_MASKED_EQ"}]},
+        ],
+    })
+    assert len(prog) % 8 == 0
+    d = probe(spec_for(rootfs, ["probe", "d:/tmp/a", "w:/tmp/b", "r:/bin/busybox"],
+                       no_new_privs=True, seccomp_bpf=prog))
+    assert d["seccomp"] == 2
+    assert d["checks"] == {"d:/tmp/a": errno.EACCES, "w:/tmp/b": errno.EROFS,
+                           "r:/bin/busybox": 0}
+    with pytest.raises(ValueError):
+        seccomp.compile_profile({"defaultAction": "SCMP_ACT_NOPE"})
+
+
+def test_user_namespace_with_overlay_rootfs(rootfs, tmp_path):
+    p = str(tmp_path)
+    while p != "/":
+        os.chmod(p, os.stat(p).st_mode | 0o111)
+        p = os.path.dirname(p)
+    for d in ("proc", "sys", "dev"):
+        os.makedirs(os.path.join(rootfs, d))
+    upper, work, target = tmp_path / "upper", tmp_path / "work", tmp_path / "merged"
+    for d in (upper, work, target):
+        d.mkdir()
+        os.chown(d, 200000, 200000)
+    status, out = run(spec_for(str(target), ["sh", "-c", "echo hi > /x; id -u"],
+                               overlay_lower=[rootfs], overlay_upper=str(upper),
+                               overlay_work=str(work), namespaces=dict(ALL_NEW, user="new"),
+                               uid_map=(0, 200000, 65536), gid_map=(0, 200000, 65536)))
+    assert status == 0 and out.strip() == "0"
+    assert os.stat(upper / "x").st_uid == 200000  # written as the mapped root
+
+
+def test_join_pinned_namespace_file(rootfs, tmp_path):
+    holder, hw = _holder(rootfs)
+    pin = tmp_path / "netns"
+    pin.touch()
+    subprocess.run(["mount", "--bind", f"/proc/{holder.pid}/ns/net", str(pin)], check=True)
+    try:
+        _release(holder, hw)  # the pinned file keeps the namespace alive
+        d = probe(spec_for(rootfs, ["probe"], namespaces=dict(ALL_NEW, net=str(pin))))
+        assert d["ns"]["net"] == os.stat(pin).st_ino
+    finally:
+        subprocess.run(["umount", str(pin)], check=True)
+
+
+def test_sys_is_host_sysfs_read_only_with_host_network(rootfs):
+    ns = {k: v for k, v in ALL_NEW.items() if k != "net"}
+    d = probe(spec_for(rootfs, ["probe", "w:/sys/kernel/uevent_helper", "r:/sys/class/net/lo"],
+                       namespaces=ns))
+    sys_line = next(ln for ln in d["mounts"] if ln.split()[4] == "/sys")
+    assert sys_line.split()[5].startswith("ro")
+    assert d["checks"]["w:/sys/kernel/uevent_helper"] == errno.EROFS
+    assert d["checks"]["r:/sys/class/net/lo"] == 0
+    assert d["ns"]["net"] == host_ns("net")
+
+
+def test_pod_shm_path_bound_at_dev_shm(rootfs, tmp_path):
+    shm = tmp_path / "podshm"
+    shm.mkdir()
+    status, out = run(spec_for(rootfs, ["sh", "-c", "echo x > /dev/shm/seg && echo ok"],
+                               shm_path=str(shm)))
+    assert status == 0 and out.strip() == "ok"
+    assert (shm / "seg").read_text() == "x\n"
+
+
+def test_bind_target_symlinked_into_proc_is_refused(rootfs, tmp_path):
+    os.symlink("/proc/sys/kernel", os.path.join(rootfs, "etc", "kern"))
+    src = tmp_path / "f"
+    src.write_text("x")
+    with pytest.raises(PermissionError) as ei:
+        n.spawn(spec_for(rootfs, ["true"], binds=[n.BindMount(str(src), "/etc/kern/core_pattern")]))
+    assert ei.value.stage == "mount" and "/proc or /sys" in str(ei.value)
+
+
+def test_no_fd_leak_in_the_caller(rootfs, tmp_path):
+    def count():
+        return len(os.listdir("/proc/self/fd"))
+
+    run(spec_for(rootfs, ["true"]))  # warm up
+    before = count()
+    for _ in range(10):
+        run(spec_for(rootfs, ["true"]))
+        with pytest.raises(OSError):
+            n.spawn(spec_for(rootfs, ["nope"]))
+        with pytest.raises(OSError):
+            n.spawn(spec_for(rootfs, ["true"], binds=[n.BindMount(str(tmp_path / "x"), "/x")]))
+        res = n.spawn(spec_for(rootfs, ["true"], start_wait=True))
+        n.spawn_start(res)
+        os.waitpid(res.pid, 0)
+        os.close(res.pidfd)
+    assert count() == before
+
+
+def test_exec_by_pidfd(rootfs):
+    holder, hw = _holder(rootfs, hostname="viapidfd")
+    try:
+        every = {k: "pidfd" for k in n.NS_KINDS}
+        d = probe(n.SpawnSpec(argv=["probe"], env=["PATH=/bin"], namespaces=every,
+                              join_pidfd=holder.pidfd))
+        assert d["hostname"] == "viapidfd"
+        assert d["ns"]["mnt"] == os.stat(f"/proc/{holder.pid}/ns/mnt").st_ino
+    finally:
+        _release(holder, hw)
+    # the process is gone (and reaped): joining by its pidfd must fail, not guess
+    dead = n.spawn(spec_for(rootfs, ["true"]))
+    os.waitpid(dead.pid, 0)
+    try:
+        with pytest.raises(OSError) as ei:
+            n.spawn(n.SpawnSpec(argv=["true"], namespaces={"net": "pidfd"},
+                                join_pidfd=dead.pidfd))
+        assert ei.value.stage == "prepare"
+    finally:
+        os.close(dead.pidfd)

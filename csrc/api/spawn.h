@@ -3,7 +3,29 @@
  * See pycri.h for the conventions. Every pointer in the spec is owned by the
  * caller and must stay valid for the duration of the call (the child reads its
  * copy-on-write image of them). Lists are NULL-terminated string arrays, or an
- * array plus a count.
+ * array plus a count. A zeroed spec plus argv, with stdio[] and tty_fd set to
+ * -1, is a process in all of the caller's namespaces, uid/gid 0, no
+ * capabilities (bounding set empty) and stdio on /dev/null.
+ *
+ * Order in the child: join namespaces (user first), create the new ones (the
+ * cgroup namespace last, once the parent has written the pid into
+ * cgroup_procs and the id maps), setresuid(0) in a user namespace, oom_score_adj,
+ * mounts (rootfs, /proc, sysctls, /sys, /dev, binds, /etc files, masked and
+ * read-only paths, pivot_root), hostname, new session, stdio and kept fds
+ * (everything else CLOEXEC), tty, working dir, read-only rootfs, rlimits,
+ * seccomp (here when no_new_privs is off), groups/gid, bounding set, uid,
+ * capsets, ambient, no_new_privs, seccomp (here when it is on), $PATH lookup,
+ * then (start_wait) the wait for start, then execve.
+ *
+ * Capabilities: for uid 0 the kernel recomputes the sets at execve, so the
+ * program ends up with permitted = effective = cap_bounding (plus inheritable);
+ * give all three the same set for root. The process is not dumpable from clone
+ * to execve (so not ptraceable and /proc/<pid>/ files stay root's). Signal
+ * dispositions are reset to default and the mask cleared at execve.
+ *
+ * Exec into a running container: ns_mode JOIN with /proc/<pid>/ns/<kind> for
+ * every kind (kinds already shared with the caller are skipped), cgroup_procs
+ * of its cgroups, no rootfs; the cwd is then resolved inside its root.
  */
 
 /* Namespace kinds: index into ns_mode[] / ns_path[]. */
@@ -100,7 +122,9 @@ struct pycri_spawn_spec {
 
     /* --- namespaces --- */
     int ns_mode[7];            /* PYCRI_NS_HOST / NEW / JOIN per PYCRI_NS_* kind */
-    const char *ns_path[7];    /* for JOIN */
+    const char *ns_path[7];    /* for JOIN; NULL = the namespace of join_pidfd's process */
+    int join_pidfd;            /* pidfd of a running container for JOIN without a path
+                                * (race-free against pid reuse); -1 = none */
     /* one uid and one gid mapping, used when ns_mode[USER] == NEW */
     unsigned int uid_map_inside, uid_map_outside, uid_map_count;
     unsigned int gid_map_inside, gid_map_outside, gid_map_count;
@@ -137,7 +161,7 @@ struct pycri_spawn_result {
     int pidfd;                 /* CLOEXEC pidfd of pid, -1 if unavailable */
     int stage;                 /* PYCRI_STAGE_* that failed, 0 on success */
     unsigned long long start_time;  /* field 22 of /proc/<pid>/stat (clock ticks since boot) */
-    int start_fd;              /* start_wait only: the start pipe (CLOEXEC), else -1 */
+    int start_fd;              /* start_wait only: the start socket (CLOEXEC), else -1 */
     int report_fd;             /* start_wait only: the report socket (CLOEXEC), else -1 */
 };
 
@@ -146,7 +170,7 @@ struct pycri_spawn_result {
 int pycri_spawn(const struct pycri_spawn_spec *spec, struct pycri_spawn_result *res,
                 struct pycri_error *err);
 
-/* Release a process created with start_wait: writes one byte to start_fd, then
+/* Release a process created with start_wait: sends one byte on start_fd, then
  * waits on report_fd until execve succeeded (EOF) or the child reports a failure.
  * Closes both fds. Does not reap: on failure the caller still waits for pid. */
 int pycri_spawn_start(int start_fd, int report_fd, struct pycri_error *err);
