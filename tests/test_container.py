@@ -207,14 +207,23 @@ def test_memory_limit_oom_killed(env):
 
 
 def test_pids_limit(env):
+    """A fork loop stops at the pids limit: the kernel refuses the 11th process."""
     rt, img = env
     with rt.run_sandbox(pycri.SandboxConfig(name="pids")) as sb:
-        res = pycri.Resources(pids_limit=10)
-        r = sb.run(img, ["sh", "-c",
-                         "n=0; for i in $(seq 40); do sleep 5 & if [ $? -eq 0 ]; then "
-                         "n=$((n+1)); fi; done 2>/dev/null; echo $(ls /proc | grep -c '^[0-9]')"],
-                   timeout=30, resources=res)
-        assert int(r.stdout.split()[-1]) <= 10
+        c = sb.create_container(pycri.ContainerConfig(
+            name="bomb", image=img.id, resources=pycri.Resources(pids_limit=10),
+            command=("sh", "-c", "for i in $(seq 40); do sleep 30 & done; wait")))
+        c.start()
+        cg = rt.cgroups().container(sb.id, c.id)
+        deadline = time.monotonic() + 10
+        while "max 0" in cg.read("pids", "pids.events"):
+            assert time.monotonic() < deadline, "no fork was ever refused"
+            time.sleep(0.05)
+        assert cg.read("pids", "pids.max").strip() == "10"
+        assert len(cg.pids()) <= 10
+        c.wait(10)
+        assert any(r.stream == "stderr" and b"fork" in r.content for r in c.logs())
+        c.remove()
 
 
 def test_bind_mounts(env, tmp_path):
@@ -234,16 +243,17 @@ def test_bind_mounts(env, tmp_path):
         assert sb.containers() == []  # the failed create left nothing
 
 
-def test_missing_executable_fails_start(env):
+def test_missing_executable_fails_create(env):
     rt, img = env
     with rt.run_sandbox(pycri.SandboxConfig(name="noexec")) as sb:
-        c = sb.create_container(pycri.ContainerConfig(name="x", image=img.id,
+        with pytest.raises(RuntimeFailure, match="/no/such/binary") as ei:
+            sb.create_container(pycri.ContainerConfig(name="x", image=img.id,
                                                       command=("/no/such/binary",)))
-        with pytest.raises(RuntimeFailure) as ei:
-            c.start()
-        assert ei.value.stage in ("exec", "start")
-        assert c.status().state == "exited"
-        c.remove()
+        assert ei.value.stage == "exec"
+        assert sb.containers() == []
+        assert rt.cgroups().pod(sb.id).exists()
+        assert not [d for d in os.listdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}")
+                    if os.path.isdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{d}")]
 
 
 def test_update_resources_and_stats(env):
