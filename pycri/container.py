@@ -113,6 +113,48 @@ class ExecResult:
     timed_out: bool = False
 
 
+class ExecProcess:
+    """A process started by Container.exec; -1 marks an fd it does not have."""
+
+    def __init__(self, pid: int, stdin: int, stdout: int, stderr: int, pty: int) -> None:
+        self.pid = pid
+        self.stdin, self.stdout, self.stderr, self.pty = stdin, stdout, stderr, pty
+        self.returncode: int | None = None
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.pty >= 0:
+            import fcntl
+            import struct
+            import termios
+
+            fcntl.ioctl(self.pty, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def close_stdin(self) -> None:
+        if self.stdin >= 0:
+            os.close(self.stdin)
+            self.stdin = -1
+
+    def close(self) -> None:
+        for name in ("stdin", "stdout", "stderr", "pty"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def wait(self) -> int:
+        """Reap the process; its exit code (128 + signal when killed)."""
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            self.returncode = code if code >= 0 else 128 - code
+        return self.returncode
+
+
 @dataclass(frozen=True)
 class RunResult:
     exit_code: int
@@ -550,10 +592,8 @@ class Container:
 
     # -- exec, logs, stats, update ---------------------------------------------------
 
-    def exec_sync(self, cmd: list[str], timeout: float | None = None,
-                  output_limit: int = EXEC_OUTPUT_LIMIT) -> ExecResult:
-        """Run ``cmd`` in the running container; output is capped at ``output_limit``
-        bytes per stream (the rest is read and dropped)."""
+    def _exec_spec(self, cmd: list[str], stdin: int, stdout: int, stderr: int,
+                   tty_fd: int) -> tuple[_native.SpawnSpec, dict[str, Any]]:
         rec = self.record()
         if rec["state"] != RUNNING:
             raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not running")
@@ -574,38 +614,87 @@ class Container:
         pid = rec["pid"]
         namespaces = {k: f"/proc/{pid}/ns/{k}" for k in ("mnt", "pid", "net", "ipc", "uts")}
         cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        spec = _native.SpawnSpec(
+            argv=list(cmd), env=_env(image.config.env, cfg.env, user),
+            cwd=cfg.working_dir or image.config.working_dir or "/", uid=user.uid,
+            gid=user.gid, groups=list(user.groups), cap_bounding=caps, cap_effective=caps,
+            cap_permitted=caps, seccomp_bpf=seccomp,
+            no_new_privs=cfg.no_new_privs or bool(seccomp and user.uid != 0),
+            stdin=stdin, stdout=stdout, stderr=stderr, tty_fd=tty_fd,
+            namespaces=namespaces, cgroup_procs=cg.procs_files(), rootfs=None,
+            mount_proc=False, mount_sys=False, mount_dev=False)
+        return spec, rec
+
+    def exec(self, cmd: list[str], tty: bool = False, stdin: bool = False) -> ExecProcess:
+        """Start ``cmd`` in the running container and return it with its stdio fds
+        (a pty master when ``tty``). The caller reads, writes, waits and closes."""
+        ours: list[int] = []
+        theirs: list[int] = []
         try:
-            spec = _native.SpawnSpec(
-                argv=list(cmd), env=_env(image.config.env, cfg.env, user),
-                cwd=cfg.working_dir or image.config.working_dir or "/", uid=user.uid,
-                gid=user.gid, groups=list(user.groups), cap_bounding=caps, cap_effective=caps,
-                cap_permitted=caps, seccomp_bpf=seccomp,
-                no_new_privs=cfg.no_new_privs or bool(seccomp and user.uid != 0),
-                stdout=out_w, stderr=err_w,
-                namespaces=namespaces, cgroup_procs=cg.procs_files(), rootfs=None,
-                mount_proc=False, mount_sys=False, mount_dev=False)
-            if not _alive(pid, rec["pid_start_time"]):
+            if tty:
+                master, slave = _pty_in(self._read().get("pid", 0))
+                ours.append(master)
+                theirs.append(slave)
+                spec, rec = self._exec_spec(cmd, -1, -1, -1, slave)
+                proc = ExecProcess(-1, -1, -1, -1, master)
+            else:
+                in_r = in_w = -1
+                if stdin:
+                    in_r, in_w = os.pipe()
+                    ours.append(in_w)
+                    theirs.append(in_r)
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                ours += [out_r, err_r]
+                theirs += [out_w, err_w]
+                spec, rec = self._exec_spec(cmd, in_r, out_w, err_w, -1)
+                proc = ExecProcess(-1, in_w, out_r, err_r, -1)
+            if not _alive(rec["pid"], rec["pid_start_time"]):
                 raise InvalidStateError(f"container {self.id[:12]} is not running")
             try:
                 child = _native.spawn(spec)
             except OSError as e:
                 raise RuntimeFailure(f"exec {cmd[0]!r}: {e.strerror or e}",
                                      stage=getattr(e, "stage", ""), errno=e.errno or 0) from e
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
         finally:
-            os.close(out_w)
-            os.close(err_w)
+            for fd in theirs:
+                os.close(fd)
+        if child.pidfd >= 0:
+            os.close(child.pidfd)
+        proc.pid = child.pid
+        return proc
+
+    def exec_sync(self, cmd: list[str], timeout: float | None = None,
+                  output_limit: int = EXEC_OUTPUT_LIMIT) -> ExecResult:
+        """Run ``cmd`` in the running container and collect its output; each stream
+        is capped at ``output_limit`` bytes (the rest is read and dropped)."""
+        proc = self.exec(cmd)
         try:
-            out, err, timed_out = _collect(child.pid, out_r, err_r, timeout, output_limit)
+            out, err, timed_out = _collect(proc.pid, proc.stdout, proc.stderr, timeout,
+                                           output_limit)
         finally:
-            os.close(out_r)
-            os.close(err_r)
-            if child.pidfd >= 0:
-                os.close(child.pidfd)
-        _, status = os.waitpid(child.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        return ExecResult(code if code >= 0 else 128 - code, out, err, timed_out)
+            proc.close()
+        code = proc.wait()
+        return ExecResult(code, out, err, timed_out)
+
+    def attach(self) -> Any:
+        """A socket attached to the container's monitor (frames per pycri._native.ATTACH_*)."""
+        import socket
+
+        rec = self.record()
+        if rec["state"] != RUNNING:
+            raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not running")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self._sock("attach"))
+        except OSError as e:
+            s.close()
+            raise RuntimeFailure(f"attach: {e.strerror}", stage="attach") from e
+        return s
 
     def logs(self) -> list[logs.LogRecord]:
         """The parsed CRI log records written so far."""
@@ -674,6 +763,24 @@ def _stop_signal(runtime: Runtime, rec: dict[str, Any], cfg: Any) -> int:
         return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
     except KeyError:
         return signal.SIGTERM
+
+
+def _pty_in(pid: int) -> tuple[int, int]:
+    """A pty pair from the container's own devpts (so ``tty`` inside names it), or
+    from the host's when the container's /dev/ptmx cannot be opened."""
+    import fcntl
+
+    try:
+        master = os.open(f"/proc/{pid}/root/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return os.openpty()
+    try:
+        fcntl.ioctl(master, 0x40045431, b"\0\0\0\0")  # TIOCSPTLCK: unlock
+        slave = fcntl.ioctl(master, 0x5441, os.O_RDWR | os.O_NOCTTY)  # TIOCGPTPEER
+    except OSError:
+        os.close(master)
+        return os.openpty()
+    return master, slave
 
 
 def _start_time(pid: int) -> int:

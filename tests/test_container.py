@@ -274,3 +274,39 @@ def test_update_resources_and_stats(env):
         st = c.stats()
         assert st.pids >= 1 and st.memory_usage_bytes > 0
         c.stop(timeout=0)
+
+
+def _read_all(fd, limit=1 << 20):
+    out = b""
+    while True:
+        try:
+            b = os.read(fd, 65536)
+        except OSError:  # a pty master reports EIO once the other side is gone
+            break
+        if not b:
+            break
+        out += b
+        if len(out) > limit:
+            break
+    return out
+
+
+def test_exec_streams_stdin_and_tty(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="streams")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(name="s", image=img.id,
+                                                      command=("sleep", "60")))
+        c.start()
+        p = c.exec(["cat"], stdin=True)
+        os.write(p.stdin, b"hello through stdin\n")
+        p.close_stdin()
+        assert _read_all(p.stdout) == b"hello through stdin\n"
+        assert p.wait() == 0
+        p.close()
+        p = c.exec(["sh", "-c", "sleep 0.3; stty size; tty"], tty=True)
+        p.resize(33, 101)
+        out = _read_all(p.pty)
+        assert b"33 101" in out and b"/dev/pts/" in out
+        assert p.wait() == 0
+        p.close()
+        c.stop(timeout=0)
