@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import fcntl
 import json
 import os
@@ -72,6 +73,8 @@ def _copy_in(src: Any, dst_fd: int, close: bool) -> None:
 
 
 def _set_ctty() -> None:
+    # The pty must be the child's controlling terminal for stty and SIGWINCH;
+    # only a preexec hook can do that between fork and exec.
     os.setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
@@ -80,7 +83,7 @@ class HostBackend:
     """exec runs cmd on the host; attach runs a stand-in "main process";
     port_forward connects to 127.0.0.1:<port>."""
 
-    ATTACH_CMD = ["sh", "-c", "echo attached; echo to-stderr >&2; exec cat"]
+    ATTACH_CMD = ("sh", "-c", "echo attached; echo to-stderr >&2; exec cat")
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
@@ -92,7 +95,7 @@ class HostBackend:
         if tty:
             master, slave = pty.openpty()
             proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave,
-                                    preexec_fn=_set_ctty, close_fds=True)
+                                    preexec_fn=_set_ctty, close_fds=True)  # noqa: PLW1509
             os.close(slave)
 
             def apply_sizes() -> None:
@@ -141,7 +144,7 @@ class HostBackend:
     def attach(self, container_id: str, *, tty: bool, stdin: Any, stdout: Any, stderr: Any,
                resize: ResizeQueue) -> None:
         self.calls.append(("attach", (container_id, tty)))
-        self._run(self.ATTACH_CMD, tty, stdin, stdout, stderr, resize)
+        self._run(list(self.ATTACH_CMD), tty, stdin, stdout, stderr, resize)
 
     def port_forward(self, sandbox_id: str, port: int, sock: socket.socket) -> None:
         self.calls.append(("portforward", (sandbox_id, port)))
@@ -325,9 +328,12 @@ def spdy_exec(url: str, req: Any, stdin_data: bytes | None = None,
                 for w, h in sizes or []:
                     resize.write(json.dumps({"Width": w, "Height": h}).encode())
             if stdin is not None:
-                if stdin_data:
-                    stdin.write(stdin_data)
-                stdin.close_write()
+                # Like client-go: the command may end before reading stdin, and
+                # then the server closes the stream under us.
+                with contextlib.suppress(OSError):
+                    if stdin_data:
+                        stdin.write(stdin_data)
+                    stdin.close_write()
             error = read_all(err)
             out = f_out.result(30) if f_out else b""
             errout = f_err.result(30) if f_err else b""
@@ -421,7 +427,8 @@ def test_localhost_binds_loopback_only(backend: HostBackend) -> None:
 
 def _local_addresses() -> list[str]:
     try:
-        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5).stdout
+        out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5,
+                             check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     return [a for a in out.split() if "." in a]
@@ -492,7 +499,7 @@ def test_oversized_request_head_rejected(server: StreamingServer) -> None:
 
 
 def test_slow_request_head_dropped(backend: HostBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pycri.cri.streaming as streaming
+    from pycri.cri import streaming
 
     monkeypatch.setattr(streaming, "REQUEST_HEAD_TIMEOUT", 0.5)
     with StreamingServer(backend) as srv:
@@ -573,20 +580,21 @@ def test_spdy_exec_large_output(server: StreamingServer) -> None:
     req = exec_req(["head", "-c", "3000000", "/dev/zero"])
     out, _, status = spdy_exec(server.get_exec(req).url, req)
     assert out == bytes(3_000_000)
+    assert json.loads(status)["status"] == "Success"
 
 
 def test_spdy_exec_tty_with_resize(server: StreamingServer) -> None:
     script = ('for i in $(seq 100); do s=$(stty size); [ "$s" != "0 0" ] && break; sleep 0.05; done; '
               'echo "size=$s"; [ -t 0 ] && echo tty')
     req = exec_req(["sh", "-c", script], stdin=False, stderr=False, tty=True)
-    out, err, status = spdy_exec(server.get_exec(req).url, req, sizes=[(120, 40)])
+    out, _, status = spdy_exec(server.get_exec(req).url, req, sizes=[(120, 40)])
     assert b"size=40 120" in out and b"tty" in out
     assert json.loads(status)["status"] == "Success"
 
 
 def test_spdy_exec_tty_stdin(server: StreamingServer) -> None:
     req = exec_req(["sh", "-c", "read line; echo got:$line"], stdin=True, stderr=False, tty=True)
-    out, _, status = spdy_exec(server.get_exec(req).url, req, stdin_data=b"hello\n", sizes=[(80, 24)])
+    out, _, _ = spdy_exec(server.get_exec(req).url, req, stdin_data=b"hello\n", sizes=[(80, 24)])
     assert b"got:hello" in out
 
 
@@ -694,6 +702,63 @@ def test_spdy_ping_answered(server: StreamingServer) -> None:
     sock.close()
 
 
+# What crictl 1.36 (client-go over moby/spdystream, Go's zlib) sent after the
+# upgrade for `crictl exec -i c1 ...` with stdin "hello from go\n", recorded on
+# the wire: SYN_STREAMs for error, stdin, stdout, stderr (ids 1, 3, 5, 7; header
+# blocks in one continuing zlib stream), a DATA frame on stdin, then stdin's FIN.
+# Replaying it checks our framing against an independent implementation in CI,
+# where crictl is absent.
+GO_EXEC_FRAMES = bytes.fromhex(
+    "80030001000000290000000100000000000078f9e3c6a7c26260606004a7b392a2d4c45c6851c29a0a0a6800"
+    "000000ffff800300010000001700000003000000000000c22e555c92929907000000ffff8003000100000019"
+    "00000005000000000000c22ac5565c92925f5a02000000ffff800300010000001500000007000000000000c2"
+    "29975a5404000000ffff000000030000000e68656c6c6f2066726f6d20676f0a0000000301000000"
+)
+
+
+def read_raw_frames(sock: socket.socket, buf: bytes = b"") -> list[tuple[int, int, int, bytes]]:
+    """(control type or -1 for data, stream id, flags, payload) until EOF."""
+    sock.settimeout(20)
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    frames = []
+    while buf:
+        word, flags_len = struct.unpack(">II", buf[:8])
+        n = flags_len & 0xFFFFFF
+        payload, buf = buf[8 : 8 + n], buf[8 + n :]
+        if word & 0x80000000:
+            sid = struct.unpack(">I", payload[:4])[0] & 0x7FFFFFFF
+            frames.append((word & 0xFFFF, sid, flags_len >> 24, payload))
+        else:
+            frames.append((-1, word, flags_len >> 24, payload))
+    return frames
+
+
+def test_spdy_replay_of_go_client(server: StreamingServer) -> None:
+    req = exec_req(["cat"], stdin=True)
+    sock, code, _, rest, _ = http_upgrade(server.get_exec(req).url, spdy_headers(
+        ["v5.channel.k8s.io", "v4.channel.k8s.io", "v3.channel.k8s.io"]))
+    assert code == 101
+    sock.sendall(GO_EXEC_FRAMES)
+    frames = read_raw_frames(sock, rest)
+    sock.close()
+    replies = {sid for kind, sid, _, _ in frames if kind == spdy.SYN_REPLY}
+    assert replies == {1, 3, 5, 7}
+    data: dict[int, bytes] = {}
+    fins = set()
+    for kind, sid, flags, payload in frames:
+        if kind == -1:
+            data[sid] = data.get(sid, b"") + payload
+            if flags & spdy.FLAG_FIN:
+                fins.add(sid)
+    assert data[5] == b"hello from go\n"
+    assert json.loads(data[1]) == {"metadata": {}, "status": "Success"}
+    assert {1, 5, 7} <= fins
+
+
 # ---------------------------------------------------------------------------
 # WebSocket exec / attach
 
@@ -744,13 +809,9 @@ def test_ws_oversize_message_closes(server: StreamingServer) -> None:
     req = exec_req(["cat"], stdin=True)
     ws, _ = ws_connect(server.get_exec(req).url, ["v5.channel.k8s.io"])
     ws.send_message(b"\x00" + bytes(wsstream.MAX_MESSAGE + 10))
-    code = None
-    while True:
-        msg = ws.recv_message()
-        if msg is None:
-            break
+    while ws.recv_message() is not None:
+        pass
     ws.sock.close()
-    del code
     _wait(lambda: server.active_connections == 0)
 
 
@@ -771,7 +832,7 @@ def test_ws_unmasked_client_frame_is_protocol_error(server: StreamingServer) -> 
 
 def test_ws_pings_answered(server: StreamingServer) -> None:
     req = exec_req(["sh", "-c", "sleep 0.5; echo done"])
-    ws, proto = ws_connect(server.get_exec(req).url, ["v5.channel.k8s.io"])
+    ws, _ = ws_connect(server.get_exec(req).url, ["v5.channel.k8s.io"])
     ws.send_frame(wsstream.OP_PING, b"hb")
     ws.sock.settimeout(10)
     # The pong arrives before any data message; recv_message skips it, so read raw.
@@ -829,9 +890,9 @@ def test_spdy_port_forward_only_requested_ports(server: StreamingServer, echo: E
 def test_spdy_port_forward_bad_headers_reset(server: StreamingServer) -> None:
     url = server.get_port_forward(api_pb2.PortForwardRequest(pod_sandbox_id="p")).url
     c = SpdyClient(url, ["portforward.k8s.io"])
-    for hdrs in [dict(streamType="data", port="0", requestID="1"),
-                 dict(streamType="data", port="http", requestID="1"),
-                 dict(streamType="other", port="80", requestID="1")]:
+    for hdrs in [{"streamType": "data", "port": "0", "requestID": "1"},
+                 {"streamType": "data", "port": "http", "requestID": "1"},
+                 {"streamType": "other", "port": "80", "requestID": "1"}]:
         with pytest.raises(ConnectionResetError):
             c.open(**hdrs)
     c.close()
@@ -997,7 +1058,7 @@ def cri(server: StreamingServer, tmp_path: Any):
 def crictl(sock: str, *args: str, input: bytes | None = None, timeout: float = 30
            ) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([CRICTL, "--runtime-endpoint", f"unix://{sock}", "--timeout", "10s", *args],
-                          input=input, capture_output=True, timeout=timeout)
+                          input=input, capture_output=True, timeout=timeout, check=False)
 
 
 @needs_crictl
@@ -1037,7 +1098,8 @@ def test_crictl_exec_tty(cri: str, transport: str) -> None:
               'echo "size=$s"')
     proc = subprocess.Popen([CRICTL, "--runtime-endpoint", f"unix://{cri}", "exec", "-it",
                              "--transport", transport, "c1", "sh", "-c", script],
-                            stdin=slave, stdout=slave, stderr=slave, preexec_fn=_set_ctty)
+                            stdin=slave, stdout=slave, stderr=slave,
+                            preexec_fn=_set_ctty)  # noqa: PLW1509
     os.close(slave)
     out = b""
     deadline = time.monotonic() + 30

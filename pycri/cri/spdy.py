@@ -349,8 +349,11 @@ class SpdyConnection:
     # setup ---------------------------------------------------------------
     def start(self) -> None:
         """Announce our receive windows (stream via SETTINGS, session via WINDOW_UPDATE)."""
-        self._send(control_frame(SETTINGS, 0, struct.pack(">IBBHI", 1, 0, 0, SETTINGS_INITIAL_WINDOW_SIZE, self.recv_window)))
-        self._send(control_frame(WINDOW_UPDATE, 0, struct.pack(">II", 0, self.session_recv_window - DEFAULT_WINDOW)))
+        # one SETTINGS entry: flags 0, 24-bit id, 32-bit value
+        entry = struct.pack(">BBHI", 0, 0, SETTINGS_INITIAL_WINDOW_SIZE, self.recv_window)
+        self._send(control_frame(SETTINGS, 0, struct.pack(">I", 1) + entry))
+        grow = self.session_recv_window - DEFAULT_WINDOW
+        self._send(control_frame(WINDOW_UPDATE, 0, struct.pack(">II", 0, grow)))
 
     # sending -------------------------------------------------------------
     def _send(self, frame: bytes) -> None:
@@ -396,13 +399,20 @@ class SpdyConnection:
 
     def open_stream(self, headers: Headers, *, fin: bool = False, timeout: float = 30.0) -> SpdyStream:
         """Client side: SYN_STREAM, then wait for the SYN_REPLY."""
-        with self._lock:
-            sid = self._next_id
-            self._next_id += 2
-            st = SpdyStream(self, sid, headers, self.recv_window, self._peer_initial_window)
-            self.streams[sid] = st
-        st.local_closed = fin
-        self._send_headers(SYN_STREAM, FLAG_FIN if fin else 0, struct.pack(">IIBB", sid, 0, 0, 0), headers)
+        # Ids must reach the wire in increasing order: allocate under the write lock.
+        with self._wlock:
+            if self.closed.is_set():
+                raise ConnectionError("SPDY connection closed")
+            with self._lock:
+                sid = self._next_id
+                self._next_id += 2
+                st = SpdyStream(self, sid, headers, self.recv_window, self._peer_initial_window)
+                st.local_closed = fin
+                self.streams[sid] = st
+            block = self._compressor.compress(headers)
+            flags = FLAG_FIN if fin else 0
+            self.t.sendall(control_frame(SYN_STREAM, flags, struct.pack(">IIBB", sid, 0, 0, 0) + block))
+        self.last_activity = time.monotonic()
         st.wait_reply(timeout)
         return st
 
@@ -456,7 +466,7 @@ class SpdyConnection:
         while len(self._rbuf) < n:
             try:
                 chunk = self.t.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 if time.monotonic() - self.last_activity >= self.idle_timeout:
                     raise TimeoutError("SPDY connection idle") from None
                 continue
@@ -596,9 +606,9 @@ class SpdyConnection:
             if sid != 0 and st is None:
                 self._send(control_frame(RST_STREAM, 0, struct.pack(">II", sid, INVALID_STREAM)))
             return
+        # put() returns False if the stream went away while we waited: the data is dropped.
         if payload:
-            if not st._inbox.put(payload, lambda: not self.closed.is_set() and not st.reset):
-                pass  # the stream went away while we waited: drop
+            st._inbox.put(payload, lambda: not self.closed.is_set() and not st.reset)
         if flags & FLAG_FIN:
             self._remote_fin(st)
 

@@ -58,8 +58,8 @@ from pycri.cri import spdy, wsstream
 from pycri.cri._gen import api_pb2
 from pycri.errors import InvalidArgumentError, InvalidStateError, ResourceExhaustedError
 
-__all__ = ["StreamBackend", "StreamingServer", "ResizeQueue",
-           "REMOTECOMMAND_PROTOCOLS", "PORTFORWARD_PROTOCOL"]
+__all__ = ["PORTFORWARD_PROTOCOL", "REMOTECOMMAND_PROTOCOLS", "ResizeQueue", "StreamBackend",
+           "StreamingServer"]
 
 REMOTECOMMAND_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io",
                            "channel.k8s.io")
@@ -479,7 +479,7 @@ class StreamingServer:
         for _, thread in conns:
             thread.join(max(0.0, deadline - time.monotonic()))
 
-    def __enter__(self) -> StreamingServer:
+    def __enter__(self) -> StreamingServer:  # noqa: PYI034
         self.start()
         return self
 
@@ -581,7 +581,8 @@ class StreamingServer:
                 if req.method not in ("GET", "POST"):
                     raise _HttpError(405, "Method Not Allowed", "method not allowed")
                 offered = req.tokens("x-stream-protocol-version")
-                server_protocols = (PORTFORWARD_PROTOCOL,) if kind == "portforward" else REMOTECOMMAND_PROTOCOLS
+                server_protocols = ((PORTFORWARD_PROTOCOL,) if kind == "portforward"
+                                    else REMOTECOMMAND_PROTOCOLS)
                 protocol = _negotiate(offered, server_protocols) if offered else ""
                 if protocol is None:
                     raise _HttpError(
@@ -604,11 +605,10 @@ class StreamingServer:
                     raise _HttpError(400, "Bad Request", "unsupported websocket handshake",
                                      [("Sec-WebSocket-Version", "13")])
                 offered = req.tokens("sec-websocket-protocol")
+                ws_protocols: tuple[str, ...] = WS_REMOTECOMMAND_PROTOCOLS
                 if kind == "portforward":
-                    server_protocols = WS_PORTFORWARD_PROTOCOLS + (WS_SPDY_TUNNEL_PROTOCOL,)
-                else:
-                    server_protocols = WS_REMOTECOMMAND_PROTOCOLS
-                protocol = _negotiate(offered, server_protocols) if offered else ""
+                    ws_protocols = (*WS_PORTFORWARD_PROTOCOLS, WS_SPDY_TUNNEL_PROTOCOL)
+                protocol = _negotiate(offered, ws_protocols) if offered else ""
                 if protocol is None:
                     raise _HttpError(403, "Forbidden",
                                      f"unable to upgrade: none of the websocket subprotocols "
@@ -674,7 +674,7 @@ class StreamingServer:
             if reader.is_alive():
                 reader.join(5.0)
 
-    def _linger(self, transport: Any, closed: threading.Event) -> None:
+    def _linger(self, transport: Any, closed: threading.Event | _ClosedFlag) -> None:
         """Half-close and give the peer a moment to read what we sent and hang up.
 
         Closing a socket with unread input makes the kernel send RST, and the
@@ -753,7 +753,7 @@ class StreamingServer:
             self.backend.attach(req.container_id, tty=req.tty, stdin=stdin, stdout=stdout,
                                 stderr=stderr, resize=resize)
             return 0, None
-        except Exception as e:  # the backend's failure is the client's error status
+        except Exception as e:  # noqa: BLE001 - any backend failure becomes the client's error status
             what = "executing command in" if pending.kind == "exec" else "attaching to"
             return None, f"error {what} container {req.container_id}: {e}"
 
@@ -880,7 +880,7 @@ class StreamingServer:
         error = None
         try:
             self.backend.port_forward(sandbox_id, port, theirs)
-        except Exception as e:  # reported to the client on the error stream
+        except Exception as e:  # noqa: BLE001 - reported to the client on the error stream
             error = str(e) or type(e).__name__
         finally:
             try:
@@ -947,9 +947,9 @@ class StreamingServer:
                         stdin_box.put(data, lambda: not ws.closed)
                 elif ch == RESIZE and req.tty:
                     sizes.feed(data)
-                elif ch == wsstream.CHANNEL_CLOSE and codec.version >= 5:
-                    if data[:1] == bytes([STDIN]) and stdin_box is not None:
-                        stdin_box.finish()
+                elif (ch == wsstream.CHANNEL_CLOSE and codec.version >= 5
+                      and data[:1] == bytes([STDIN]) and stdin_box is not None):
+                    stdin_box.finish()
             if stdin_box is not None:
                 stdin_box.finish()
             resize.close()

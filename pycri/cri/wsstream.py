@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import socket
 import struct
 import threading
 import time
@@ -69,7 +68,7 @@ class WebSocket:
         while len(self._buf) < n:
             try:
                 chunk = self.sock.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 if time.monotonic() - self.last_activity >= self.idle_timeout:
                     raise TimeoutError("WebSocket idle") from None
                 continue
