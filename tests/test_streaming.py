@@ -87,16 +87,27 @@ class HostBackend:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.results: list[int] = []
         self.forwarded = 0
+        self.forward_done = 0
+
+    @staticmethod
+    def _kill_on_cancel(proc: subprocess.Popen[bytes], cancel: threading.Event) -> None:
+        while proc.poll() is None:
+            if cancel.wait(0.05):
+                proc.kill()
+                return
 
     def _run(self, cmd: list[str], tty: bool, stdin: Any, stdout: Any, stderr: Any,
-             resize: ResizeQueue) -> int:
-        threads = []
+             resize: ResizeQueue, cancel: threading.Event) -> int:
+        threads: list[threading.Thread] = []
         if tty:
             master, slave = pty.openpty()
             proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave,
                                     preexec_fn=_set_ctty, close_fds=True)  # noqa: PLW1509
             os.close(slave)
+            threads.append(threading.Thread(target=self._kill_on_cancel, args=(proc, cancel),
+                                            daemon=True))
 
             def apply_sizes() -> None:
                 for width, height in resize:
@@ -116,6 +127,7 @@ class HostBackend:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True)
         assert proc.stdout and proc.stderr
+        threads.append(threading.Thread(target=self._kill_on_cancel, args=(proc, cancel), daemon=True))
         outs = [threading.Thread(target=_copy_out, args=(proc.stdout.fileno(), stdout), daemon=True),
                 threading.Thread(target=_copy_out,
                                  args=(proc.stderr.fileno(), stderr if stderr else stdout),
@@ -135,16 +147,20 @@ class HostBackend:
         return rc
 
     def exec(self, container_id: str, cmd: list[str], *, tty: bool, stdin: Any, stdout: Any,
-             stderr: Any, resize: ResizeQueue) -> int:
+             stderr: Any, resize: ResizeQueue, cancel: threading.Event) -> int:
         self.calls.append(("exec", (container_id, cmd, tty)))
         if container_id == "broken":
             raise RuntimeError("container broken is not running")
-        return self._run(cmd, tty, stdin, stdout, stderr, resize)
+        rc = self._run(cmd, tty, stdin, stdout, stderr, resize, cancel)
+        self.results.append(rc)
+        return rc
 
     def attach(self, container_id: str, *, tty: bool, stdin: Any, stdout: Any, stderr: Any,
-               resize: ResizeQueue) -> None:
+               resize: ResizeQueue, cancel: threading.Event) -> None:
+        # The stand-in main process lives only as long as the attach session; a
+        # real runtime would detach on cancel and leave the container running.
         self.calls.append(("attach", (container_id, tty)))
-        self._run(list(self.ATTACH_CMD), tty, stdin, stdout, stderr, resize)
+        self._run(list(self.ATTACH_CMD), tty, stdin, stdout, stderr, resize, cancel)
 
     def port_forward(self, sandbox_id: str, port: int, sock: socket.socket) -> None:
         self.calls.append(("portforward", (sandbox_id, port)))
@@ -171,6 +187,7 @@ class HostBackend:
         pipe(pod, sock)
         up.join(30)
         pod.close()
+        self.forward_done += 1
 
 
 class EchoServer:
@@ -636,6 +653,18 @@ def test_spdy_idle_connection_closed(backend: HostBackend) -> None:
         _wait(lambda: srv.active_connections == 0)
 
 
+def test_spdy_client_gone_cancels_exec(server: StreamingServer, backend: HostBackend) -> None:
+    req = exec_req(["sh", "-c", "echo started; exec sleep 1000"])
+    c = SpdyClient(server.get_exec(req).url, ["v4.channel.k8s.io"])
+    c.open(streamType="error")
+    out = c.open(streamType="stdout")
+    c.open(streamType="stderr")
+    assert out.read(100, timeout=10) == b"started\n"
+    c.close()  # hang up without a word
+    _wait(lambda: backend.results == [-9])
+    _wait(lambda: server.active_connections == 0)
+
+
 def test_spdy_garbage_after_upgrade(server: StreamingServer) -> None:
     req = exec_req(["true"])
     sock, code, _, _, _ = http_upgrade(server.get_exec(req).url, spdy_headers(["v4.channel.k8s.io"]))
@@ -651,6 +680,18 @@ def test_spdy_garbage_after_upgrade(server: StreamingServer) -> None:
         data += chunk
     sock.close()
     assert data  # our SETTINGS + GOAWAY, then the server hung up
+    _wait(lambda: server.active_connections == 0)
+
+
+def test_spdy_oversize_frame_refused(server: StreamingServer) -> None:
+    req = exec_req(["cat"], stdin=True)
+    sock, code, _, rest, _ = http_upgrade(server.get_exec(req).url, spdy_headers(["v4.channel.k8s.io"]))
+    assert code == 101
+    # A DATA frame header announcing 16 MiB - 1: refused before any of it is buffered.
+    sock.sendall(struct.pack(">II", 1, 0xFFFFFF))
+    frames = read_raw_frames(sock, rest)
+    sock.close()
+    assert frames[-1][0] == spdy.GOAWAY
     _wait(lambda: server.active_connections == 0)
 
 
@@ -830,6 +871,19 @@ def test_ws_unmasked_client_frame_is_protocol_error(server: StreamingServer) -> 
     ws.sock.close()
 
 
+def test_ws_idle_connection_closed(backend: HostBackend) -> None:
+    with StreamingServer(backend, idle_timeout=1.0) as srv:
+        req = exec_req(["sleep", "1000"], stdin=True)
+        ws, _ = ws_connect(srv.get_exec(req).url, ["v5.channel.k8s.io"])
+        t0 = time.monotonic()
+        while ws.recv_message() is not None:  # the empty "ready" message, then the close
+            pass
+        assert time.monotonic() - t0 < 10
+        ws.sock.close()
+        _wait(lambda: srv.active_connections == 0)
+        assert backend.results == [-9]  # cancel reached the backend, which killed sleep
+
+
 def test_ws_pings_answered(server: StreamingServer) -> None:
     req = exec_req(["sh", "-c", "sleep 0.5; echo done"])
     ws, _ = ws_connect(server.get_exec(req).url, ["v5.channel.k8s.io"])
@@ -896,6 +950,30 @@ def test_spdy_port_forward_bad_headers_reset(server: StreamingServer) -> None:
         with pytest.raises(ConnectionResetError):
             c.open(**hdrs)
     c.close()
+
+
+def test_spdy_port_forward_client_gone(server: StreamingServer, backend: HostBackend) -> None:
+    """The pod keeps talking after the client vanished: the backend call still ends."""
+    talker = socket.create_server(("127.0.0.1", 0))
+
+    def talk() -> None:
+        conn, _ = talker.accept()
+        with contextlib.suppress(OSError):
+            while True:
+                conn.sendall(bytes(65536))
+        conn.close()
+
+    threading.Thread(target=talk, daemon=True).start()
+    port = talker.getsockname()[1]
+    c = SpdyClient(server.get_port_forward(api_pb2.PortForwardRequest(pod_sandbox_id="p")).url,
+                   ["portforward.k8s.io"])
+    c.open(streamType="error", port=str(port), requestID="1")
+    data = c.open(streamType="data", port=str(port), requestID="1")
+    assert data.read(10, timeout=10)
+    c.close()
+    _wait(lambda: backend.forward_done == 1)
+    _wait(lambda: server.active_connections == 0)
+    talker.close()
 
 
 @pytest.mark.parametrize("protocol", ["v4.channel.k8s.io", "v4.base64.channel.k8s.io"])
@@ -968,14 +1046,18 @@ def test_ws_spdy_tunnel_port_forward(server: StreamingServer, echo: EchoServer) 
 def test_stop_closes_live_sessions(backend: HostBackend) -> None:
     srv = StreamingServer(backend)
     srv.start()
-    req = exec_req(["sleep", "2"])
+    req = exec_req(["sleep", "1000"])
     c = SpdyClient(srv.get_exec(req).url, ["v4.channel.k8s.io"])
     c.open(streamType="error")
+    c.open(streamType="stdout")
+    c.open(streamType="stderr")
+    _wait(lambda: backend.calls)
     before = threading.active_count()
     srv.stop()
     assert c.conn.closed.wait(10)
     c.close()
     assert srv.active_connections == 0
+    assert backend.results == [-9]  # the running command was cancelled
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", srv.port), timeout=1).close()
     _wait(lambda: threading.active_count() < before, timeout=15)

@@ -38,6 +38,7 @@ fast sender is slowed by TCP, not by memory growth).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
 import json
@@ -131,18 +132,23 @@ class StreamBackend(Protocol):
     stdin/stdout/stderr are file objects or None (None when the client did not
     ask for that stream). stdin.read() returns b"" once the client closed it.
     stdout/stderr writes block while the client is slow and raise OSError once
-    it has gone. Each call runs in its own thread; exceptions become an error
-    status for the client.
+    it has gone. `cancel` is set when the client has gone (hung up, idle
+    timeout, server stopping) before the call returned. Each call runs in its
+    own thread; exceptions become an error status for the client.
     """
 
     def exec(self, container_id: str, cmd: list[str], *, tty: bool, stdin: BinaryIO | None,
-             stdout: BinaryIO | None, stderr: BinaryIO | None, resize: ResizeQueue) -> int:
-        """Run cmd in the container; return its exit code when it and its output are done."""
+             stdout: BinaryIO | None, stderr: BinaryIO | None, resize: ResizeQueue,
+             cancel: threading.Event) -> int:
+        """Run cmd in the container; return its exit code once it has exited and its
+        output is written. On `cancel`, kill the process (as containerd does)."""
         ...
 
     def attach(self, container_id: str, *, tty: bool, stdin: BinaryIO | None,
-               stdout: BinaryIO | None, stderr: BinaryIO | None, resize: ResizeQueue) -> None:
-        """Connect to the container's main process until it exits or the client leaves."""
+               stdout: BinaryIO | None, stderr: BinaryIO | None, resize: ResizeQueue,
+               cancel: threading.Event) -> None:
+        """Relay the container's main process streams until it exits; on `cancel`,
+        detach and return (never kill the container)."""
         ...
 
     def port_forward(self, sandbox_id: str, port: int, sock: socket.socket) -> None:
@@ -655,10 +661,16 @@ class StreamingServer:
 
     # SPDY ------------------------------------------------------------------------
     def _run_spdy(self, transport: Any, initial: bytes, pending: _Pending, protocol: str) -> None:
+        cancel = threading.Event()
         arrivals: queue.Queue[spdy.SpdyStream | None] = queue.Queue()
+
+        def on_close() -> None:
+            cancel.set()  # tells a still-running backend call that the client is gone
+            arrivals.put(None)
+
         conn = spdy.SpdyConnection(transport, server=True, on_stream=arrivals.put,
                                    idle_timeout=self.idle_timeout, recv_window=self.buffer_size,
-                                   on_close=lambda: arrivals.put(None))
+                                   on_close=on_close)
         conn._rbuf += initial
         reader = threading.Thread(target=conn.run, daemon=True, name="cri-spdy-reader")
         try:
@@ -667,7 +679,7 @@ class StreamingServer:
             if pending.kind == "portforward":
                 self._spdy_port_forward(conn, arrivals, pending.request)
             else:
-                self._spdy_remotecommand(conn, arrivals, pending, protocol)
+                self._spdy_remotecommand(conn, arrivals, pending, protocol, cancel)
         finally:
             self._linger(transport, conn.closed)
             conn.close()
@@ -687,7 +699,7 @@ class StreamingServer:
 
     def _spdy_remotecommand(self, conn: spdy.SpdyConnection,
                             arrivals: queue.Queue[spdy.SpdyStream | None],
-                            pending: _Pending, protocol: str) -> None:
+                            pending: _Pending, protocol: str, cancel: threading.Event) -> None:
         req = pending.request
         expected = {"error"}
         if req.stdin:
@@ -725,7 +737,7 @@ class StreamingServer:
         stdin = _InputFile(streams["stdin"].read) if "stdin" in streams else None
         stdout = _OutputFile(streams["stdout"].write) if "stdout" in streams else None
         stderr = _OutputFile(streams["stderr"].write) if "stderr" in streams else None
-        exit_code, error = self._call_backend(pending, stdin, stdout, stderr, resize)
+        exit_code, error = self._call_backend(pending, stdin, stdout, stderr, resize, cancel)
         resize.close()
         for name in ("stdout", "stderr"):
             if name in streams:
@@ -743,15 +755,17 @@ class StreamingServer:
             t.join(0.1)
 
     def _call_backend(self, pending: _Pending, stdin: Any, stdout: Any, stderr: Any,
-                      resize: ResizeQueue) -> tuple[int | None, str | None]:
+                      resize: ResizeQueue, cancel: threading.Event
+                      ) -> tuple[int | None, str | None]:
         req = pending.request
         try:
             if pending.kind == "exec":
                 code = self.backend.exec(req.container_id, list(req.cmd), tty=req.tty,
-                                         stdin=stdin, stdout=stdout, stderr=stderr, resize=resize)
+                                         stdin=stdin, stdout=stdout, stderr=stderr, resize=resize,
+                                         cancel=cancel)
                 return int(code), None
             self.backend.attach(req.container_id, tty=req.tty, stdin=stdin, stdout=stdout,
-                                stderr=stderr, resize=resize)
+                                stderr=stderr, resize=resize, cancel=cancel)
             return 0, None
         except Exception as e:  # noqa: BLE001 - any backend failure becomes the client's error status
             what = "executing command in" if pending.kind == "exec" else "attaching to"
@@ -869,11 +883,11 @@ class StreamingServer:
                         break
                     write(chunk)
             except OSError:
-                pass
-            try:
+                # The client is gone: make the backend's reads and writes fail too.
+                with contextlib.suppress(OSError):
+                    ours.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
                 close_write()
-            except OSError:
-                pass
 
         up = _start(client_to_pod)
         down = _start(pod_to_client)
@@ -932,6 +946,8 @@ class StreamingServer:
         stdin_box = spdy._Inbox(self.buffer_size) if req.stdin else None
         resize = ResizeQueue()
         sizes = _JsonSizes(resize)
+        cancel = threading.Event()
+        finished = threading.Event()
 
         def reader() -> None:
             while True:
@@ -953,6 +969,8 @@ class StreamingServer:
             if stdin_box is not None:
                 stdin_box.finish()
             resize.close()
+            if not finished.is_set():
+                cancel.set()  # the client left (or went idle) while the command ran
 
         def read_stdin(n: int) -> bytes:
             assert stdin_box is not None
@@ -969,7 +987,8 @@ class StreamingServer:
                   if req.stderr and not req.tty else None)
         if not req.tty:
             resize.close()
-        exit_code, error = self._call_backend(pending, stdin, stdout, stderr, resize)
+        exit_code, error = self._call_backend(pending, stdin, stdout, stderr, resize, cancel)
+        finished.set()
         msg = _status_message(exit_code, error, list(getattr(req, "cmd", [])), codec.version >= 4)
         try:
             if msg:
