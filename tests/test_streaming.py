@@ -72,11 +72,11 @@ def _copy_in(src: Any, dst_fd: int, close: bool) -> None:
         os.close(dst_fd)
 
 
-def _set_ctty() -> None:
-    # The pty must be the child's controlling terminal for stty and SIGWINCH;
-    # only a preexec hook can do that between fork and exec.
-    os.setsid()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+def with_ctty(cmd: list[str]) -> list[str]:
+    """Run cmd in a new session with its stdin (a pty) as controlling terminal,
+    which stty and SIGWINCH need. util-linux setsid does it after exec, so no
+    Python runs between fork and exec (unsafe here: gRPC threads are live)."""
+    return ["setsid", "-c", *cmd]
 
 
 class HostBackend:
@@ -103,8 +103,8 @@ class HostBackend:
         threads: list[threading.Thread] = []
         if tty:
             master, slave = pty.openpty()
-            proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave,
-                                    preexec_fn=_set_ctty, close_fds=True)  # noqa: PLW1509
+            proc = subprocess.Popen(with_ctty(cmd), stdin=slave, stdout=slave, stderr=slave,
+                                    close_fds=True)
             os.close(slave)
             threads.append(threading.Thread(target=self._kill_on_cancel, args=(proc, cancel),
                                             daemon=True))
@@ -565,6 +565,12 @@ def test_spdy_exec_nonzero_exit_code(server: StreamingServer) -> None:
     st = json.loads(status)
     assert st["status"] == "Failure" and st["reason"] == "NonZeroExitCode"
     assert st["details"]["causes"] == [{"reason": "ExitCode", "message": "7"}]
+
+
+def test_spdy_exec_killed_by_signal(server: StreamingServer) -> None:
+    req = exec_req(["sh", "-c", "kill -TERM $$"])
+    _, _, status = spdy_exec(server.get_exec(req).url, req)
+    assert json.loads(status)["details"]["causes"] == [{"reason": "ExitCode", "message": "143"}]
 
 
 def test_spdy_exec_backend_failure_reported(server: StreamingServer) -> None:
@@ -1178,10 +1184,9 @@ def test_crictl_exec_tty(cri: str, transport: str) -> None:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
     script = ('for i in $(seq 100); do s=$(stty size); [ "$s" != "0 0" ] && break; sleep 0.05; done; '
               'echo "size=$s"')
-    proc = subprocess.Popen([CRICTL, "--runtime-endpoint", f"unix://{cri}", "exec", "-it",
-                             "--transport", transport, "c1", "sh", "-c", script],
-                            stdin=slave, stdout=slave, stderr=slave,
-                            preexec_fn=_set_ctty)  # noqa: PLW1509
+    proc = subprocess.Popen(with_ctty([CRICTL, "--runtime-endpoint", f"unix://{cri}", "exec", "-it",
+                                       "--transport", transport, "c1", "sh", "-c", script]),
+                            stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
     out = b""
     deadline = time.monotonic() + 30

@@ -760,10 +760,12 @@ class StreamingServer:
         req = pending.request
         try:
             if pending.kind == "exec":
-                code = self.backend.exec(req.container_id, list(req.cmd), tty=req.tty,
-                                         stdin=stdin, stdout=stdout, stderr=stderr, resize=resize,
-                                         cancel=cancel)
-                return int(code), None
+                code = int(self.backend.exec(req.container_id, list(req.cmd), tty=req.tty,
+                                             stdin=stdin, stdout=stdout, stderr=stderr,
+                                             resize=resize, cancel=cancel))
+                # A process killed by signal N (Python reports -N) exits 128+N, as
+                # shells and runc report it; clients reject negative codes.
+                return (128 - code if code < 0 else code), None
             self.backend.attach(req.container_id, tty=req.tty, stdin=stdin, stdout=stdout,
                                 stderr=stderr, resize=resize, cancel=cancel)
             return 0, None
