@@ -711,28 +711,29 @@ def test_spdy_decompression_bomb_refused() -> None:
 
 
 def test_spdy_stdin_backpressure_bounded(backend: HostBackend) -> None:
-    """A client that ignores flow control and floods stdin of a process that never
-    reads: the server's memory stays bounded (TCP pushes back on the client)."""
-    with StreamingServer(backend, buffer_size=64 * 1024) as srv:
-        req = exec_req(["sleep", "3"], stdin=True)
+    """A client that ignores flow control floods stdin of a process that never
+    reads: the server's memory stays bounded (TCP pushes back on the client), and
+    once nothing has moved for the idle timeout the session is dropped and the
+    command cancelled."""
+    with StreamingServer(backend, buffer_size=64 * 1024, idle_timeout=1.5) as srv:
+        req = exec_req(["sleep", "1000"], stdin=True)
         c = SpdyClient(srv.get_exec(req).url, ["v4.channel.k8s.io"])
-        err = c.open(streamType="error")
+        c.open(streamType="error")
         stdin = c.open(streamType="stdin")
-        c.open(streamType="stdout").close_write()
-        c.open(streamType="stderr").close_write()
+        c.open(streamType="stdout")
+        c.open(streamType="stderr")
         c.conn._ignore_send_windows = True  # behave like spdystream
         sent = 0
-        c.sock.settimeout(2)
+        c.sock.settimeout(1)
         chunk = bytes(32 * 1024)
-        try:
+        with contextlib.suppress(OSError):
             while sent < 64 * 1024 * 1024:
                 stdin.write(chunk)
                 sent += len(chunk)
-        except OSError:
-            pass
         assert sent < 32 * 1024 * 1024, "server accepted far more than its buffers"
+        _wait(lambda: backend.results == [-9])
+        _wait(lambda: srv.active_connections == 0)
         c.close()
-        del err
 
 
 def test_spdy_ping_answered(server: StreamingServer) -> None:

@@ -461,6 +461,9 @@ class SpdyConnection:
             if stream.local_closed and stream.remote_closed:
                 self.streams.pop(stream.id, None)
 
+    def idle(self) -> bool:
+        return time.monotonic() - self.last_activity >= self.idle_timeout
+
     # reading ---------------------------------------------------------------
     def _recv_exact(self, n: int) -> bytes:
         while len(self._rbuf) < n:
@@ -607,8 +610,12 @@ class SpdyConnection:
                 self._send(control_frame(RST_STREAM, 0, struct.pack(">II", sid, INVALID_STREAM)))
             return
         # put() returns False if the stream went away while we waited: the data is dropped.
-        if payload:
-            st._inbox.put(payload, lambda: not self.closed.is_set() and not st.reset)
+        accepted = not payload or st._inbox.put(
+            payload, lambda: not self.closed.is_set() and not st.reset and not self.idle())
+        if not accepted and self.idle():
+            # The application has not read this stream for the whole idle timeout
+            # and nothing else moved: treat the session as abandoned.
+            raise TimeoutError("stream buffer full for the idle timeout")
         if flags & FLAG_FIN:
             self._remote_fin(st)
 

@@ -961,8 +961,10 @@ class StreamingServer:
                 except ValueError:
                     break
                 if ch == STDIN and stdin_box is not None:
-                    if data:
-                        stdin_box.put(data, lambda: not ws.closed)
+                    accepted = not data or stdin_box.put(
+                        data, lambda: not ws.closed and not ws.idle())
+                    if not accepted and ws.idle():
+                        break  # stdin unread for the whole idle timeout: abandoned
                 elif ch == RESIZE and req.tty:
                     sizes.feed(data)
                 elif (ch == wsstream.CHANNEL_CLOSE and codec.version >= 5
@@ -1025,8 +1027,11 @@ class StreamingServer:
                     ch, data = codec.decode(*msg)
                 except ValueError:
                     break
-                if ch % 2 == 0 and ch // 2 < len(boxes) and data:
-                    boxes[ch // 2].put(data, lambda: not ws.closed)
+                if ch % 2 or ch // 2 >= len(boxes) or not data:
+                    continue  # error channels are server-to-client only
+                if not boxes[ch // 2].put(data, lambda: not ws.closed and not ws.idle()) \
+                        and ws.idle():
+                    break
             for box in boxes:
                 box.finish()
 

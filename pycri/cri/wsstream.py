@@ -63,6 +63,9 @@ class WebSocket:
         self.close_sent = False
         self.last_activity = time.monotonic()
 
+    def idle(self) -> bool:
+        return time.monotonic() - self.last_activity >= self.idle_timeout
+
     # low level -----------------------------------------------------------
     def _recv_exact(self, n: int) -> bytes:
         while len(self._buf) < n:
