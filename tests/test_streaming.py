@@ -442,6 +442,22 @@ def test_localhost_binds_loopback_only(backend: HostBackend) -> None:
                 socket.create_connection((addr, srv.port), timeout=1).close()
 
 
+def test_ipv6_loopback(backend: HostBackend) -> None:
+    try:
+        srv = StreamingServer(backend, address="::1")
+        srv.start()
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        req = exec_req(["echo", "v6"])
+        url = srv.get_exec(req).url
+        assert url.startswith(f"http://[::1]:{srv.port}/exec/")
+        out, _, _ = spdy_exec(url, req)
+        assert out == b"v6\n"
+    finally:
+        srv.stop()
+
+
 def _local_addresses() -> list[str]:
     try:
         out = subprocess.run(["hostname", "-I"], capture_output=True, text=True, timeout=5,
@@ -1079,6 +1095,22 @@ def test_no_thread_or_fd_leak(server: StreamingServer, echo: EchoServer) -> None
                        ["portforward.k8s.io"])
         spdy_forward(c, echo.port, "1", b"abc")
         c.close()
+        url = server.get_port_forward(api_pb2.PortForwardRequest(pod_sandbox_id="p")).url
+        ws, _ = ws_connect(f"{url}?port={echo.port}", ["v4.channel.k8s.io"])
+        ws.send_message(b"\x00abc")
+        got = b""
+        while len(got) < 5:
+            msg = ws.recv_message()
+            assert msg is not None
+            if msg[1][:1] == b"\x00":
+                got += msg[1][1:]
+        ws.close()
+        while ws.recv_message() is not None:
+            pass
+        ws.sock.close()
+        req = exec_req(["true"])
+        sock, code, _, _, _ = http_upgrade(server.get_exec(req).url, spdy_headers(["v9"]))
+        sock.close()
 
     one_round()
     _wait(lambda: server.active_connections == 0)

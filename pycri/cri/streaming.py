@@ -406,8 +406,19 @@ class _JsonSizes:
 class StreamingServer:
     """Serves exec/attach/port-forward URLs on a loopback address.
 
-    backend: a StreamBackend. address must be a loopback address ("127.0.0.1",
-    "::1", "localhost"); anything else raises InvalidArgumentError.
+    backend: a StreamBackend.
+    address, port: where to listen; address must be loopback ("127.0.0.1",
+        "::1", "localhost"), anything else raises InvalidArgumentError. Port 0
+        picks a free port at start().
+    token_ttl: seconds a URL stays usable; each URL works once.
+    idle_timeout: seconds without traffic either way (or with a stream buffer
+        left unread) before a session is dropped and its command cancelled;
+        also the longest a write may block on a client that stopped reading.
+    stream_creation_timeout: seconds a SPDY client has to open all the streams
+        the request needs (and to complete a port-forward stream pair).
+    max_tokens, max_connections: caps on outstanding URLs (ResourceExhaustedError
+        past it) and on live connections (HTTP 503 past it).
+    buffer_size: bytes buffered per inbound stream (also our SPDY window).
     """
 
     def __init__(self, backend: StreamBackend, address: str = "127.0.0.1", port: int = 0, *,
