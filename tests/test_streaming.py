@@ -1111,6 +1111,7 @@ def test_no_thread_or_fd_leak(server: StreamingServer, echo: EchoServer) -> None
         req = exec_req(["true"])
         sock, code, _, _, _ = http_upgrade(server.get_exec(req).url, spdy_headers(["v9"]))
         sock.close()
+        assert code == 403
 
     one_round()
     _wait(lambda: server.active_connections == 0)
