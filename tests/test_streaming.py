@@ -717,6 +717,20 @@ def test_spdy_oversize_frame_refused(server: StreamingServer) -> None:
     _wait(lambda: server.active_connections == 0)
 
 
+def test_spdy_header_blocks() -> None:
+    comp, decomp = spdy.HeaderCompressor(), spdy.HeaderDecompressor()
+    for headers in [{"streamtype": ["error"]}, {"streamtype": ["data"], "port": ["80"], "requestid": ["0"]},
+                    {"x": ["a", "b"]}, {}]:
+        assert decomp.decompress(comp.compress(headers)) == headers  # one zlib stream throughout
+    assert spdy.decode_header_block(spdy.encode_header_block({"StreamType": ["x"]})) == {"streamtype": ["x"]}
+    for raw in [b"", b"\x00\x00\x00\x01", b"\x00\x00\x00\x01\x00\x00\x00\x05ab",
+                struct.pack(">I", 10_000), struct.pack(">III", 1, 0, 0)]:
+        with pytest.raises(spdy.SpdyError):
+            spdy.decode_header_block(raw)
+    with pytest.raises(spdy.SpdyError):
+        spdy.HeaderDecompressor().decompress(b"not zlib at all")
+
+
 def test_spdy_decompression_bomb_refused() -> None:
     comp = zlib.compressobj(zdict=spdy.DICTIONARY)
     block = struct.pack(">I", 1) + struct.pack(">I", 1) + b"a" + struct.pack(">I", 10_000_000) + bytes(10_000_000)

@@ -528,7 +528,10 @@ class SpdyConnection:
         elif ftype == HEADERS:
             if len(p) < 4:
                 raise SpdyError("short HEADERS")
-            self._decompressor.decompress(p[4:])
+            self._decompressor.decompress(p[4:])  # contents unused; keeps zlib in step
+            st = self.streams.get(struct.unpack(">I", p[:4])[0] & 0x7FFFFFFF)
+            if st is not None and flags & FLAG_FIN:
+                self._remote_fin(st)
         elif ftype == RST_STREAM:
             if len(p) != 8:
                 raise SpdyError("bad RST_STREAM")
