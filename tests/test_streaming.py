@@ -1256,8 +1256,9 @@ def test_crictl_exec_tty(cri: str, transport: str) -> None:
 
 
 @needs_crictl
-def test_crictl_attach(cri: str) -> None:
-    r = crictl(cri, "attach", "-i", "c1", input=b"via-crictl\n")
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_crictl_attach(cri: str, transport: str) -> None:
+    r = crictl(cri, "attach", "-i", "--transport", transport, "c1", input=b"via-crictl\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"attached\nvia-crictl\n"
 
@@ -1296,10 +1297,11 @@ def test_crictl_port_forward(cri: str, echo: EchoServer, transport: str) -> None
 
 
 @needs_crictl
-def test_crictl_port_forward_closed_port(cri: str) -> None:
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_crictl_port_forward_closed_port(cri: str, transport: str) -> None:
     local, dead = closed_port(), closed_port()
     proc = subprocess.Popen([CRICTL, "--runtime-endpoint", f"unix://{cri}", "port-forward",
-                             "pod1", f"{local}:{dead}"],
+                             "--transport", transport, "pod1", f"{local}:{dead}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 20
