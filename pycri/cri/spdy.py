@@ -20,6 +20,7 @@ arrives within a short grace period, we stop counting for that connection.
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import struct
 import threading
@@ -297,8 +298,10 @@ class SpdyStream:
             self.local_closed = True
 
     def send_reset(self, status: int = CANCEL) -> None:
+        """Abort the stream both ways (best effort if the session is gone)."""
         if not self.reset:
-            self.conn._send(control_frame(RST_STREAM, 0, struct.pack(">II", self.id, status)))
+            with contextlib.suppress(OSError):
+                self.conn._send(control_frame(RST_STREAM, 0, struct.pack(">II", self.id, status)))
         self.conn._on_reset(self)
 
     def wait_reply(self, timeout: float) -> None:
@@ -429,14 +432,17 @@ class SpdyConnection:
             pass
 
     # bookkeeping -----------------------------------------------------------
-    def _consumed(self, stream: SpdyStream, n: int) -> None:
+    def _consumed(self, stream: SpdyStream | None, n: int) -> None:
+        """Credit n bytes back to the peer's windows (stream None: session only,
+        for data we dropped)."""
         updates = []
         with self._lock:
-            stream._unacked += n
             self._session_unacked += n
-            if stream._unacked >= self.recv_window // 2 and not stream.remote_closed:
-                updates.append((stream.id, stream._unacked))
-                stream._unacked = 0
+            if stream is not None:
+                stream._unacked += n
+                if stream._unacked >= self.recv_window // 2 and not stream.remote_closed:
+                    updates.append((stream.id, stream._unacked))
+                    stream._unacked = 0
             if self._session_unacked >= self.session_recv_window // 2:
                 updates.append((0, self._session_unacked))
                 self._session_unacked = 0
@@ -608,17 +614,22 @@ class SpdyConnection:
     def _data(self, sid: int, flags: int, payload: bytes) -> None:
         st = self.streams.get(sid)
         if st is None or st.remote_closed:
-            # Data for a stream we reset or never had: tell the peer, keep the session.
-            if sid != 0 and st is None:
+            # Dropped, but still credited to the session window. Data still in
+            # flight for a stream that was reset is normal; a stream that was
+            # never opened gets told so.
+            self._consumed(None, len(payload))
+            if st is None and (sid == 0 or sid > self._last_peer_id):
                 self._send(control_frame(RST_STREAM, 0, struct.pack(">II", sid, INVALID_STREAM)))
             return
         # put() returns False if the stream went away while we waited: the data is dropped.
         accepted = not payload or st._inbox.put(
             payload, lambda: not self.closed.is_set() and not st.reset and not self.idle())
-        if not accepted and self.idle():
-            # The application has not read this stream for the whole idle timeout
-            # and nothing else moved: treat the session as abandoned.
-            raise TimeoutError("stream buffer full for the idle timeout")
+        if not accepted:
+            self._consumed(None, len(payload))
+            if self.idle():
+                # The application has not read this stream for the whole idle timeout
+                # and nothing else moved: treat the session as abandoned.
+                raise TimeoutError("stream buffer full for the idle timeout")
         if flags & FLAG_FIN:
             self._remote_fin(st)
 
