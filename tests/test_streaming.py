@@ -622,6 +622,45 @@ def test_spdy_exec_large_output(server: StreamingServer) -> None:
     assert json.loads(status)["status"] == "Success"
 
 
+def test_spdy_server_honours_client_window(server: StreamingServer) -> None:
+    """A flow-controlling client with a small window: the server never has more
+    unacknowledged data in flight on a stream than the client allowed."""
+    req = exec_req(["head", "-c", "1000000", "/dev/zero"], stderr=False)
+    sock, code, _, rest, _ = http_upgrade(server.get_exec(req).url, spdy_headers(["v4.channel.k8s.io"]))
+    assert code == 101
+    window = 16 * 1024
+    conn = spdy.SpdyConnection(sock, server=False, recv_window=window)
+    conn._rbuf += rest
+    violations: list[int] = []
+    plain_data = conn._data
+
+    def checked_data(sid: int, flags: int, payload: bytes) -> None:
+        st = conn.streams.get(sid)
+        if st is not None:
+            outstanding = st._inbox.size + st._unacked + len(payload)
+            if outstanding > window:
+                violations.append(outstanding)
+        plain_data(sid, flags, payload)
+
+    conn._data = checked_data  # type: ignore[method-assign]
+    conn.start()  # SETTINGS: our 16 KiB stream window
+    threading.Thread(target=conn.run, daemon=True).start()
+    err = conn.open_stream({"streamtype": ["error"]})
+    out = conn.open_stream({"streamtype": ["stdout"]})
+    got = 0
+    while True:
+        data = out.read(4096, timeout=20)
+        if not data:
+            break
+        got += len(data)
+        time.sleep(0.0005)  # a slow reader
+    assert got == 1_000_000
+    assert json.loads(read_all(err))["status"] == "Success"
+    assert violations == []
+    conn.close()
+    sock.close()
+
+
 def test_spdy_exec_tty_with_resize(server: StreamingServer) -> None:
     script = ('for i in $(seq 100); do s=$(stty size); [ "$s" != "0 0" ] && break; sleep 0.05; done; '
               'echo "size=$s"; [ -t 0 ] && echo tty')
