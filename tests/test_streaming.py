@@ -661,6 +661,21 @@ def test_spdy_server_honours_client_window(server: StreamingServer) -> None:
     sock.close()
 
 
+def test_spdy_client_without_flow_control(server: StreamingServer) -> None:
+    """Go's spdystream never sends WINDOW_UPDATE: after the first 64 KiB window the
+    server stops waiting for updates that will not come, and delivers everything."""
+    req = exec_req(["head", "-c", "1000000", "/dev/zero"], stderr=False)
+    c = SpdyClient(server.get_exec(req).url, ["v4.channel.k8s.io"])
+    c.conn._consumed = lambda stream, n: None  # type: ignore[method-assign]
+    err = c.open(streamType="error")
+    out = c.open(streamType="stdout")
+    t0 = time.monotonic()
+    assert len(read_all(out)) == 1_000_000
+    assert json.loads(read_all(err))["status"] == "Success"
+    assert time.monotonic() - t0 < 10
+    c.close()
+
+
 def test_spdy_exec_tty_with_resize(server: StreamingServer) -> None:
     script = ('for i in $(seq 100); do s=$(stty size); [ "$s" != "0 0" ] && break; sleep 0.05; done; '
               'echo "size=$s"; [ -t 0 ] && echo tty')
