@@ -152,10 +152,13 @@ class StreamBackend(Protocol):
         ...
 
     def port_forward(self, sandbox_id: str, port: int, sock: socket.socket) -> None:
-        """Copy bytes both ways between sock and the pod's port; raise if it cannot connect.
+        """Copy bytes both ways between sock and the pod's port; raise if it cannot connect
+        (the message goes to the client's error stream).
 
-        sock.recv() returning b"" means the client finished sending; shut down the
-        pod side's write half then. Return when both directions are done.
+        sock is one end of a blocking AF_UNIX socketpair; the server pumps the other
+        end to the client. sock.recv() returning b"" means the client finished
+        sending: shut down the pod side's write half then. Return when both
+        directions are done; the server closes sock afterwards.
         """
         ...
 
