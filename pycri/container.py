@@ -238,7 +238,10 @@ class Container:
         return rec
 
     def _write(self, rec: dict[str, Any]) -> None:
-        store.write_json(os.path.join(self.record_dir, "record.json"), rec)
+        # No fsync: the rename is atomic, so a killed process never leaves a torn
+        # record, and after a power loss the processes it describes are gone too
+        # (recovery settles them). Image content, by contrast, is fsynced.
+        store.write_json(os.path.join(self.record_dir, "record.json"), rec, sync=False)
 
     def record(self) -> dict[str, Any]:
         """The record, brought up to date with the monitor's exit file."""

@@ -86,7 +86,10 @@ class Sandbox:
         return rec
 
     def _write(self, rec: dict[str, Any]) -> None:
-        store.write_json(os.path.join(self.record_dir, "record.json"), rec)
+        # No fsync: the rename is atomic, so a killed process never leaves a torn
+        # record, and after a power loss the processes it describes are gone too
+        # (recovery settles them). Image content, by contrast, is fsynced.
+        store.write_json(os.path.join(self.record_dir, "record.json"), rec, sync=False)
 
     @property
     def config(self) -> SandboxConfig:
