@@ -310,3 +310,16 @@ def test_exec_streams_stdin_and_tty(env):
         assert p.wait() == 0
         p.close()
         c.stop(timeout=0)
+
+
+def test_pod_shares_dev_shm(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="shm")) as sb:
+        r = sb.run(img, ["sh", "-c", "echo shared > /dev/shm/x; grep -c ' /dev/shm ' /proc/mounts"],
+                   timeout=10)
+        assert r.exit_code == 0
+        r = sb.run(img, ["cat", "/dev/shm/x"], timeout=10)
+        assert r.stdout == b"shared\n"
+    with rt.run_sandbox(pycri.SandboxConfig(name="shm2")) as other:
+        r = other.run(img, ["ls", "/dev/shm"], timeout=10)
+        assert r.stdout == b""  # another pod does not see it
