@@ -557,6 +557,25 @@ class Container:
             self._write(rec)
         with contextlib.suppress(TimeoutError, InvalidStateError):
             self.wait(10)
+        # the init is gone; anything it left behind in the cgroup (host or pod pid
+        # namespace modes) goes too
+        with self._lock():
+            with contextlib.suppress(NotFoundError, PycriError, OSError):
+                rec = self._read()
+                cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"],
+                                                                           self.id)
+                if cg.pids():
+                    cg.kill()
+
+    def reopen_log(self) -> None:
+        """Ask the monitor to reopen the log file (after it was rotated away)."""
+        rec = self.record()
+        if rec["state"] != RUNNING:
+            raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not running")
+        pid = rec.get("monitor_pid", 0)
+        if not _alive(pid, 0):
+            raise RuntimeFailure("the container's monitor is gone", stage="log")
+        os.kill(pid, signal.SIGUSR1)
 
     def _kill_launcher(self, rec: dict[str, Any]) -> None:
         """A created container: its launcher and held process go away."""
