@@ -105,8 +105,6 @@ static void intermediate(const struct pycri_spawn_spec *spec, const char *start_
         write_full(report, &rep, sizeof(rep));
         _exit(1);
     }
-    if (sr.pidfd >= 0)
-        close(sr.pidfd);
     struct sockaddr_un sa;
     int lsock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     int rc = lsock < 0 ? -1 : fill_sockaddr(&sa, start_sock, &rep.err);
@@ -143,13 +141,29 @@ static void intermediate(const struct pycri_spawn_spec *spec, const char *start_
         dup2(devnull, 2);
     }
     for (int fd = 3; fd < 4096; fd++) {
-        if (fd == lsock || fd == sr.start_fd || fd == sr.report_fd ||
+        if (fd == lsock || fd == sr.start_fd || fd == sr.report_fd || fd == sr.pidfd ||
             in_list(fd, monitor_fds, n_monitor_fds))
             continue;
         close(fd);
     }
 
     for (;;) {
+        /* Wait for a start request, or for the held container to die (killed by a
+         * remove whose caller never knew this launcher's pid): then go too. */
+        struct pollfd pfds[2] = {{.fd = lsock, .events = POLLIN}, {.fd = sr.pidfd, .events = POLLIN}};
+        int np = sr.pidfd >= 0 ? 2 : 1;
+        if (poll(pfds, (nfds_t)np, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            _exit(1);
+        }
+        if (np == 2 && (pfds[1].revents & POLLIN)) {
+            waitpid(sr.pid, NULL, 0);
+            unlink(start_sock);
+            _exit(1);
+        }
+        if (!(pfds[0].revents & POLLIN))
+            continue;
         int conn = accept4(lsock, NULL, NULL, SOCK_CLOEXEC);
         if (conn < 0) {
             if (errno == EINTR || errno == ECONNABORTED)
@@ -167,6 +181,8 @@ static void intermediate(const struct pycri_spawn_spec *spec, const char *start_
         write_full(conn, &reply, sizeof(reply));
         close(conn);
         close(lsock);
+        if (sr.pidfd >= 0)
+            close(sr.pidfd);
         unlink(start_sock);
         if (!reply.ok) {
             /* The container failed its execve and exits; its status is the caller's

@@ -468,9 +468,20 @@ class Container:
 
     # -- start / stop / kill / wait ------------------------------------------------
 
+    def _started_unrecorded(self, rec: dict[str, Any]) -> bool:
+        """Started by a process that died before saving it: the launcher consumed its
+        start socket and turned into the monitor, and the container runs."""
+        return (not os.path.exists(self._sock("start"))
+                and _alive(rec.get("monitor_pid", 0), 0)
+                and _alive(rec.get("pid", 0), rec.get("pid_start_time", 0)))
+
     def start(self) -> None:
         with self._lock():
             rec = self._read()
+            if rec["state"] == CREATED and self._started_unrecorded(rec):
+                rec.update(state=RUNNING, started_at_ns=time.time_ns())
+                self._write(rec)
+                return
             if rec["state"] != CREATED:
                 raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not created")
             try:
@@ -885,10 +896,14 @@ def recover(runtime: Runtime) -> None:
                 rec = c._read()
                 if rec["state"] == RUNNING and c._refresh(rec):
                     c._write(rec)
+                elif rec["state"] == CREATED and "pid" not in rec:
+                    # the creator died before it recorded the process: nothing to keep
+                    # (the cgroup kill takes a held container process with it)
+                    c._destroy(rec)
+                elif rec["state"] == CREATED and c._started_unrecorded(rec):
+                    rec.update(state=RUNNING, started_at_ns=time.time_ns())
+                    c._write(rec)
                 elif rec["state"] == CREATED and not _alive(rec.get("monitor_pid", 0), 0):
-                    if "pid" not in rec:
-                        c._destroy(rec)  # died while being created: nothing to keep
-                        continue
                     rec.update(state=EXITED, exit_code=255, reason="Unknown",
                                message="its launcher is gone (machine restarted?)",
                                finished_at_ns=time.time_ns())

@@ -345,3 +345,88 @@ def test_log_rotation_and_stop_kills_every_process(env):
         assert len(cg.pids()) >= 2
         c.stop(timeout=1)
         assert cg.pids() == []  # the background sleep went too
+
+
+CRASH_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tree!r})
+import pycri
+from pycri import _native, container
+phase = {phase!r}
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def wrap(obj, name, before=False):
+    real = getattr(obj, name)
+    def hook(*a, **kw):
+        if before:
+            die()
+        r = real(*a, **kw)
+        die()
+        return r
+    setattr(obj, name, hook)
+
+if phase == "create-before-launch":
+    wrap(container.Container, "_launch", before=True)
+elif phase == "create-after-launch":
+    wrap(_native, "launch")
+elif phase == "start-after-release":
+    wrap(_native, "launch_start")
+elif phase == "remove-after-cgroup":
+    wrap(container.shutil, "rmtree", before=True)  # the cgroup is gone, the files not yet
+rt = pycri.Runtime(root={root!r}, state={state!r}, cgroup_parent={parent!r})
+sb = rt.sandbox({sb!r})
+if phase.startswith("create"):
+    sb.create_container(pycri.ContainerConfig(name="crash", image={img!r},
+                                              command=("sleep", "300")))
+else:
+    c = rt.container({cid!r})
+    if phase.startswith("start"):
+        c.start()
+    else:
+        c.remove()
+"""
+
+
+@pytest.mark.parametrize("phase", ["create-before-launch", "create-after-launch",
+                                   "start-after-release", "remove-after-cgroup"])
+def test_kill9_during_operations_then_recover(env, phase):
+    """SIGKILL the Python process in the middle of an operation; a new Runtime shows a
+    consistent state, and remove leaves no process, cgroup, mount or file behind."""
+    rt, img = env
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="crash-" + phase.split("-")[0]))
+    cid = ""
+    if not phase.startswith("create"):
+        c = sb.create_container(pycri.ContainerConfig(name="crash", image=img.id,
+                                                      command=("sleep", "300")))
+        cid = c.id
+        if phase.startswith("remove"):
+            c.start()
+    script = CRASH_SCRIPT.format(tree=TREE, phase=phase, root=rt.root, state=rt.state,
+                                 parent=rt.cgroup_parent, sb=sb.id, img=img.id, cid=cid)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()
+    rt2 = pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
+    cs = rt2.containers(sandbox_id=sb.id)
+    if phase == "create-before-launch":
+        assert cs == []  # nothing was made that needs keeping
+    elif phase == "create-after-launch":
+        assert cs == []  # the half-made container and its held process are gone
+    elif phase == "start-after-release":
+        assert [c.state for c in cs] == ["running"]
+        assert cs[0].exec_sync(["echo", "alive"]).stdout == b"alive\n"
+    for c in cs:
+        c.remove()
+    assert rt2.containers(sandbox_id=sb.id) == []
+    cg_dir = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}"
+    assert not [d for d in os.listdir(cg_dir) if os.path.isdir(os.path.join(cg_dir, d))]
+    time.sleep(0.2)  # the launcher of a held process exits when that process dies
+    out = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout
+    ours = [p for p in out.split() if os.path.exists(f"/proc/{p}/root")
+            and sb.id[:12] in open(f"/proc/{p}/cgroup").read()]
+    assert ours == []
+    launchers = [p for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/cmdline")
+                 and rt.state.encode() in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert launchers == [], launchers
+    sb.remove()
