@@ -231,6 +231,11 @@ class Sandbox:
             return "/dev/shm"
         return os.path.join(self.state_dir, "shm")
 
+    def stats(self) -> Any:
+        """Usage of the whole pod (its cgroup: every container in it)."""
+        rec = self.record()
+        return self.runtime.cgroups(rec["cgroup_parent"]).pod(self.id).stats()
+
     def etc_file(self, name: str) -> str:
         """Path of the pod's hostname, hosts or resolv.conf file (bind-mounted into containers)."""
         return os.path.join(self.state_dir, name)

@@ -273,6 +273,8 @@ def test_update_resources_and_stats(env):
             time.sleep(0.05)
         st = c.stats()
         assert st.pids >= 1 and st.memory_usage_bytes > 0
+        pod = sb.stats()
+        assert pod.pids_current >= st.pids and pod.memory_usage_bytes >= st.memory_usage_bytes
         c.stop(timeout=0)
 
 
