@@ -24,5 +24,6 @@ struct pycri_error {
 #include "api/mount.h"
 #include "api/cgroup.h"
 #include "api/monitor.h"
+#include "api/ns.h"
 
 #endif

@@ -6,11 +6,11 @@
 """
 
 from pycri.config import Auth, Platform
+from pycri.errors import *  # the error types are public API
+from pycri.errors import __all__ as _errors_all
 from pycri.image import FsInfo, Image, ImageStore, PullProgress
 from pycri.oci import ImageConfig
 from pycri.runtime import Runtime
-from pycri.errors import *  # noqa: F401,F403
-from pycri.errors import __all__ as _errors_all
 
 __version__ = "0.1.0"
 

@@ -41,7 +41,7 @@ def _check(rc: int, err, path: str | None = None) -> int:  # type: ignore[no-unt
 class Sha256:
     """Incremental SHA-256 in C (OpenSSL's SHA-NI code); the GIL is released per update."""
 
-    __slots__ = ("_h", "_err", "_done")
+    __slots__ = ("_done", "_err", "_h")
 
     def __init__(self) -> None:
         self._h = ffi.new("struct pycri_sha256 *")
@@ -81,3 +81,39 @@ def sha256_fd(fd: int) -> tuple[str, int]:
 # --- cgroups (csrc/cgroup.c) ------------------------------------------------
 
 # --- monitor (csrc/monitor.c) -----------------------------------------------
+
+# --- pinned namespaces (csrc/ns.c) -------------------------------------------
+
+PIN_NET = 1
+PIN_IPC = 2
+PIN_UTS = 4
+
+
+def ns_pin(kinds: int, net: str | None, ipc: str | None, uts: str | None,
+           hostname: str = "", sysctls: dict[str, str] | None = None) -> None:
+    """Create and pin new namespaces onto the given (existing, empty) files."""
+    from pycri.config import sysctl_namespace
+
+    err = _new_err()
+    items = list((sysctls or {}).items())
+    for k, _ in items:  # never let a host-wide sysctl through, whoever calls this
+        sysctl_namespace(k)
+    blob = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in items)
+
+    def c(s: str | None):  # type: ignore[no-untyped-def]
+        return s.encode() if s else ffi.NULL
+
+    _check(lib.pycri_ns_pin(kinds, c(net), c(ipc), c(uts), hostname.encode(),
+                            blob or ffi.NULL, len(items), err), err)
+
+
+def ns_unpin(path: str) -> None:
+    err = _new_err()
+    _check(lib.pycri_ns_unpin(path.encode(), err), err, path)
+
+
+def ns_inode(path: str) -> int:
+    err = _new_err()
+    ino = ffi.new("unsigned long long *")
+    _check(lib.pycri_ns_inode(path.encode(), ino, err), err, path)
+    return int(ino[0])

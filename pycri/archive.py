@@ -188,17 +188,17 @@ def _import_docker(store: ImageStore, src: _Source, progress: ProgressCallback |
     if not isinstance(entries, list) or len(raw) > oci.MAX_MANIFEST_SIZE:
         raise InvalidImageError("docker archive manifest.json must be a list (and under 4 MiB)")
     ids: list[str] = []
-    for n, e in enumerate(entries):
-        if not isinstance(e, dict) or not isinstance(e.get("Config"), str) \
-                or not isinstance(e.get("Layers"), list):
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("Config"), str) \
+                or not isinstance(entry.get("Layers"), list):
             raise InvalidImageError(f"docker archive manifest.json entry {n} is malformed")
-        config_bytes = b"".join(src.chunks(e["Config"]))
+        config_bytes = b"".join(src.chunks(entry["Config"]))
         if len(config_bytes) > oci.MAX_CONFIG_SIZE:
             raise InvalidImageError("docker archive config is too large")
         config_digest = oci.sha256_digest(config_bytes)
         store._put_blob_bytes(config_bytes, config_digest)
         layers = []
-        for lp in e["Layers"]:
+        for lp in entry["Layers"]:
             if not isinstance(lp, str) or src.size(lp) < 0:
                 raise InvalidImageError(f"docker archive names a missing layer {lp!r}")
             from pycri import _native
@@ -228,12 +228,12 @@ def _import_docker(store: ImageStore, src: _Source, progress: ProgressCallback |
         }
         manifest_bytes = json.dumps(manifest_doc, separators=(",", ":")).encode()
         manifest = oci.parse_manifest(oci.DOCKER_MANIFEST, manifest_doc)
-        paths = {x[0]["digest"]: x[1] for x in layers}
+        paths: dict[str, str] = {str(x[0]["digest"]): x[1] for x in layers}
 
         def fetch(desc: Descriptor, offset: int, paths: dict[str, str] = paths) -> Iterator[bytes]:
             return src.chunks(paths[desc.digest], offset)
 
-        tags = [t for t in (e.get("RepoTags") or []) if isinstance(t, str)]
+        tags = [t for t in (entry.get("RepoTags") or []) if isinstance(t, str)]
         names = []
         for t in tags:
             try:
@@ -253,7 +253,7 @@ def export_oci(store: ImageStore, images: list[Image], refs: list[str], path: st
     """Write an OCI image layout tar holding ``images`` (one index entry per ref)."""
     manifests = []
     blobs: list[str] = []
-    for image, ref in zip(images, refs):
+    for image, ref in zip(images, refs, strict=True):
         mt = image.manifest_media_type
         size = os.path.getsize(store.blob_path(image.manifest_digest))
         ann: dict[str, str] = {}

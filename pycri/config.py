@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import posixpath as _pp
+import re as _re
+from collections.abc import Mapping as _Mapping
+
 from dataclasses import dataclass, field
 
 from pycri.errors import InvalidArgumentError
@@ -56,3 +60,312 @@ class Platform:
     def __str__(self) -> str:
         s = f"{self.os}/{self.architecture}"
         return f"{s}/{self.variant}" if self.variant else s
+
+
+# ---------------------------------------------------------------------------
+# Sandbox and container configuration (the runtime layer).
+# ---------------------------------------------------------------------------
+
+# Namespace modes, as the CRI names them.
+POD = "pod"
+CONTAINER = "container"
+NODE = "node"
+_NS_MODES = (POD, CONTAINER, NODE)
+
+PROPAGATIONS = ("private", "rslave", "rshared")
+
+# Sysctls that are namespaced, by the namespace that holds them. Anything else
+# is a host-wide knob and is refused.
+_IPC_SYSCTLS = {"kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_rmid_forced",
+                "kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem"}
+_UTS_SYSCTLS = {"kernel.domainname"}
+_SYSCTL_NAME = _re.compile(r"^[a-z0-9_]+(?:[./][a-zA-Z0-9_-]+)+$")
+_CGROUP_COMPONENT = _re.compile(r"^[A-Za-z0-9_.:@+-]+$")
+_HUGEPAGE_SIZE = _re.compile(r"^[0-9]+(?:KB|MB|GB)$")
+_NAME = _re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,252}$")
+
+
+def _bad(msg: str) -> InvalidArgumentError:
+    return InvalidArgumentError(msg)
+
+
+def sysctl_namespace(name: str) -> str:
+    """Which namespace holds sysctl ``name`` ("ipc", "net" or "uts"); raise if none does."""
+    if not _SYSCTL_NAME.match(name) or ".." in name:
+        raise _bad(f"sysctl {name!r}: malformed name")
+    key = name.replace("/", ".")
+    if key in _IPC_SYSCTLS or key.startswith("fs.mqueue."):
+        return "ipc"
+    if key.startswith("net."):
+        return "net"
+    if key in _UTS_SYSCTLS:
+        return "uts"
+    raise _bad(f"sysctl {name!r} is not namespaced: it would change the host; not allowed")
+
+
+def validate_sysctls(sysctls: _Mapping[str, str], network: str, ipc: str) -> None:
+    """Refuse host-wide sysctls, values that could smuggle extra writes, and sysctls
+    aimed at a namespace the pod shares with the host (SECURITY.md 12)."""
+    for name, value in sysctls.items():
+        ns = sysctl_namespace(name)
+        if not isinstance(value, str) or any(c in value for c in "+=\n\r\0") or len(value) > 4096:
+            raise _bad(f"sysctl {name}: value {value!r} contains '+', '=', a newline or NUL")
+        if ns == "net" and network == NODE:
+            raise _bad(f"sysctl {name}: the pod uses the host network namespace")
+        if ns == "ipc" and ipc == NODE:
+            raise _bad(f"sysctl {name}: the pod uses the host IPC namespace")
+
+
+def validate_cgroup_parent(parent: str) -> str:
+    """A relative cgroup path of plain components; no '..', no empty parts (SECURITY.md 13)."""
+    if not parent:
+        return ""
+    p = parent.strip("/")
+    parts = p.split("/")
+    for c in parts:
+        if c in ("", ".", "..") or not _CGROUP_COMPONENT.match(c):
+            raise _bad(f"cgroup_parent {parent!r}: component {c!r} is not allowed")
+    return p
+
+
+@dataclass(frozen=True)
+class IDMapping:
+    """One user-namespace id mapping: container ids [container_id, +length) -> host ids."""
+
+    container_id: int
+    host_id: int
+    length: int
+
+
+@dataclass(frozen=True)
+class UserNamespace:
+    """A user namespace for the pod, with exactly one uid and one gid mapping."""
+
+    uids: tuple[IDMapping, ...]
+    gids: tuple[IDMapping, ...]
+
+    def __post_init__(self) -> None:
+        for kind, maps in (("uid", self.uids), ("gid", self.gids)):
+            if len(maps) != 1:
+                raise _bad(f"user namespace needs exactly one {kind} mapping, got {len(maps)}")
+            m = maps[0]
+            if m.container_id != 0:
+                raise _bad(f"user namespace {kind} mapping must start at container id 0")
+            if m.length < 1 or m.host_id < 0 or m.host_id + m.length > 2**32 - 1:
+                raise _bad(f"user namespace {kind} mapping {m} is out of range")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A bind mount from the host into a container."""
+
+    container_path: str
+    host_path: str
+    readonly: bool = False
+    recursive_readonly: bool = False
+    propagation: str = "private"
+
+    def __post_init__(self) -> None:
+        cp = self.container_path
+        if not isinstance(cp, str) or not cp.startswith("/") or "\0" in cp:
+            raise _bad(f"mount target {cp!r} must be an absolute path")
+        if any(part == ".." for part in cp.split("/")):
+            raise _bad(f"mount target {cp!r} contains '..'")
+        norm = _pp.normpath(cp)
+        for forbidden in ("/proc", "/sys"):
+            if norm == forbidden or norm.startswith(forbidden + "/"):
+                raise _bad(f"mount target {cp!r} is inside {forbidden}; not allowed")
+        if norm == "/":
+            raise _bad("mount target '/' would replace the root filesystem")
+        if not isinstance(self.host_path, str) or not self.host_path.startswith("/") \
+                or "\0" in self.host_path:
+            raise _bad(f"mount source {self.host_path!r} must be an absolute host path")
+        if self.propagation not in PROPAGATIONS:
+            raise _bad(f"mount propagation {self.propagation!r}: use one of {PROPAGATIONS}")
+        if self.recursive_readonly and not self.readonly:
+            raise _bad("recursive read-only mount requires readonly=True")
+        if self.recursive_readonly and self.propagation != "private":
+            raise _bad("recursive read-only mount requires private propagation")
+        object.__setattr__(self, "container_path", norm)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """cgroup limits. Zero means "not set" for every field."""
+
+    cpu_shares: int = 0
+    cpu_quota: int = 0
+    cpu_period: int = 0
+    cpuset_cpus: str = ""
+    cpuset_mems: str = ""
+    memory_limit: int = 0
+    memory_swap_limit: int = 0
+    pids_limit: int = 0
+    hugepage_limits: tuple[tuple[str, int], ...] = ()
+    unified: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("cpu_shares", "cpu_quota", "cpu_period", "memory_limit",
+                     "memory_swap_limit", "pids_limit"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise _bad(f"Resources.{name} must be an integer")
+            if v < 0 and not (name == "cpu_quota" and v == -1) \
+                    and not (name in ("memory_swap_limit", "pids_limit") and v == -1):
+                raise _bad(f"Resources.{name} must not be negative")
+        if self.cpu_shares and not 2 <= self.cpu_shares <= 262144:
+            raise _bad("Resources.cpu_shares must be between 2 and 262144")
+        if self.cpu_period and not 1000 <= self.cpu_period <= 1_000_000:
+            raise _bad("Resources.cpu_period must be between 1000 and 1000000 microseconds")
+        if self.cpu_quota > 0 and self.cpu_quota < 1000:
+            raise _bad("Resources.cpu_quota must be at least 1000 microseconds")
+        for spec, what in ((self.cpuset_cpus, "cpuset_cpus"), (self.cpuset_mems, "cpuset_mems")):
+            if spec and not _re.match(r"^[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*$", spec):
+                raise _bad(f"Resources.{what} {spec!r} is not a cpu list like '0-1,3'")
+        for size, limit in self.hugepage_limits:
+            if not _HUGEPAGE_SIZE.match(size):
+                raise _bad(f"hugepage size {size!r} is malformed (like '2MB' or '1GB')")
+            if limit < 0:
+                raise _bad(f"hugepage limit for {size} must not be negative")
+        for key, value in self.unified:
+            if not key or "/" in key or key in (".", "..") or not _re.match(r"^[a-z0-9_.]+$", key):
+                raise _bad(f"unified cgroup key {key!r} is not a plain cgroup file name")
+            if key.startswith("cgroup.") and key not in ("cgroup.freeze",):
+                raise _bad(f"unified cgroup key {key!r} controls the cgroup itself; not allowed")
+            if any(c in value for c in "\n\0"):
+                raise _bad(f"unified cgroup value for {key!r} contains a newline or NUL")
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    servers: tuple[str, ...] = ()
+    searches: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for v in (*self.servers, *self.searches, *self.options):
+            if not v or any(c in v for c in " \t\n\r\0#;"):
+                raise _bad(f"DNS setting {v!r} is empty or contains whitespace or comment marks")
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    container_port: int
+    host_port: int = 0
+    protocol: str = "tcp"
+    host_ip: str = ""
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("tcp", "udp", "sctp"):
+            raise _bad(f"port protocol {self.protocol!r}: use tcp, udp or sctp")
+        for p in (self.container_port, self.host_port):
+            if not 0 <= p <= 65535:
+                raise _bad(f"port {p} is out of range")
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """A pod: shared namespaces, network, hostname, DNS and a parent cgroup."""
+
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    attempt: int = 0
+    hostname: str = ""
+    log_directory: str = ""
+    dns: DNSConfig | None = None
+    port_mappings: tuple[PortMapping, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    cgroup_parent: str = ""
+    sysctls: dict[str, str] = field(default_factory=dict)
+    network: str = POD       # POD: own netns (CNI if configured, else loopback only); NODE: host
+    pid: str = CONTAINER     # CONTAINER: each container its own; POD: shared; NODE: host
+    ipc: str = POD           # POD or NODE
+    privileged: bool = False
+    user_namespace: UserNamespace | None = None
+    runtime_handler: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise _bad(f"sandbox name {self.name!r}: letters, digits, '.', '_' and '-' only")
+        if self.hostname and not _re.match(r"^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,62})$", self.hostname):
+            raise _bad(f"hostname {self.hostname!r} is not a valid host name")
+        for what, mode, allowed in (("network", self.network, (POD, NODE)),
+                                    ("pid", self.pid, _NS_MODES), ("ipc", self.ipc, (POD, NODE))):
+            if mode not in allowed:
+                raise _bad(f"sandbox {what} mode {mode!r}: use one of {allowed}")
+        object.__setattr__(self, "cgroup_parent", validate_cgroup_parent(self.cgroup_parent))
+        validate_sysctls(self.sysctls, self.network, self.ipc)
+        if self.user_namespace and NODE in (self.network, self.pid, self.ipc):
+            raise _bad("a user namespace cannot be combined with host namespaces")
+
+
+@dataclass(frozen=True)
+class ContainerConfig:
+    """A container in a sandbox. ``command``/``args`` override the image's entrypoint/cmd."""
+
+    name: str
+    image: str
+    command: tuple[str, ...] = ()
+    args: tuple[str, ...] = ()
+    working_dir: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    annotations: dict[str, str] = field(default_factory=dict)
+    log_path: str = ""
+    stdin: bool = False
+    stdin_once: bool = False
+    tty: bool = False
+    resources: Resources = field(default_factory=Resources)
+    run_as_user: int | None = None
+    run_as_username: str = ""
+    run_as_group: int | None = None
+    supplemental_groups: tuple[int, ...] = ()
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
+    privileged: bool = False
+    no_new_privs: bool = False
+    readonly_rootfs: bool = False
+    masked_paths: tuple[str, ...] | None = None     # None: the default list
+    readonly_paths: tuple[str, ...] | None = None   # None: the default list
+    seccomp: str = "RuntimeDefault"                 # "RuntimeDefault", "Unconfined" or a file path
+    pid: str = ""                                   # "" follows the sandbox; CONTAINER/POD/NODE
+    oom_score_adj: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise _bad(f"container name {self.name!r}: letters, digits, '.', '_' and '-' only")
+        if not isinstance(self.image, str) or not self.image:
+            raise _bad("container image must be a non-empty string")
+        for what in ("command", "args"):
+            v = getattr(self, what)
+            if isinstance(v, str) or not all(isinstance(x, str) and "\0" not in x for x in v):
+                raise _bad(f"container {what} must be a list of strings without NUL")
+            object.__setattr__(self, what, tuple(v))
+        env = self.env
+        if isinstance(env, _Mapping):
+            env = tuple(env.items())
+        for k, v in env:
+            if not k or "=" in k or "\0" in k or "\0" in v:
+                raise _bad(f"environment variable {k!r}: empty, or contains '=' or NUL")
+        object.__setattr__(self, "env", tuple(env))
+        if self.working_dir and not self.working_dir.startswith("/"):
+            raise _bad(f"working_dir {self.working_dir!r} must be absolute")
+        if self.run_as_group is not None and self.run_as_user is None and not self.run_as_username:
+            raise _bad("run_as_group requires run_as_user or run_as_username")
+        for what, v in (("run_as_user", self.run_as_user), ("run_as_group", self.run_as_group)):
+            if v is not None and not 0 <= v <= 2**31 - 1:
+                raise _bad(f"{what} {v} is out of range")
+        if any(not 0 <= g <= 2**31 - 1 for g in self.supplemental_groups):
+            raise _bad("supplemental group id out of range")
+        if self.pid and self.pid not in _NS_MODES:
+            raise _bad(f"container pid mode {self.pid!r}: use one of {_NS_MODES}")
+        for cap in (*self.cap_add, *self.cap_drop):
+            if cap.upper() != "ALL" and not _re.match(r"^(CAP_)?[A-Z_]+$", cap.upper()):
+                raise _bad(f"capability {cap!r} is malformed")
+        if not isinstance(self.resources, Resources):
+            raise _bad("container resources must be a Resources")
+        if self.stdin_once and not self.stdin:
+            raise _bad("stdin_once requires stdin")

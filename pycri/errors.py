@@ -81,18 +81,18 @@ class RuntimeFailure(PycriError):
 
 
 __all__ = [
-    "PycriError",
-    "NotFoundError",
     "AlreadyExistsError",
-    "InvalidArgumentError",
-    "InvalidStateError",
-    "DigestMismatchError",
-    "InvalidLayerError",
-    "InvalidImageError",
-    "UnsupportedError",
-    "ResourceExhaustedError",
-    "RegistryError",
     "AuthenticationError",
+    "DigestMismatchError",
     "InsecureRegistryError",
+    "InvalidArgumentError",
+    "InvalidImageError",
+    "InvalidLayerError",
+    "InvalidStateError",
+    "NotFoundError",
+    "PycriError",
+    "RegistryError",
+    "ResourceExhaustedError",
     "RuntimeFailure",
+    "UnsupportedError",
 ]

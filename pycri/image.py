@@ -11,6 +11,7 @@ any point leaves either no image or a complete one.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import fcntl
 import os
@@ -33,7 +34,6 @@ from pycri.errors import (
     ResourceExhaustedError,
 )
 from pycri.oci import Descriptor, ImageConfig
-from pycri.reference import Reference
 
 _READ = 1 << 20
 
@@ -200,7 +200,7 @@ class ImageStore:
         """Map a reference, full id, bare hex id or unique id prefix to an image id."""
         if not isinstance(ref, str) or not ref:
             raise InvalidArgumentError("image reference must be a non-empty string")
-        s = ref[7:] if ref.startswith("sha256:") else ref
+        s = ref.removeprefix("sha256:")
         if len(s) == 64 and all(c in "0123456789abcdef" for c in s):
             if os.path.exists(self._record_path("sha256:" + s)):
                 return "sha256:" + s
@@ -234,7 +234,7 @@ class ImageStore:
         except NotFoundError:
             return None
 
-    def list(self) -> list[Image]:
+    def list(self) -> builtins.list[Image]:
         names = self._read_names()
         out = []
         for image_id in sorted(set(names.values())):
@@ -242,7 +242,7 @@ class ImageStore:
                 out.append(self._image(image_id, names))
         return out
 
-    def layer_dirs(self, image: Image) -> list[str]:
+    def layer_dirs(self, image: Image) -> builtins.list[str]:
         """Overlay lowerdirs of an image, top layer first."""
         return [self.layer_path(c) for c in reversed(image.chain_ids)]
 
@@ -260,7 +260,7 @@ class ImageStore:
 
     # -- names -----------------------------------------------------------------
 
-    def _set_names(self, image_id: str, add: list[str]) -> None:
+    def _set_names(self, image_id: str, add: builtins.list[str]) -> None:
         with store.flock(self._lock("images.lock")):
             names = self._read_names()
             for n in add:
@@ -284,7 +284,7 @@ class ImageStore:
         with store.flock(self._lock("images.lock")):
             names = self._read_names()
             image_id = self._resolve_id(ref, names)
-            s = ref[7:] if ref.startswith("sha256:") else ref
+            s = ref.removeprefix("sha256:")
             by_id = image_id[7:].startswith(s) and all(c in "0123456789abcdef" for c in s)
             if by_id:
                 names = {n: i for n, i in names.items() if i != image_id}
@@ -445,7 +445,7 @@ class ImageStore:
         fetch_from: Callable[[Descriptor, int], Iterator[bytes]],
         label: str,
         progress: ProgressCallback | None,
-        extra_blobs: list[str],
+        extra_blobs: builtins.list[str],
         annotations: dict[str, str] | None = None,
     ) -> str:
         """Fetch (or read) config and layers, unpack, and write the image record."""
@@ -467,7 +467,7 @@ class ImageStore:
         chains = oci.chain_ids(list(config.diff_ids))
         layers = [
             LayerInfo(d.digest, d.size, d.media_type, diff, chain)
-            for d, diff, chain in zip(manifest.layers, config.diff_ids, chains)
+            for d, diff, chain in zip(manifest.layers, config.diff_ids, chains, strict=True)
         ]
         self._fetch_layers(layers, fetch_from, label, progress)
         record = {
@@ -486,14 +486,14 @@ class ImageStore:
 
     def _fetch_layers(
         self,
-        layers: list[LayerInfo],
+        layers: builtins.list[LayerInfo],
         fetch_from: Callable[[Descriptor, int], Iterator[bytes]],
         label: str,
         progress: ProgressCallback | None,
     ) -> None:
         """Download and unpack every missing layer, in parallel, each once."""
-        mine: list[tuple[LayerInfo, Future[None]]] = []
-        waits: list[Future[None]] = []
+        mine: builtins.list[tuple[LayerInfo, Future[None]]] = []
+        waits: builtins.list[Future[None]] = []
         with _inflight_lock:
             for info in layers:
                 key = (self.root, info.chain_id)
@@ -635,13 +635,13 @@ class ImageStore:
 
     # -- import / export ---------------------------------------------------------
 
-    def import_archive(self, path: str, progress: ProgressCallback | None = None) -> list[Image]:
+    def import_archive(self, path: str, progress: ProgressCallback | None = None) -> builtins.list[Image]:
         """Import an OCI image layout (a directory or a tar of one) or a `docker save` tar."""
         from pycri import archive
 
         return archive.import_archive(self, path, progress)
 
-    def export(self, refs: list[str], path: str) -> None:
+    def export(self, refs: builtins.list[str], path: str) -> None:
         """Write the named images as an OCI image layout tar at ``path``."""
         from pycri import archive
 

@@ -56,7 +56,7 @@ class LocalRegistry:
                 break  # 401 from an auth-enabled registry: it is up
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("docker-registry did not start; see " + self.log.name)
+                    raise RuntimeError("docker-registry did not start; see " + self.log.name) from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

@@ -10,11 +10,10 @@ import sys
 import threading
 import time
 
+import imagebuild as ib
 import pytest
 
-import imagebuild as ib
 import pycri
-from pycri import oci
 from pycri.errors import DigestMismatchError, InvalidImageError, NotFoundError
 
 HERE = os.path.dirname(os.path.abspath(__file__))

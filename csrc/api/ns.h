@@ -1,0 +1,20 @@
+/* api/ns.h - pod namespaces pinned to files, so no infra process is needed. */
+
+#define PYCRI_PIN_NET 1
+#define PYCRI_PIN_IPC 2
+#define PYCRI_PIN_UTS 4
+
+/* Create new namespaces of the kinds in `kinds` (PYCRI_PIN_*) in a short-lived child
+ * and bind-mount each onto its path (an existing empty file) so it outlives the
+ * child. In the new namespaces the child also sets `hostname` (uts), brings up
+ * `lo` (net), and writes `nsysctls` sysctls given as "key\0value\0..." pairs of
+ * already validated names. Returns 0 or -errno with err naming the failed step. */
+int pycri_ns_pin(int kinds, const char *net_path, const char *ipc_path, const char *uts_path,
+                 const char *hostname, const char *sysctls, int nsysctls,
+                 struct pycri_error *err);
+
+/* Detach the mount that pins a namespace and remove the file; missing is not an error. */
+int pycri_ns_unpin(const char *path, struct pycri_error *err);
+
+/* The inode number of the namespace pinned at path (or /proc/PID/ns/KIND). */
+int pycri_ns_inode(const char *path, unsigned long long *ino, struct pycri_error *err);

@@ -1,0 +1,170 @@
+/* ns.c - pinning pod namespaces to files.
+ *
+ * A pod's network, IPC and UTS namespaces must live as long as the pod, with or
+ * without containers. Instead of a pause process, a short-lived child unshares
+ * them and bind-mounts /proc/self/ns/<kind> onto files in the pod's state dir;
+ * the mounts keep the namespaces alive, and containers setns() into them.
+ * The child runs after fork() in a possibly multi-threaded process, so it only
+ * makes raw system calls and reports (step, errno) through a pipe.
+ */
+#include <fcntl.h>
+#include <net/if.h>
+#include <sched.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+
+#include "internal.h"
+
+struct child_report {
+    int step;
+    int code;
+};
+
+enum { STEP_UNSHARE = 1, STEP_HOSTNAME, STEP_LO, STEP_SYSCTL, STEP_PIN_NET, STEP_PIN_IPC,
+       STEP_PIN_UTS };
+
+static const char *step_name(int step) {
+    switch (step) {
+    case STEP_UNSHARE: return "unshare";
+    case STEP_HOSTNAME: return "sethostname";
+    case STEP_LO: return "bring up lo";
+    case STEP_SYSCTL: return "write sysctl";
+    case STEP_PIN_NET: return "bind-mount net namespace";
+    case STEP_PIN_IPC: return "bind-mount ipc namespace";
+    case STEP_PIN_UTS: return "bind-mount uts namespace";
+    }
+    return "?";
+}
+
+static void report_and_exit(int fd, int step, int code) {
+    struct child_report r = {step, code};
+    ssize_t n = write(fd, &r, sizeof(r));
+    (void)n;
+    _exit(1);
+}
+
+static int lo_up(void) {
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        return -1;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    memcpy(ifr.ifr_name, "lo", 3);
+    int rc = ioctl(s, SIOCGIFFLAGS, &ifr);
+    if (rc == 0) {
+        ifr.ifr_flags |= IFF_UP;
+        rc = ioctl(s, SIOCSIFFLAGS, &ifr);
+    }
+    int saved = errno;
+    close(s);
+    errno = saved;
+    return rc;
+}
+
+/* Write value to /proc/sys/<key with dots as slashes>; runs in the child. */
+static int write_sysctl(const char *key, const char *value) {
+    char path[512] = "/proc/sys/";
+    size_t n = strlen(path), klen = strlen(key);
+    if (n + klen >= sizeof(path)) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    for (size_t i = 0; i < klen; i++)
+        path[n + i] = key[i] == '.' ? '/' : key[i];
+    path[n + klen] = '\0';
+    int fd = open(path, O_WRONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return -1;
+    ssize_t w = write(fd, value, strlen(value));
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return w < 0 ? -1 : 0;
+}
+
+PYCRI_EXPORT int pycri_ns_pin(int kinds, const char *net_path, const char *ipc_path,
+                              const char *uts_path, const char *hostname, const char *sysctls,
+                              int nsysctls, struct pycri_error *err) {
+    int flags = 0;
+    if (kinds & PYCRI_PIN_NET) flags |= CLONE_NEWNET;
+    if (kinds & PYCRI_PIN_IPC) flags |= CLONE_NEWIPC;
+    if (kinds & PYCRI_PIN_UTS) flags |= CLONE_NEWUTS;
+    int pipefd[2];
+    if (pipe2(pipefd, O_CLOEXEC) < 0)
+        return pycri_fail(err, errno, "pin namespaces: pipe2");
+    pid_t pid = fork();
+    if (pid < 0) {
+        int e = errno;
+        close(pipefd[0]);
+        close(pipefd[1]);
+        return pycri_fail(err, e, "pin namespaces: fork");
+    }
+    if (pid == 0) {
+        close(pipefd[0]);
+        if (unshare(flags) < 0)
+            report_and_exit(pipefd[1], STEP_UNSHARE, errno);
+        if ((kinds & PYCRI_PIN_UTS) && hostname && hostname[0] &&
+            sethostname(hostname, strlen(hostname)) < 0)
+            report_and_exit(pipefd[1], STEP_HOSTNAME, errno);
+        if ((kinds & PYCRI_PIN_NET) && lo_up() < 0)
+            report_and_exit(pipefd[1], STEP_LO, errno);
+        const char *p = sysctls;
+        for (int i = 0; p && i < nsysctls; i++) {
+            const char *key = p;
+            const char *value = key + strlen(key) + 1;
+            if (write_sysctl(key, value) < 0)
+                report_and_exit(pipefd[1], STEP_SYSCTL * 1000 + i, errno);
+            p = value + strlen(value) + 1;
+        }
+        if ((kinds & PYCRI_PIN_NET) && mount("/proc/self/ns/net", net_path, NULL, MS_BIND, NULL) < 0)
+            report_and_exit(pipefd[1], STEP_PIN_NET, errno);
+        if ((kinds & PYCRI_PIN_IPC) && mount("/proc/self/ns/ipc", ipc_path, NULL, MS_BIND, NULL) < 0)
+            report_and_exit(pipefd[1], STEP_PIN_IPC, errno);
+        if ((kinds & PYCRI_PIN_UTS) && mount("/proc/self/ns/uts", uts_path, NULL, MS_BIND, NULL) < 0)
+            report_and_exit(pipefd[1], STEP_PIN_UTS, errno);
+        _exit(0);
+    }
+    close(pipefd[1]);
+    struct child_report r = {0, 0};
+    ssize_t n;
+    do {
+        n = read(pipefd[0], &r, sizeof(r));
+    } while (n < 0 && errno == EINTR);
+    close(pipefd[0]);
+    int status;
+    while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+        ;
+    if (n == (ssize_t)sizeof(r)) {
+        /* undo whatever pins were made before the failing step */
+        if (net_path) umount2(net_path, MNT_DETACH);
+        if (ipc_path) umount2(ipc_path, MNT_DETACH);
+        if (uts_path) umount2(uts_path, MNT_DETACH);
+        if (r.step >= STEP_SYSCTL * 1000)
+            return pycri_fail(err, r.code, "pin namespaces: write sysctl #%d", r.step - STEP_SYSCTL * 1000);
+        return pycri_fail(err, r.code, "pin namespaces: %s", step_name(r.step));
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        return pycri_fail(err, ECHILD, "pin namespaces: child died (status %d)", status);
+    return 0;
+}
+
+PYCRI_EXPORT int pycri_ns_unpin(const char *path, struct pycri_error *err) {
+    if (umount2(path, MNT_DETACH | UMOUNT_NOFOLLOW) < 0 && errno != EINVAL && errno != ENOENT)
+        return pycri_fail(err, errno, "umount %s", path);
+    if (unlink(path) < 0 && errno != ENOENT)
+        return pycri_fail(err, errno, "unlink %s", path);
+    return 0;
+}
+
+PYCRI_EXPORT int pycri_ns_inode(const char *path, unsigned long long *ino, struct pycri_error *err) {
+    struct stat st;
+    if (stat(path, &st) < 0)
+        return pycri_fail(err, errno, "stat %s", path);
+    *ino = (unsigned long long)st.st_ino;
+    return 0;
+}

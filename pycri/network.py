@@ -1,0 +1,214 @@
+"""Pod networking through CNI plugins (the CNI 0.4/1.0 exec protocol).
+
+A network config comes from the first ``*.conflist``/``*.conf``/``*.json`` in
+the conf dir (by name), or a built-in bridge network when that dir has none.
+ADD runs every plugin of the list in order, feeding each the previous result;
+DEL runs them in reverse with the result cached at ADD time. Plugins are found
+in the bin dirs; they run with a timeout and their errors come back as
+RuntimeFailure with the plugin's own message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any
+
+from pycri import store
+from pycri.config import PortMapping
+from pycri.errors import InvalidArgumentError, RuntimeFailure
+
+DEFAULT_BIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
+DEFAULT_CONF_DIR = "/etc/cni/net.d"
+PLUGIN_TIMEOUT = 60.0
+
+BUILTIN_NETWORK = {
+    "cniVersion": "1.0.0",
+    "name": "pycri",
+    "plugins": [
+        {
+            "type": "bridge", "bridge": "pycri0", "isGateway": True, "ipMasq": True,
+            "hairpinMode": True,
+            "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.89.0.0/16"}]],
+                     "routes": [{"dst": "0.0.0.0/0"}]},
+        },
+        {"type": "portmap", "capabilities": {"portMappings": True}},
+    ],
+}
+
+
+@dataclass(frozen=True)
+class NetworkResult:
+    ips: tuple[str, ...]          # addresses without prefix length, IPv4 first
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ip(self) -> str:
+        return self.ips[0] if self.ips else ""
+
+
+def _load_conf(path: str) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+    try:
+        conf = json.loads(data)
+    except ValueError as e:
+        raise InvalidArgumentError(f"CNI config {path}: not JSON: {e}") from None
+    if not isinstance(conf, dict):
+        raise InvalidArgumentError(f"CNI config {path}: must be an object")
+    if "plugins" not in conf:  # a single-plugin .conf: wrap it in a list
+        conf = {"cniVersion": conf.get("cniVersion", "0.4.0"), "name": conf.get("name", "net"),
+                "plugins": [conf]}
+    if not isinstance(conf["plugins"], list) or not conf["plugins"] \
+            or not all(isinstance(p, dict) and isinstance(p.get("type"), str) for p in conf["plugins"]):
+        raise InvalidArgumentError(f"CNI config {path}: 'plugins' must list objects with a 'type'")
+    return conf
+
+
+class CNI:
+    """Invokes CNI plugins for pod network setup and teardown."""
+
+    def __init__(self, conf_dir: str = DEFAULT_CONF_DIR,
+                 bin_dirs: tuple[str, ...] = DEFAULT_BIN_DIRS) -> None:
+        self.conf_dir = conf_dir
+        self.bin_dirs = tuple(bin_dirs)
+
+    def network(self) -> dict[str, Any]:
+        """The network config in use: the first file in conf_dir, else the built-in bridge."""
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for name in sorted(os.listdir(self.conf_dir)):
+                if name.endswith((".conflist", ".conf", ".json")):
+                    return _load_conf(os.path.join(self.conf_dir, name))
+        return BUILTIN_NETWORK
+
+    def status(self) -> tuple[bool, str]:
+        """(ready, reason) for the CRI's NetworkReady condition."""
+        try:
+            net = self.network()
+        except InvalidArgumentError as e:
+            return False, str(e)
+        for p in net["plugins"]:
+            if self._plugin(p["type"]) is None:
+                return False, f"CNI plugin {p['type']!r} not found in {':'.join(self.bin_dirs)}"
+        return True, ""
+
+    def _plugin(self, kind: str) -> str | None:
+        if "/" in kind or kind in (".", ".."):
+            return None
+        for d in self.bin_dirs:
+            p = os.path.join(d, kind)
+            if os.access(p, os.X_OK):
+                return p
+        return None
+
+    def _exec(self, command: str, plugin_conf: dict[str, Any], net: dict[str, Any],
+              container_id: str, netns: str, ifname: str, args: str) -> dict[str, Any]:
+        kind = plugin_conf["type"]
+        path = self._plugin(kind)
+        if path is None:
+            raise RuntimeFailure(f"CNI plugin {kind!r} not found in {':'.join(self.bin_dirs)}",
+                                 stage="network")
+        env = {
+            "CNI_COMMAND": command, "CNI_CONTAINERID": container_id, "CNI_NETNS": netns,
+            "CNI_IFNAME": ifname, "CNI_PATH": ":".join(self.bin_dirs), "CNI_ARGS": args,
+            "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        }
+        try:
+            proc = subprocess.run([path], input=json.dumps(plugin_conf).encode(), env=env,
+                                  capture_output=True, timeout=PLUGIN_TIMEOUT, close_fds=True)
+        except subprocess.TimeoutExpired:
+            raise RuntimeFailure(f"CNI plugin {kind} {command} timed out", stage="network") from None
+        out: Any = None
+        with contextlib.suppress(ValueError):
+            out = json.loads(proc.stdout or b"null")
+        if proc.returncode != 0:
+            msg = proc.stderr.decode(errors="replace").strip()
+            if isinstance(out, dict) and out.get("msg"):
+                msg = f"{out['msg']}" + (f": {out['details']}" if out.get("details") else "")
+            raise RuntimeFailure(f"CNI plugin {kind} {command} failed: {msg}", stage="network")
+        return out if isinstance(out, dict) else {}
+
+    def _plugin_conf(self, net: dict[str, Any], p: dict[str, Any], prev: dict[str, Any] | None,
+                     ports: tuple[PortMapping, ...]) -> dict[str, Any]:
+        conf = dict(p)
+        conf["name"] = net.get("name", "net")
+        conf["cniVersion"] = net.get("cniVersion", "1.0.0")
+        if prev is not None:
+            conf["prevResult"] = prev
+        caps = p.get("capabilities") or {}
+        if caps.get("portMappings") and ports:
+            conf["runtimeConfig"] = {"portMappings": [
+                {"hostPort": m.host_port, "containerPort": m.container_port,
+                 "protocol": m.protocol, **({"hostIP": m.host_ip} if m.host_ip else {})}
+                for m in ports if m.host_port]}
+        return conf
+
+    @staticmethod
+    def _args(name: str, namespace: str, uid: str, container_id: str) -> str:
+        return (f"IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};"
+                f"K8S_POD_INFRA_CONTAINER_ID={container_id};K8S_POD_UID={uid}")
+
+    def setup(self, container_id: str, netns: str, cache_file: str, *, name: str = "",
+              namespace: str = "", uid: str = "", ports: tuple[PortMapping, ...] = (),
+              ifname: str = "eth0") -> NetworkResult:
+        """ADD the pod to the network; the result is cached in ``cache_file`` for DEL."""
+        net = self.network()
+        args = self._args(name, namespace, uid, container_id)
+        prev: dict[str, Any] | None = None
+        done: list[dict[str, Any]] = []
+        try:
+            for p in net["plugins"]:
+                conf = self._plugin_conf(net, p, prev, ports)
+                prev = self._exec("ADD", conf, net, container_id, netns, ifname, args)
+                done.append(p)
+        except BaseException:
+            # undo the plugins that did run, newest first
+            for p in reversed(done):
+                with contextlib.suppress(RuntimeFailure):
+                    self._exec("DEL", self._plugin_conf(net, p, prev, ports), net, container_id,
+                               netns, ifname, args)
+            raise
+        result = prev or {}
+        store.write_json(cache_file, {"network": net, "result": result, "ifname": ifname,
+                                      "args": args, "ports": [m.__dict__ for m in ports]})
+        return NetworkResult(_ips(result), result)
+
+    def teardown(self, container_id: str, netns: str, cache_file: str) -> None:
+        """DEL the pod from the network it was added to; a missing cache means nothing to do."""
+        try:
+            cached = store.read_json(cache_file)
+        except FileNotFoundError:
+            return
+        net, result = cached["network"], cached.get("result")
+        ports = tuple(PortMapping(**m) for m in cached.get("ports", []))
+        errors = []
+        for p in reversed(net["plugins"]):
+            try:
+                self._exec("DEL", self._plugin_conf(net, p, result, ports), net, container_id,
+                           netns, cached.get("ifname", "eth0"), cached.get("args", ""))
+            except RuntimeFailure as e:
+                errors.append(str(e))
+        if errors:
+            raise RuntimeFailure("; ".join(errors), stage="network")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cache_file)
+
+
+def _ips(result: dict[str, Any]) -> tuple[str, ...]:
+    found: list[str] = []
+    for ip in result.get("ips") or []:
+        if isinstance(ip, dict) and isinstance(ip.get("address"), str):
+            found.append(ip["address"].split("/")[0])
+    ip4 = result.get("ip4")
+    if isinstance(ip4, dict) and isinstance(ip4.get("ip"), str):
+        found.append(ip4["ip"].split("/")[0])
+    valid = []
+    for a in found:
+        with contextlib.suppress(ValueError):
+            valid.append(ipaddress.ip_address(a))
+    valid.sort(key=lambda a: a.version)
+    return tuple(str(a) for a in valid)

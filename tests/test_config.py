@@ -1,0 +1,138 @@
+"""Sandbox and container inputs: hostile values are refused on construction (SECURITY.md 12-16)."""
+
+from __future__ import annotations
+
+import pytest
+
+from pycri.config import (
+    NODE,
+    Auth,
+    ContainerConfig,
+    DNSConfig,
+    IDMapping,
+    Mount,
+    PortMapping,
+    Resources,
+    SandboxConfig,
+    UserNamespace,
+    sysctl_namespace,
+)
+from pycri.errors import InvalidArgumentError
+
+
+def test_sysctl_namespaces():
+    assert sysctl_namespace("net.ipv4.ip_forward") == "net"
+    assert sysctl_namespace("kernel.shmmax") == "ipc"
+    assert sysctl_namespace("fs.mqueue.msg_max") == "ipc"
+    assert sysctl_namespace("kernel.domainname") == "uts"
+
+
+@pytest.mark.parametrize("sysctls,network,ipc", [
+    ({"kernel.core_pattern": "|/evil"}, "pod", "pod"),          # host-wide
+    ({"vm.swappiness": "1"}, "pod", "pod"),
+    ({"kernel.shm_rmid_forced": "1+kernel.core_pattern=x"}, "pod", "pod"),  # CVE-2022-0811
+    ({"kernel.shmmax": "1=2"}, "pod", "pod"),
+    ({"net.ipv4.ip_forward": "1\nkernel.core_pattern=x"}, "pod", "pod"),
+    ({"net.ipv4.ip_forward": "1"}, NODE, "pod"),                 # shared with the host
+    ({"kernel.msgmax": "1"}, "pod", NODE),
+    ({"net/../../kernel/core_pattern": "x"}, "pod", "pod"),
+    ({"": "1"}, "pod", "pod"),
+])
+def test_hostile_sysctls(sysctls, network, ipc):
+    with pytest.raises(InvalidArgumentError):
+        SandboxConfig(name="p", sysctls=sysctls, network=network, ipc=ipc)
+
+
+@pytest.mark.parametrize("parent", ["../escape", "a/../../b", "a//b", "./a", "a/\nb", "a/b c"])
+def test_hostile_cgroup_parent(parent):
+    with pytest.raises(InvalidArgumentError):
+        SandboxConfig(name="p", cgroup_parent=parent)
+
+
+def test_cgroup_parent_normalised():
+    assert SandboxConfig(name="p", cgroup_parent="/kubepods/burstable/").cgroup_parent == \
+        "kubepods/burstable"
+
+
+@pytest.mark.parametrize("unified", [
+    (("../cgroup.procs", "1"),), (("cgroup.procs", "1"),), (("memory.max", "1\n2"),),
+    (("a/b", "1"),), (("", "1"),),
+])
+def test_hostile_unified(unified):
+    with pytest.raises(InvalidArgumentError):
+        Resources(unified=unified)
+
+
+@pytest.mark.parametrize("sizes", [(("2M", 1),), (("huge", 1),), (("2MB", -1),)])
+def test_bad_hugepages(sizes):
+    with pytest.raises(InvalidArgumentError):
+        Resources(hugepage_limits=sizes)
+
+
+@pytest.mark.parametrize("kw", [
+    {"container_path": "relative", "host_path": "/tmp"},
+    {"container_path": "/a/../etc", "host_path": "/tmp"},
+    {"container_path": "/proc/sys", "host_path": "/tmp"},
+    {"container_path": "/sys/fs/cgroup", "host_path": "/tmp"},
+    {"container_path": "/", "host_path": "/tmp"},
+    {"container_path": "/data", "host_path": "tmp"},
+    {"container_path": "/data", "host_path": "/tmp", "propagation": "shared"},
+    {"container_path": "/data", "host_path": "/tmp", "recursive_readonly": True},
+    {"container_path": "/data", "host_path": "/tmp", "readonly": True, "recursive_readonly": True,
+     "propagation": "rslave"},
+])
+def test_hostile_mounts(kw):
+    with pytest.raises(InvalidArgumentError):
+        Mount(**kw)
+
+
+def test_good_mount_normalised():
+    assert Mount("/data/./x/", "/tmp").container_path == "/data/x"
+
+
+def test_run_as_group_without_user():
+    with pytest.raises(InvalidArgumentError, match="run_as_group"):
+        ContainerConfig(name="c", image="i", run_as_group=5)
+    assert ContainerConfig(name="c", image="i", run_as_user=1, run_as_group=5).run_as_group == 5
+
+
+@pytest.mark.parametrize("uids,gids", [
+    ((IDMapping(0, 100000, 65536), IDMapping(65536, 200000, 10)), (IDMapping(0, 100000, 65536),)),
+    ((IDMapping(1, 100000, 65536),), (IDMapping(0, 100000, 65536),)),
+    ((IDMapping(0, 100000, 65536),), ()),
+    ((IDMapping(0, 2**32 - 2, 10),), (IDMapping(0, 100000, 65536),)),
+])
+def test_bad_user_namespaces(uids, gids):
+    with pytest.raises(InvalidArgumentError):
+        UserNamespace(uids, gids)
+
+
+def test_userns_with_host_network_refused():
+    userns = UserNamespace((IDMapping(0, 100000, 65536),), (IDMapping(0, 100000, 65536),))
+    with pytest.raises(InvalidArgumentError):
+        SandboxConfig(name="p", network=NODE, user_namespace=userns)
+
+
+@pytest.mark.parametrize("kw", [
+    {"name": "bad name"}, {"name": "../x"}, {"command": "sh -c x"},
+    {"env": {"A=B": "1"}}, {"env": {"A": "x\0y"}}, {"working_dir": "rel"},
+    {"cap_add": ("CAP_$(x)",)}, {"stdin_once": True}, {"pid": "weird"},
+    {"resources": None},
+])
+def test_bad_container_configs(kw):
+    args = {"name": "c", "image": "img", **kw}
+    with pytest.raises(InvalidArgumentError):
+        ContainerConfig(**args)
+
+
+def test_other_inputs():
+    with pytest.raises(InvalidArgumentError):
+        DNSConfig(servers=("1.1.1.1\nnameserver 6.6.6.6",))
+    with pytest.raises(InvalidArgumentError):
+        PortMapping(container_port=70000)
+    with pytest.raises(InvalidArgumentError):
+        Auth(username="u\n", password="p")
+    with pytest.raises(InvalidArgumentError):
+        Resources(cpu_shares=1)
+    with pytest.raises(InvalidArgumentError):
+        Resources(cpuset_cpus="0-1;rm")

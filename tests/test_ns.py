@@ -1,0 +1,68 @@
+"""Pinned pod namespaces (csrc/ns.c): real namespaces, real mounts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from pycri import _native
+from pycri.errors import InvalidArgumentError
+
+
+def mounts_under(d):
+    with open("/proc/self/mountinfo") as f:
+        return [line for line in f if d in line]
+
+
+@pytest.fixture
+def nsdir(tmp_path):
+    paths = {k: str(tmp_path / k) for k in ("net", "ipc", "uts")}
+    for p in paths.values():
+        open(p, "w").close()
+    yield paths
+    for p in paths.values():
+        _native.ns_unpin(p)
+    assert not mounts_under(str(tmp_path))
+
+
+def test_pin_and_enter(nsdir):
+    _native.ns_pin(_native.PIN_NET | _native.PIN_IPC | _native.PIN_UTS, nsdir["net"], nsdir["ipc"],
+                   nsdir["uts"], "podhost", {"net.ipv4.ip_unprivileged_port_start": "81",
+                                             "kernel.shmmni": "1234"})
+    for kind in ("net", "ipc", "uts"):
+        assert _native.ns_inode(nsdir[kind]) != _native.ns_inode(f"/proc/self/ns/{kind}")
+    out = subprocess.run(
+        ["nsenter", f"--net={nsdir['net']}", f"--ipc={nsdir['ipc']}", f"--uts={nsdir['uts']}",
+         "sh", "-c", "hostname; ip -o link | grep -c UP; cat /proc/sys/net/ipv4/ip_unprivileged_port_start "
+         "/proc/sys/kernel/shmmni; ip -o link | cut -d: -f2"],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "podhost"
+    assert out[1] == "1"  # lo is up
+    assert out[2:4] == ["81", "1234"]
+    assert out[4:] == ["lo"]
+    with open("/proc/sys/kernel/shmmni") as f:
+        assert f.read().strip() != "1234"  # the host's value is untouched
+
+
+def test_host_sysctl_refused_before_any_change(nsdir):
+    before = open("/proc/sys/kernel/core_pattern").read()
+    with pytest.raises(InvalidArgumentError):
+        _native.ns_pin(_native.PIN_NET, nsdir["net"], None, None, "", {"kernel.core_pattern": "x"})
+    assert open("/proc/sys/kernel/core_pattern").read() == before
+    assert not mounts_under(os.path.dirname(nsdir["net"]))
+
+
+def test_failure_leaves_no_pin(nsdir):
+    with pytest.raises(OSError) as ei:
+        _native.ns_pin(_native.PIN_NET, nsdir["net"], None, None, "",
+                       {"net.ipv4.no_such_knob": "1"})
+    assert "sysctl" in str(ei.value)
+    assert not mounts_under(os.path.dirname(nsdir["net"]))
+
+
+def test_unpin_is_idempotent(tmp_path):
+    p = str(tmp_path / "never-pinned")
+    _native.ns_unpin(p)
+    _native.ns_unpin(p)
