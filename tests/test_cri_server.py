@@ -54,8 +54,8 @@ def short_tmpdir() -> str:
     return tempfile.mkdtemp(prefix="pycri-cri-")
 
 
-@pytest.fixture
-def dirs(tmp_path):
+def server_dirs(tmp_path):
+    """Generator behind the ``dirs`` fixtures: root, state, socket and CNI paths."""
     sock_dir = short_tmpdir()
     conf = tmp_path / "net.d"
     bins = tmp_path / "cni-bin"
@@ -64,6 +64,11 @@ def dirs(tmp_path):
            "sock": os.path.join(sock_dir, "run", "cri.sock"), "cni_conf": str(conf),
            "cni_bin": str(bins)}
     shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    yield from server_dirs(tmp_path)
 
 
 def start_in_process(dirs: dict[str, str], **over: object) -> srv.CriServer:
