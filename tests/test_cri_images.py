@@ -214,6 +214,28 @@ def test_invalid_requests(cri, call, request_):
     assert exc.value.code() == Code.INVALID_ARGUMENT, exc.value.details()
 
 
+def test_credentials_never_logged_or_echoed(cri, caplog):
+    c, _ = cri
+    secret = "s3cret-pw-7f1c"
+    for auth in (api_pb2.AuthConfig(username="u", password=secret),
+                 api_pb2.AuthConfig(auth=_b64("u:" + secret)),
+                 api_pb2.AuthConfig(registry_token=secret, server_address="x\n" + secret)):
+        with caplog.at_level("DEBUG", logger="pycri"), pytest.raises(grpc.RpcError) as exc:
+            c.images.PullImage(api_pb2.PullImageRequest(image=spec("Bad Ref"), auth=auth),
+                               timeout=10)
+        assert exc.value.code() == Code.INVALID_ARGUMENT
+        assert secret not in exc.value.details()
+    assert caplog.records and all(secret not in r.getMessage() for r in caplog.records)
+
+
+def test_huge_reference_is_refused(cri):
+    c, _ = cri
+    with pytest.raises(grpc.RpcError) as exc:
+        pull(c, "a" * (1 << 20))
+    assert exc.value.code() == Code.INVALID_ARGUMENT
+    assert len(exc.value.details()) < 1000
+
+
 # -- against a real registry ------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

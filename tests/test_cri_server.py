@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
@@ -489,3 +490,64 @@ def test_crictl_version_and_info(dirs):
     finally:
         rc, err = stop_proc(proc)
     assert rc == 0, err
+
+
+# -- shutdown with calls in flight ----------------------------------------------------------
+
+def _slow_fs_info(server: srv.CriServer, seconds: float, started):  # type: ignore[no-untyped-def]
+    real = server.runtime.images.fs_info
+
+    def slow():  # type: ignore[no-untyped-def]
+        started.set()
+        time.sleep(seconds)
+        return real()
+
+    server.runtime.images.fs_info = slow  # type: ignore[method-assign]
+
+
+def _call_in_thread(client: Client):  # type: ignore[no-untyped-def]
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["reply"] = client.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=30)
+        except grpc.RpcError as exc:
+            result["error"] = exc.code()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t, result
+
+
+def test_stop_lets_in_flight_calls_finish(dirs):
+    server = start_in_process(dirs)
+    started = threading.Event()
+    _slow_fs_info(server, 1.0, started)
+    c = connect(server.address)
+    t, result = _call_in_thread(c)
+    assert started.wait(10)
+    t0 = time.monotonic()
+    server.stop(grace=10)
+    t.join(10)
+    assert "reply" in result, result
+    assert time.monotonic() - t0 < 5  # stop returned once the call was done
+    # and no new calls are accepted
+    with pytest.raises(grpc.RpcError) as exc:
+        c.runtime.Version(api_pb2.VersionRequest(), timeout=2)
+    assert exc.value.code() in (Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED)
+    c.channel.close()
+
+
+def test_stop_cancels_calls_past_the_grace_period(dirs):
+    server = start_in_process(dirs)
+    started = threading.Event()
+    _slow_fs_info(server, 3.0, started)
+    c = connect(server.address)
+    t, result = _call_in_thread(c)
+    assert started.wait(10)
+    t0 = time.monotonic()
+    server.stop(grace=0.3)
+    assert time.monotonic() - t0 < 2.5
+    t.join(10)
+    assert result.get("error") in (Code.CANCELLED, Code.UNAVAILABLE), result
+    c.channel.close()
