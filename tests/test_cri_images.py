@@ -422,3 +422,22 @@ def test_crictl_pull_images_inspect_rmi(dirs, pushed):
     finally:
         rc, err = stop_proc(proc)
     assert rc == 0, err
+
+
+def test_pull_progress_stops_once_the_client_is_gone():
+    from pycri.cri.server import abandon_when_gone
+    from pycri.image import PullProgress
+
+    class Ctx:
+        active = True
+
+        def is_active(self) -> bool:
+            return self.active
+
+    ctx = Ctx()
+    check = abandon_when_gone(ctx)  # type: ignore[arg-type]
+    p = PullProgress("r/x:1", "sha256:" + "0" * 64, 10, 100, "downloading")
+    check(p)  # client still there: carry on
+    ctx.active = False
+    with pytest.raises(TimeoutError, match="abandoned"):
+        check(p)
