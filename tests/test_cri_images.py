@@ -441,3 +441,62 @@ def test_pull_progress_stops_once_the_client_is_gone():
     ctx.active = False
     with pytest.raises(TimeoutError, match="abandoned"):
         check(p)
+
+
+# -- a registry that wants credentials (htpasswd, Basic auth on loopback) ------------------------
+
+@pytest.fixture(scope="module")
+def auth_registry(tmp_path_factory):
+    """(registry, image reference, BuiltImage): docker-registry with user alice / pw."""
+    import warnings
+
+    import imagebuild as ib
+    from conftest import LocalRegistry
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # bcrypt through libxcrypt: what docker-registry's htpasswd accepts
+
+        hashed = crypt.crypt("alice-pw", crypt.mksalt(crypt.METHOD_BLOWFISH))
+    d = tmp_path_factory.mktemp("authreg")
+    (d / "htpasswd").write_text(f"alice:{hashed}\n")
+    reg = LocalRegistry(str(d), "auth:\n  htpasswd:\n    realm: pycri-test\n"
+                                f"    path: {d / 'htpasswd'}\n")
+    try:
+        built = ib.build_image([ib.layer_tar([ib.File("secret", b"behind auth")])])
+        basic = "Basic " + _b64("alice:alice-pw")
+        ib.push(reg.host, "private/app", "v1", built, headers={"Authorization": basic})
+        yield reg, f"{reg.host}/private/app:v1", built
+    finally:
+        reg.stop()
+
+
+@pytest.mark.parametrize("auth", [
+    api_pb2.AuthConfig(username="alice", password="alice-pw"),
+    api_pb2.AuthConfig(auth=_b64("alice:alice-pw")),
+    "server_address",  # username/password addressed to this very registry
+])
+def test_pull_with_auth_config(cri, auth_registry, auth):
+    c, _ = cri
+    reg, ref, built = auth_registry
+    if auth == "server_address":
+        auth = api_pb2.AuthConfig(username="alice", password="alice-pw",
+                                  server_address=f"http://{reg.host}")
+    assert pull(c, ref, auth=auth) == built.config_digest
+    assert status(c, ref).image.id == built.config_digest
+
+
+@pytest.mark.parametrize("auth", [
+    None,
+    api_pb2.AuthConfig(username="alice", password="wrong"),
+    # right credentials, addressed to another registry: not sent here
+    api_pb2.AuthConfig(username="alice", password="alice-pw", server_address="other.example"),
+])
+def test_pull_refused_credentials_is_unauthenticated(cri, auth_registry, auth):
+    c, _ = cri
+    _, ref, _ = auth_registry
+    kw = {"auth": auth} if auth is not None else {}
+    with pytest.raises(grpc.RpcError) as exc:
+        pull(c, ref, **kw)
+    assert exc.value.code() == Code.UNAUTHENTICATED, exc.value.details()
+    assert not status(c, ref).HasField("image")
