@@ -551,3 +551,17 @@ def test_stop_cancels_calls_past_the_grace_period(dirs):
     t.join(10)
     assert result.get("error") in (Code.CANCELLED, Code.UNAVAILABLE), result
     c.channel.close()
+
+
+def test_existing_socket_dir_is_left_alone_with_a_warning(dirs, caplog):
+    parent = os.path.dirname(dirs["sock"])
+    os.makedirs(parent)
+    os.chmod(parent, 0o755)  # e.g. a shared dir the admin chose
+    with caplog.at_level("WARNING", logger="pycri.cri"):
+        server = start_in_process(dirs)
+    try:
+        assert stat.S_IMODE(os.stat(parent).st_mode) == 0o755
+        assert stat.S_IMODE(os.lstat(dirs["sock"]).st_mode) == 0o660
+        assert any("has mode 755" in r.getMessage() for r in caplog.records)
+    finally:
+        server.stop(grace=1)

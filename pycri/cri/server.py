@@ -420,6 +420,10 @@ def _claim_unix_socket(path: str) -> int:
         os.makedirs(parent, mode=0o700, exist_ok=True)
     except OSError as e:
         raise ServerError(f"cannot create {parent}: {e.strerror}") from None
+    mode = stat.S_IMODE(os.stat(parent).st_mode)
+    if mode & 0o077:  # not ours to chmod (it may be /tmp); say so
+        log.warning("socket directory %s has mode %o: others can reach the socket's path "
+                    "(the socket itself is 0660)", parent, mode)
     lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
