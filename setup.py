@@ -1,4 +1,39 @@
-# cffi cannot declare its extension in pyproject.toml alone; this is the whole of setup.py.
-from setuptools import setup
+# cffi cannot declare its extension in pyproject.toml alone, hence setup.py. build_ext
+# also builds the per-container monitor executable (csrc/main_monitor.c) into
+# pycri/pycri-monitor: static-pie when the toolchain can (smallest PSS, no loader),
+# else a plain dynamic executable.
+import os
+import shlex
+import subprocess
+import sysconfig
 
-setup(cffi_modules=["csrc/build.py:ffibuilder"])
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MONITOR_SRC = ["csrc/main_monitor.c"]
+MONITOR_FLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+                 "-D_GNU_SOURCE", "-Icsrc"]
+
+
+class BuildExtWithMonitor(build_ext):
+    def run(self) -> None:
+        super().run()
+        base = HERE if self.inplace else self.build_lib
+        out = os.path.join(base, "pycri", "pycri-monitor")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+        srcs = [os.path.join(HERE, s) for s in MONITOR_SRC]
+        tmp = out + ".tmp"
+        for link in (["-static-pie"], []):
+            cmd = [*cc, *MONITOR_FLAGS, "-I" + os.path.join(HERE, "csrc"), *srcs, *link,
+                   "-o", tmp]
+            if subprocess.run(cmd, check=False, cwd=HERE).returncode == 0:
+                break
+        else:
+            raise RuntimeError("building pycri-monitor failed: " + " ".join(cmd))
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, out)
+
+
+setup(cffi_modules=["csrc/build.py:ffibuilder"], cmdclass={"build_ext": BuildExtWithMonitor})

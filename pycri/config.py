@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses as _dc
 import posixpath as _pp
 import re as _re
+import types as _types
+import typing as _t
 from collections.abc import Mapping as _Mapping
 
 from dataclasses import dataclass, field
 
+from pycri import cgroup as _cgroup
+from pycri.cgroup import DeviceRule, Resources  # noqa: F401 - part of the config API
 from pycri.errors import InvalidArgumentError
 
 
@@ -80,8 +85,6 @@ _IPC_SYSCTLS = {"kernel.shmall", "kernel.shmmax", "kernel.shmmni", "kernel.shm_r
                 "kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem"}
 _UTS_SYSCTLS = {"kernel.domainname"}
 _SYSCTL_NAME = _re.compile(r"^[a-z0-9_]+(?:[./][a-zA-Z0-9_-]+)+$")
-_CGROUP_COMPONENT = _re.compile(r"^[A-Za-z0-9_.:@+-]+$")
-_HUGEPAGE_SIZE = _re.compile(r"^[0-9]+(?:KB|MB|GB)$")
 _NAME = _re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,252}$")
 
 
@@ -120,12 +123,7 @@ def validate_cgroup_parent(parent: str) -> str:
     """A relative cgroup path of plain components; no '..', no empty parts (SECURITY.md 13)."""
     if not parent:
         return ""
-    p = parent.strip("/")
-    parts = p.split("/")
-    for c in parts:
-        if c in ("", ".", "..") or not _CGROUP_COMPONENT.match(c):
-            raise _bad(f"cgroup_parent {parent!r}: component {c!r} is not allowed")
-    return p
+    return "/".join(_cgroup.validate_cgroup_parent(parent))
 
 
 @dataclass(frozen=True)
@@ -187,53 +185,6 @@ class Mount:
         if self.recursive_readonly and self.propagation != "private":
             raise _bad("recursive read-only mount requires private propagation")
         object.__setattr__(self, "container_path", norm)
-
-
-@dataclass(frozen=True)
-class Resources:
-    """cgroup limits. Zero means "not set" for every field."""
-
-    cpu_shares: int = 0
-    cpu_quota: int = 0
-    cpu_period: int = 0
-    cpuset_cpus: str = ""
-    cpuset_mems: str = ""
-    memory_limit: int = 0
-    memory_swap_limit: int = 0
-    pids_limit: int = 0
-    hugepage_limits: tuple[tuple[str, int], ...] = ()
-    unified: tuple[tuple[str, str], ...] = ()
-
-    def __post_init__(self) -> None:
-        for name in ("cpu_shares", "cpu_quota", "cpu_period", "memory_limit",
-                     "memory_swap_limit", "pids_limit"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise _bad(f"Resources.{name} must be an integer")
-            if v < 0 and not (name == "cpu_quota" and v == -1) \
-                    and not (name in ("memory_swap_limit", "pids_limit") and v == -1):
-                raise _bad(f"Resources.{name} must not be negative")
-        if self.cpu_shares and not 2 <= self.cpu_shares <= 262144:
-            raise _bad("Resources.cpu_shares must be between 2 and 262144")
-        if self.cpu_period and not 1000 <= self.cpu_period <= 1_000_000:
-            raise _bad("Resources.cpu_period must be between 1000 and 1000000 microseconds")
-        if self.cpu_quota > 0 and self.cpu_quota < 1000:
-            raise _bad("Resources.cpu_quota must be at least 1000 microseconds")
-        for spec, what in ((self.cpuset_cpus, "cpuset_cpus"), (self.cpuset_mems, "cpuset_mems")):
-            if spec and not _re.match(r"^[0-9]+(?:-[0-9]+)?(?:,[0-9]+(?:-[0-9]+)?)*$", spec):
-                raise _bad(f"Resources.{what} {spec!r} is not a cpu list like '0-1,3'")
-        for size, limit in self.hugepage_limits:
-            if not _HUGEPAGE_SIZE.match(size):
-                raise _bad(f"hugepage size {size!r} is malformed (like '2MB' or '1GB')")
-            if limit < 0:
-                raise _bad(f"hugepage limit for {size} must not be negative")
-        for key, value in self.unified:
-            if not key or "/" in key or key in (".", "..") or not _re.match(r"^[a-z0-9_.]+$", key):
-                raise _bad(f"unified cgroup key {key!r} is not a plain cgroup file name")
-            if key.startswith("cgroup.") and key not in ("cgroup.freeze",):
-                raise _bad(f"unified cgroup key {key!r} controls the cgroup itself; not allowed")
-            if any(c in value for c in "\n\0"):
-                raise _bad(f"unified cgroup value for {key!r} contains a newline or NUL")
 
 
 @dataclass(frozen=True)
@@ -369,3 +320,45 @@ class ContainerConfig:
             raise _bad("container resources must be a Resources")
         if self.stdin_once and not self.stdin:
             raise _bad("stdin_once requires stdin")
+
+
+# ---------------------------------------------------------------------------
+# JSON round trip of the config dataclasses (for on-disk records).
+# ---------------------------------------------------------------------------
+
+def to_json(obj: object) -> object:
+    """A dataclass config as plain JSON values (tuples become lists)."""
+    if _dc.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_json(getattr(obj, f.name)) for f in _dc.fields(obj)}
+    if isinstance(obj, _Mapping):
+        return {str(k): to_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json(x) for x in obj]
+    return obj
+
+
+def _from(tp: object, v: object) -> object:
+    if v is None:
+        return None
+    origin = _t.get_origin(tp)
+    args = _t.get_args(tp)
+    if origin in (_t.Union, _types.UnionType):
+        real = [a for a in args if a is not type(None)]
+        return _from(real[0], v) if real else v
+    if isinstance(tp, type) and _dc.is_dataclass(tp):
+        return from_json(tp, v)
+    if origin is tuple:
+        inner = args[0] if args else object
+        return tuple(_from(inner, x) for x in v)  # type: ignore[attr-defined]
+    if origin in (dict, _Mapping) or tp is dict:
+        return dict(v)  # type: ignore[call-overload]
+    return v
+
+
+def from_json(cls: type, data: object) -> object:
+    """Rebuild a config dataclass (validating it again) from ``to_json`` output."""
+    if not isinstance(data, dict):
+        raise InvalidArgumentError(f"{cls.__name__}: expected an object")
+    hints = _t.get_type_hints(cls)
+    kwargs = {f.name: _from(hints[f.name], data[f.name]) for f in _dc.fields(cls) if f.name in data}
+    return cls(**kwargs)

@@ -14,7 +14,13 @@ import os
 from pycri import store
 from pycri.config import Platform
 from pycri.errors import UnsupportedError
+from pycri import sandbox
+from pycri.cgroup import CgroupManager, Hierarchy
+from pycri.config import SandboxConfig, validate_cgroup_parent
+from pycri.errors import InvalidArgumentError, NotFoundError
 from pycri.image import ImageStore
+from pycri.network import DEFAULT_BIN_DIRS, CNI
+from pycri.sandbox import Sandbox
 
 DEFAULT_ROOT = "/var/lib/pycri"
 DEFAULT_STATE = "/run/pycri"
@@ -32,6 +38,9 @@ class Runtime:
         docker_config: str | None = None,
         insecure_registries: tuple[str, ...] = (),
         platform: Platform | None = None,
+        cgroup_parent: str = "pycri",
+        cni_conf_dir: str | None = None,
+        cni_bin_dirs: tuple[str, ...] = DEFAULT_BIN_DIRS,
     ) -> None:
         self.root = os.path.abspath(root)
         self.state = os.path.abspath(state)
@@ -59,6 +68,66 @@ class Runtime:
             platform=platform,
             insecure_registries=insecure_registries,
         )
+        self.cgroup_parent = validate_cgroup_parent(cgroup_parent)
+        # Pods get CNI networking when a CNI conf dir is given; otherwise a pod's
+        # network namespace has loopback only (the library default).
+        self.cni: CNI | None = CNI(cni_conf_dir, cni_bin_dirs) if cni_conf_dir else None
+        self._hierarchy: Hierarchy | None = None
+        for d in ("sandboxes", "containers", "locks"):
+            store.makedirs(os.path.join(self.root, d))
+            store.makedirs(os.path.join(self.state, d))
+        sandbox.recover(self)
+
+    # -- cgroups -------------------------------------------------------------------
+
+    def cgroups(self, parent: str | None = None) -> CgroupManager:
+        """The cgroup manager for pods under ``parent`` (default: the Runtime's)."""
+        if self._hierarchy is None:
+            self._hierarchy = Hierarchy.detect()
+        return CgroupManager(parent or self.cgroup_parent, self._hierarchy)
+
+    # -- sandboxes -------------------------------------------------------------------
+
+    def run_sandbox(self, config: SandboxConfig) -> Sandbox:
+        """Create a pod and make it ready: namespaces, cgroup, network, DNS, hostname."""
+        return Sandbox.create(self, config)
+
+    def sandboxes(self, state: str | None = None,
+                  labels: dict[str, str] | None = None) -> list[Sandbox]:
+        """Every sandbox on this root (optionally only those in ``state`` with ``labels``)."""
+        out = []
+        for sid in sorted(os.listdir(os.path.join(self.root, "sandboxes"))):
+            sb = Sandbox(self, sid)
+            if state or labels:
+                try:
+                    rec = sb.record()
+                except NotFoundError:
+                    continue
+                if state and rec["state"] != state:
+                    continue
+                have = rec["config"].get("labels", {})
+                if labels and any(have.get(k) != v for k, v in labels.items()):
+                    continue
+            out.append(sb)
+        return out
+
+    def sandbox(self, sandbox_id: str) -> Sandbox:
+        """The sandbox with this id or unique id prefix."""
+        return Sandbox(self, _find_id(os.path.join(self.root, "sandboxes"), sandbox_id, "sandbox"))
 
     def __repr__(self) -> str:
         return f"Runtime(root={self.root!r}, state={self.state!r})"
+
+
+def _find_id(directory: str, wanted: str, what: str) -> str:
+    if not isinstance(wanted, str) or not wanted or not all(
+            c in "0123456789abcdef" for c in wanted):
+        raise NotFoundError(f"{what} {wanted!r} not found")
+    if os.path.isdir(os.path.join(directory, wanted)):
+        return wanted
+    hits = [n for n in os.listdir(directory) if n.startswith(wanted)]
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise InvalidArgumentError(f"{what} id prefix {wanted!r} is ambiguous")
+    raise NotFoundError(f"{what} {wanted!r} not found")

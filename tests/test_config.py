@@ -50,20 +50,20 @@ def test_hostile_cgroup_parent(parent):
 
 
 def test_cgroup_parent_normalised():
-    assert SandboxConfig(name="p", cgroup_parent="/kubepods/burstable/").cgroup_parent == \
+    assert SandboxConfig(name="p", cgroup_parent="/kubepods/burstable").cgroup_parent == \
         "kubepods/burstable"
 
 
 @pytest.mark.parametrize("unified", [
-    (("../cgroup.procs", "1"),), (("cgroup.procs", "1"),), (("memory.max", "1\n2"),),
-    (("a/b", "1"),), (("", "1"),),
+    {"../cgroup.procs": "1"}, {"cgroup.procs": "1"}, {"memory.max": "1\n2"},
+    {"a/b": "1"}, {"": "1"},
 ])
 def test_hostile_unified(unified):
     with pytest.raises(InvalidArgumentError):
         Resources(unified=unified)
 
 
-@pytest.mark.parametrize("sizes", [(("2M", 1),), (("huge", 1),), (("2MB", -1),)])
+@pytest.mark.parametrize("sizes", [{"2M": 1}, {"huge": 1}, {"2MB": -2}])
 def test_bad_hugepages(sizes):
     with pytest.raises(InvalidArgumentError):
         Resources(hugepage_limits=sizes)

@@ -1,0 +1,295 @@
+"""Sandboxes (pods): shared namespaces, a pod cgroup, network, hostname and DNS.
+
+A sandbox needs no infra process: its network, IPC and UTS namespaces are
+pinned to files in its state dir (csrc/ns.c) and containers join them. Its
+record lives in ``<root>/sandboxes/<id>/record.json``; the pins, CNI result and
+the hostname/hosts/resolv.conf files its containers mount live in
+``<state>/sandboxes/<id>/``.
+
+Every verb takes the sandbox's lock, re-reads the record, acts, and writes the
+new state atomically. Stop and remove are idempotent. A sandbox left in
+"creating" by a crash is torn down by the next Runtime.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pycri import _native, store
+from pycri.config import NODE, SandboxConfig, from_json, to_json
+from pycri.errors import AlreadyExistsError, NotFoundError, PycriError, RuntimeFailure
+
+if TYPE_CHECKING:
+    from pycri.runtime import Runtime
+
+CREATING = "creating"
+READY = "ready"
+NOTREADY = "notready"
+
+
+@dataclass(frozen=True)
+class SandboxStatus:
+    id: str
+    state: str
+    created_at_ns: int
+    ip: str
+    ips: tuple[str, ...]
+    config: SandboxConfig
+    netns_path: str
+
+
+class Sandbox:
+    """A handle on one pod: an id and its Runtime. The disk is the truth."""
+
+    def __init__(self, runtime: Runtime, sandbox_id: str) -> None:
+        self.runtime = runtime
+        self.id = sandbox_id
+
+    def __repr__(self) -> str:
+        return f"Sandbox({self.id[:12]})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sandbox) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    # -- paths and records -------------------------------------------------------
+
+    @property
+    def record_dir(self) -> str:
+        return os.path.join(self.runtime.root, "sandboxes", self.id)
+
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(self.runtime.state, "sandboxes", self.id)
+
+    def ns_path(self, kind: str) -> str:
+        return os.path.join(self.state_dir, f"{kind}ns")
+
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return store.flock(os.path.join(self.runtime.root, "locks", f"sandbox-{self.id}.lock"))
+
+    def record(self) -> dict[str, Any]:
+        try:
+            rec: dict[str, Any] = store.read_json(os.path.join(self.record_dir, "record.json"))
+        except FileNotFoundError:
+            raise NotFoundError(f"sandbox {self.id} not found") from None
+        return rec
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        store.write_json(os.path.join(self.record_dir, "record.json"), rec)
+
+    @property
+    def config(self) -> SandboxConfig:
+        cfg = from_json(SandboxConfig, self.record()["config"])
+        assert isinstance(cfg, SandboxConfig)
+        return cfg
+
+    @property
+    def name(self) -> str:
+        return str(self.record()["config"]["name"])
+
+    @property
+    def state(self) -> str:
+        return str(self.record()["state"])
+
+    @property
+    def ip(self) -> str:
+        return str(self.record().get("ip", ""))
+
+    def status(self) -> SandboxStatus:
+        rec = self.record()
+        cfg = from_json(SandboxConfig, rec["config"])
+        assert isinstance(cfg, SandboxConfig)
+        return SandboxStatus(self.id, rec["state"], rec["created_at_ns"], rec.get("ip", ""),
+                             tuple(rec.get("ips", [])), cfg,
+                             self.ns_path("net") if rec.get("netns") else "")
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, runtime: Runtime, config: SandboxConfig) -> Sandbox:
+        sb = cls(runtime, secrets.token_hex(32))
+        key = [config.name, config.namespace, config.uid, config.attempt]
+        # the sandbox's own lock is held from before its record exists until it is
+        # ready, so recovery in another process never tears down a pod being made
+        with sb._lock():
+            with store.flock(os.path.join(runtime.root, "locks", "sandboxes.lock")):
+                for other in runtime.sandboxes():
+                    with contextlib.suppress(NotFoundError):
+                        c = other.record()["config"]
+                        if [c["name"], c["namespace"], c["uid"], c["attempt"]] == key:
+                            raise AlreadyExistsError(
+                                f"sandbox {config.name!r} (namespace {config.namespace!r}, "
+                                f"attempt {config.attempt}) already exists as {other.id}")
+                store.makedirs(sb.record_dir)
+                rec: dict[str, Any] = {
+                    "id": sb.id, "state": CREATING, "created_at_ns": time.time_ns(),
+                    "config": to_json(config), "netns": False, "ipcns": False, "utsns": False,
+                    "cgroup_parent": config.cgroup_parent or runtime.cgroup_parent,
+                    "network": "host" if config.network == NODE
+                    else ("cni" if runtime.cni else "none"),
+                }
+                sb._write(rec)
+            try:
+                sb._setup(rec, config)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sb._teardown(remove=True)
+                raise
+        return sb
+
+    def _setup(self, rec: dict[str, Any], config: SandboxConfig) -> None:
+        rt = self.runtime
+        store.makedirs(self.state_dir)
+        kinds = 0
+        if config.network != NODE:
+            kinds |= _native.PIN_NET | _native.PIN_UTS
+        if config.ipc != NODE:
+            kinds |= _native.PIN_IPC
+        paths: dict[str, str | None] = {"net": None, "ipc": None, "uts": None}
+        for kind, bit in (("net", _native.PIN_NET), ("ipc", _native.PIN_IPC),
+                          ("uts", _native.PIN_UTS)):
+            if kinds & bit:
+                p = self.ns_path(kind)
+                with open(p, "w"):
+                    pass
+                paths[kind] = p
+        hostname = config.hostname or (config.name if config.network != NODE else os.uname().nodename)
+        hostname = hostname[:63]
+        if kinds:
+            try:
+                _native.ns_pin(kinds, paths["net"], paths["ipc"], paths["uts"], hostname,
+                               dict(config.sysctls))
+            except OSError as e:
+                raise RuntimeFailure(f"sandbox namespaces: {e.strerror}", stage="namespaces",
+                                     errno=e.errno or 0) from e
+        rec.update(netns=bool(paths["net"]), ipcns=bool(paths["ipc"]), utsns=bool(paths["uts"]))
+        self._write(rec)
+        rt.cgroups(rec["cgroup_parent"]).create_pod(self.id)
+        ips: tuple[str, ...] = ()
+        if rec["network"] == "cni":
+            assert rt.cni is not None and paths["net"]
+            res = rt.cni.setup(self.id, paths["net"], os.path.join(self.state_dir, "cni.json"),
+                               name=config.name, namespace=config.namespace, uid=config.uid,
+                               ports=config.port_mappings)
+            ips = res.ips
+        self._write_etc(hostname, ips, config)
+        rec.update(state=READY, ip=ips[0] if ips else "", ips=list(ips), hostname=hostname)
+        self._write(rec)
+
+    def _write_etc(self, hostname: str, ips: tuple[str, ...], config: SandboxConfig) -> None:
+        d = self.state_dir
+        store.atomic_write(os.path.join(d, "hostname"), hostname.encode() + b"\n", 0o644)
+        hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        if ips:
+            hosts.append(f"{ips[0]}\t{hostname}")
+        else:
+            hosts[0] += f" {hostname}"
+        store.atomic_write(os.path.join(d, "hosts"), ("\n".join(hosts) + "\n").encode(), 0o644)
+        if config.dns and (config.dns.servers or config.dns.searches or config.dns.options):
+            lines = [f"nameserver {s}" for s in config.dns.servers]
+            if config.dns.searches:
+                lines.append("search " + " ".join(config.dns.searches))
+            if config.dns.options:
+                lines.append("options " + " ".join(config.dns.options))
+            resolv = ("\n".join(lines) + "\n").encode()
+        else:
+            try:
+                with open("/etc/resolv.conf", "rb") as f:
+                    resolv = f.read(64 << 10)
+            except OSError:
+                resolv = b""
+        store.atomic_write(os.path.join(d, "resolv.conf"), resolv, 0o644)
+
+    def etc_file(self, name: str) -> str:
+        """Path of the pod's hostname, hosts or resolv.conf file (bind-mounted into containers)."""
+        return os.path.join(self.state_dir, name)
+
+    def stop(self) -> None:
+        """Stop every container of the pod and tear down its network. Idempotent."""
+        for c in self.containers():
+            with contextlib.suppress(NotFoundError):
+                c.stop(timeout=0)
+        with self._lock():
+            try:
+                rec = self.record()
+            except NotFoundError:
+                return
+            self._teardown_network(rec)
+            if rec["state"] != NOTREADY:
+                rec["state"] = NOTREADY
+                self._write(rec)
+
+    def remove(self) -> None:
+        """Stop, remove every container, release namespaces, cgroup and state. Idempotent."""
+        for c in self.containers():
+            with contextlib.suppress(NotFoundError):
+                c.remove()
+        with self._lock():
+            self._teardown(remove=True)
+
+    def _teardown_network(self, rec: dict[str, Any]) -> None:
+        if rec.get("network") == "cni" and self.runtime.cni is not None:
+            self.runtime.cni.teardown(self.id, self.ns_path("net"),
+                                      os.path.join(self.state_dir, "cni.json"))
+
+    def _teardown(self, remove: bool) -> None:
+        try:
+            rec = self.record()
+        except NotFoundError:
+            rec = {}
+        errors: list[str] = []
+        try:
+            self._teardown_network(rec)
+        except PycriError as e:
+            errors.append(str(e))
+        for kind in ("net", "ipc", "uts"):
+            try:
+                _native.ns_unpin(self.ns_path(kind))
+            except OSError as e:
+                errors.append(str(e))
+        parent = rec.get("cgroup_parent") or self.runtime.cgroup_parent
+        try:
+            self.runtime.cgroups(parent).pod(self.id).destroy()
+        except PycriError as e:
+            errors.append(str(e))
+        if errors:
+            raise RuntimeFailure("sandbox teardown: " + "; ".join(errors), stage="teardown")
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.record_dir, ignore_errors=True)
+
+    # -- containers ------------------------------------------------------------------
+
+    def containers(self) -> list[Any]:
+        """Containers of this pod (empty until the container layer is present)."""
+        finder = getattr(self.runtime, "containers", None)
+        if finder is None:
+            return []
+        return [c for c in finder() if getattr(c, "sandbox_id", None) == self.id]
+
+    # -- context manager: `with rt.run_sandbox(cfg) as sb:` removes the pod on exit --
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def recover(runtime: Runtime) -> None:
+    """After a crash: finish tearing down sandboxes that never became ready."""
+    for sb in runtime.sandboxes():
+        with contextlib.suppress(NotFoundError, PycriError, OSError):
+            if sb.state == CREATING:
+                with sb._lock():
+                    if sb.state == CREATING:
+                        sb._teardown(remove=True)
