@@ -412,7 +412,7 @@ def test_crictl_pull_images_inspect_rmi(dirs, pushed):
         assert out.returncode == 0, out.stderr
         doc = json.loads(out.stdout)
         assert doc["status"]["id"] == built.config_digest
-        assert doc["info"]["info"]["Config"]["Cmd"] == ["/hello"]
+        assert doc["info"]["Config"]["Cmd"] == ["/hello"]  # crictl unpacks info values
         out = crictl("pull", ref.replace(":v1", ":missing"))
         assert out.returncode != 0 and "NotFound" in out.stderr
         out = crictl("rmi", ref)
