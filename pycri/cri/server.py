@@ -28,7 +28,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -102,19 +102,6 @@ def network_condition(cni_conf_dir: str, cni_bin_dir: str) -> api_pb2.RuntimeCon
     return api_pb2.RuntimeCondition(type="NetworkReady", status=True)
 
 
-def abandon_when_gone(context: grpc.ServicerContext) -> Callable[[pycri.PullProgress], None]:
-    """A pull progress callback that stops the pull once the client has gone (cancelled,
-    or its deadline passed): nobody is waiting for the result. Downloaded bytes stay in
-    the ingest area, so the next pull of the image resumes them."""
-
-    def check(progress: pycri.PullProgress) -> None:
-        if not context.is_active():
-            raise TimeoutError(f"pull of {progress.ref} abandoned: the client cancelled "
-                               "or its deadline passed")
-
-    return check
-
-
 # -- ImageService ---------------------------------------------------------------------
 
 class ImageService(api_pb2_grpc.ImageServiceServicer):
@@ -159,7 +146,7 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
         auth = convert.auth_from_proto(request.auth if request.HasField("auth") else None,
                                        convert.registry_of(ref))
         t0 = time.monotonic()
-        img = self.rt.images.pull(ref, auth=auth, progress=abandon_when_gone(context))
+        img = self.rt.images.pull(ref, auth=auth)
         log.info("pulled %s as %s in %.2f s", ref, img.id, time.monotonic() - t0)
         return api_pb2.PullImageResponse(image_ref=img.id)
 
