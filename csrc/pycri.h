@@ -25,5 +25,6 @@ struct pycri_error {
 #include "api/cgroup.h"
 #include "api/monitor.h"
 #include "api/ns.h"
+#include "api/launch.h"
 
 #endif

@@ -22,6 +22,7 @@ from pycri.errors import *  # the error types are public API
 from pycri.errors import __all__ as _errors_all
 from pycri.image import FsInfo, Image, ImageStore, PullProgress
 from pycri.oci import ImageConfig
+from pycri.container import Container, ContainerStats, ContainerStatus, ExecResult, RunResult
 from pycri.runtime import Runtime
 from pycri.sandbox import Sandbox, SandboxStatus
 
@@ -29,5 +30,6 @@ __version__ = "0.1.0"
 
 __all__ = ["Auth", "Platform", "Runtime", "Sandbox", "SandboxStatus", "SandboxConfig",
            "ContainerConfig", "Mount", "Resources", "DeviceRule", "DNSConfig", "PortMapping",
-           "IDMapping", "UserNamespace", "Image", "ImageStore", "ImageConfig", "FsInfo",
+           "IDMapping", "UserNamespace", "Container", "ContainerStatus", "ContainerStats",
+           "ExecResult", "RunResult", "Image", "ImageStore", "ImageConfig", "FsInfo",
            "PullProgress", "__version__", *_errors_all]

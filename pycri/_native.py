@@ -11,8 +11,9 @@ Sections below follow the csrc/api/ headers; keep each section to its concern.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn
 
 from pycri import _core
@@ -156,7 +157,302 @@ class LayerWriter:
 
 # --- spawn (csrc/spawn.c) ---------------------------------------------------
 
+#: Namespace kinds, in the order of SpawnSpec.namespaces keys and C's PYCRI_NS_*.
+NS_KINDS = ("user", "mnt", "pid", "uts", "ipc", "net", "cgroup")
+#: PYCRI_STAGE_* names by number.
+SPAWN_STAGES = (
+    "none", "prepare", "clone", "namespace", "idmap", "cgroup", "rootfs", "mount", "pivot",
+    "hostname", "sysctl", "rlimit", "oom", "fds", "tty", "cwd", "user", "caps", "seccomp",
+    "exec", "start",
+)
+PROPAGATION = {"private": 0, "rslave": 1, "rshared": 2}
+
+
+@dataclass
+class BindMount:
+    """A bind mount: host ``source`` (must exist; symlinks resolved on the host) onto
+    ``target`` inside the rootfs (resolved in-root, created if missing)."""
+
+    source: str
+    target: str
+    readonly: bool = False
+    recursive_readonly: bool = False
+    recursive: bool = True
+    propagation: str = "private"  # private | rslave | rshared
+
+
+@dataclass
+class SpawnSpec:
+    """Everything pycri_spawn needs, as plain values; mirrors ``struct pycri_spawn_spec``.
+
+    namespaces maps a kind in NS_KINDS to "new", a path to join (/proc/PID/ns/x or a
+    pinned file), or "pidfd" (the namespace of join_pidfd's process, checked against
+    pid reuse); kinds not listed stay the caller's. oom_score_adj is written as
+    given: clamp it (>= 0 without CAP_SYS_RESOURCE) before calling. Capability sets
+    are bit masks (bit n = capability n); cap_inheritable is ORed with cap_ambient.
+    """
+
+    argv: list[str]
+    env: list[str] = field(default_factory=list)  # "K=V"; its PATH drives the lookup
+    exec_path: str | None = None
+    cwd: str | None = None
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = field(default_factory=list)
+    cap_bounding: int = 0
+    cap_effective: int = 0
+    cap_permitted: int = 0
+    cap_inheritable: int = 0
+    cap_ambient: int = 0
+    no_new_privs: bool = False
+    seccomp_bpf: bytes | None = None  # struct sock_filter[], 8 bytes per instruction
+    rlimits: list[tuple[int, int, int]] = field(default_factory=list)  # (RLIMIT_*, soft, hard); -1 = inf
+    oom_score_adj: int | None = None
+    hostname: str | None = None
+    sysctls: dict[str, str] = field(default_factory=dict)
+    parent_death_signal: int = 0
+    stdin: int = -1  # -1 = /dev/null (or the tty)
+    stdout: int = -1
+    stderr: int = -1
+    tty_fd: int = -1
+    keep_fds: list[int] = field(default_factory=list)  # become 3, 4, ... in the container
+    namespaces: dict[str, str] = field(default_factory=dict)  # kind -> "new" | path | "pidfd"
+    join_pidfd: int = -1  # for kinds set to "pidfd": the namespaces of this pidfd's process
+    uid_map: tuple[int, int, int] | None = None  # (inside, outside, count) for a new userns
+    gid_map: tuple[int, int, int] | None = None
+    cgroup_procs: list[str] = field(default_factory=list)
+    rootfs: str | None = None
+    overlay_lower: list[str] = field(default_factory=list)  # top first; empty = bind rootfs
+    overlay_upper: str | None = None
+    overlay_work: str | None = None
+    rootfs_readonly: bool = False
+    root_propagation: str = "private"
+    mount_proc: bool = True
+    mount_sys: bool = True
+    mount_dev: bool = True
+    shm_path: str | None = None
+    shm_size: int = 0
+    etc_hostname: str | None = None
+    etc_hosts: str | None = None
+    etc_resolv: str | None = None
+    binds: list[BindMount] = field(default_factory=list)
+    masked_paths: list[str] = field(default_factory=list)
+    readonly_paths: list[str] = field(default_factory=list)
+    start_wait: bool = False
+
+
+@dataclass
+class SpawnResult:
+    """pid (the caller's child: reap it), a CLOEXEC pidfd, /proc start time, and for
+    start_wait the two fds that spawn_start consumes."""
+
+    pid: int
+    pidfd: int
+    start_time: int
+    start_fd: int = -1
+    report_fd: int = -1
+
+
+def namespaces_of(pid: int) -> dict[str, str]:
+    """Join paths for every namespace of pid, for an exec into a running container
+    (SpawnSpec.namespaces). Kinds it shares with the caller are skipped in C."""
+    return {k: f"/proc/{pid}/ns/{k}" for k in NS_KINDS}
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def cgroup_procs_of(pid: int) -> list[str]:
+    """The cgroup.procs files of every cgroup pid is in (v1 hierarchies and v2), as
+    paths in the caller's mount namespace: SpawnSpec.cgroup_procs for an exec."""
+    mounts: list[tuple[str, str, set[str]]] = []  # (root, mount point, super options)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(rfields) >= 3 and rfields[0] in ("cgroup", "cgroup2"):
+                opts = set(rfields[2].split(",")) if rfields[0] == "cgroup" else {""}
+                mounts.append((_unescape_mountinfo(fields[3]), _unescape_mountinfo(fields[4]),
+                               opts))
+    out: list[str] = []
+    with open(f"/proc/{pid}/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            want = set(controllers.split(",")) if controllers else {""}
+            for root, mp, opts in mounts:
+                if not want <= opts or not (path == root or path.startswith(root.rstrip("/") + "/")):
+                    continue
+                rel = path[len(root.rstrip("/")):].lstrip("/")
+                procs = os.path.join(mp, rel, "cgroup.procs")
+                if os.path.exists(procs):
+                    out.append(procs)
+                break
+    return out
+
+
+def _spawn_error(err, res_stage: int | None = None) -> OSError:  # type: ignore[no-untyped-def]
+    msg = ffi.string(err.msg).decode("utf-8", "replace") or "spawn failed"
+    e = OSError(err.code or 0, msg)
+    if res_stage is None:
+        stage = msg.split(":", 1)[0] if ":" in msg else ""
+        res_stage = SPAWN_STAGES.index(stage) if stage in SPAWN_STAGES else 0
+    e.stage = SPAWN_STAGES[res_stage] if 0 <= res_stage < len(SPAWN_STAGES) else "unknown"  # type: ignore[attr-defined]
+    return e
+
+
+class _Builder:
+    """Keeps every cffi allocation alive while the C call runs."""
+
+    def __init__(self) -> None:
+        self.keep: list[object] = []
+
+    def s(self, v: str | None):  # type: ignore[no-untyped-def]
+        if v is None:
+            return ffi.NULL
+        b = ffi.new("char[]", os.fsencode(v))
+        self.keep.append(b)
+        return b
+
+    def strv(self, items) -> object:  # type: ignore[no-untyped-def]
+        arr = ffi.new("char *[]", [self.s(x) for x in items] + [ffi.NULL])
+        self.keep.append(arr)
+        return arr
+
+
+def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
+    """The C spawn spec for ``spec``; the builder keeps its memory alive."""
+    b = _Builder()
+    c = ffi.new("struct pycri_spawn_spec *")
+    if not spec.argv:
+        raise ValueError("argv is empty")
+    c.argv = b.strv(spec.argv)
+    c.envp = b.strv(spec.env)
+    c.exec_path = b.s(spec.exec_path)
+    c.cwd = b.s(spec.cwd)
+    c.uid, c.gid = spec.uid, spec.gid
+    groups = ffi.new("unsigned int[]", max(1, len(spec.groups)))
+    for i, g in enumerate(spec.groups):
+        groups[i] = g
+    b.keep.append(groups)
+    c.groups, c.n_groups = groups, len(spec.groups)
+    c.cap_bounding, c.cap_effective = spec.cap_bounding, spec.cap_effective
+    c.cap_permitted, c.cap_inheritable = spec.cap_permitted, spec.cap_inheritable
+    c.cap_ambient = spec.cap_ambient
+    c.no_new_privs = int(spec.no_new_privs)
+    if spec.seccomp_bpf:
+        if len(spec.seccomp_bpf) % 8:
+            raise ValueError("seccomp_bpf is not a whole number of 8-byte instructions")
+        prog = ffi.new("unsigned char[]", spec.seccomp_bpf)
+        b.keep.append(prog)
+        c.seccomp_bpf, c.seccomp_len = prog, len(spec.seccomp_bpf) // 8
+    rl = ffi.new("struct pycri_rlimit[]", max(1, len(spec.rlimits)))
+    b.keep.append(rl)
+    inf = 0xFFFFFFFFFFFFFFFF
+    for i, (res, soft, hard) in enumerate(spec.rlimits):
+        rl[i].resource = res
+        rl[i].soft = inf if soft < 0 else soft
+        rl[i].hard = inf if hard < 0 else hard
+    c.rlimits, c.n_rlimits = rl, len(spec.rlimits)
+    if spec.oom_score_adj is not None:
+        c.set_oom_score_adj, c.oom_score_adj = 1, spec.oom_score_adj
+    c.hostname = b.s(spec.hostname)
+    c.sysctls = b.strv(f"{k}={v}" for k, v in spec.sysctls.items())
+    c.parent_death_signal = spec.parent_death_signal
+    c.stdio = [spec.stdin, spec.stdout, spec.stderr]
+    c.tty_fd = spec.tty_fd
+    c.join_pidfd = spec.join_pidfd
+    keep = ffi.new("int[]", max(1, len(spec.keep_fds)))
+    for i, fd in enumerate(spec.keep_fds):
+        keep[i] = fd
+    b.keep.append(keep)
+    c.keep_fds, c.n_keep_fds = keep, len(spec.keep_fds)
+    for kind, how in spec.namespaces.items():
+        k = NS_KINDS.index(kind)
+        if how == "new":
+            c.ns_mode[k] = lib.PYCRI_NS_NEW
+        elif how in ("host", "", None):
+            c.ns_mode[k] = lib.PYCRI_NS_HOST
+        elif how == "pidfd":
+            c.ns_mode[k] = lib.PYCRI_NS_JOIN  # ns_path stays NULL: C uses join_pidfd
+        else:
+            c.ns_mode[k] = lib.PYCRI_NS_JOIN
+            c.ns_path[k] = b.s(how)
+    if spec.uid_map:
+        c.uid_map_inside, c.uid_map_outside, c.uid_map_count = spec.uid_map
+    if spec.gid_map:
+        c.gid_map_inside, c.gid_map_outside, c.gid_map_count = spec.gid_map
+    c.cgroup_procs = b.strv(spec.cgroup_procs)
+    c.rootfs = b.s(spec.rootfs)
+    if spec.overlay_lower:
+        c.overlay_lower = b.s(":".join(spec.overlay_lower))
+        c.overlay_upper = b.s(spec.overlay_upper)
+        c.overlay_work = b.s(spec.overlay_work)
+    c.rootfs_readonly = int(spec.rootfs_readonly)
+    c.root_propagation = PROPAGATION[spec.root_propagation]
+    c.mount_proc, c.mount_sys, c.mount_dev = spec.mount_proc, spec.mount_sys, spec.mount_dev
+    c.shm_path, c.shm_size = b.s(spec.shm_path), spec.shm_size
+    c.etc_hostname, c.etc_hosts = b.s(spec.etc_hostname), b.s(spec.etc_hosts)
+    c.etc_resolv = b.s(spec.etc_resolv)
+    binds = ffi.new("struct pycri_bind[]", max(1, len(spec.binds)))
+    b.keep.append(binds)
+    for i, m in enumerate(spec.binds):
+        binds[i].source, binds[i].target = b.s(m.source), b.s(m.target)
+        binds[i].readonly = int(m.readonly or m.recursive_readonly)
+        binds[i].recursive_readonly = int(m.recursive_readonly)
+        binds[i].nonrecursive = int(not m.recursive)
+        binds[i].propagation = PROPAGATION[m.propagation]
+    c.binds, c.n_binds = binds, len(spec.binds)
+    c.masked_paths = b.strv(spec.masked_paths)
+    c.readonly_paths = b.strv(spec.readonly_paths)
+    c.start_wait = int(spec.start_wait)
+    return c, b
+
+
+def spawn(spec: SpawnSpec) -> SpawnResult:
+    """Create the process described by spec; raise OSError (with ``.stage``) on failure.
+
+    The GIL is released while the child is set up. On failure no process and no
+    mount is left behind.
+    """
+    c, _keep = _spec_struct(spec)
+    res = ffi.new("struct pycri_spawn_result *")
+    err = _new_err()
+    if lib.pycri_spawn(c, res, err) < 0:
+        raise _spawn_error(err, res.stage)
+    return SpawnResult(pid=res.pid, pidfd=res.pidfd, start_time=res.start_time,
+                       start_fd=res.start_fd, report_fd=res.report_fd)
+
+
+def spawn_start(result: SpawnResult) -> None:
+    """Let a start_wait process run to execve; raise OSError (with ``.stage``) if
+    execve failed. Consumes start_fd and report_fd; the caller still reaps pid."""
+    if result.start_fd < 0:
+        raise ValueError("process was not created with start_wait")
+    err = _new_err()
+    rc = lib.pycri_spawn_start(result.start_fd, result.report_fd, err)
+    result.start_fd = result.report_fd = -1
+    if rc < 0:
+        raise _spawn_error(err)
+
+
 # --- mounts (csrc/mount.c) --------------------------------------------------
+
+
+def mount_overlay(target: str, lower: list[str], upper: str | None = None,
+                  work: str | None = None) -> None:
+    """Mount an overlay (lower top first) at target in the caller's mount namespace."""
+    err = _new_err()
+    _check(lib.pycri_mount_overlay(os.fsencode(target), os.fsencode(":".join(lower)),
+                                   os.fsencode(upper) if upper else ffi.NULL,
+                                   os.fsencode(work) if work else ffi.NULL, err), err, target)
+
+
+def mount_unmount(target: str) -> None:
+    """Lazily unmount target (MNT_DETACH, final symlink not followed)."""
+    err = _new_err()
+    _check(lib.pycri_mount_unmount(os.fsencode(target), err), err, target)
+
 
 # --- cgroups (csrc/cgroup.c) ------------------------------------------------
 
@@ -396,3 +692,45 @@ def ns_inode(path: str) -> int:
     ino = ffi.new("unsigned long long *")
     _check(lib.pycri_ns_inode(path.encode(), ino, err), err, path)
     return int(ino[0])
+
+
+# --- launch: detached containers that outlive the caller (csrc/launch.c) -------
+
+
+class LaunchResult(NamedTuple):
+    monitor_pid: int
+    pid: int
+    start_time: int
+
+
+def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
+           monitor_fds: Sequence[int]) -> LaunchResult:
+    """Create a container held before execve by a detached launcher that becomes
+    its monitor on start (see csrc/api/launch.h). Raises OSError with ``.stage``."""
+    if not spec.start_wait:
+        raise ValueError("launch needs start_wait=True")
+    c, b = _spec_struct(spec)
+    argv = b.strv(list(monitor_argv))
+    fds = ffi.new("int[]", max(1, len(monitor_fds)))
+    for i, fd in enumerate(monitor_fds):
+        fds[i] = fd
+    res = ffi.new("struct pycri_launch_result *")
+    err = _new_err()
+    if lib.pycri_launch(c, start_sock.encode(), argv, fds, len(monitor_fds), res, err) < 0:
+        raise _spawn_error(err, res.stage)
+    return LaunchResult(res.monitor_pid, res.pid, res.start_time)
+
+
+def launch_start(start_sock: str, timeout: float = 30.0) -> None:
+    """Release a launched container; raises OSError if its execve failed."""
+    err = _new_err()
+    if lib.pycri_launch_start(start_sock.encode(), int(timeout * 1000), err) < 0:
+        raise _spawn_error(err, lib.PYCRI_STAGE_EXEC)
+
+
+def pidfd_open(pid: int) -> int:
+    """A pidfd for any process (readable when it exits), or -1 if it is gone."""
+    try:
+        return os.pidfd_open(pid)
+    except ProcessLookupError:
+        return -1

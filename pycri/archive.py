@@ -214,20 +214,19 @@ def _import_docker(store: ImageStore, src: _Source, progress: ProgressCallback |
                     h.update(b)
             gz = head[:2] == b"\x1f\x8b"
             zst = head == b"\x28\xb5\x2f\xfd"
-            media = ("application/vnd.oci.image.layer.v1.tar+zstd" if zst else
-                     "application/vnd.docker.image.rootfs.diff.tar.gzip" if gz else
-                     "application/vnd.docker.image.rootfs.diff.tar")
+            media = "application/vnd.oci.image.layer.v1.tar" + (
+                "+zstd" if zst else "+gzip" if gz else "")
             layers.append(({"mediaType": media, "size": src.size(lp),
                             "digest": "sha256:" + h.hexdigest()}, lp))
         manifest_doc = {
             "schemaVersion": 2,
-            "mediaType": oci.DOCKER_MANIFEST,
-            "config": {"mediaType": oci.DOCKER_CONFIG, "size": len(config_bytes),
+            "mediaType": oci.OCI_MANIFEST,
+            "config": {"mediaType": oci.OCI_CONFIG, "size": len(config_bytes),
                        "digest": config_digest},
             "layers": [x[0] for x in layers],
         }
         manifest_bytes = json.dumps(manifest_doc, separators=(",", ":")).encode()
-        manifest = oci.parse_manifest(oci.DOCKER_MANIFEST, manifest_doc)
+        manifest = oci.parse_manifest(oci.OCI_MANIFEST, manifest_doc)
         paths: dict[str, str] = {str(x[0]["digest"]): x[1] for x in layers}
 
         def fetch(desc: Descriptor, offset: int, paths: dict[str, str] = paths) -> Iterator[bytes]:

@@ -12,6 +12,7 @@ Exit codes (stable, for scripts):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -165,6 +166,252 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_LABEL = "io.pycri.cli.run"
+
+
+def _size(text: str) -> int:
+    """'512m', '1g', '1048576' -> bytes."""
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().rstrip("b")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (like 256m or 1g)") from None
+
+
+def _image_for(rt: Any, ref: str, quiet: bool) -> Any:
+    from pycri.errors import NotFoundError
+
+    try:
+        return rt.images.get(ref)
+    except NotFoundError:
+        return rt.images.pull(ref, progress=None if quiet else _Bars())
+
+
+def _follow(container: Any, stdout: Any, stderr: Any, follow: bool) -> None:
+    """Copy the container's log to our stdout/stderr, following until it exits."""
+    path = container.log_path
+    pos = 0
+    buf = b""
+    while True:
+        # look at the state before reading: the monitor writes the last output
+        # before it records the exit, so one more read after "exited" gets it all
+        running = follow and container.state == "running"
+        try:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                data = f.read()
+                pos += len(data)
+        except FileNotFoundError:
+            data = b""
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            from pycri.logs import parse_record
+
+            rec = parse_record(line)
+            out = stdout if rec.stream == "stdout" else stderr
+            out.write(rec.content + (b"" if rec.partial else b"\n"))
+            out.flush()
+        if not running:
+            return
+        time.sleep(0.05)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import secrets
+
+    import pycri
+
+    rt = _runtime(args)
+    img = _image_for(rt, args.image, args.quiet)
+    res = pycri.Resources(
+        memory_limit_in_bytes=args.memory or 0,
+        memory_swap_limit_in_bytes=args.memory or 0,
+        cpu_period=100_000 if args.cpus else 0,
+        cpu_quota=int(args.cpus * 100_000) if args.cpus else 0,
+        pids_limit=args.pids or 0)
+    name = args.name or "run-" + secrets.token_hex(4)
+    sb = rt.run_sandbox(pycri.SandboxConfig(name=name, hostname=args.hostname or "",
+                                            labels={RUN_LABEL: "run"}))
+    try:
+        c = sb.create_container(pycri.ContainerConfig(
+            name=name, image=img.id, command=tuple(args.command), tty=args.tty,
+            stdin=args.interactive, env=tuple(_kv(e) for e in args.env or ()),
+            resources=res, labels={RUN_LABEL: "run"}))
+        c.start()
+        if args.detach:
+            print(c.id)
+            return 0
+        if args.interactive or args.tty:
+            _attach(c, args.tty)
+        else:
+            _follow(c, sys.stdout.buffer, sys.stderr.buffer, follow=True)
+        return int(c.wait())
+    finally:
+        if args.rm and not args.detach:
+            sb.remove()
+
+
+def _kv(e: str) -> tuple[str, str]:
+    k, sep, v = e.partition("=")
+    if not sep:
+        v = os.environ.get(k, "")
+    return k, v
+
+
+def _attach(container: Any, tty: bool) -> None:
+    """Relay our terminal to the container through its monitor's attach socket."""
+    import select
+    import termios
+    import tty as ttymod
+
+    from pycri import _native
+
+    sock = container.attach()
+    fd_in = sys.stdin.fileno()
+    old = None
+    if tty and os.isatty(fd_in):
+        old = termios.tcgetattr(fd_in)
+        ttymod.setraw(fd_in)
+        rows, cols = os.get_terminal_size(fd_in)
+        sock.sendall(_native.attach_resize_frame(rows, cols))
+    try:
+        stdin_open = True
+        while True:
+            rl = [sock] + ([fd_in] if stdin_open else [])
+            ready, _, _ = select.select(rl, [], [])
+            if sock in ready:
+                frame = _native.attach_read_frame(sock)
+                if frame is None or frame[0] == _native.ATTACH_EXIT:
+                    return
+                kind, data = frame
+                out = sys.stderr.buffer if kind == _native.ATTACH_STDERR else sys.stdout.buffer
+                out.write(data)
+                out.flush()
+            if stdin_open and fd_in in ready:
+                data = os.read(fd_in, 65536)
+                if not data:
+                    sock.sendall(_native.attach_frame(_native.ATTACH_CLOSE_STDIN))
+                    stdin_open = False
+                else:
+                    sock.sendall(_native.attach_frame(_native.ATTACH_STDIN, data))
+    finally:
+        if old is not None:
+            termios.tcsetattr(fd_in, termios.TCSADRAIN, old)
+        sock.close()
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    rt = _runtime(args)
+    rows = [["CONTAINER ID", "IMAGE", "COMMAND", "STATE", "NAME", "POD ID"]]
+    for c in rt.containers():
+        st = c.status()
+        if st.state != "running" and not args.all:
+            continue
+        cmd = " ".join(st.config.command + st.config.args)[:30]
+        rows.append([c.id[:12], familiar(st.image.rsplit("@", 1)[0]), cmd,
+                     st.state + (f" ({st.exit_code})" if st.state == "exited" else ""),
+                     st.name, st.sandbox_id[:12]])
+    _table(rows)
+    return 0
+
+
+def cmd_pods(args: argparse.Namespace) -> int:
+    rt = _runtime(args)
+    rows = [["POD ID", "NAME", "STATE", "IP", "CONTAINERS"]]
+    for sb in rt.sandboxes():
+        st = sb.status()
+        rows.append([sb.id[:12], st.config.name, st.state, st.ip or "-",
+                     str(len(sb.containers()))])
+    _table(rows)
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    rt = _runtime(args)
+    c = rt.container(args.container)
+    if args.interactive or args.tty:
+        import select
+
+        p = c.exec(args.command, tty=args.tty, stdin=args.interactive)
+        fds = {p.pty: sys.stdout.buffer} if p.pty >= 0 else {p.stdout: sys.stdout.buffer,
+                                                              p.stderr: sys.stderr.buffer}
+        src = sys.stdin.fileno()
+        sink = p.pty if p.pty >= 0 else p.stdin
+        try:
+            while fds:
+                rl = list(fds) + ([src] if sink >= 0 else [])
+                ready, _, _ = select.select(rl, [], [])
+                for fd in ready:
+                    if fd == src:
+                        data = os.read(src, 65536)
+                        if data:
+                            os.write(sink, data)
+                        elif p.pty < 0:
+                            p.close_stdin()
+                            sink = -1
+                        else:
+                            sink = -1
+                        continue
+                    try:
+                        data = os.read(fd, 65536)
+                    except OSError:
+                        data = b""
+                    if not data:
+                        del fds[fd]
+                    else:
+                        fds[fd].write(data)
+                        fds[fd].flush()
+        finally:
+            p.close()
+        return p.wait()
+    r = c.exec_sync(args.command, timeout=args.timeout)
+    sys.stdout.buffer.write(r.stdout)
+    sys.stderr.buffer.write(r.stderr)
+    return r.exit_code
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    c = _runtime(args).container(args.container)
+    _follow(c, sys.stdout.buffer, sys.stderr.buffer, follow=args.follow)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    rt = _runtime(args)
+    for cid in args.containers:
+        rt.container(cid).stop(timeout=args.time)
+        print(cid)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    rt = _runtime(args)
+    for cid in args.containers:
+        c = rt.container(cid)
+        if c.state == "running" and not args.force:
+            raise errors.InvalidStateError(f"container {cid} is running: stop it or use -f")
+        sb_id = c.sandbox_id
+        c.remove()
+        # `pycri run` made a pod for the container: it goes with its last container
+        sb = rt.sandbox(sb_id)
+        if not sb.containers() and sb.config.labels.get(RUN_LABEL):
+            sb.remove()
+        print(cid)
+    return 0
+
+
+def cmd_rmp(args: argparse.Namespace) -> int:
+    rt = _runtime(args)
+    for sid in args.pods:
+        rt.sandbox(sid).remove()
+        print(sid)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pycri", description="pycri: a container runtime you import")
     p.add_argument("--root", default=os.environ.get("PYCRI_ROOT", "/var/lib/pycri"),
@@ -205,6 +452,56 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_import)
 
+    s = sub.add_parser("run", help="run a command in a new container (in a pod of its own)")
+    s.add_argument("--rm", action="store_true", help="remove the container and pod when done")
+    s.add_argument("-d", "--detach", action="store_true", help="print the id and leave it running")
+    s.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    s.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+    s.add_argument("-e", "--env", action="append", help="KEY=VALUE (repeatable)")
+    s.add_argument("--name")
+    s.add_argument("--hostname")
+    s.add_argument("--memory", type=_size, help="memory limit, like 256m")
+    s.add_argument("--cpus", type=float, help="CPU limit, like 0.5")
+    s.add_argument("--pids", type=int, help="process count limit")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.add_argument("image")
+    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("ps", help="list containers")
+    s.add_argument("-a", "--all", action="store_true", help="include exited ones")
+    s.set_defaults(func=cmd_ps)
+
+    s = sub.add_parser("pods", help="list pods")
+    s.set_defaults(func=cmd_pods)
+
+    s = sub.add_parser("exec", help="run a command in a running container")
+    s.add_argument("-i", "--interactive", action="store_true")
+    s.add_argument("-t", "--tty", action="store_true")
+    s.add_argument("--timeout", type=float)
+    s.add_argument("container")
+    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_exec)
+
+    s = sub.add_parser("logs", help="show a container's output")
+    s.add_argument("-f", "--follow", action="store_true")
+    s.add_argument("container")
+    s.set_defaults(func=cmd_logs)
+
+    s = sub.add_parser("stop", help="stop containers")
+    s.add_argument("-t", "--time", type=float, default=10.0, help="grace period in seconds")
+    s.add_argument("containers", nargs="+")
+    s.set_defaults(func=cmd_stop)
+
+    s = sub.add_parser("rm", help="remove containers")
+    s.add_argument("-f", "--force", action="store_true", help="stop running ones first")
+    s.add_argument("containers", nargs="+")
+    s.set_defaults(func=cmd_rm)
+
+    s = sub.add_parser("rmp", help="remove pods with everything in them")
+    s.add_argument("pods", nargs="+")
+    s.set_defaults(func=cmd_rmp)
+
     s = sub.add_parser("export", help="export images as an OCI layout tar")
     s.add_argument("-o", "--output", required=True)
     s.add_argument("refs", nargs="+")
@@ -219,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pycri: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`pycri inspect x | head`): not an error of ours
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except errors.PycriError as e:
         print(f"pycri: {e}", file=sys.stderr)
         for cls, code in EXIT_CODES:

@@ -129,6 +129,9 @@ class ImageStore:
         self.max_parallel_layers = max(1, max_parallel_layers)
         self._registry_args = (registry_config_dir, docker_config, insecure_registries)
         self._registry: Any = None
+        # chain ids that must survive GC even without an image (set by the Runtime:
+        # the layers of existing containers' root filesystems)
+        self.layer_roots: Callable[[], set[str]] = set
         self._registry_lock = threading.Lock()
         for d in ("blobs/sha256", "ingest", "layers", "images", "locks"):
             store.makedirs(os.path.join(self.root, d))
@@ -350,6 +353,7 @@ class ImageStore:
                     for x in rec["layers"]:
                         keep_blobs.add(x["digest"][7:])
                         keep_layers.add(x["chain_id"][7:])
+                keep_layers.update(c[7:] for c in self.layer_roots())
                 removed = 0
                 bdir = os.path.join(self.root, "blobs", "sha256")
                 for b in os.listdir(bdir):
@@ -606,7 +610,7 @@ class ImageStore:
                 yield b
             if progress:
                 progress(PullProgress(label, desc.digest, have, desc.size, "downloading"))
-            last = 0.0
+            last, last_bytes = time.monotonic(), have
             for chunk in fetch_from(desc, have):
                 if have + len(chunk) > desc.size:
                     raise ResourceExhaustedError(
@@ -614,8 +618,9 @@ class ImageStore:
                 f.write(chunk)
                 have += len(chunk)
                 now = time.monotonic()
-                if progress and now - last > 0.1:
-                    last = now
+                # report every 100 ms, and at least every 4 MiB on a fast link
+                if progress and (now - last > 0.1 or have - last_bytes >= 4 << 20):
+                    last, last_bytes = now, have
                     progress(PullProgress(label, desc.digest, have, desc.size, "downloading"))
                 yield chunk
             os.fsync(fd)

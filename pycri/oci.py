@@ -41,7 +41,6 @@ LAYER_TYPES = (
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
-    "application/vnd.docker.image.rootfs.diff.tar",
 )
 
 MAX_MANIFEST_SIZE = 4 << 20

@@ -17,9 +17,10 @@ Safety rules (SECURITY.md item 11), each an :class:`InsecureRegistryError`:
 - a token realm must be https, or http on loopback / an insecure host; any other
   scheme (``file://``, ``ftp://``) is refused before anything is contacted;
 - no redirect from https to http, nor to a scheme other than http(s);
-- credentials only go where they were configured: the caller's ``auth`` to the
-  requested registry's own server (never a [host] mirror of it), config.json
-  entries to the host they are keyed by, and ``Authorization`` is dropped when a
+- credentials only go where they were configured: the caller's ``auth`` to
+  endpoints on the requested registry's own host (never a mirror, nor a
+  hosts.toml ``server`` on another host), config.json entries to the host they
+  are keyed by, and ``Authorization`` is dropped when a
   redirect leaves the host (blob storage).  Redirects are followed by hand, at
   most :data:`MAX_REDIRECTS`.
 
@@ -98,12 +99,7 @@ class Fetched:
 
 
 class _Retryable(Exception):
-    """A transient failure (connection, 429, 5xx) worth another try."""
-
-    def __init__(self, message: str, status: int | None = None, retry_after: float = 0) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
+    """A connection-level failure (refused, reset, timed out) worth another try."""
 
 
 @dataclass
@@ -379,7 +375,7 @@ class Registry:
                 return resp, final
             except _Retryable as e:
                 if attempt == self.retries:
-                    raise RegistryError(f"{e} (after {attempt + 1} attempts)", e.status) from None
+                    raise RegistryError(f"{e} (after {attempt + 1} attempts)") from None
                 time.sleep(delay)
                 delay *= 2
         raise AssertionError("unreachable")
@@ -491,13 +487,18 @@ class Registry:
     # -- credentials and tokens ------------------------------------------------------------
 
     def _credentials(self, ep: Endpoint, ref: Reference, auth: Auth | None) -> Auth | None:
-        """What this endpoint may receive: never the caller's auth at a mirror."""
-        if auth is not None and not auth.empty and not ep.mirror:
+        """What this endpoint may receive.
+
+        The caller's ``auth`` is for the requested registry: it goes only to an
+        endpoint on that very host (for docker.io, registry-1.docker.io), never
+        to a mirror or a hosts.toml ``server`` elsewhere. Any endpoint gets the
+        config.json entry keyed by its own host.
+        """
+        own_host = hostsmod.canonical_registry(ep.host) == hostsmod.canonical_registry(
+            ref.registry)
+        if auth is not None and not auth.empty and own_host:
             return auth
-        found = self._docker_auth(ep.host)
-        if found is None and not ep.mirror:
-            found = self._docker_auth(ref.registry)
-        return found
+        return self._docker_auth(ep.host)
 
     def _docker_auth(self, host: str) -> Auth | None:
         if self._docker_auths is None:
@@ -530,9 +531,9 @@ class Registry:
                      creds: Auth | None, for_url: str) -> str:
         realm = params.get("realm", "")
         r = urlsplit(realm)
-        if r.scheme not in ("http", "https") or not r.netloc:
+        if r.scheme not in ("http", "https") or not r.netloc or "@" in r.netloc:
             raise InsecureRegistryError(f"{for_url} names token realm {realm!r}: a realm must "
-                                        "be an http(s) URL")
+                                        "be an http(s) URL without user info")
         if r.scheme == "http":
             host = r.netloc.lower()
             if not (is_loopback(host) or host in self.insecure

@@ -14,7 +14,10 @@ import os
 from pycri import store
 from pycri.config import Platform
 from pycri.errors import UnsupportedError
-from pycri import sandbox
+import contextlib
+
+from pycri import container, sandbox
+from pycri.container import Container
 from pycri.cgroup import CgroupManager, Hierarchy
 from pycri.config import SandboxConfig, validate_cgroup_parent
 from pycri.errors import InvalidArgumentError, NotFoundError
@@ -75,8 +78,11 @@ class Runtime:
         self._hierarchy: Hierarchy | None = None
         for d in ("sandboxes", "containers", "locks"):
             store.makedirs(os.path.join(self.root, d))
+        for d in ("sandboxes", "containers", "sockets"):
             store.makedirs(os.path.join(self.state, d))
+        self.images.layer_roots = self._layers_in_use
         sandbox.recover(self)
+        container.recover(self)
 
     # -- cgroups -------------------------------------------------------------------
 
@@ -110,6 +116,45 @@ class Runtime:
                     continue
             out.append(sb)
         return out
+
+    # -- containers ------------------------------------------------------------------
+
+    def containers(self, sandbox_id: str | None = None, state: str | None = None,
+                   labels: dict[str, str] | None = None,
+                   container_id: str | None = None) -> list[Container]:
+        """Containers on this root, filtered by sandbox, state, labels or id prefix."""
+        out = []
+        for cid in sorted(os.listdir(os.path.join(self.root, "containers"))):
+            if container_id and not cid.startswith(container_id):
+                continue
+            c = Container(self, cid)
+            if sandbox_id or state or labels:
+                try:
+                    rec = c.record()
+                except NotFoundError:
+                    continue
+                if sandbox_id and rec["sandbox_id"] != sandbox_id:
+                    continue
+                if state and rec["state"] != state:
+                    continue
+                have = rec["config"].get("labels", {})
+                if labels and any(have.get(k) != v for k, v in labels.items()):
+                    continue
+            out.append(c)
+        return out
+
+    def container(self, container_id: str) -> Container:
+        """The container with this id or unique id prefix."""
+        return Container(self, _find_id(os.path.join(self.root, "containers"), container_id,
+                                        "container"))
+
+    def _layers_in_use(self) -> set[str]:
+        """Layer dirs (chain ids) that containers' root filesystems are built from."""
+        used: set[str] = set()
+        for c in self.containers():
+            with contextlib.suppress(NotFoundError, KeyError, ValueError, OSError):
+                used.update(c._read().get("layers", []))
+        return used
 
     def sandbox(self, sandbox_id: str) -> Sandbox:
         """The sandbox with this id or unique id prefix."""

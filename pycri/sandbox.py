@@ -22,10 +22,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pycri import _native, store
-from pycri.config import NODE, SandboxConfig, from_json, to_json
+from pycri.config import NODE, ContainerConfig, SandboxConfig, from_json, to_json
+from pycri.container import Container, RunResult, run_to_completion
 from pycri.errors import AlreadyExistsError, NotFoundError, PycriError, RuntimeFailure
 
 if TYPE_CHECKING:
+    from pycri.image import Image
     from pycri.runtime import Runtime
 
 CREATING = "creating"
@@ -269,12 +271,25 @@ class Sandbox:
 
     # -- containers ------------------------------------------------------------------
 
-    def containers(self) -> list[Any]:
-        """Containers of this pod (empty until the container layer is present)."""
-        finder = getattr(self.runtime, "containers", None)
-        if finder is None:
-            return []
-        return [c for c in finder() if getattr(c, "sandbox_id", None) == self.id]
+    def containers(self) -> list[Container]:
+        """Containers of this pod."""
+        return self.runtime.containers(sandbox_id=self.id)
+
+    def create_container(self, config: ContainerConfig) -> Container:
+        """Create (not start) a container in this pod."""
+        return Container.create(self.runtime, self, config)
+
+    def run(self, image: Image | str, argv: list[str], timeout: float | None = None,
+            **config: Any) -> RunResult:
+        """Create, start, wait for and remove a container; return its exit and output."""
+        ref = image if isinstance(image, str) else image.id
+        cfg = ContainerConfig(name="run-" + secrets.token_hex(6), image=ref, command=tuple(argv),
+                              **config)
+        c = self.create_container(cfg)
+        try:
+            return run_to_completion(c, timeout)
+        finally:
+            c.remove()
 
     # -- context manager: `with rt.run_sandbox(cfg) as sb:` removes the pod on exit --
 

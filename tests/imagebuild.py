@@ -362,7 +362,7 @@ def build_image(layers: list[bytes], compression: str | list[str] = "gzip",
     diff_ids: list[str] = []
     digests: list[str] = []
     mtypes: list[str] = []
-    for tar, kind in zip(layers, kinds):
+    for tar, kind in zip(layers, kinds, strict=True):
         blob, mt = compress(tar, kind)
         if docker:
             mt = _DOCKER_LAYER_TYPES[kind]
@@ -524,7 +524,7 @@ def write_docker_archive(path: str, built: BuiltImage, repo_tag: str | None) -> 
     cfg_name = built.config_digest.split(":", 1)[1] + ".json"
     entries: list[Entry] = [File(cfg_name, built.config)]
     layer_paths = []
-    for tar, diff_id in zip(built.layer_tars, built.diff_ids):
+    for tar, diff_id in zip(built.layer_tars, built.diff_ids, strict=True):
         lid = diff_id.split(":", 1)[1]
         entries += [Dir(lid), File(f"{lid}/VERSION", b"1.0"), File(f"{lid}/layer.tar", tar)]
         layer_paths.append(f"{lid}/layer.tar")

@@ -217,7 +217,7 @@ def test_blob_digest_mismatch_leaves_nothing(rt, registry):
 
 def test_diff_id_mismatch(rt, registry):
     layer = ib.layer_tar([ib.File("f", b"hello")])
-    built = ib.build_image([layer], config_override={"rootfs": {"type": "layers",
+    built = ib.build_image([layer], image_config={"rootfs": {"type": "layers",
                            "diff_ids": ["sha256:" + "0" * 64]}})
     with pytest.raises(DigestMismatchError):
         rt.images.pull(push(registry, "test/diffid", "v1", built))
@@ -226,7 +226,7 @@ def test_diff_id_mismatch(rt, registry):
 
 def test_config_layer_count_mismatch(rt, registry):
     layer = ib.layer_tar([ib.File("f", b"hello")])
-    built = ib.build_image([layer], config_override={"rootfs": {"type": "layers", "diff_ids": []}})
+    built = ib.build_image([layer], image_config={"rootfs": {"type": "layers", "diff_ids": []}})
     with pytest.raises(InvalidImageError, match="diff_ids"):
         rt.images.pull(push(registry, "test/count", "v1", built))
     assert rt.images.list() == []

@@ -765,7 +765,8 @@ def test_plain_http_realm_off_loopback_refused(server_factory, realm) -> None:  
 
 
 @pytest.mark.parametrize("realm", ["file:///etc/passwd", "ftp://127.0.0.1/token",
-                                   "gopher://127.0.0.1/", "/relative/token", ""])
+                                   "gopher://127.0.0.1/", "/relative/token", "",
+                                   "https://user:pw@127.0.0.1/token"])
 def test_realm_with_other_scheme_refused(server_factory, realm) -> None:  # type: ignore[no-untyped-def]
     s = server_factory(_challenge(realm))
     with pytest.raises(InsecureRegistryError, match="realm"):
@@ -951,3 +952,25 @@ server = "https://registry.example.test"
     assert got.digest == images["oci"].manifest_digest
     sent = {hd.get("Authorization") for _, _, hd in m.requests}
     assert sent == {None, mirror_auth}
+
+
+def test_caller_auth_not_sent_to_a_server_on_another_host(server_factory, registry, images,  # type: ignore[no-untyped-def]
+                                                          tmp_path) -> None:
+    # The front wants Basic auth and takes any: what it receives is what we sent.
+    forward = proxy_to(registry.url)
+
+    def ask(h: BaseHTTPRequestHandler) -> None:
+        if "Authorization" not in h.headers:
+            return reply(h, 401, b"", {"WWW-Authenticate": 'Basic realm="front"'})
+        forward(h)
+
+    front = server_factory(ask)
+    hosts_toml(str(tmp_path), "registry.example.test", f'server = "http://{front.host}"\n')
+    r = fast(config_dir=str(tmp_path))
+    with pytest.raises(AuthenticationError, match="none are configured"):
+        r.get_manifest(parse("registry.example.test/pycri/oci:v1"), Auth("caller", "secret"))
+    assert front.requests and all("Authorization" not in hd for _, _, hd in front.requests)
+    # The same server asked for by its own name does get the caller's credentials.
+    m = r.get_manifest(parse(f"{front.host}/pycri/oci:v1"), Auth("caller", "secret"))
+    assert m.digest == images["oci"].manifest_digest
+    assert "Authorization" in front.requests[-1][2]

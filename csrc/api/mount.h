@@ -1,1 +1,13 @@
-/* api/mount.h - see pycri.h for the conventions. */
+/* api/mount.h - host-side mount helpers; see pycri.h for the conventions.
+ *
+ * The container's own mounts (rootfs, /proc, /dev, binds, masks, pivot_root)
+ * are made inside its mount namespace by pycri_spawn (csrc/mount.c); these are
+ * for callers that want a rootfs mounted on the host, e.g. to inspect it.
+ */
+
+/* Mount an overlay of lower (colon list, top first) + upper + work at target. */
+int pycri_mount_overlay(const char *target, const char *lower, const char *upper,
+                        const char *work, struct pycri_error *err);
+
+/* Lazily unmount target (MNT_DETACH, not following a final symlink). */
+int pycri_mount_unmount(const char *target, struct pycri_error *err);

@@ -1,0 +1,48 @@
+/* spawn_child.h - what spawn.c and mount.c share inside the child (private). */
+#ifndef PYCRI_SPAWN_CHILD_H
+#define PYCRI_SPAWN_CHILD_H
+
+#include "internal.h"
+
+/* A failure in the child: sent to the parent as is. */
+struct pycri__cerr {
+    int stage;
+    int code;
+    int plain;                 /* 1 = the text is complete; no strerror appended */
+    char text[400];
+};
+
+/* Everything the child needs that the parent worked out before cloning. */
+struct pycri__plan {
+    const struct pycri_spawn_spec *spec;
+    int ns_fd[PYCRI_NS_COUNT];     /* opened JOIN targets, -1 */
+    int userns_new, userns_any;    /* userns NEW; userns NEW or JOIN */
+    int sock;                      /* child's end of the report socket */
+    int start_rd;                  /* read end of the start pipe, -1 */
+    int devnull;                   /* O_RDWR /dev/null of the host */
+    int cap_last;
+    char overlay_opts[4096];
+    char rootfs_parent[4096];      /* rshared root only: mount point holding the rootfs dir */
+    const char *sysctl_buf;        /* n_sysctl pairs of "sys/a/b\0value\0" */
+    int n_sysctl;
+};
+
+/* Child-side helpers (async-signal-safe). */
+void pycri__cfail(struct pycri__cerr *ce, int stage, int code, const char *what,
+                  const char *path);
+size_t pycri__strlcat(char *dst, const char *src, size_t size);
+void pycri__fdpath(char *buf, int fd);   /* "/proc/self/fd/<fd>" into buf[32] */
+
+/* openat2 relative to root with RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | extra. */
+int pycri__inroot_open(int rootfd, const char *path, int flags, unsigned long long extra);
+/* mkdir -p inside the root; returns an O_PATH fd of the dir. */
+int pycri__inroot_mkdirs(int rootfd, const char *path, int mode);
+
+/* The whole mount namespace setup, ending in pivot_root; the sysctls are written
+ * as soon as /proc is mounted (before read-only paths cover /proc/sys), and then
+ * *sysctls_done is set. 0 or -1 with ce set. */
+int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls_done,
+                       struct pycri__cerr *ce);
+int pycri__write_sysctls(const struct pycri__plan *plan, int procfd, struct pycri__cerr *ce);
+
+#endif

@@ -1,0 +1,872 @@
+"""Containers: create, start, stop, kill, wait, exec, logs, stats, remove.
+
+A container is a record in ``<root>/containers/<id>/`` (config, state, times,
+exit status; its writable layer in ``fs/``) plus runtime state in
+``<state>/containers/<id>/`` (the launcher's start socket, the monitor's exit
+file and attach socket). The process tree is::
+
+    pycri-monitor (detached; the launcher before start)
+      └─ container init (in the pod's namespaces, its own mount/pid namespaces,
+         the container cgroup)
+
+The monitor outlives the Python process, so a new Runtime finds running
+containers again and reads how they ended from the exit file.
+
+State machine: created -> running -> exited; created -> exited (removed or
+failed start). Each verb takes the container lock, re-reads the record,
+refreshes it from the exit file, checks the transition, acts, and saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import select
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pycri import _native, logs, store, users
+from pycri.config import NODE, POD, ContainerConfig, from_json, to_json
+from pycri.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    InvalidStateError,
+    NotFoundError,
+    PycriError,
+    RuntimeFailure,
+)
+
+if TYPE_CHECKING:
+    from pycri.image import Image
+    from pycri.runtime import Runtime
+    from pycri.sandbox import Sandbox
+
+CREATED = "created"
+RUNNING = "running"
+EXITED = "exited"
+
+CAPS = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+)
+# The usual default set of container runtimes.
+DEFAULT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID",
+                "SETUID", "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL",
+                "AUDIT_WRITE")
+DEFAULT_MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                  "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                  "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
+                  "/sys/devices/virtual/powercap")
+DEFAULT_READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EXEC_OUTPUT_LIMIT = 16 << 20
+
+
+def _host_bounding() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapBnd:"):
+                return int(line.split()[1], 16)
+    return (1 << len(CAPS)) - 1
+
+
+def cap_mask(names: tuple[str, ...] | list[str]) -> int:
+    mask = 0
+    for n in names:
+        n = n.upper().removeprefix("CAP_")
+        if n == "ALL":
+            mask |= (1 << len(CAPS)) - 1
+            continue
+        if n not in CAPS:
+            raise InvalidArgumentError(f"unknown capability {n!r}")
+        mask |= 1 << CAPS.index(n)
+    return mask
+
+
+def capabilities(config: ContainerConfig) -> int:
+    """The capability set of the container process (bounding, effective, permitted)."""
+    if config.privileged:
+        caps = (1 << len(CAPS)) - 1
+    else:
+        caps = cap_mask(DEFAULT_CAPS)
+        drop = [c.upper().removeprefix("CAP_") for c in config.cap_drop]
+        if "ALL" in drop:
+            caps = 0
+        caps |= cap_mask(config.cap_add)
+        caps &= ~cap_mask([c for c in drop if c != "ALL"])
+    return caps & _host_bounding()
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+class ExecProcess:
+    """A process started by Container.exec; -1 marks an fd it does not have."""
+
+    def __init__(self, pid: int, stdin: int, stdout: int, stderr: int, pty: int) -> None:
+        self.pid = pid
+        self.stdin, self.stdout, self.stderr, self.pty = stdin, stdout, stderr, pty
+        self.returncode: int | None = None
+
+    def resize(self, rows: int, cols: int) -> None:
+        if self.pty >= 0:
+            import fcntl
+            import struct
+            import termios
+
+            fcntl.ioctl(self.pty, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+    def close_stdin(self) -> None:
+        if self.stdin >= 0:
+            os.close(self.stdin)
+            self.stdin = -1
+
+    def close(self) -> None:
+        for name in ("stdin", "stdout", "stderr", "pty"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def wait(self) -> int:
+        """Reap the process; its exit code (128 + signal when killed)."""
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+            self.returncode = code if code >= 0 else 128 - code
+        return self.returncode
+
+
+@dataclass(frozen=True)
+class RunResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    oom_killed: bool
+    timed_out: bool
+
+
+@dataclass(frozen=True)
+class ContainerStatus:
+    id: str
+    sandbox_id: str
+    name: str
+    state: str
+    pid: int
+    created_at_ns: int
+    started_at_ns: int
+    finished_at_ns: int
+    exit_code: int
+    reason: str
+    message: str
+    image: str
+    image_ref: str
+    log_path: str
+    config: ContainerConfig
+
+
+@dataclass(frozen=True)
+class ContainerStats:
+    cpu_usage_ns: int
+    memory_usage_bytes: int
+    memory_working_set_bytes: int
+    pids: int
+    writable_layer_bytes: int
+    writable_layer_inodes: int
+    timestamp_ns: int
+
+
+class Container:
+    """A handle on one container: an id and its Runtime. The disk is the truth."""
+
+    def __init__(self, runtime: Runtime, container_id: str) -> None:
+        self.runtime = runtime
+        self.id = container_id
+
+    def __repr__(self) -> str:
+        return f"Container({self.id[:12]})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Container) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    # -- paths and records -----------------------------------------------------
+
+    @property
+    def record_dir(self) -> str:
+        return os.path.join(self.runtime.root, "containers", self.id)
+
+    @property
+    def state_dir(self) -> str:
+        return os.path.join(self.runtime.state, "containers", self.id)
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.state_dir, name)
+
+    def _sock(self, kind: str) -> str:
+        """Unix socket paths are limited to 107 bytes: keep them short."""
+        return os.path.join(self.runtime.state, "sockets", f"{self.id[:20]}.{kind}")
+
+    def _lock(self) -> contextlib.AbstractContextManager[None]:
+        return store.flock(os.path.join(self.runtime.root, "locks", f"container-{self.id}.lock"))
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            rec: dict[str, Any] = store.read_json(os.path.join(self.record_dir, "record.json"))
+        except FileNotFoundError:
+            raise NotFoundError(f"container {self.id} not found") from None
+        return rec
+
+    def _write(self, rec: dict[str, Any]) -> None:
+        store.write_json(os.path.join(self.record_dir, "record.json"), rec)
+
+    def record(self) -> dict[str, Any]:
+        """The record, brought up to date with the monitor's exit file."""
+        rec = self._read()
+        if rec["state"] == RUNNING and os.path.exists(self._path("exit.json")):
+            with self._lock():
+                rec = self._read()
+                if self._refresh(rec):
+                    self._write(rec)
+        return rec
+
+    def _refresh(self, rec: dict[str, Any]) -> bool:
+        """Fold the exit file (or a vanished process) into rec; True if it changed."""
+        if rec["state"] != RUNNING:
+            return False
+        ex = _native.read_exit_file(self._path("exit.json"))
+        if ex is None:
+            if _alive(rec.get("pid", 0), rec.get("pid_start_time", 0)) or \
+                    _alive(rec.get("monitor_pid", 0), 0):
+                return False
+            # Both gone without an exit file: the machine rebooted or someone
+            # killed the monitor. Say so rather than invent an exit code.
+            rec.update(state=EXITED, exit_code=255, reason="Unknown",
+                       message="the container's monitor is gone and recorded no exit",
+                       finished_at_ns=time.time_ns())
+            return True
+        oom = ex.oom_killed or self._oom_seen(rec)
+        rec.update(state=EXITED, exit_code=ex.exit_code, finished_at_ns=ex.exited_at_ns,
+                   reason="OOMKilled" if oom else ("Completed" if ex.exit_code == 0 else "Error"),
+                   message="")
+        return True
+
+    def _oom_seen(self, rec: dict[str, Any]) -> bool:
+        try:
+            cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+            return cg.stats().oom_kill_count > rec.get("oom_kills_at_start", 0)
+        except (PycriError, OSError, AttributeError):
+            return False
+
+    @property
+    def config(self) -> ContainerConfig:
+        cfg = from_json(ContainerConfig, self._read()["config"])
+        assert isinstance(cfg, ContainerConfig)
+        return cfg
+
+    @property
+    def sandbox_id(self) -> str:
+        return str(self._read()["sandbox_id"])
+
+    @property
+    def name(self) -> str:
+        return str(self._read()["config"]["name"])
+
+    @property
+    def state(self) -> str:
+        return str(self.record()["state"])
+
+    @property
+    def log_path(self) -> str:
+        return str(self._read()["log_path"])
+
+    def status(self) -> ContainerStatus:
+        rec = self.record()
+        cfg = from_json(ContainerConfig, rec["config"])
+        assert isinstance(cfg, ContainerConfig)
+        return ContainerStatus(
+            id=self.id, sandbox_id=rec["sandbox_id"], name=cfg.name, state=rec["state"],
+            pid=rec.get("pid", 0) if rec["state"] == RUNNING else 0,
+            created_at_ns=rec["created_at_ns"], started_at_ns=rec.get("started_at_ns", 0),
+            finished_at_ns=rec.get("finished_at_ns", 0), exit_code=rec.get("exit_code", 0),
+            reason=rec.get("reason", ""), message=rec.get("message", ""),
+            image=rec["image_ref"], image_ref=rec["image_id"], log_path=rec["log_path"],
+            config=cfg)
+
+    # -- create ------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, runtime: Runtime, sandbox: Sandbox, config: ContainerConfig) -> Container:
+        sb_rec = sandbox.record()
+        if sb_rec["state"] != "ready":
+            raise InvalidStateError(f"sandbox {sandbox.id} is {sb_rec['state']}, not ready")
+        image = runtime.images.get(config.image)
+        ctr = cls(runtime, secrets.token_hex(32))
+        with ctr._lock():
+            with store.flock(os.path.join(runtime.root, "locks", "containers.lock")):
+                for other in sandbox.containers():
+                    with contextlib.suppress(NotFoundError):
+                        if other._read()["config"]["name"] == config.name:
+                            raise AlreadyExistsError(
+                                f"container {config.name!r} already exists in sandbox "
+                                f"{sandbox.id[:12]} as {other.id}")
+                store.makedirs(ctr.record_dir)
+                log_path = config.log_path or os.path.join(ctr.record_dir, "container.log")
+                if config.log_path and sb_rec["config"].get("log_directory") and \
+                        not os.path.isabs(config.log_path):
+                    log_path = os.path.join(sb_rec["config"]["log_directory"], config.log_path)
+                rec: dict[str, Any] = {
+                    "id": ctr.id, "sandbox_id": sandbox.id, "state": CREATED,
+                    "created_at_ns": time.time_ns(), "config": to_json(config),
+                    "image_id": image.id,
+                    "image_ref": (image.repo_tags or image.repo_digests or (image.id,))[0],
+                    "log_path": log_path, "cgroup_parent": sb_rec["cgroup_parent"],
+                    "layers": list(image.chain_ids),
+                }
+                ctr._write(rec)
+            try:
+                ctr._launch(rec, sandbox, sb_rec, image, config)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    ctr._destroy(rec)
+                raise
+        return ctr
+
+    def _launch(self, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str, Any],
+                image: Image, config: ContainerConfig) -> None:
+        rt = self.runtime
+        layer_dirs = rt.images.layer_dirs(image)
+        icfg = image.config
+        store.makedirs(self.state_dir)
+        fs = store.makedirs(os.path.join(self.record_dir, "fs"), 0o711)
+        upper = store.makedirs(os.path.join(fs, "upper"), 0o755)
+        work = store.makedirs(os.path.join(fs, "work"), 0o700)
+        rootfs = store.makedirs(self._path("rootfs"), 0o755)
+        os.makedirs(os.path.dirname(rec["log_path"]), exist_ok=True)
+
+        argv = _argv(config, icfg.entrypoint, icfg.cmd)
+        user = users.resolve(layer_dirs, icfg.user, config.run_as_user, config.run_as_username,
+                             config.run_as_group, config.supplemental_groups)
+        env = _env(icfg.env, config.env, user)
+        sb_cfg = sb_rec["config"]
+        userns = sb_cfg.get("user_namespace")
+        caps = capabilities(config)
+
+        cg = rt.cgroups(rec["cgroup_parent"]).create_container(
+            sandbox.id, self.id, config.resources)
+        rec["oom_kills_at_start"] = cg.stats().oom_kill_count
+        namespaces: dict[str, str] = {"mnt": "new", "cgroup": "host"}
+        for kind in ("net", "ipc", "uts"):
+            namespaces[kind] = sandbox.ns_path(kind) if sb_rec.get(f"{kind}ns") else "host"
+        pid_mode = config.pid or sb_cfg.get("pid", "container")
+        namespaces["pid"] = "host" if pid_mode == NODE else "new"
+        if pid_mode == POD:
+            first = next((c for c in sandbox.containers() if c.id != self.id
+                          and c.state == RUNNING), None)
+            if first is not None:
+                namespaces["pid"] = f"/proc/{first.record()['pid']}/ns/pid"
+        uid_map = gid_map = None
+        if userns:
+            namespaces["user"] = "new"
+            u, g = userns["uids"][0], userns["gids"][0]
+            uid_map = (u["container_id"], u["host_id"], u["length"])
+            gid_map = (g["container_id"], g["host_id"], g["length"])
+
+        binds = [_native.BindMount(m.host_path, m.container_path, readonly=m.readonly,
+                                   recursive_readonly=m.recursive_readonly,
+                                   propagation=m.propagation) for m in config.mounts]
+        privileged = config.privileged
+        masked = () if privileged else (DEFAULT_MASKED if config.masked_paths is None
+                                        else config.masked_paths)
+        readonly = () if privileged else (DEFAULT_READONLY if config.readonly_paths is None
+                                          else config.readonly_paths)
+        seccomp = None
+        if not privileged and config.seccomp not in ("Unconfined", "unconfined", ""):
+            from pycri import seccomp as _seccomp
+
+            seccomp = _seccomp.profile_bpf(config.seccomp, caps)
+
+        stdio_parent: list[int] = []
+        child_fds: list[int] = []
+        mon_kw: dict[str, Any] = {}
+        tty_fd = -1
+        stdin_fd = stdout_fd = stderr_fd = -1
+        if config.tty:
+            master, slave = os.openpty()
+            stdio_parent.append(master)
+            child_fds.append(slave)
+            tty_fd = slave
+            mon_kw.update(tty=True, pty_master_fd=master)
+        else:
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            stdio_parent += [out_r, err_r]
+            child_fds += [out_w, err_w]
+            stdout_fd, stderr_fd = out_w, err_w
+            mon_kw.update(stdout_fd=out_r, stderr_fd=err_r)
+            if config.stdin:
+                in_r, in_w = os.pipe()
+                stdio_parent.append(in_w)
+                child_fds.append(in_r)
+                stdin_fd = in_r
+                mon_kw.update(stdin_fd=in_w)
+        if config.stdin:
+            mon_kw["stdin"] = True
+        try:
+            spec = _native.SpawnSpec(
+                argv=argv, env=env, cwd=config.working_dir or icfg.working_dir or "/",
+                uid=user.uid, gid=user.gid, groups=list(user.groups),
+                cap_bounding=caps, cap_effective=caps, cap_permitted=caps,
+                no_new_privs=config.no_new_privs or bool(seccomp and user.uid != 0),
+                seccomp_bpf=seccomp, oom_score_adj=max(0, config.oom_score_adj),
+                stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd, tty_fd=tty_fd,
+                namespaces=namespaces, uid_map=uid_map, gid_map=gid_map,
+                cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
+                overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
+                mount_sys=True, etc_hostname=sandbox.etc_file("hostname"),
+                etc_hosts=sandbox.etc_file("hosts"), etc_resolv=sandbox.etc_file("resolv.conf"),
+                binds=binds, masked_paths=list(masked), readonly_paths=list(readonly),
+                start_wait=True,
+            )
+            monitor = _native.monitor_command(
+                self._path("exit.json"), rec["log_path"], adopt=0,
+                attach_socket=self._sock("attach"), **mon_kw)[:-2]  # launch adds --adopt
+            res = _native.launch(spec, self._sock("start"), monitor, stdio_parent)
+        except OSError as e:
+            stage = getattr(e, "stage", "")
+            raise RuntimeFailure(f"create container {config.name}: {e.strerror or e}",
+                                 stage=stage, errno=e.errno or 0) from e
+        finally:
+            for fd in stdio_parent + child_fds:
+                os.close(fd)
+        rec.update(pid=res.pid, pid_start_time=res.start_time, monitor_pid=res.monitor_pid)
+        self._write(rec)
+
+    # -- start / stop / kill / wait ------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock():
+            rec = self._read()
+            if rec["state"] != CREATED:
+                raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not created")
+            try:
+                _native.launch_start(self._sock("start"))
+            except OSError as e:
+                rec.update(state=EXITED, exit_code=128, reason="StartError",
+                           message=e.strerror or str(e), finished_at_ns=time.time_ns())
+                self._write(rec)
+                raise RuntimeFailure(f"start container {self.name}: {e.strerror or e}",
+                                     stage=getattr(e, "stage", "exec"), errno=e.errno or 0) from e
+            rec.update(state=RUNNING, started_at_ns=time.time_ns())
+            self._write(rec)
+
+    def _signal(self, rec: dict[str, Any], sig: int) -> None:
+        if rec["state"] != RUNNING or not _alive(rec["pid"], rec["pid_start_time"]):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rec["pid"], sig)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the container's init process (if it runs)."""
+        with self._lock():
+            rec = self._read()
+            self._refresh(rec)
+            self._signal(rec, sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the container to exit; returns its exit code. TimeoutError on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        rec = self.record()
+        if rec["state"] == CREATED:
+            raise InvalidStateError(f"container {self.id[:12]} was never started")
+        pidfd = _native.pidfd_open(rec.get("monitor_pid", 0)) if rec["state"] == RUNNING else -1
+        try:
+            while True:
+                rec = self.record()
+                if rec["state"] == EXITED:
+                    return int(rec["exit_code"])
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"container {self.id[:12]} still running")
+                wait_for = 0.05 if left is None else min(0.05, left)
+                if pidfd >= 0:
+                    select.select([pidfd], [], [], min(0.5, left) if left is not None else 0.5)
+                else:
+                    time.sleep(wait_for)
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop signal, up to ``timeout`` seconds' grace, then SIGKILL to every process
+        of the container. Idempotent; a created container is simply marked exited."""
+        with self._lock():
+            try:
+                rec = self._read()
+            except NotFoundError:
+                return
+            if self._refresh(rec):
+                self._write(rec)
+            if rec["state"] == CREATED:
+                self._kill_launcher(rec)
+                rec.update(state=EXITED, exit_code=137, reason="Error",
+                           message="stopped before it was started", finished_at_ns=time.time_ns())
+                self._write(rec)
+                return
+            if rec["state"] != RUNNING:
+                return
+            cfg = from_json(ContainerConfig, rec["config"])
+            sig = _stop_signal(self.runtime, rec, cfg)
+            if timeout > 0:
+                self._signal(rec, sig)
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError, InvalidStateError):
+                self.wait(timeout)
+        with self._lock():
+            rec = self._read()
+            self._refresh(rec)
+            if rec["state"] == RUNNING:
+                cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+                with contextlib.suppress(PycriError, OSError):
+                    cg.kill()
+                self._signal(rec, signal.SIGKILL)
+            self._write(rec)
+        with contextlib.suppress(TimeoutError, InvalidStateError):
+            self.wait(10)
+
+    def _kill_launcher(self, rec: dict[str, Any]) -> None:
+        """A created container: its launcher and held process go away."""
+        for key in ("pid", "monitor_pid"):
+            pid = rec.get(key, 0)
+            start = rec.get("pid_start_time", 0) if key == "pid" else 0
+            if pid and _alive(pid, start):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def remove(self) -> None:
+        """Stop if needed, then delete the container and all it holds. Idempotent."""
+        try:
+            rec = self._read()
+        except NotFoundError:
+            return
+        if rec["state"] != EXITED:
+            self.stop(timeout=0)
+        with self._lock():
+            try:
+                rec = self._read()
+            except NotFoundError:
+                return
+            self._destroy(rec)
+
+    def _destroy(self, rec: dict[str, Any]) -> None:
+        if rec["state"] == CREATED:
+            self._kill_launcher(rec)
+        cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+        with contextlib.suppress(NotFoundError):
+            cg.destroy()
+        for kind in ("start", "attach"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._sock(kind))
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        shutil.rmtree(self.record_dir, ignore_errors=True)
+
+    # -- exec, logs, stats, update ---------------------------------------------------
+
+    def _exec_spec(self, cmd: list[str], stdin: int, stdout: int, stderr: int,
+                   tty_fd: int) -> tuple[_native.SpawnSpec, dict[str, Any]]:
+        rec = self.record()
+        if rec["state"] != RUNNING:
+            raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not running")
+        if not cmd:
+            raise InvalidArgumentError("exec needs a command")
+        cfg = from_json(ContainerConfig, rec["config"])
+        assert isinstance(cfg, ContainerConfig)
+        image = self.runtime.images.get(rec["image_id"])
+        user = users.resolve(self.runtime.images.layer_dirs(image), image.config.user,
+                             cfg.run_as_user, cfg.run_as_username, cfg.run_as_group,
+                             cfg.supplemental_groups)
+        caps = capabilities(cfg)
+        seccomp = None
+        if not cfg.privileged and cfg.seccomp not in ("Unconfined", "unconfined", ""):
+            from pycri import seccomp as _seccomp
+
+            seccomp = _seccomp.profile_bpf(cfg.seccomp, caps)
+        pid = rec["pid"]
+        namespaces = {k: f"/proc/{pid}/ns/{k}" for k in ("mnt", "pid", "net", "ipc", "uts")}
+        cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+        spec = _native.SpawnSpec(
+            argv=list(cmd), env=_env(image.config.env, cfg.env, user),
+            cwd=cfg.working_dir or image.config.working_dir or "/", uid=user.uid,
+            gid=user.gid, groups=list(user.groups), cap_bounding=caps, cap_effective=caps,
+            cap_permitted=caps, seccomp_bpf=seccomp,
+            no_new_privs=cfg.no_new_privs or bool(seccomp and user.uid != 0),
+            stdin=stdin, stdout=stdout, stderr=stderr, tty_fd=tty_fd,
+            namespaces=namespaces, cgroup_procs=cg.procs_files(), rootfs=None,
+            mount_proc=False, mount_sys=False, mount_dev=False)
+        return spec, rec
+
+    def exec(self, cmd: list[str], tty: bool = False, stdin: bool = False) -> ExecProcess:
+        """Start ``cmd`` in the running container and return it with its stdio fds
+        (a pty master when ``tty``). The caller reads, writes, waits and closes."""
+        ours: list[int] = []
+        theirs: list[int] = []
+        try:
+            if tty:
+                master, slave = _pty_in(self._read().get("pid", 0))
+                ours.append(master)
+                theirs.append(slave)
+                spec, rec = self._exec_spec(cmd, -1, -1, -1, slave)
+                proc = ExecProcess(-1, -1, -1, -1, master)
+            else:
+                in_r = in_w = -1
+                if stdin:
+                    in_r, in_w = os.pipe()
+                    ours.append(in_w)
+                    theirs.append(in_r)
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                ours += [out_r, err_r]
+                theirs += [out_w, err_w]
+                spec, rec = self._exec_spec(cmd, in_r, out_w, err_w, -1)
+                proc = ExecProcess(-1, in_w, out_r, err_r, -1)
+            if not _alive(rec["pid"], rec["pid_start_time"]):
+                raise InvalidStateError(f"container {self.id[:12]} is not running")
+            try:
+                child = _native.spawn(spec)
+            except OSError as e:
+                raise RuntimeFailure(f"exec {cmd[0]!r}: {e.strerror or e}",
+                                     stage=getattr(e, "stage", ""), errno=e.errno or 0) from e
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        if child.pidfd >= 0:
+            os.close(child.pidfd)
+        proc.pid = child.pid
+        return proc
+
+    def exec_sync(self, cmd: list[str], timeout: float | None = None,
+                  output_limit: int = EXEC_OUTPUT_LIMIT) -> ExecResult:
+        """Run ``cmd`` in the running container and collect its output; each stream
+        is capped at ``output_limit`` bytes (the rest is read and dropped)."""
+        proc = self.exec(cmd)
+        try:
+            out, err, timed_out = _collect(proc.pid, proc.stdout, proc.stderr, timeout,
+                                           output_limit)
+        finally:
+            proc.close()
+        code = proc.wait()
+        return ExecResult(code, out, err, timed_out)
+
+    def attach(self) -> Any:
+        """A socket attached to the container's monitor (frames per pycri._native.ATTACH_*)."""
+        import socket
+
+        rec = self.record()
+        if rec["state"] != RUNNING:
+            raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not running")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(self._sock("attach"))
+        except OSError as e:
+            s.close()
+            raise RuntimeFailure(f"attach: {e.strerror}", stage="attach") from e
+        return s
+
+    def logs(self) -> list[logs.LogRecord]:
+        """The parsed CRI log records written so far."""
+        return logs.read_log(self.log_path)
+
+    def stats(self) -> ContainerStats:
+        rec = self._read()
+        cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+        st = cg.stats()
+        used = inodes = 0
+        for dirpath, dirnames, filenames in os.walk(os.path.join(self.record_dir, "fs", "upper")):
+            for n in dirnames + filenames:
+                with contextlib.suppress(FileNotFoundError):
+                    used += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+                    inodes += 1
+        return ContainerStats(st.cpu_usage_ns, st.memory_usage_bytes, st.memory_working_set_bytes,
+                              st.pids_current, used, inodes, time.time_ns())
+
+    def update_resources(self, resources: Any) -> None:
+        """Change cgroup limits while running; all or nothing."""
+        with self._lock():
+            rec = self._read()
+            cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+            cg.update(resources)
+            cfg = dict(rec["config"])
+            cfg["resources"] = to_json(resources)
+            rec["config"] = cfg
+            self._write(rec)
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def _argv(config: ContainerConfig, entrypoint: tuple[str, ...], cmd: tuple[str, ...]) -> list[str]:
+    """CRI rules: command replaces the entrypoint, args replace the image's cmd."""
+    if config.command:
+        argv = list(config.command) + list(config.args)
+    else:
+        argv = list(entrypoint) + list(config.args or cmd)
+    if not argv:
+        raise InvalidArgumentError("no command: the config and the image give none")
+    return argv
+
+
+def _env(image_env: tuple[str, ...], env: tuple[tuple[str, str], ...], user: users.User) -> list[str]:
+    merged: dict[str, str] = {}
+    for e in image_env:
+        k, _, v = e.partition("=")
+        merged[k] = v
+    for k, v in env:
+        merged[k] = v
+    merged.setdefault("PATH", DEFAULT_PATH)
+    merged.setdefault("HOME", user.home or "/")
+    return [f"{k}={v}" for k, v in merged.items()]
+
+
+def _stop_signal(runtime: Runtime, rec: dict[str, Any], cfg: Any) -> int:
+    name = ""
+    with contextlib.suppress(PycriError):
+        name = runtime.images.get(rec["image_id"]).config.stop_signal
+    if not name:
+        return signal.SIGTERM
+    if name.isdigit():
+        return int(name)
+    try:
+        return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+    except KeyError:
+        return signal.SIGTERM
+
+
+def _pty_in(pid: int) -> tuple[int, int]:
+    """A pty pair from the container's own devpts (so ``tty`` inside names it), or
+    from the host's when the container's /dev/ptmx cannot be opened."""
+    import fcntl
+
+    try:
+        master = os.open(f"/proc/{pid}/root/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return os.openpty()
+    try:
+        fcntl.ioctl(master, 0x40045431, b"\0\0\0\0")  # TIOCSPTLCK: unlock
+        slave = fcntl.ioctl(master, 0x5441, os.O_RDWR | os.O_NOCTTY)  # TIOCGPTPEER
+    except OSError:
+        os.close(master)
+        return os.openpty()
+    return master, slave
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return -1
+    return int(data[data.rindex(b")") + 2:].split()[19])
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    """Is ``pid`` still the process we started (not a reused pid, not a zombie)?"""
+    if pid <= 0:
+        return False
+    st = _start_time(pid)
+    if st < 0 or (start_time and st != start_time):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:data.rindex(b")") + 3] != b"Z"
+    except OSError:
+        return False
+
+
+def _collect(pid: int, out_r: int, err_r: int, timeout: float | None,
+             limit: int) -> tuple[bytes, bytes, bool]:
+    bufs = {out_r: bytearray(), err_r: bytearray()}
+    open_fds = [out_r, err_r]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    timed_out = False
+    while open_fds:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            timed_out = True
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = None
+            continue
+        ready, _, _ = select.select(open_fds, [], [], left)
+        for fd in ready:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                open_fds.remove(fd)
+                continue
+            room = limit - len(bufs[fd])
+            if room > 0:
+                bufs[fd] += chunk[:room]
+    return bytes(bufs[out_r]), bytes(bufs[err_r]), timed_out
+
+
+def run_to_completion(container: Container, timeout: float | None) -> RunResult:
+    """Start, wait (killing at ``timeout``), and collect the output of a container."""
+    container.start()
+    timed_out = False
+    try:
+        container.wait(timeout)
+    except TimeoutError:
+        timed_out = True
+        container.stop(timeout=0)
+    st = container.status()
+    out = bytearray()
+    err = bytearray()
+    for r in container.logs():
+        target = out if r.stream == "stdout" else err
+        target += r.content
+        if not r.partial:
+            target += b"\n"
+    return RunResult(st.exit_code, bytes(out), bytes(err), st.reason == "OOMKilled", timed_out)
+
+
+
+def recover(runtime: Runtime) -> None:
+    """After a crash or reboot: settle containers whose processes are gone."""
+    for c in runtime.containers():
+        with contextlib.suppress(NotFoundError, PycriError, OSError, KeyError):
+            with c._lock():
+                rec = c._read()
+                if rec["state"] == RUNNING and c._refresh(rec):
+                    c._write(rec)
+                elif rec["state"] == CREATED and not _alive(rec.get("monitor_pid", 0), 0):
+                    if "pid" not in rec:
+                        c._destroy(rec)  # died while being created: nothing to keep
+                        continue
+                    rec.update(state=EXITED, exit_code=255, reason="Unknown",
+                               message="its launcher is gone (machine restarted?)",
+                               finished_at_ns=time.time_ns())
+                    c._write(rec)

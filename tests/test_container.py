@@ -1,0 +1,312 @@
+"""Containers end to end: real images, namespaces, cgroups, the C monitor.
+
+Every probe runs inside a real container; a tiny static probe (tests/probe.c)
+reports what the process sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pytest
+
+import imagebuild as ib
+import pycri
+from pycri.container import DEFAULT_CAPS, cap_mask
+from pycri.errors import InvalidArgumentError, InvalidStateError, NotFoundError, RuntimeFailure
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TREE = os.path.dirname(HERE)
+
+
+@pytest.fixture(scope="module")
+def probe_image(registry):
+    d = tempfile.mkdtemp(prefix="pycri-probe-")
+    probe = os.path.join(d, "probe")
+    subprocess.run(["gcc", "-static", "-O2", "-o", probe, os.path.join(HERE, "probe.c")],
+                   check=True)
+    with open(probe, "rb") as f:
+        probe_layer = ib.layer_tar([ib.File("bin/probe", f.read(), mode=0o755)])
+    shutil.rmtree(d)
+    built = ib.build_image([ib.busybox_layer(), probe_layer],
+                           config={"Cmd": ["sh"], "Env": ["PATH=/bin", "FROM_IMAGE=1"]})
+    ib.push(registry.host, "test/probe", "v1", built)
+    return f"{registry.host}/test/probe:v1"
+
+
+@pytest.fixture
+def env(probe_image):
+    """A Runtime on short temp dirs (unix socket paths are limited), a cgroup parent
+    of its own, the probe image pulled, and a checker that nothing is left behind."""
+    base = tempfile.mkdtemp(prefix="pycri-", dir="/tmp")
+    parent = "pycri-test-" + uuid.uuid4().hex[:8]
+    rt = pycri.Runtime(root=base + "/root", state=base + "/state", cgroup_parent=parent)
+    img = rt.images.pull(probe_image)
+    yield rt, img
+    for sb in rt.sandboxes():
+        sb.remove()
+    assert not [line for line in open("/proc/self/mountinfo") if base in line]
+    assert not any(os.path.exists(f"/sys/fs/cgroup/{c}/{parent}/") and
+                   os.listdir(f"/sys/fs/cgroup/{c}/{parent}/") != []
+                   and any(os.path.isdir(os.path.join(f"/sys/fs/cgroup/{c}/{parent}", x))
+                           for x in os.listdir(f"/sys/fs/cgroup/{c}/{parent}"))
+                   for c in ("memory", "pids"))
+    rt.cgroups().remove_parent()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def probe(sb, img, *checks, **config):
+    r = sb.run(img, ["probe", *checks], timeout=20, **config)
+    assert r.exit_code == 0, r
+    return json.loads(r.stdout)
+
+
+def test_run_output_exit_code_and_timeout(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="run")) as sb:
+        r = sb.run(img, ["sh", "-c", "echo out; echo err >&2; exit 3"], timeout=10)
+        assert (r.exit_code, r.stdout, r.stderr) == (3, b"out\n", b"err\n")
+        assert not r.oom_killed and not r.timed_out
+        r = sb.run(img, ["sleep", "100"], timeout=0.5)
+        assert r.timed_out and r.exit_code == 137
+        assert sb.containers() == []
+
+
+def test_isolation_seen_from_inside(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="iso", hostname="isohost")) as sb:
+        p = probe(sb, img, "r:/proc/kcore", "w:/proc/sys/kernel/hostname", "d:/newdir")
+        assert p["pid"] == 1 and p["hostname"] == "isohost"
+        assert p["uid"] == [0, 0, 0] and p["gid"] == [0, 0, 0]
+        assert sorted(p["fds"]) == [0, 1, 2]  # nothing of the runtime leaks in
+        assert int(p["CapEff"], 16) == cap_mask(DEFAULT_CAPS)
+        assert int(p["CapBnd"], 16) == cap_mask(DEFAULT_CAPS)
+        assert p["seccomp"] == 2  # RuntimeDefault is on by default
+        assert p["checks"]["r:/proc/kcore"] != 0  # masked
+        assert p["checks"]["w:/proc/sys/kernel/hostname"] != 0  # read-only
+        assert p["checks"]["d:/newdir"] == 0  # the writable layer works
+        host_ns = {k: os.stat(f"/proc/self/ns/{k}").st_ino for k in ("mnt", "pid", "net", "uts")}
+        for k, v in host_ns.items():
+            assert p["ns"][k] != v, k
+        assert p["ns"]["net"] == os.stat(sb.ns_path("net")).st_ino  # the pod's network
+
+
+def test_user_caps_nnp_and_groups(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="users")) as sb:
+        p = probe(sb, img, run_as_user=1000, run_as_group=2000, supplemental_groups=(3000,),
+                  cap_drop=("ALL",), no_new_privs=True)
+        assert p["uid"] == [1000] * 3 and p["gid"] == [2000] * 3
+        assert 3000 in p["groups"]
+        assert int(p["CapEff"], 16) == 0 and int(p["CapBnd"], 16) == 0
+        assert p["no_new_privs"] == 1
+        p = probe(sb, img, run_as_username="app")
+        assert p["uid"][0] == 1000
+        with pytest.raises(InvalidArgumentError, match="nosuchuser"):
+            sb.run(img, ["probe"], run_as_username="nosuchuser")
+        p = probe(sb, img, cap_add=("SYS_ADMIN",), seccomp="Unconfined")
+        assert int(p["CapEff"], 16) & (1 << 21) and p["seccomp"] == 0
+
+
+def test_lifecycle_exec_stop_remove(env):
+    rt, img = env
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="life"))
+    c = sb.create_container(pycri.ContainerConfig(name="web", image=img.id,
+                                                  command=("sh", "-c", "echo started; sleep 60"),
+                                                  labels={"tier": "web"}))
+    assert c.state == "created"
+    with pytest.raises(InvalidStateError):
+        c.exec_sync(["true"])
+    with pytest.raises(pycri.AlreadyExistsError):
+        sb.create_container(pycri.ContainerConfig(name="web", image=img.id, command=("true",)))
+    c.start()
+    with pytest.raises(InvalidStateError):
+        c.start()
+    st = c.status()
+    assert st.state == "running" and st.pid > 0 and st.image_ref == img.id
+    r = c.exec_sync(["sh", "-c", "cat /etc/hostname; echo $FROM_IMAGE; exit 4"])
+    assert r.exit_code == 4 and r.stdout == b"life\n1\n"
+    r = c.exec_sync(["sh", "-c", "yes | head -c 3000000"], output_limit=1000)
+    assert len(r.stdout) == 1000
+    r = c.exec_sync(["sleep", "30"], timeout=0.3)
+    assert r.timed_out
+    assert [x.id for x in rt.containers(labels={"tier": "web"})] == [c.id]
+    assert rt.containers(state="exited") == []
+    deadline = time.monotonic() + 5
+    while not any(rec.content == b"started" for rec in c.logs()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    c.stop(timeout=1)
+    st = c.status()
+    assert st.state == "exited" and st.exit_code == 137 and st.finished_at_ns >= st.started_at_ns
+    assert rt.cgroups().container(sb.id, c.id).pids() == []
+    c.remove()
+    c.remove()  # idempotent
+    with pytest.raises(NotFoundError):
+        rt.container(c.id)
+    sb.remove()
+
+
+def test_container_survives_its_creator(env):
+    """The Python process that started a container dies; the monitor keeps the
+    container and records its end; a new Runtime reads it."""
+    rt, img = env
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="survive"))
+    script = f"""
+import sys; sys.path.insert(0, {TREE!r})
+import pycri, os, signal
+rt = pycri.Runtime(root={rt.root!r}, state={rt.state!r}, cgroup_parent={rt.cgroup_parent!r})
+sb = rt.sandbox({sb.id!r})
+c = sb.create_container(pycri.ContainerConfig(name="bg", image={img.id!r},
+    command=("sh", "-c", "sleep 1; echo finished; exit 7")))
+c.start()
+print(c.id, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    cid = out.stdout.strip()
+    assert out.returncode == -9 and cid
+    rt2 = pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
+    c = rt2.container(cid)
+    assert c.wait(timeout=20) == 7
+    assert c.status().reason == "Error"
+    assert [r.content for r in c.logs()] == [b"finished"]
+
+
+def test_running_container_found_by_new_runtime(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="restart")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(name="s", image=img.id,
+                                                      command=("sleep", "60")))
+        c.start()
+        rt2 = pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
+        c2 = rt2.container(c.id)
+        assert c2.state == "running"
+        assert c2.exec_sync(["echo", "again"]).stdout == b"again\n"
+        c2.kill(signal.SIGKILL)
+        assert c2.wait(10) == 137
+
+
+def test_memory_limit_oom_killed(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="oom")) as sb:
+        res = pycri.Resources(memory_limit_in_bytes=16 << 20, memory_swap_limit_in_bytes=16 << 20)
+        # busybox sh grows a string until the cgroup's limit kills it
+        r = sb.run(img, ["sh", "-c", "x=aaaaaaaaaaaaaaaa; while true; do x=$x$x; done"],
+                   timeout=30, resources=res)
+        assert r.oom_killed and r.exit_code == 137
+
+
+def test_pids_limit(env):
+    """A fork loop stops at the pids limit: the kernel refuses the 11th process."""
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="pids")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(
+            name="bomb", image=img.id, resources=pycri.Resources(pids_limit=10),
+            command=("sh", "-c", "for i in $(seq 40); do sleep 30 & done; wait")))
+        c.start()
+        cg = rt.cgroups().container(sb.id, c.id)
+        deadline = time.monotonic() + 10
+        while "max 0" in cg.read("pids", "pids.events"):
+            assert time.monotonic() < deadline, "no fork was ever refused"
+            time.sleep(0.05)
+        assert cg.read("pids", "pids.max").strip() == "10"
+        assert len(cg.pids()) <= 10
+        c.wait(10)
+        assert any(r.stream == "stderr" and b"fork" in r.content for r in c.logs())
+        c.remove()
+
+
+def test_bind_mounts(env, tmp_path):
+    rt, img = env
+    host = tmp_path / "share"
+    host.mkdir()
+    (host / "hello").write_text("from host")
+    with rt.run_sandbox(pycri.SandboxConfig(name="mounts")) as sb:
+        r = sb.run(img, ["sh", "-c", "cat /data/hello; touch /data/x"], timeout=10,
+                   mounts=(pycri.Mount("/data", str(host), readonly=True),))
+        assert r.stdout == b"from host" and r.exit_code != 0 and b"Read-only" in r.stderr
+        r = sb.run(img, ["sh", "-c", "echo hi > /data/x"], timeout=10,
+                   mounts=(pycri.Mount("/data", str(host)),))
+        assert r.exit_code == 0 and (host / "x").read_text() == "hi\n"
+        with pytest.raises(RuntimeFailure):
+            sb.run(img, ["true"], mounts=(pycri.Mount("/data", str(tmp_path / "missing")),))
+        assert sb.containers() == []  # the failed create left nothing
+
+
+def test_missing_executable_fails_create(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="noexec")) as sb:
+        with pytest.raises(RuntimeFailure, match="/no/such/binary") as ei:
+            sb.create_container(pycri.ContainerConfig(name="x", image=img.id,
+                                                      command=("/no/such/binary",)))
+        assert ei.value.stage == "exec"
+        assert sb.containers() == []
+        assert rt.cgroups().pod(sb.id).exists()
+        assert not [d for d in os.listdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}")
+                    if os.path.isdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{d}")]
+
+
+def test_update_resources_and_stats(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="upd")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(
+            name="s", image=img.id, command=("sh", "-c", "dd if=/dev/zero of=/f bs=1k count=64; sleep 60"),
+            resources=pycri.Resources(memory_limit_in_bytes=64 << 20)))
+        c.start()
+        cg = rt.cgroups().container(sb.id, c.id)
+        assert cg.read("memory", "memory.limit_in_bytes").strip() == str(64 << 20)
+        c.update_resources(pycri.Resources(memory_limit_in_bytes=96 << 20))
+        assert cg.read("memory", "memory.limit_in_bytes").strip() == str(96 << 20)
+        deadline = time.monotonic() + 5
+        while c.stats().writable_layer_bytes < 64 << 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        st = c.stats()
+        assert st.pids >= 1 and st.memory_usage_bytes > 0
+        c.stop(timeout=0)
+
+
+def _read_all(fd, limit=1 << 20):
+    out = b""
+    while True:
+        try:
+            b = os.read(fd, 65536)
+        except OSError:  # a pty master reports EIO once the other side is gone
+            break
+        if not b:
+            break
+        out += b
+        if len(out) > limit:
+            break
+    return out
+
+
+def test_exec_streams_stdin_and_tty(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="streams")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(name="s", image=img.id,
+                                                      command=("sleep", "60")))
+        c.start()
+        p = c.exec(["cat"], stdin=True)
+        os.write(p.stdin, b"hello through stdin\n")
+        p.close_stdin()
+        assert _read_all(p.stdout) == b"hello through stdin\n"
+        assert p.wait() == 0
+        p.close()
+        p = c.exec(["sh", "-c", "sleep 0.3; stty size; tty"], tty=True)
+        p.resize(33, 101)
+        out = _read_all(p.pty)
+        assert b"33 101" in out and b"/dev/pts/" in out
+        assert p.wait() == 0
+        p.close()
+        c.stop(timeout=0)
