@@ -227,14 +227,24 @@ def _conditions(resp):
     return {x.type: x for x in resp.status.conditions}
 
 
-def test_status_network_not_ready_without_cni_config(cri):
-    c, _, _ = cri
+def _plugin(bin_dir: str, name: str) -> None:
+    os.makedirs(bin_dir, exist_ok=True)
+    path = os.path.join(bin_dir, name)
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\nexit 1\n")
+    os.chmod(path, 0o755)
+
+
+def test_status_network_not_ready_without_plugins(cri):
+    c, _, d = cri
     resp = c.runtime.Status(api_pb2.StatusRequest(), timeout=10)
     cond = _conditions(resp)
     assert cond["RuntimeReady"].status is True
+    # no config: the library's built-in bridge network, whose plugins are missing here
     assert cond["NetworkReady"].status is False
     assert cond["NetworkReady"].reason == "NetworkPluginNotReady"
-    assert "no CNI network config" in cond["NetworkReady"].message
+    assert "'bridge' not found" in cond["NetworkReady"].message
+    assert d["cni_bin"] in cond["NetworkReady"].message
     assert dict(resp.info) == {}  # info only when verbose
     [handler] = resp.runtime_handlers
     assert handler.name == ""
@@ -243,22 +253,37 @@ def test_status_network_not_ready_without_cni_config(cri):
     assert handler.features.user_namespaces is False
 
 
-def test_status_network_needs_config_and_plugin_dir(cri):
+def test_status_network_follows_config_and_plugins(cri):
     c, _, d = cri
-    with open(os.path.join(d["cni_conf"], "10-bridge.conflist"), "w") as f:
-        f.write('{"cniVersion": "1.0.0", "name": "pods", "plugins": []}')
-    cond = _conditions(c.runtime.Status(api_pb2.StatusRequest(), timeout=10))
-    assert cond["NetworkReady"].status is False
-    assert d["cni_bin"] in cond["NetworkReady"].message
-    os.mkdir(d["cni_bin"])
-    cond = _conditions(c.runtime.Status(api_pb2.StatusRequest(), timeout=10))
-    assert cond["NetworkReady"].status is True
-    assert cond["NetworkReady"].reason == ""
-    # a file with another suffix is not a network config
-    os.rename(os.path.join(d["cni_conf"], "10-bridge.conflist"),
-              os.path.join(d["cni_conf"], "10-bridge.conflist.bak"))
-    cond = _conditions(c.runtime.Status(api_pb2.StatusRequest(), timeout=10))
-    assert cond["NetworkReady"].status is False
+
+    def network():  # type: ignore[no-untyped-def]
+        return _conditions(c.runtime.Status(api_pb2.StatusRequest(), timeout=10))["NetworkReady"]
+
+    conf = os.path.join(d["cni_conf"], "10-pods.conflist")
+    with open(conf, "w") as f:
+        f.write('{"cniVersion": "1.0.0", "name": "pods", "plugins": [{"type": "ptp"}]}')
+    assert network().status is False and "'ptp' not found" in network().message
+    _plugin(d["cni_bin"], "ptp")
+    assert network().status is True and network().reason == "" and network().message == ""
+    # a config that is not valid: not ready, and the message says why
+    with open(conf, "w") as f:
+        f.write("{not json")
+    assert network().status is False and "not JSON" in network().message
+    os.unlink(conf)
+    # back to the built-in bridge network
+    _plugin(d["cni_bin"], "bridge")
+    _plugin(d["cni_bin"], "portmap")
+    assert network().status is True
+
+
+def test_network_condition():
+    from pycri.cri import convert
+
+    ok = convert.network_condition(True, "")
+    assert (ok.type, ok.status, ok.reason, ok.message) == ("NetworkReady", True, "", "")
+    bad = convert.network_condition(False, "no plugin")
+    assert (bad.status, bad.reason) == (False, "NetworkPluginNotReady")
+    assert bad.message.endswith("no plugin")
 
 
 def test_status_verbose_info_is_json(cri):
@@ -479,7 +504,7 @@ def test_crictl_version_and_info(dirs):
         info = json.loads(out.stdout)
         conds = {x["type"]: x for x in info["status"]["conditions"]}
         assert conds["RuntimeReady"]["status"] is True
-        assert conds["NetworkReady"]["reason"] == "NetworkPluginNotReady"
+        assert conds["NetworkReady"]["reason"] == "NetworkPluginNotReady"  # no plugins here
         assert info["config"]["root"] == dirs["root"]
         out = subprocess.run(base + ["imagefsinfo"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr

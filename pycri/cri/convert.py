@@ -93,6 +93,17 @@ def fs_usage(fs: FsInfo) -> api_pb2.FilesystemUsage:
     )
 
 
+# -- runtime status ---------------------------------------------------------------------
+
+def network_condition(ready: bool, reason: str) -> api_pb2.RuntimeCondition:
+    """The NetworkReady condition from the library's CNI status (ready, why not)."""
+    if ready:
+        return api_pb2.RuntimeCondition(type="NetworkReady", status=True)
+    return api_pb2.RuntimeCondition(type="NetworkReady", status=False,
+                                    reason="NetworkPluginNotReady",
+                                    message="network plugin not ready: " + reason)
+
+
 # -- credentials ------------------------------------------------------------------
 
 def _host_of(server_address: str) -> str:

@@ -53,7 +53,6 @@ DEFAULT_HANDLER = ""  # the only runtime handler for now
 SHUTDOWN_GRACE = 10.0  # seconds in-flight calls get to finish after SIGTERM
 MAX_MESSAGE = 16 << 20  # same as containerd's; kubelet's ListContainers can be large
 STREAM_CHUNK = 256  # items per message of the Stream* list RPCs
-CNI_CONF_SUFFIXES = (".conf", ".conflist", ".json")
 _SUN_PATH_MAX = 107
 
 
@@ -82,24 +81,6 @@ def _check_handler(name: str) -> None:
     if name != DEFAULT_HANDLER:
         raise InvalidArgumentError(f"unknown runtime handler {name!r} (pycri has only the "
                                    "default handler \"\")")
-
-
-def network_condition(cni_conf_dir: str, cni_bin_dir: str) -> api_pb2.RuntimeCondition:
-    """NetworkReady: a CNI network config exists and the plugin directory is there."""
-    try:
-        confs = sorted(n for n in os.listdir(cni_conf_dir) if n.endswith(CNI_CONF_SUFFIXES))
-    except OSError:
-        confs = []
-    problem = ""
-    if not confs:
-        problem = f"no CNI network config (*.conf, *.conflist, *.json) in {cni_conf_dir}"
-    elif not os.path.isdir(cni_bin_dir):
-        problem = f"CNI plugin directory {cni_bin_dir} does not exist"
-    if problem:
-        return api_pb2.RuntimeCondition(type="NetworkReady", status=False,
-                                        reason="NetworkPluginNotReady",
-                                        message="network plugin not ready: " + problem)
-    return api_pb2.RuntimeCondition(type="NetworkReady", status=True)
 
 
 # -- ImageService ---------------------------------------------------------------------
@@ -190,8 +171,10 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     @rpc
     def Status(self, request: Any, context: Any) -> Any:
         o = self.options
+        cni = self.rt.cni
+        network_ready, why = cni.status() if cni else (False, "no CNI config directory given")
         conditions = [api_pb2.RuntimeCondition(type="RuntimeReady", status=True),
-                      network_condition(o.cni_conf_dir, o.cni_bin_dir)]
+                      convert.network_condition(network_ready, why)]
         # Both features stay false until the runtime layer implements them.
         handler = api_pb2.RuntimeHandler(name=DEFAULT_HANDLER, features=api_pb2.RuntimeHandlerFeatures(
             recursive_read_only_mounts=False, user_namespaces=False))
@@ -448,8 +431,10 @@ class CriServer:
     def __init__(self, options: ServerOptions, runtime: pycri.Runtime | None = None) -> None:
         self.options = options
         self.kind, self.target = parse_listen(options.listen)
-        self.runtime = runtime or pycri.Runtime(root=options.root, state=options.state,
-                                                registry_config_dir=options.registry_config_dir)
+        self.runtime = runtime or pycri.Runtime(
+            root=options.root, state=options.state,
+            registry_config_dir=options.registry_config_dir,
+            cni_conf_dir=options.cni_conf_dir, cni_bin_dirs=(options.cni_bin_dir,))
         self._grpc: grpc.Server | None = None
         self._lock_fd: int | None = None
         self._socket_ino: int | None = None
