@@ -482,6 +482,9 @@ def test_main_is_importable_for_the_cli():
     with pytest.raises(SystemExit) as exc:
         srv.main(["--help"])
     assert exc.value.code == 0
+    with pytest.raises(SystemExit) as exc:
+        srv.main(["--no-such-option"], prog="pycri serve")
+    assert exc.value.code == 2
 
 
 @pytest.mark.skipif(not os.access(CRICTL, os.X_OK),

@@ -532,10 +532,11 @@ def _setup_logging(level: str) -> None:
     logger.propagate = False
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str = "python -m pycri.cri") -> int:
     """Run the server until SIGTERM or SIGINT. Exit status: 0 after a clean stop,
-    1 when it cannot start, 2 on bad usage."""
-    args = build_parser().parse_args(argv)
+    1 when it cannot start, 2 on bad usage. ``prog`` names the command in --help
+    (``pycri serve`` passes its own name)."""
+    args = build_parser(prog).parse_args(argv)
     _setup_logging(args.log_level)
     options = ServerOptions(listen=args.listen, root=args.root, state=args.state,
                             registry_config_dir=args.registry_config_dir,
