@@ -87,6 +87,7 @@ def main() -> None:
 
         def run_skopeo(i: int) -> None:
             d = os.path.join(work, f"skopeo-{i}")
+            os.makedirs(d)
             subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}",
                             f"oci:{d}/layout:v1"], check=True)
             subprocess.run(["umoci", "unpack", "--image", f"{d}/layout:v1", f"{d}/bundle"],

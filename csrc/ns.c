@@ -168,3 +168,12 @@ PYCRI_EXPORT int pycri_ns_inode(const char *path, unsigned long long *ino, struc
     *ino = (unsigned long long)st.st_ino;
     return 0;
 }
+
+PYCRI_EXPORT int pycri_ns_tmpfs(const char *path, unsigned long long size,
+                                struct pycri_error *err) {
+    char opts[64];
+    snprintf(opts, sizeof(opts), "mode=1777,size=%llu", size);
+    if (mount("shm", path, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts) < 0)
+        return pycri_fail(err, errno, "mount tmpfs at %s", path);
+    return 0;
+}

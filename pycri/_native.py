@@ -734,3 +734,9 @@ def pidfd_open(pid: int) -> int:
         return os.pidfd_open(pid)
     except ProcessLookupError:
         return -1
+
+
+def ns_tmpfs(path: str, size: int) -> None:
+    """Mount a tmpfs (mode 1777, nosuid/nodev/noexec) of ``size`` bytes at path."""
+    err = _new_err()
+    _check(lib.pycri_ns_tmpfs(path.encode(), size, err), err, path)

@@ -238,7 +238,10 @@ class Container:
         return rec
 
     def _write(self, rec: dict[str, Any]) -> None:
-        store.write_json(os.path.join(self.record_dir, "record.json"), rec)
+        # No fsync: the rename is atomic, so a killed process never leaves a torn
+        # record, and after a power loss the processes it describes are gone too
+        # (recovery settles them). Image content, by contrast, is fsynced.
+        store.write_json(os.path.join(self.record_dir, "record.json"), rec, sync=False)
 
     def record(self) -> dict[str, Any]:
         """The record, brought up to date with the monitor's exit file."""
@@ -443,7 +446,8 @@ class Container:
                 namespaces=namespaces, uid_map=uid_map, gid_map=gid_map,
                 cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
                 overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
-                mount_sys=True, etc_hostname=sandbox.etc_file("hostname"),
+                mount_sys=True, shm_path=sandbox.shm_path,
+                etc_hostname=sandbox.etc_file("hostname"),
                 etc_hosts=sandbox.etc_file("hosts"), etc_resolv=sandbox.etc_file("resolv.conf"),
                 binds=binds, masked_paths=list(masked), readonly_paths=list(readonly),
                 start_wait=True,
@@ -553,6 +557,25 @@ class Container:
             self._write(rec)
         with contextlib.suppress(TimeoutError, InvalidStateError):
             self.wait(10)
+        # the init is gone; anything it left behind in the cgroup (host or pod pid
+        # namespace modes) goes too
+        with self._lock():
+            with contextlib.suppress(NotFoundError, PycriError, OSError):
+                rec = self._read()
+                cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"],
+                                                                           self.id)
+                if cg.pids():
+                    cg.kill()
+
+    def reopen_log(self) -> None:
+        """Ask the monitor to reopen the log file (after it was rotated away)."""
+        rec = self.record()
+        if rec["state"] != RUNNING:
+            raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not running")
+        pid = rec.get("monitor_pid", 0)
+        if not _alive(pid, 0):
+            raise RuntimeFailure("the container's monitor is gone", stage="log")
+        os.kill(pid, signal.SIGUSR1)
 
     def _kill_launcher(self, rec: dict[str, Any]) -> None:
         """A created container: its launcher and held process go away."""

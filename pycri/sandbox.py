@@ -14,6 +14,7 @@ new state atomically. Stop and remove are idempotent. A sandbox left in
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from pycri.image import Image
     from pycri.runtime import Runtime
 
+SHM_SIZE = 64 << 20
 CREATING = "creating"
 READY = "ready"
 NOTREADY = "notready"
@@ -86,7 +88,10 @@ class Sandbox:
         return rec
 
     def _write(self, rec: dict[str, Any]) -> None:
-        store.write_json(os.path.join(self.record_dir, "record.json"), rec)
+        # No fsync: the rename is atomic, so a killed process never leaves a torn
+        # record, and after a power loss the processes it describes are gone too
+        # (recovery settles them). Image content, by contrast, is fsynced.
+        store.write_json(os.path.join(self.record_dir, "record.json"), rec, sync=False)
 
     @property
     def config(self) -> SandboxConfig:
@@ -174,6 +179,14 @@ class Sandbox:
                 raise RuntimeFailure(f"sandbox namespaces: {e.strerror}", stage="namespaces",
                                      errno=e.errno or 0) from e
         rec.update(netns=bool(paths["net"]), ipcns=bool(paths["ipc"]), utsns=bool(paths["uts"]))
+        if paths["ipc"]:
+            # the pod's /dev/shm: one tmpfs its containers share, as they share IPC
+            shm = store.makedirs(self.shm_path, 0o755)
+            try:
+                _native.ns_tmpfs(shm, SHM_SIZE)
+            except OSError as e:
+                raise RuntimeFailure(f"sandbox /dev/shm: {e.strerror}", stage="shm") from e
+            rec["shm"] = True
         self._write(rec)
         rt.cgroups(rec["cgroup_parent"]).create_pod(self.id)
         ips: tuple[str, ...] = ()
@@ -210,6 +223,13 @@ class Sandbox:
             except OSError:
                 resolv = b""
         store.atomic_write(os.path.join(d, "resolv.conf"), resolv, 0o644)
+
+    @property
+    def shm_path(self) -> str:
+        """What containers mount at /dev/shm: the pod's tmpfs, or the host's."""
+        if not os.path.exists(self.ns_path("ipc")) and not self.record().get("ipcns"):
+            return "/dev/shm"
+        return os.path.join(self.state_dir, "shm")
 
     def etc_file(self, name: str) -> str:
         """Path of the pod's hostname, hosts or resolv.conf file (bind-mounted into containers)."""
@@ -258,6 +278,13 @@ class Sandbox:
                 _native.ns_unpin(self.ns_path(kind))
             except OSError as e:
                 errors.append(str(e))
+        if rec.get("shm"):
+            shm = os.path.join(self.state_dir, "shm")
+            try:
+                _native.mount_unmount(shm)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOENT):
+                    errors.append(str(e))
         parent = rec.get("cgroup_parent") or self.runtime.cgroup_parent
         try:
             self.runtime.cgroups(parent).pod(self.id).destroy()

@@ -310,3 +310,38 @@ def test_exec_streams_stdin_and_tty(env):
         assert p.wait() == 0
         p.close()
         c.stop(timeout=0)
+
+
+def test_pod_shares_dev_shm(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="shm")) as sb:
+        r = sb.run(img, ["sh", "-c", "echo shared > /dev/shm/x; grep -c ' /dev/shm ' /proc/mounts"],
+                   timeout=10)
+        assert r.exit_code == 0
+        r = sb.run(img, ["cat", "/dev/shm/x"], timeout=10)
+        assert r.stdout == b"shared\n"
+    with rt.run_sandbox(pycri.SandboxConfig(name="shm2")) as other:
+        r = other.run(img, ["ls", "/dev/shm"], timeout=10)
+        assert r.stdout == b""  # another pod does not see it
+
+
+def test_log_rotation_and_stop_kills_every_process(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="rot", pid="node")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(
+            name="s", image=img.id, pid="node",
+            command=("sh", "-c", "sleep 300 & i=0; while true; do echo line$i; i=$((i+1)); "
+                                 "sleep 0.05; done")))
+        c.start()
+        time.sleep(0.3)
+        os.rename(c.log_path, c.log_path + ".1")
+        c.reopen_log()
+        deadline = time.monotonic() + 5
+        while not os.path.exists(c.log_path) or not c.logs():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert c.logs()[0].content.startswith(b"line")
+        cg = rt.cgroups().container(sb.id, c.id)
+        assert len(cg.pids()) >= 2
+        c.stop(timeout=1)
+        assert cg.pids() == []  # the background sleep went too

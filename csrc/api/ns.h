@@ -18,3 +18,7 @@ int pycri_ns_unpin(const char *path, struct pycri_error *err);
 
 /* The inode number of the namespace pinned at path (or /proc/PID/ns/KIND). */
 int pycri_ns_inode(const char *path, unsigned long long *ino, struct pycri_error *err);
+
+/* Mount a fresh tmpfs (mode 1777, nosuid, nodev, noexec) of `size` bytes at path:
+ * the pod's /dev/shm, shared by its containers. */
+int pycri_ns_tmpfs(const char *path, unsigned long long size, struct pycri_error *err);
