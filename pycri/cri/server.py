@@ -1,0 +1,570 @@
+"""The CRI v1 gRPC server: kubelet, crictl and critest talk to pycri through it.
+
+This layer stores nothing. Each RPC converts its request (pycri.cri.convert),
+makes one call into the library (a pycri.Runtime), and converts the answer
+back; failures go through the one status table in pycri.cri.errors. Whatever
+the server knows, it reads from the Runtime, so a restart loses nothing.
+
+    python -m pycri.cri --listen unix:///run/pycri/pycri.sock
+
+The unix socket's directory is created 0700 and the socket is bound under a
+umask that makes it 0660 from its first moment. A server that is already
+serving the path (found by a lock file beside it, or by connecting) makes a
+second one refuse to start; a stale socket file left by a crash is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import grpc
+
+import pycri
+from pycri.cri import convert
+from pycri.cri._gen import api_pb2, api_pb2_grpc
+from pycri.cri.errors import rpc
+from pycri.errors import InvalidArgumentError, NotFoundError, UnsupportedError
+from pycri.runtime import DEFAULT_ROOT, DEFAULT_STATE
+
+log = logging.getLogger("pycri.cri")
+
+KUBE_RUNTIME_API_VERSION = "0.1.0"  # VersionResponse.version: the CRI's own fixed value
+RUNTIME_NAME = "pycri"
+RUNTIME_API_VERSION = "v1"
+DEFAULT_LISTEN = "unix:///run/pycri/pycri.sock"
+DEFAULT_SANDBOX_IMAGE = "registry.k8s.io/pause:3.10"
+DEFAULT_HANDLER = ""  # the only runtime handler for now
+SHUTDOWN_GRACE = 10.0  # seconds in-flight calls get to finish after SIGTERM
+MAX_MESSAGE = 16 << 20  # same as containerd's; kubelet's ListContainers can be large
+STREAM_CHUNK = 256  # items per message of the Stream* list RPCs
+_SUN_PATH_MAX = 107
+
+
+class ServerError(Exception):
+    """The server cannot start: bad address, socket in use, and the like."""
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    listen: str = DEFAULT_LISTEN
+    root: str = DEFAULT_ROOT
+    state: str = DEFAULT_STATE
+    registry_config_dir: str | None = None
+    cni_bin_dir: str = "/usr/lib/cni"
+    cni_conf_dir: str = "/etc/cni/net.d"
+    sandbox_image: str = DEFAULT_SANDBOX_IMAGE
+    workers: int = 32
+
+
+def _not_yet(rpc_name: str) -> UnsupportedError:
+    """The error every pod and container RPC answers with until the runtime layer lands."""
+    return UnsupportedError(f"{rpc_name}: not implemented yet: needs the runtime layer")
+
+
+def _check_handler(name: str) -> None:
+    if name != DEFAULT_HANDLER:
+        raise InvalidArgumentError(f"unknown runtime handler {name!r} (pycri has only the "
+                                   "default handler \"\")")
+
+
+# -- ImageService ---------------------------------------------------------------------
+
+class ImageService(api_pb2_grpc.ImageServiceServicer):
+    """CRI ImageService over a pycri Runtime's ImageStore."""
+
+    def __init__(self, runtime: pycri.Runtime, options: ServerOptions) -> None:
+        self.rt = runtime
+        self.pinned_refs = (options.sandbox_image,) if options.sandbox_image else ()
+
+    def _to_proto(self, img: pycri.Image) -> api_pb2.Image:
+        return convert.image_to_proto(img, pinned=convert.is_pinned(img, self.pinned_refs))
+
+    def _listed(self, spec: api_pb2.ImageSpec) -> list[api_pb2.Image]:
+        # A filter names one image (tag, digest reference, id or id prefix).
+        if spec.image:
+            found = self.rt.images.status(spec.image)
+            return [self._to_proto(found)] if found else []
+        return [self._to_proto(i) for i in self.rt.images.list()]
+
+    @rpc
+    def ListImages(self, request: Any, context: Any) -> Any:
+        return api_pb2.ListImagesResponse(images=self._listed(request.filter.image))
+
+    @rpc
+    def StreamImages(self, request: Any, context: Any) -> Iterator[Any]:
+        images = self._listed(request.filter.image)
+        for i in range(0, len(images), STREAM_CHUNK):
+            yield api_pb2.StreamImagesResponse(images=images[i:i + STREAM_CHUNK])
+
+    @rpc
+    def ImageStatus(self, request: Any, context: Any) -> Any:
+        img = self.rt.images.status(convert.image_name(request.image))
+        if img is None:
+            return api_pb2.ImageStatusResponse()  # CRI: absent image -> OK, image unset
+        info = convert.image_info(img) if request.verbose else {}
+        return api_pb2.ImageStatusResponse(image=self._to_proto(img), info=info)
+
+    @rpc
+    def PullImage(self, request: Any, context: Any) -> Any:
+        ref = convert.image_name(request.image)
+        _check_handler(request.image.runtime_handler)
+        auth = convert.auth_from_proto(request.auth if request.HasField("auth") else None,
+                                       convert.registry_of(ref))
+        t0 = time.monotonic()
+        img = self.rt.images.pull(ref, auth=auth)
+        log.info("pulled %s as %s in %.2f s", ref, img.id, time.monotonic() - t0)
+        return api_pb2.PullImageResponse(image_ref=img.id)
+
+    @rpc
+    def RemoveImage(self, request: Any, context: Any) -> Any:
+        # CRI: removing by one name removes the image with all its names; and a
+        # missing image is not an error.
+        img = self.rt.images.status(convert.image_name(request.image))
+        if img is not None:
+            with contextlib.suppress(NotFoundError):  # removed meanwhile by someone else
+                self.rt.images.remove(img.id)
+        return api_pb2.RemoveImageResponse()
+
+    @rpc
+    def ImageFsInfo(self, request: Any, context: Any) -> Any:
+        usage = convert.fs_usage(self.rt.images.fs_info())
+        # Containers' writable layers will live on the same filesystem as the images.
+        return api_pb2.ImageFsInfoResponse(image_filesystems=[usage],
+                                           container_filesystems=[usage])
+
+
+# -- RuntimeService ---------------------------------------------------------------------
+
+class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
+    """CRI RuntimeService. Pod and container RPCs wait for the runtime layer (sandboxes,
+    containers); each says which library call it will become."""
+
+    def __init__(self, runtime: pycri.Runtime, options: ServerOptions) -> None:
+        self.rt = runtime
+        self.options = options
+
+    # implemented ---------------------------------------------------------------------
+
+    @rpc
+    def Version(self, request: Any, context: Any) -> Any:
+        return api_pb2.VersionResponse(version=KUBE_RUNTIME_API_VERSION,
+                                       runtime_name=RUNTIME_NAME,
+                                       runtime_version=pycri.__version__,
+                                       runtime_api_version=RUNTIME_API_VERSION)
+
+    @rpc
+    def Status(self, request: Any, context: Any) -> Any:
+        o = self.options
+        cni = self.rt.cni
+        network_ready, why = cni.status() if cni else (False, "no CNI config directory given")
+        conditions = [api_pb2.RuntimeCondition(type="RuntimeReady", status=True),
+                      convert.network_condition(network_ready, why)]
+        # Both features stay false until the runtime layer implements them.
+        handler = api_pb2.RuntimeHandler(name=DEFAULT_HANDLER, features=api_pb2.RuntimeHandlerFeatures(
+            recursive_read_only_mounts=False, user_namespaces=False))
+        info = {"config": json.dumps(asdict(o), sort_keys=True),
+                "runtime": json.dumps({"root": self.rt.root, "state": self.rt.state,
+                                       "version": pycri.__version__})} if request.verbose else {}
+        return api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions),
+                                      runtime_handlers=[handler], info=info,
+                                      features=api_pb2.RuntimeFeatures())
+
+    @rpc
+    def RuntimeConfig(self, request: Any, context: Any) -> Any:
+        return api_pb2.RuntimeConfigResponse(
+            linux=api_pb2.LinuxRuntimeConfiguration(cgroup_driver=api_pb2.CGROUPFS))
+
+    @rpc
+    def UpdateRuntimeConfig(self, request: Any, context: Any) -> Any:
+        cidr = request.runtime_config.network_config.pod_cidr
+        if cidr:  # nothing to store: CNI's own config decides pod addresses
+            log.info("kubelet reports pod CIDR %s", cidr)
+        return api_pb2.UpdateRuntimeConfigResponse()
+
+    # pod sandboxes: pending the runtime layer -------------------------------------------------
+
+    @rpc
+    def RunPodSandbox(self, request: Any, context: Any) -> Any:
+        # rt.sandboxes.run(convert.sandbox_config(request.config), handler=request.runtime_handler)
+        raise _not_yet("RunPodSandbox")
+
+    @rpc
+    def StopPodSandbox(self, request: Any, context: Any) -> Any:
+        # rt.sandboxes.stop(request.pod_sandbox_id)  (idempotent; missing -> OK)
+        raise _not_yet("StopPodSandbox")
+
+    @rpc
+    def RemovePodSandbox(self, request: Any, context: Any) -> Any:
+        # rt.sandboxes.remove(request.pod_sandbox_id)  (idempotent; missing -> OK)
+        raise _not_yet("RemovePodSandbox")
+
+    @rpc
+    def PodSandboxStatus(self, request: Any, context: Any) -> Any:
+        # convert.sandbox_status(rt.sandboxes.get(request.pod_sandbox_id), request.verbose)
+        raise _not_yet("PodSandboxStatus")
+
+    @rpc
+    def ListPodSandbox(self, request: Any, context: Any) -> Any:
+        # [convert.sandbox(s) for s in rt.sandboxes.list(**convert.sandbox_filter(request.filter))]
+        raise _not_yet("ListPodSandbox")
+
+    @rpc
+    def StreamPodSandboxes(self, request: Any, context: Any) -> Any:
+        # the same list as ListPodSandbox, in chunks of STREAM_CHUNK
+        raise _not_yet("StreamPodSandboxes")
+
+    @rpc
+    def UpdatePodSandboxResources(self, request: Any, context: Any) -> Any:
+        # rt.sandboxes.get(id).update_resources(convert.resources(request.resources))
+        raise _not_yet("UpdatePodSandboxResources")
+
+    # containers: pending the runtime layer ----------------------------------------------------
+
+    @rpc
+    def CreateContainer(self, request: Any, context: Any) -> Any:
+        # rt.sandboxes.get(request.pod_sandbox_id).create_container(
+        #     convert.container_config(request.config, request.sandbox_config))
+        raise _not_yet("CreateContainer")
+
+    @rpc
+    def StartContainer(self, request: Any, context: Any) -> Any:
+        # rt.containers.get(request.container_id).start()
+        raise _not_yet("StartContainer")
+
+    @rpc
+    def StopContainer(self, request: Any, context: Any) -> Any:
+        # rt.containers.get(request.container_id).stop(timeout=request.timeout)  (idempotent)
+        raise _not_yet("StopContainer")
+
+    @rpc
+    def RemoveContainer(self, request: Any, context: Any) -> Any:
+        # rt.containers.remove(request.container_id)  (idempotent; missing -> OK)
+        raise _not_yet("RemoveContainer")
+
+    @rpc
+    def ListContainers(self, request: Any, context: Any) -> Any:
+        # [convert.container(c) for c in rt.containers.list(**convert.container_filter(...))]
+        raise _not_yet("ListContainers")
+
+    @rpc
+    def StreamContainers(self, request: Any, context: Any) -> Any:
+        # the same list as ListContainers, in chunks of STREAM_CHUNK
+        raise _not_yet("StreamContainers")
+
+    @rpc
+    def ContainerStatus(self, request: Any, context: Any) -> Any:
+        # convert.container_status(rt.containers.get(request.container_id), request.verbose)
+        raise _not_yet("ContainerStatus")
+
+    @rpc
+    def UpdateContainerResources(self, request: Any, context: Any) -> Any:
+        # rt.containers.get(request.container_id).update(convert.resources(request.linux))
+        raise _not_yet("UpdateContainerResources")
+
+    @rpc
+    def ReopenContainerLog(self, request: Any, context: Any) -> Any:
+        # rt.containers.get(request.container_id).reopen_log()
+        raise _not_yet("ReopenContainerLog")
+
+    @rpc
+    def CheckpointContainer(self, request: Any, context: Any) -> Any:
+        raise _not_yet("CheckpointContainer")  # no plan yet: needs CRIU
+
+    @rpc
+    def GetContainerEvents(self, request: Any, context: Any) -> Any:
+        # yield from convert.events(rt.events())  (evented PLEG)
+        raise _not_yet("GetContainerEvents")
+
+    # exec, attach, port-forward: pending the runtime layer and the streaming server ----------
+
+    @rpc
+    def ExecSync(self, request: Any, context: Any) -> Any:
+        # convert.exec_sync(rt.containers.get(id).exec_sync(cmd, timeout=..., output_limit=...))
+        raise _not_yet("ExecSync")
+
+    @rpc
+    def Exec(self, request: Any, context: Any) -> Any:
+        # ExecResponse(url=streaming.url_for_exec(request))  (single-use, expiring, localhost)
+        raise _not_yet("Exec")
+
+    @rpc
+    def Attach(self, request: Any, context: Any) -> Any:
+        # AttachResponse(url=streaming.url_for_attach(request))
+        raise _not_yet("Attach")
+
+    @rpc
+    def PortForward(self, request: Any, context: Any) -> Any:
+        # PortForwardResponse(url=streaming.url_for_port_forward(request))
+        raise _not_yet("PortForward")
+
+    # stats and metrics: pending the runtime layer ---------------------------------------------
+
+    @rpc
+    def ContainerStats(self, request: Any, context: Any) -> Any:
+        # convert.container_stats(rt.containers.get(request.container_id).stats())
+        raise _not_yet("ContainerStats")
+
+    @rpc
+    def ListContainerStats(self, request: Any, context: Any) -> Any:
+        # [convert.container_stats(c.stats()) for c in rt.containers.list(...)]
+        raise _not_yet("ListContainerStats")
+
+    @rpc
+    def StreamContainerStats(self, request: Any, context: Any) -> Any:
+        raise _not_yet("StreamContainerStats")
+
+    @rpc
+    def PodSandboxStats(self, request: Any, context: Any) -> Any:
+        # convert.sandbox_stats(rt.sandboxes.get(request.pod_sandbox_id).stats())
+        raise _not_yet("PodSandboxStats")
+
+    @rpc
+    def ListPodSandboxStats(self, request: Any, context: Any) -> Any:
+        raise _not_yet("ListPodSandboxStats")
+
+    @rpc
+    def StreamPodSandboxStats(self, request: Any, context: Any) -> Any:
+        raise _not_yet("StreamPodSandboxStats")
+
+    @rpc
+    def ListMetricDescriptors(self, request: Any, context: Any) -> Any:
+        raise _not_yet("ListMetricDescriptors")
+
+    @rpc
+    def ListPodSandboxMetrics(self, request: Any, context: Any) -> Any:
+        raise _not_yet("ListPodSandboxMetrics")
+
+    @rpc
+    def StreamPodSandboxMetrics(self, request: Any, context: Any) -> Any:
+        raise _not_yet("StreamPodSandboxMetrics")
+
+
+# -- listening ----------------------------------------------------------------------------
+
+def parse_listen(address: str) -> tuple[str, str]:
+    """``unix:///path`` (or a bare absolute path) -> ("unix", path);
+    ``tcp://127.0.0.1:PORT`` -> ("tcp", "127.0.0.1:PORT"), loopback only: CRI has no auth."""
+    if address.startswith("unix://"):
+        path = address[len("unix://"):]
+    elif address.startswith("/"):
+        path = address
+    elif address.startswith("tcp://"):
+        hostport = address[len("tcp://"):]
+        host, sep, port = hostport.rpartition(":")
+        if not sep or not port.isdigit() or int(port) > 65535:
+            raise ServerError(f"--listen {address!r}: want tcp://HOST:PORT")
+        if host.strip("[]") not in ("127.0.0.1", "::1", "localhost"):
+            raise ServerError(f"--listen {address!r}: tcp is for tests and must be loopback "
+                              "(CRI has no authentication)")
+        return "tcp", hostport
+    else:
+        raise ServerError(f"--listen {address!r}: want unix:///PATH or tcp://127.0.0.1:PORT")
+    if not path.startswith("/"):
+        raise ServerError(f"--listen {address!r}: the socket path must be absolute")
+    if len(path.encode()) > _SUN_PATH_MAX:
+        raise ServerError(f"--listen: socket path longer than {_SUN_PATH_MAX} bytes: {path}")
+    return "unix", os.path.normpath(path)
+
+
+def _claim_unix_socket(path: str) -> int:
+    """Make the socket's directory (0700), take the lock beside the socket, clear a stale
+    socket file. Returns the lock fd, held for the server's life."""
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ServerError(f"cannot create {parent}: {e.strerror}") from None
+    mode = stat.S_IMODE(os.stat(parent).st_mode)
+    if mode & 0o077:  # not ours to chmod (it may be /tmp); say so
+        log.warning("socket directory %s has mode %o: others can reach the socket's path "
+                    "(the socket itself is 0660)", parent, mode)
+    lock_fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise ServerError(f"another pycri server is serving {path}") from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return lock_fd
+    if not stat.S_ISSOCK(st.st_mode):
+        os.close(lock_fd)
+        raise ServerError(f"{path} exists and is not a socket; not touching it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.settimeout(2)
+        probe.connect(path)
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            os.close(lock_fd)
+            raise ServerError(f"cannot tell whether {path} is in use: {e}") from None
+        log.info("removing stale socket %s", path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return lock_fd
+    finally:
+        probe.close()
+    os.close(lock_fd)
+    raise ServerError(f"{path} is in use by another server")
+
+
+class CriServer:
+    """A running (after start()) CRI server over one pycri Runtime."""
+
+    def __init__(self, options: ServerOptions, runtime: pycri.Runtime | None = None) -> None:
+        self.options = options
+        self.kind, self.target = parse_listen(options.listen)
+        self.runtime = runtime or pycri.Runtime(
+            root=options.root, state=options.state,
+            registry_config_dir=options.registry_config_dir,
+            cni_conf_dir=options.cni_conf_dir, cni_bin_dirs=(options.cni_bin_dir,))
+        self._grpc: grpc.Server | None = None
+        self._lock_fd: int | None = None
+        self._socket_ino: int | None = None
+        self.address = options.listen
+
+    def start(self) -> None:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self.options.workers,
+                                       thread_name_prefix="pycri-cri"),
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                     ("grpc.max_send_message_length", MAX_MESSAGE)],
+        )
+        api_pb2_grpc.add_RuntimeServiceServicer_to_server(
+            RuntimeService(self.runtime, self.options), server)
+        api_pb2_grpc.add_ImageServiceServicer_to_server(
+            ImageService(self.runtime, self.options), server)
+        if self.kind == "unix":
+            self._lock_fd = _claim_unix_socket(self.target)
+            # The socket is created by the bind inside add_insecure_port: the umask makes
+            # it 0660 from the start. (umask is per process; nothing else runs yet.)
+            old = os.umask(0o117)
+            try:
+                server.add_insecure_port("unix://" + self.target)
+            except RuntimeError as e:
+                self._release()
+                raise ServerError(f"cannot listen on {self.target}: {e}") from None
+            finally:
+                os.umask(old)
+            os.chmod(self.target, 0o660)
+            self._socket_ino = os.lstat(self.target).st_ino
+        else:
+            try:
+                port = server.add_insecure_port(self.target)
+            except RuntimeError as e:
+                raise ServerError(f"cannot listen on {self.target}: {e}") from None
+            self.address = "tcp://" + self.target.rpartition(":")[0] + f":{port}"
+        server.start()
+        self._grpc = server
+        log.info("pycri %s serving CRI %s on %s (root %s, state %s)", pycri.__version__,
+                 RUNTIME_API_VERSION, self.address, self.runtime.root, self.runtime.state)
+
+    def stop(self, grace: float | None = SHUTDOWN_GRACE) -> None:
+        """Stop accepting calls, give running ones ``grace`` seconds, then cancel them."""
+        if self._grpc is not None:
+            self._grpc.stop(grace).wait()
+            self._grpc = None
+        self._release()
+        log.info("pycri CRI server stopped")
+
+    def _release(self) -> None:
+        if self.kind == "unix" and self._socket_ino is not None:
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(self.target).st_ino == self._socket_ino:
+                    os.unlink(self.target)
+            self._socket_ino = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+# -- command line --------------------------------------------------------------------------
+
+LOG_LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO,
+              "warn": logging.WARNING, "warning": logging.WARNING, "error": logging.ERROR,
+              "fatal": logging.CRITICAL, "panic": logging.CRITICAL}
+
+
+def build_parser(prog: str = "python -m pycri.cri") -> argparse.ArgumentParser:
+    d = ServerOptions()
+    p = argparse.ArgumentParser(prog=prog, description="Serve the Kubernetes CRI v1 API "
+                                "(RuntimeService and ImageService) over a pycri Runtime.")
+    p.add_argument("--listen", default=d.listen, metavar="ADDRESS",
+                   help=f"unix:///PATH, or tcp://127.0.0.1:PORT for tests (default {d.listen})")
+    p.add_argument("--root", default=d.root, help=f"persistent state (default {d.root})")
+    p.add_argument("--state", default=d.state, help=f"runtime state (default {d.state})")
+    p.add_argument("--registry-config-dir", default=None, metavar="DIR",
+                   help="registry hosts config: DIR/<host>/hosts.toml, containerd's format")
+    p.add_argument("--cni-bin-dir", default=d.cni_bin_dir, metavar="DIR",
+                   help=f"CNI plugin binaries (default {d.cni_bin_dir})")
+    p.add_argument("--cni-conf-dir", default=d.cni_conf_dir, metavar="DIR",
+                   help=f"CNI network configs (default {d.cni_conf_dir})")
+    p.add_argument("--sandbox-image", default=d.sandbox_image, metavar="REF",
+                   help=f"pause image; reported as pinned (default {d.sandbox_image})")
+    p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS),
+                   help="stderr log level (default info)")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("pycri")
+    logger.handlers[:] = [handler]
+    logger.setLevel(LOG_LEVELS[level])
+    logger.propagate = False
+
+
+def main(argv: list[str] | None = None, *, prog: str = "python -m pycri.cri") -> int:
+    """Run the server until SIGTERM or SIGINT. Exit status: 0 after a clean stop,
+    1 when it cannot start, 2 on bad usage. ``prog`` names the command in --help
+    (``pycri serve`` passes its own name)."""
+    args = build_parser(prog).parse_args(argv)
+    _setup_logging(args.log_level)
+    options = ServerOptions(listen=args.listen, root=args.root, state=args.state,
+                            registry_config_dir=args.registry_config_dir,
+                            cni_bin_dir=args.cni_bin_dir, cni_conf_dir=args.cni_conf_dir,
+                            sandbox_image=args.sandbox_image)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("got %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        try:
+            server = CriServer(options)
+            server.start()
+        except (ServerError, pycri.PycriError, OSError) as e:
+            log.error("cannot start: %s", e)
+            return 1
+        try:
+            while not stop.wait(1.0):
+                pass
+        finally:
+            server.stop(SHUTDOWN_GRACE)
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
