@@ -423,6 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure-registry", action="append",
                    help="allow plain http to this registry host (repeatable)")
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("serve", help="serve the CRI v1 gRPC API (see `pycri serve --help`)")
 
     s = sub.add_parser("pull", help="pull an image from a registry")
     s.add_argument("ref")
@@ -510,6 +511,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        # the CRI server has its own options (containerd's conventions)
+        try:
+            from pycri.cri import server
+        except ImportError as e:
+            print(f"pycri serve needs the CRI extra (pip install 'pycri-runtime[cri]'): {e}",
+                  file=sys.stderr)
+            return 1
+        return int(server.main(argv[1:], prog="pycri serve"))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

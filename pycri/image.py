@@ -497,12 +497,12 @@ class ImageStore:
     ) -> None:
         """Download and unpack every missing layer, in parallel, each once."""
         mine: builtins.list[tuple[LayerInfo, Future[None]]] = []
-        waits: builtins.list[Future[None]] = []
+        waits: builtins.list[tuple[LayerInfo, Future[None]]] = []
         with _inflight_lock:
             for info in layers:
                 key = (self.root, info.chain_id)
                 if key in _inflight:
-                    waits.append(_inflight[key])
+                    waits.append((info, _inflight[key]))
                 else:
                     fut: Future[None] = Future()
                     _inflight[key] = fut
@@ -529,8 +529,11 @@ class ImageStore:
                         fut.set_exception(RuntimeError("layer fetch abandoned"))
         for _, fut in mine:
             fut.result()
-        for fut in waits:
-            fut.result()
+        for info, fut in waits:
+            # Another pull was fetching this layer. If it failed (its registry
+            # credentials, its cancelled client...), fetch it ourselves with ours.
+            if fut.exception() is not None:
+                self._ensure_layer(info, fetch_from, label, progress)
 
     def _ensure_layer(
         self,

@@ -338,3 +338,40 @@ def test_cli(tmp_root, busybox):
     assert r.returncode == 0
     r = run_cli(root, state, "images", "-q")
     assert r.returncode == 0 and r.stdout.strip() == ""
+
+
+def test_waiting_pull_fetches_itself_when_the_owner_fails(rt, registry):
+    """Two pulls share a layer download; the one downloading fails (say, its
+    credentials): the one waiting fetches the layer itself instead of failing."""
+    built = ib.build_image([ib.layer_tar([ib.File("f", os.urandom(300_000))])])
+    ref = push(registry, "test/ownerfails", "v1", built)
+    reg = rt.images.registry
+    real = reg.get_blob
+    calls = []
+
+    def flaky(ref_, digest, *a, **kw):
+        calls.append(digest)
+        if digest in built.layer_digests and calls.count(digest) == 1:
+            time.sleep(0.3)  # let the second pull start waiting on this download
+            raise pycri.RegistryError("injected failure of the first download")
+        return real(ref_, digest, *a, **kw)
+
+    reg.get_blob = flaky
+    results: dict[str, object] = {}
+
+    def run(name):
+        try:
+            results[name] = rt.images.pull(ref).id
+        except Exception as e:  # noqa: BLE001
+            results[name] = e
+
+    a = threading.Thread(target=run, args=("a",))
+    a.start()
+    time.sleep(0.1)
+    b = threading.Thread(target=run, args=("b",))
+    b.start()
+    a.join()
+    b.join()
+    assert isinstance(results["a"], pycri.RegistryError)
+    assert results["b"] == built.config_digest
+    assert calls.count(built.layer_digests[0]) == 2
