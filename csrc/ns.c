@@ -177,3 +177,68 @@ PYCRI_EXPORT int pycri_ns_tmpfs(const char *path, unsigned long long size,
         return pycri_fail(err, errno, "mount tmpfs at %s", path);
     return 0;
 }
+
+#include <netinet/in.h>
+#include <pthread.h>
+
+struct connect_job {
+    const char *netns;
+    int port, udp, fd, code;
+    const char *step;
+};
+
+/* setns(CLONE_NEWNET) changes only the calling thread: do it in a thread of our own. */
+static void *connect_thread(void *arg) {
+    struct connect_job *j = arg;
+    int nsfd = open(j->netns, O_RDONLY | O_CLOEXEC);
+    if (nsfd < 0) {
+        j->code = errno;
+        j->step = "open netns";
+        return NULL;
+    }
+    if (setns(nsfd, CLONE_NEWNET) < 0) {
+        j->code = errno;
+        j->step = "setns";
+        close(nsfd);
+        return NULL;
+    }
+    close(nsfd);
+    int type = (j->udp ? SOCK_DGRAM : SOCK_STREAM) | SOCK_CLOEXEC;
+    int fd = socket(AF_INET, type, 0);
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)j->port)};
+    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0) {
+        j->fd = fd;
+        return NULL;
+    }
+    if (fd >= 0)
+        close(fd);
+    /* IPv4 refused: try [::1], as a pod may listen on IPv6 only */
+    fd = socket(AF_INET6, type, 0);
+    struct sockaddr_in6 sa6 = {.sin6_family = AF_INET6, .sin6_port = htons((uint16_t)j->port)};
+    sa6.sin6_addr = in6addr_loopback;
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&sa6, sizeof(sa6)) == 0) {
+        j->fd = fd;
+        return NULL;
+    }
+    j->code = errno;
+    j->step = "connect";
+    if (fd >= 0)
+        close(fd);
+    return NULL;
+}
+
+PYCRI_EXPORT int pycri_ns_connect(const char *netns_path, int port, int udp,
+                                  struct pycri_error *err) {
+    if (port < 1 || port > 65535)
+        return pycri_fail(err, EINVAL, "port %d is out of range", port);
+    struct connect_job j = {netns_path, port, udp, -1, 0, ""};
+    pthread_t t;
+    int rc = pthread_create(&t, NULL, connect_thread, &j);
+    if (rc != 0)
+        return pycri_fail(err, rc, "pthread_create");
+    pthread_join(t, NULL);
+    if (j.fd < 0)
+        return pycri_fail(err, j.code, "port %d in %s: %s", port, netns_path, j.step);
+    return j.fd;
+}

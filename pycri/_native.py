@@ -740,3 +740,9 @@ def ns_tmpfs(path: str, size: int) -> None:
     """Mount a tmpfs (mode 1777, nosuid/nodev/noexec) of ``size`` bytes at path."""
     err = _new_err()
     _check(lib.pycri_ns_tmpfs(path.encode(), size, err), err, path)
+
+
+def ns_connect(netns_path: str, port: int, udp: bool = False) -> int:
+    """An fd connected to localhost:port inside the pinned network namespace."""
+    err = _new_err()
+    return _check(lib.pycri_ns_connect(netns_path.encode(), port, int(udp), err), err)

@@ -66,3 +66,26 @@ def test_unpin_is_idempotent(tmp_path):
     p = str(tmp_path / "never-pinned")
     _native.ns_unpin(p)
     _native.ns_unpin(p)
+
+
+def test_connect_inside_a_pinned_netns(nsdir):
+    import socket
+    import sys
+
+    _native.ns_pin(_native.PIN_NET, nsdir["net"], None, None)
+    host_net = _native.ns_inode("/proc/thread-self/ns/net")
+    server = subprocess.Popen(
+        ["nsenter", f"--net={nsdir['net']}", sys.executable, "-c",
+         "import socket; s=socket.create_server(('127.0.0.1', 7777)); print('up', flush=True); "
+         "c,_=s.accept(); c.sendall(c.recv(100).upper()); c.close()"],
+        stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "up"
+    fd = _native.ns_connect(nsdir["net"], 7777)
+    with socket.socket(fileno=fd) as s:
+        s.sendall(b"through the pod's loopback")
+        assert s.recv(100) == b"THROUGH THE POD'S LOOPBACK"
+    server.wait(5)
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on the host's view of it
+        _native.ns_connect(nsdir["net"], 7778)
+    # the calling thread stayed in the host's network namespace
+    assert _native.ns_inode("/proc/thread-self/ns/net") == host_net

@@ -22,3 +22,8 @@ int pycri_ns_inode(const char *path, unsigned long long *ino, struct pycri_error
 /* Mount a fresh tmpfs (mode 1777, nosuid, nodev, noexec) of `size` bytes at path:
  * the pod's /dev/shm, shared by its containers. */
 int pycri_ns_tmpfs(const char *path, unsigned long long size, struct pycri_error *err);
+
+/* A TCP (or UDP when udp != 0) socket connected to 127.0.0.1:port (or [::1]) inside
+ * the network namespace pinned at netns_path, made by a short-lived thread that
+ * enters it; the socket stays in that namespace. Returns the fd (CLOEXEC). */
+int pycri_ns_connect(const char *netns_path, int port, int udp, struct pycri_error *err);
