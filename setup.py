@@ -1,6 +1,6 @@
 # cffi cannot declare its extension in pyproject.toml alone, hence setup.py. build_ext
-# also builds the per-container monitor executable (csrc/main_monitor.c) into
-# pycri/pycri-monitor: static-pie when the toolchain can (smallest PSS, no loader),
+# also builds the executables (the per-container monitor, the pod pid-namespace
+# holder) into pycri/: static-pie when the toolchain can (smallest PSS, no loader),
 # else a plain dynamic executable.
 import os
 import shlex
@@ -11,7 +11,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MONITOR_SRC = ["csrc/main_monitor.c"]
+# executable -> its sources; each is built static-pie when the toolchain can
+EXECUTABLES = {"pycri-monitor": ["csrc/main_monitor.c"], "pycri-pause": ["csrc/main_pause.c"]}
 MONITOR_FLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                  "-D_GNU_SOURCE", "-Icsrc"]
 
@@ -20,10 +21,13 @@ class BuildExtWithMonitor(build_ext):
     def run(self) -> None:
         super().run()
         base = HERE if self.inplace else self.build_lib
-        out = os.path.join(base, "pycri", "pycri-monitor")
+        for name, sources in EXECUTABLES.items():
+            self._executable(os.path.join(base, "pycri", name), sources)
+
+    def _executable(self, out: str, sources: list[str]) -> None:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
-        srcs = [os.path.join(HERE, s) for s in MONITOR_SRC]
+        srcs = [os.path.join(HERE, s) for s in sources]
         tmp = out + ".tmp"
         for link in (["-static-pie"], []):
             cmd = [*cc, *MONITOR_FLAGS, "-I" + os.path.join(HERE, "csrc"), *srcs, *link,
@@ -31,7 +35,7 @@ class BuildExtWithMonitor(build_ext):
             if subprocess.run(cmd, check=False, cwd=HERE).returncode == 0:
                 break
         else:
-            raise RuntimeError("building pycri-monitor failed: " + " ".join(cmd))
+            raise RuntimeError(f"building {os.path.basename(out)} failed: " + " ".join(cmd))
         os.chmod(tmp, 0o755)
         os.replace(tmp, out)
 

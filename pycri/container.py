@@ -384,10 +384,12 @@ class Container:
         pid_mode = config.pid or sb_cfg.get("pid", "container")
         namespaces["pid"] = "host" if pid_mode == NODE else "new"
         if pid_mode == POD:
-            first = next((c for c in sandbox.containers() if c.id != self.id
-                          and c.state == RUNNING), None)
-            if first is not None:
-                namespaces["pid"] = f"/proc/{first.record()['pid']}/ns/pid"
+            shared = sandbox.pid_namespace()
+            if shared is None:
+                raise InvalidArgumentError(
+                    "the container wants the pod's pid namespace but the pod was created "
+                    "without one (SandboxConfig.pid)")
+            namespaces["pid"] = shared
         uid_map = gid_map = None
         if userns:
             namespaces["user"] = "new"

@@ -18,12 +18,13 @@ import errno
 import os
 import secrets
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pycri import _native, store
-from pycri.config import NODE, ContainerConfig, SandboxConfig, from_json, to_json
+from pycri.config import NODE, POD, ContainerConfig, SandboxConfig, from_json, to_json
 from pycri.container import Container, RunResult, run_to_completion
 from pycri.errors import AlreadyExistsError, NotFoundError, PycriError, RuntimeFailure
 
@@ -189,6 +190,8 @@ class Sandbox:
             rec["shm"] = True
         self._write(rec)
         rt.cgroups(rec["cgroup_parent"]).create_pod(self.id)
+        if config.pid == POD:
+            self._start_infra(rec, paths)
         ips: tuple[str, ...] = ()
         if rec["network"] == "cni":
             assert rt.cni is not None and paths["net"]
@@ -199,6 +202,50 @@ class Sandbox:
         self._write_etc(hostname, ips, config)
         rec.update(state=READY, ip=ips[0] if ips else "", ips=list(ips), hostname=hostname)
         self._write(rec)
+
+    def _start_infra(self, rec: dict[str, Any], paths: dict[str, str | None]) -> None:
+        """Containers sharing the pod's pid namespace need a pid 1 that outlives each
+        of them: a tiny reaper (pycri-pause) in a new pid namespace."""
+        pause = os.path.join(os.path.dirname(os.path.abspath(_native.__file__)), "pycri-pause")
+        namespaces = {"pid": "new", "mnt": "host"}
+        for kind in ("net", "ipc", "uts"):
+            namespaces[kind] = paths[kind] or "host"
+        spec = _native.SpawnSpec(argv=["pycri-pause"], exec_path=pause, env=[], rootfs=None,
+                                 mount_proc=False, mount_sys=False, mount_dev=False,
+                                 namespaces=namespaces, no_new_privs=True)
+        try:
+            res = _native.spawn(spec)
+        except OSError as e:
+            raise RuntimeFailure(f"sandbox pid namespace holder: {e.strerror or e}",
+                                 stage="infra") from e
+        if res.pidfd >= 0:
+            os.close(res.pidfd)
+        rec.update(infra_pid=res.pid, infra_start_time=res.start_time)
+        self._write(rec)
+
+    def pid_namespace(self) -> str | None:
+        """The pod's shared pid namespace (/proc/PID/ns/pid of its holder), if it has one."""
+        rec = self.record()
+        pid = rec.get("infra_pid", 0)
+        if not pid:
+            return None
+        from pycri.container import _alive
+
+        if not _alive(pid, rec.get("infra_start_time", 0)):
+            raise RuntimeFailure(f"sandbox {self.id[:12]}: its pid namespace holder is gone",
+                                 stage="infra")
+        return f"/proc/{pid}/ns/pid"
+
+    def _stop_infra(self, rec: dict[str, Any]) -> None:
+        from pycri.container import _alive
+
+        pid = rec.get("infra_pid", 0)
+        if pid and _alive(pid, rec.get("infra_start_time", 0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if pid:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)  # ours to reap when this process made the pod
 
     def _write_etc(self, hostname: str, ips: tuple[str, ...], config: SandboxConfig) -> None:
         d = self.state_dir
@@ -274,6 +321,7 @@ class Sandbox:
         except NotFoundError:
             rec = {}
         errors: list[str] = []
+        self._stop_infra(rec)
         try:
             self._teardown_network(rec)
         except PycriError as e:

@@ -432,3 +432,20 @@ def test_kill9_during_operations_then_recover(env, phase):
                  and rt.state.encode() in open(f"/proc/{p}/cmdline", "rb").read()]
     assert launchers == [], launchers
     sb.remove()
+
+
+def test_pod_shared_pid_namespace(env):
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="podpid", pid="pod")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(name="a", image=img.id,
+                                                      command=("sleep", "60")))
+        c.start()
+        r = sb.run(img, ["sh", "-c", "cat /proc/1/cmdline; echo; ps -o pid,args"], timeout=10)
+        assert r.stdout.startswith(b"pycri-pause")
+        assert b"sleep 60" in r.stdout  # sees its sibling container's process
+        infra = sb.record()["infra_pid"]
+    assert not os.path.exists(f"/proc/{infra}")
+    with rt.run_sandbox(pycri.SandboxConfig(name="ownpid")) as sb:
+        with pytest.raises(InvalidArgumentError, match="pid namespace"):
+            sb.create_container(pycri.ContainerConfig(name="x", image=img.id, pid="pod",
+                                                      command=("true",)))
