@@ -274,6 +274,7 @@ class ContainerConfig:
     run_as_username: str = ""
     run_as_group: int | None = None
     supplemental_groups: tuple[int, ...] = ()
+    supplemental_groups_policy: str = "Merge"      # or "Strict": no groups from the image
     cap_add: tuple[str, ...] = ()
     cap_drop: tuple[str, ...] = ()
     privileged: bool = False
@@ -311,6 +312,8 @@ class ContainerConfig:
                 raise _bad(f"{what} {v} is out of range")
         if any(not 0 <= g <= 2**31 - 1 for g in self.supplemental_groups):
             raise _bad("supplemental group id out of range")
+        if self.supplemental_groups_policy not in ("Merge", "Strict"):
+            raise _bad("supplemental_groups_policy must be 'Merge' or 'Strict'")
         if self.pid and self.pid not in _NS_MODES:
             raise _bad(f"container pid mode {self.pid!r}: use one of {_NS_MODES}")
         for cap in (*self.cap_add, *self.cap_drop):

@@ -181,6 +181,9 @@ class ContainerStatus:
     image_ref: str
     log_path: str
     config: ContainerConfig
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,9 @@ class Container:
             finished_at_ns=rec.get("finished_at_ns", 0), exit_code=rec.get("exit_code", 0),
             reason=rec.get("reason", ""), message=rec.get("message", ""),
             image=rec["image_ref"], image_ref=rec["image_id"], log_path=rec["log_path"],
-            config=cfg)
+            config=cfg, uid=rec.get("user", {}).get("uid", 0),
+            gid=rec.get("user", {}).get("gid", 0),
+            groups=tuple(rec.get("user", {}).get("groups", ())))
 
     # -- create ------------------------------------------------------------------
 
@@ -369,7 +374,9 @@ class Container:
 
         argv = _argv(config, icfg.entrypoint, icfg.cmd)
         user = users.resolve(layer_dirs, icfg.user, config.run_as_user, config.run_as_username,
-                             config.run_as_group, config.supplemental_groups)
+                             config.run_as_group, config.supplemental_groups,
+                             strict=config.supplemental_groups_policy == "Strict")
+        rec["user"] = {"uid": user.uid, "gid": user.gid, "groups": _groups(user)}
         env = _env(icfg.env, config.env, user)
         sb_cfg = sb_rec["config"]
         userns = sb_cfg.get("user_namespace")
@@ -440,7 +447,7 @@ class Container:
         try:
             spec = _native.SpawnSpec(
                 argv=argv, env=env, cwd=config.working_dir or icfg.working_dir or "/",
-                uid=user.uid, gid=user.gid, groups=list(user.groups),
+                uid=user.uid, gid=user.gid, groups=_groups(user),
                 cap_bounding=caps, cap_effective=caps, cap_permitted=caps,
                 no_new_privs=config.no_new_privs or bool(seccomp and user.uid != 0),
                 seccomp_bpf=seccomp, oom_score_adj=max(0, config.oom_score_adj),
@@ -640,7 +647,8 @@ class Container:
         image = self.runtime.images.get(rec["image_id"])
         user = users.resolve(self.runtime.images.layer_dirs(image), image.config.user,
                              cfg.run_as_user, cfg.run_as_username, cfg.run_as_group,
-                             cfg.supplemental_groups)
+                             cfg.supplemental_groups,
+                             strict=cfg.supplemental_groups_policy == "Strict")
         caps = capabilities(cfg)
         seccomp = None
         if not cfg.privileged and cfg.seccomp not in ("Unconfined", "unconfined", ""):
@@ -653,7 +661,7 @@ class Container:
         spec = _native.SpawnSpec(
             argv=list(cmd), env=_env(image.config.env, cfg.env, user),
             cwd=cfg.working_dir or image.config.working_dir or "/", uid=user.uid,
-            gid=user.gid, groups=list(user.groups), cap_bounding=caps, cap_effective=caps,
+            gid=user.gid, groups=_groups(user), cap_bounding=caps, cap_effective=caps,
             cap_permitted=caps, seccomp_bpf=seccomp,
             no_new_privs=cfg.no_new_privs or bool(seccomp and user.uid != 0),
             stdin=stdin, stdout=stdout, stderr=stderr, tty_fd=tty_fd,
@@ -762,6 +770,11 @@ class Container:
 
 
 # -- helpers -------------------------------------------------------------------------
+
+
+def _groups(user: users.User) -> list[int]:
+    """The process's group list: its primary group first, then the others."""
+    return [user.gid] + [g for g in user.groups if g != user.gid]
 
 
 def _argv(config: ContainerConfig, entrypoint: tuple[str, ...], cmd: tuple[str, ...]) -> list[str]:

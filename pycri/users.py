@@ -84,9 +84,11 @@ def _id(v: str, what: str) -> int:
 
 def resolve(layer_dirs: list[str], user: str = "", uid: int | None = None,
             username: str = "", gid: int | None = None,
-            supplemental: tuple[int, ...] = ()) -> User:
+            supplemental: tuple[int, ...] = (), strict: bool = False) -> User:
     """Work out uid, gid and groups. ``uid``/``username``/``gid`` (from the container
-    config) win over ``user`` (the image's ``User``, "name[:group]" or "uid[:gid]")."""
+    config) win over ``user`` (the image's ``User``, "name[:group]" or "uid[:gid]").
+    ``strict`` leaves out the groups the image's /etc/group gives the user (the CRI's
+    SupplementalGroupsPolicy=Strict); only ``supplemental`` is added then."""
     passwd = _table(read_image_file(layer_dirs, "etc/passwd"), 7)
     groups = _table(read_image_file(layer_dirs, "etc/group"), 4)
     spec_user, spec_group = (user.split(":", 1) + [""])[:2] if user else ("", "")
@@ -118,13 +120,13 @@ def resolve(layer_dirs: list[str], user: str = "", uid: int | None = None,
         gid = _id(pw[3], "group id") if pw and pw[3].isdigit() else 0
     name = pw[0] if pw else ""
     extra: list[int] = []
-    if name:
+    for g in supplemental:
+        if g not in extra:
+            extra.append(g)
+    if name and not strict:  # "Merge": the user's groups from the image's /etc/group too
         for r in groups:
             if name in r[3].split(",") and r[2].isdigit():
                 g = _id(r[2], "group id")
                 if g != gid and g not in extra:
                     extra.append(g)
-    for g in supplemental:
-        if g not in extra:
-            extra.append(g)
     return User(uid, gid, tuple(extra), pw[5] if pw and pw[5] else "/", name)

@@ -449,3 +449,28 @@ def test_pod_shared_pid_namespace(env):
         with pytest.raises(InvalidArgumentError, match="pid namespace"):
             sb.create_container(pycri.ContainerConfig(name="x", image=img.id, pid="pod",
                                                       command=("true",)))
+
+
+@pytest.fixture(scope="module")
+def group_image(registry):
+    groups = b"root:x:0:\napp:x:1000:\nimagegroup:x:50000:app\n"
+    built = ib.build_image([ib.busybox_layer(), ib.layer_tar([ib.File("etc/group", groups)])],
+                           config={"Env": ["PATH=/bin"], "User": "app"})
+    ib.push(registry.host, "test/groups", "v1", built)
+    return f"{registry.host}/test/groups:v1"
+
+
+@pytest.mark.parametrize("policy,expect", [("Merge", b"1000 1234 50000"), ("Strict", b"1000 1234")])
+def test_supplemental_groups_policy(env, group_image, policy, expect):
+    rt, _ = env
+    img = rt.images.pull(group_image)
+    with rt.run_sandbox(pycri.SandboxConfig(name="groups")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(
+            name="g", image=img.id, command=("sh", "-c", "id -G; sleep 60"), run_as_user=1000,
+            supplemental_groups=(1234,), supplemental_groups_policy=policy))
+        c.start()
+        st = c.status()
+        assert (st.uid, st.gid) == (1000, 1000)
+        assert sorted(st.groups) == sorted(int(x) for x in expect.split())
+        assert c.exec_sync(["id", "-G"]).stdout.strip() == expect
+        c.stop(timeout=0)
