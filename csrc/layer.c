@@ -51,6 +51,8 @@ struct layer {
     int nlowers;
     struct pycri_layer_limits lim;
     struct pycri_sha256 sha;
+    unsigned int flags;
+    unsigned long long hashed;          /* bytes given to pycri_layer_hash */
     int state, failed, finished, zeros;
     unsigned long long offset;          /* stream bytes consumed by the parser */
     unsigned char hdr[TAR_BLOCK];
@@ -695,7 +697,7 @@ static int consume(struct layer *L, struct pycri_layer *l, const unsigned char *
 
 PYCRI_EXPORT int pycri_layer_open(struct pycri_layer *l, int dirfd, const char *dest,
                                   const struct pycri_layer_limits *limits, const int *lower_fds,
-                                  int nlowers, struct pycri_error *err) {
+                                  int nlowers, unsigned int flags, struct pycri_error *err) {
     memset(l, 0, sizeof(*l));
     if (nlowers < 0 || nlowers > PYCRI_LAYER_MAX_LOWERS)
         return pycri_fail(err, EINVAL, "layer: %d lower layers (at most %d)", nlowers,
@@ -705,6 +707,7 @@ PYCRI_EXPORT int pycri_layer_open(struct pycri_layer *l, int dirfd, const char *
         return pycri_fail(err, ENOMEM, "layer: allocating state");
     L->out_fd = L->pcache_fd = L->root_fd = -1;
     l->impl = L; /* from here on, close() frees whatever open got to */
+    L->flags = flags;
     if (limits)
         L->lim = *limits;
     if (!L->lim.max_entries)
@@ -739,12 +742,25 @@ PYCRI_EXPORT int pycri_layer_feed(struct pycri_layer *l, const unsigned char *bu
         return pycri_fail(err, EFBIG, "layer: uncompressed size exceeds the limit of %llu bytes",
                           L->lim.max_bytes);
     }
-    if (pycri_sha256_update(&L->sha, buf, len, err) < 0 || consume(L, l, buf, len, err) < 0) {
+    if ((!(L->flags & PYCRI_LAYER_HASH_SEPARATELY) &&
+         pycri_sha256_update(&L->sha, buf, len, err) < 0) ||
+        consume(L, l, buf, len, err) < 0) {
         L->failed = 1;
         return -1;
     }
     l->stats.bytes += len;
     return 0;
+}
+
+PYCRI_EXPORT int pycri_layer_hash(struct pycri_layer *l, const unsigned char *buf, size_t len,
+                                  struct pycri_error *err) {
+    struct layer *L = l->impl;
+    if (!L)
+        return pycri_fail(err, EBADF, "layer: hash on a closed layer");
+    if (!(L->flags & PYCRI_LAYER_HASH_SEPARATELY))
+        return pycri_fail(err, EINVAL, "layer: hash without PYCRI_LAYER_HASH_SEPARATELY");
+    L->hashed += len;
+    return pycri_sha256_update(&L->sha, buf, len, err);
 }
 
 static int cmp_dir_inode(const void *a, const void *b) {
@@ -809,6 +825,9 @@ PYCRI_EXPORT int pycri_layer_finish(struct pycri_layer *l, char *diff_id_hex,
                           L->offset, L->state == ST_HEADER && L->hdr_len == 0
                                          ? "without an end-of-archive block"
                                          : "inside an entry");
+    if ((L->flags & PYCRI_LAYER_HASH_SEPARATELY) && L->hashed != l->stats.bytes)
+        return pycri_fail(err, EINVAL, "layer: %llu bytes hashed but %llu fed: the diff_id "
+                          "would not match the stream", L->hashed, l->stats.bytes);
     if (apply_dir_times(L, err) < 0)
         return -1;
     if (pycri_sha256_final(&L->sha, diff_id_hex, err) < 0)

@@ -5,8 +5,8 @@ One pass over the compressed bytes does four things at once:
 
 * hashes them (the blob digest, checked against ``expected_digest``),
 * decompresses them (gzip with ``isal``, zstd with ``zstandard``, or plain tar),
-* hands the tar bytes to a feeder thread that calls C, which applies the
-  entries and hashes the tar stream (the diff_id),
+* hashes the tar bytes (the diff_id, computed by C's ``LayerWriter.hash``) and
+  hands them to a feeder thread whose ``LayerWriter.feed`` applies the entries,
 * enforces the size, ratio and entry limits of :class:`LayerLimits`.
 
 Decompression runs in the calling thread while C writes files in the feeder
@@ -126,10 +126,12 @@ def _sniff(head: bytes) -> str:
 class _Source:
     """The compressed chunks: counted, hashed and reported as they are pulled."""
 
-    def __init__(self, chunks: Iterable[bytes], progress: Callable[[int], None] | None) -> None:
+    def __init__(self, chunks: Iterable[bytes], progress: Callable[[int], None] | None,
+                 hashed: bool = True) -> None:
         self._it = iter(chunks)
         self._progress = progress
-        self.hasher = _native.Sha256()
+        # a plain tar blob is its own tar stream: C's diff_id is then the digest
+        self.hasher = _native.Sha256() if hashed else None
         self.size = 0
 
     def __iter__(self) -> Iterator[bytes]:
@@ -140,7 +142,8 @@ class _Source:
             chunk = next(self._it)
             if chunk:
                 break
-        self.hasher.update(chunk)
+        if self.hasher is not None:
+            self.hasher.update(chunk)
         self.size += len(chunk)
         if self._progress is not None:
             self._progress(self.size)
@@ -311,11 +314,11 @@ def apply_layer(
     kind = _compression(media_type)
     want_digest = validate_digest(expected_digest) if expected_digest is not None else None
     want_diff = validate_digest(expected_diff_id) if expected_diff_id is not None else None
-    source = _Source(chunks, progress)
+    source = _Source(chunks, progress, hashed=kind != _TAR)
     try:
         size, entries, diff_hex, stats = _extract(source, kind, media_type, dest, lowers, limits)
     except InvalidLayerError as e:
-        if want_digest is not None:
+        if want_digest is not None and source.hasher is not None:
             source.drain()
             got = source.hasher.hexdigest()
             if got != want_digest:
@@ -326,7 +329,7 @@ def apply_layer(
         raise
     # the tar ended: still hash whatever the blob carries after it
     source.drain()
-    digest_hex = source.hasher.hexdigest()
+    digest_hex = source.hasher.hexdigest() if source.hasher is not None else diff_hex
     if want_digest is not None and digest_hex != want_digest:
         raise DigestMismatchError(
             f"layer blob digest mismatch: expected sha256:{want_digest}, got sha256:{digest_hex}",
@@ -357,7 +360,8 @@ def _extract(source: _Source, kind: str, media_type: str, dest: str, lowers: Seq
         writer = _native.LayerWriter(dest, lowers=lowers, max_entries=limits.max_entries,
                                      max_bytes=limits.max_size,
                                      max_meta_size=limits.max_meta_size,
-                                     max_path_len=limits.max_path_len)
+                                     max_path_len=limits.max_path_len,
+                                     hash_separately=True)
     except OSError as e:
         if e.errno in _HOST_ERRNOS or e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
             raise
@@ -375,6 +379,7 @@ def _extract(source: _Source, kind: str, media_type: str, dest: str, lowers: Seq
                     raise ResourceExhaustedError(
                         f"layer: decompresses more than {limits.max_ratio}x ({size} bytes out of "
                         f"{source.size}): refusing a likely decompression bomb")
+                writer.hash(piece)  # here, so it overlaps with C writing files
                 feeder.put(piece)
         finally:
             feeder.join()

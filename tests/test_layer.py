@@ -493,6 +493,22 @@ def test_layer_writer_contract(dest):
         _native.LayerWriter(dest + "/missing")
 
 
+def test_layer_writer_hash_separately(dest):
+    data = tar_of(member("a", b"1"))
+    with _native.LayerWriter(dest, hash_separately=True) as w:
+        w.hash(data[:100])
+        w.feed(data)
+        with pytest.raises(OSError, match="hashed but"):
+            w.finish()
+    os.unlink(f"{dest}/a")
+    with _native.LayerWriter(dest, hash_separately=True) as w:
+        w.feed(data)
+        w.hash(data)
+        assert w.finish() == hashlib.sha256(data).hexdigest()
+    with _native.LayerWriter(dest) as w, pytest.raises(OSError):
+        w.hash(data)  # only with hash_separately
+
+
 def test_no_thread_or_fd_leaks(dest):
     before_fds = len(os.listdir("/proc/self/fd"))
     for _ in range(5):
