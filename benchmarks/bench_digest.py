@@ -27,12 +27,13 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from pycri import _native  # noqa: E402
+from pycri import _native
 
 CHUNK = 1 << 20
 
@@ -42,8 +43,7 @@ def make_file(path: str, size: int) -> None:
         return
     with open(path + ".tmp", "wb") as f:
         block = os.urandom(CHUNK)
-        for i in range(size // CHUNK):
-            f.write(block[i % 251:] + block[:i % 251])  # not one repeated block
+        f.writelines(block[i % 251:] + block[:i % 251] for i in range(size // CHUNK))  # not one repeated block
     os.rename(path + ".tmp", path)
 
 
@@ -146,7 +146,7 @@ def main() -> None:
         tar_path = os.path.join(args.workdir, f"layer-{args.layer_scale:g}.tar")
         if not os.path.exists(tar_path):
             bench_layer.generate(tar_path, args.layer_scale)
-        data = open(tar_path, "rb").read()
+        data = Path(tar_path).read_bytes()
         out = os.path.join(args.workdir, f"out-{os.getpid()}")
         os.makedirs(out)
         ext: dict[str, list[float]] = {"tar": [], "inline": [], "separate": []}

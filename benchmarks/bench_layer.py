@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pycri.layer import apply_layer_file  # noqa: E402
+from pycri.layer import apply_layer_file
 
 MEDIA = {
     "gzip": "application/vnd.oci.image.layer.v1.tar+gzip",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple, NoReturn
+from typing import NamedTuple, NoReturn, Self
 
 from pycri import _core
 
@@ -43,7 +43,7 @@ def _check(rc: int, err, path: str | None = None) -> int:  # type: ignore[no-unt
 class Sha256:
     """Incremental SHA-256 in C (OpenSSL's SHA-NI code); the GIL is released per update."""
 
-    __slots__ = ("_h", "_err", "_done")
+    __slots__ = ("_done", "_err", "_h")
 
     def __init__(self) -> None:
         self._h = ffi.new("struct pycri_sha256 *")
@@ -107,7 +107,7 @@ class LayerWriter:
     writing overlap); ``finish`` checks that both saw the same byte count.
     """
 
-    __slots__ = ("_l", "_err", "_dest")
+    __slots__ = ("_dest", "_err", "_l")
 
     def __init__(self, dest: str, *, lowers: Sequence[str] = (), max_entries: int = 0,
                  max_bytes: int = 0, max_meta_size: int = 0, max_path_len: int = 0,
@@ -158,7 +158,7 @@ class LayerWriter:
     def close(self) -> None:
         lib.pycri_layer_close(self._l)
 
-    def __enter__(self) -> LayerWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

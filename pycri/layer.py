@@ -43,7 +43,7 @@ from pycri.errors import (
 )
 from pycri.store import validate_digest
 
-__all__ = ["LayerLimits", "LayerResult", "apply_layer", "apply_layer_file", "MEDIA_TYPES"]
+__all__ = ["MEDIA_TYPES", "LayerLimits", "LayerResult", "apply_layer", "apply_layer_file"]
 
 _TAR, _GZIP, _ZSTD = "tar", "gzip", "zstd"
 
@@ -190,7 +190,7 @@ def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
             started = True
             try:
                 out = d.decompress(data, _CHUNK)
-            except isal_zlib.error as e:
+            except isal_zlib.error as e:  # type: ignore[misc]
                 raise InvalidLayerError(f"layer: corrupt gzip data: {e}") from e
             if out:
                 yield out
@@ -228,7 +228,8 @@ def _unzstd(chunks: Iterator[bytes], max_window: int) -> Iterator[bytes]:
     import zstandard
 
     dctx = zstandard.ZstdDecompressor(max_window_size=max_window)
-    reader = dctx.stream_reader(_IterReader(chunks), read_size=_CHUNK, read_across_frames=True)
+    reader = dctx.stream_reader(_IterReader(chunks),  # type: ignore[arg-type]
+                                read_size=_CHUNK, read_across_frames=True)
     try:
         while True:
             out = reader.read(_CHUNK)
@@ -272,7 +273,7 @@ class _Feeder:
             if self.error is None:
                 try:
                     self._writer.feed(piece)
-                except BaseException as e:  # handed to the producer thread
+                except BaseException as e:  # noqa: BLE001 - re-raised in the producer
                     self.error = e
 
     def put(self, piece: bytes | memoryview) -> None:

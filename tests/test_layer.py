@@ -9,10 +9,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import os
 import stat
 import tarfile
 import threading
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -132,7 +134,7 @@ def test_ustar_files_dirs_modes_owners_times(dest):
     st = os.stat(f"{dest}/etc/conf")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o640)
     assert st.st_mtime == 2000
-    assert open(f"{dest}/etc/conf", "rb").read() == b"hello\n"
+    assert Path(f"{dest}/etc/conf").read_bytes() == b"hello\n"
     st = os.stat(f"{dest}/etc")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime) == (10, 20, 0o750, 1000)
     assert stat.S_IMODE(os.stat(f"{dest}/bin/tool").st_mode) == 0o4755
@@ -147,12 +149,12 @@ def test_ustar_prefix_field(dest):
     long_dir = "d" * 120
     data = tar_of(member("file.txt", b"x", prefix=long_dir.encode()))
     apply(data, dest)
-    assert open(f"{dest}/{long_dir}/file.txt").read() == "x"
+    assert Path(f"{dest}/{long_dir}/file.txt").read_text() == "x"
 
 
 def test_gnu_long_names_and_links_and_base256(dest):
-    name = "/".join(["segment%03d" % i for i in range(20)]) + "/file"
-    link = "/".join(["other%03d" % i for i in range(20)])
+    name = "/".join([f"segment{i:03d}" for i in range(20)]) + "/file"
+    link = "/".join([f"other{i:03d}" for i in range(20)])
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
         ti = tarfile.TarInfo(name)
@@ -169,7 +171,7 @@ def test_gnu_long_names_and_links_and_base256(dest):
     data = tar_of(gnu_long("x" * 200), member("trunc", b"q"),
                   gnu_long("t" * 150, b"K"), member("sl", type=b"2", linkname="ignored"))
     apply(data, dest)
-    assert open(f"{dest}/{'x' * 200}").read() == "q"
+    assert Path(f"{dest}/{'x' * 200}").read_text() == "q"
     assert os.readlink(f"{dest}/sl") == "t" * 150
 
 
@@ -186,7 +188,7 @@ def test_pax_path_size_owner_mtime_fraction_and_global_header(dest):
     st = os.stat(f"{dest}/{name}")
     assert (st.st_uid, st.st_gid) == (70000, 80000)
     assert st.st_mtime_ns == 1700000000_123456789
-    assert open(f"{dest}/{name}", "rb").read() == b"payload"
+    assert Path(f"{dest}/{name}").read_bytes() == b"payload"
     assert not os.path.exists(f"{dest}/short")
     # the PAX header applied to one entry only
     assert os.stat(f"{dest}/after").st_uid == 0
@@ -196,7 +198,7 @@ def test_pax_path_size_owner_mtime_fraction_and_global_header(dest):
 def test_pax_size_overrides_header(dest):
     data = tar_of(pax({"size": "5"}), member("f", b"hello", size=0))
     apply(data, dest)
-    assert open(f"{dest}/f", "rb").read() == b"hello"
+    assert Path(f"{dest}/f").read_bytes() == b"hello"
 
 
 def test_negative_pax_mtime(dest):
@@ -282,7 +284,7 @@ def test_hardlink_from_lower_layer(tmp_path, dest):
     os.rmdir(f"{dest}/usr")
     r = apply(data, dest, lowers=[str(lower)])
     st = os.stat(f"{dest}/usr/alias")
-    assert open(f"{dest}/usr/alias", "rb").read() == b"L" * 100000
+    assert Path(f"{dest}/usr/alias").read_bytes() == b"L" * 100000
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (42, 43, 0o751)
     assert r.stats.lower_copies == 1
 
@@ -322,8 +324,8 @@ def test_replacing_entries_of_other_types(dest):
     )
     apply(data, dest)
     assert os.readlink(f"{dest}/x") == "elsewhere"
-    assert open(f"{dest}/y/keep").read() == "k"
-    assert open(f"{dest}/z").read() == "new"
+    assert Path(f"{dest}/y/keep").read_text() == "k"
+    assert Path(f"{dest}/z").read_text() == "new"
 
 
 # --- whiteouts ------------------------------------------------------------------
@@ -361,7 +363,7 @@ def _sample_tar() -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
         for i in range(60):
             ti = tarfile.TarInfo(f"d{i % 5}/file{i}")
-            payload = (b"%d" % i) * (i * 97)
+            payload = str(i).encode() * (i * 97)
             ti.size = len(payload)
             t.addfile(ti, io.BytesIO(payload))
     return buf.getvalue()
@@ -369,7 +371,7 @@ def _sample_tar() -> bytes:
 
 def _check_sample(dest: str) -> None:
     for i in range(60):
-        assert open(f"{dest}/d{i % 5}/file{i}", "rb").read() == (b"%d" % i) * (i * 97)
+        assert Path(f"{dest}/d{i % 5}/file{i}").read_bytes() == str(i).encode() * (i * 97)
 
 
 @pytest.mark.parametrize("media_type,compress", [
@@ -400,7 +402,7 @@ def test_compressions_and_digests(tmp_path, media_type, compress, chunk):
 def test_multi_member_gzip_and_trailing_zero_padding(dest):
     raw = _sample_tar()
     cut = [0, 1000, 20000, 20001, len(raw)]
-    blob = b"".join(gzip.compress(raw[a:b]) for a, b in zip(cut, cut[1:])) + b"\0" * 700
+    blob = b"".join(gzip.compress(raw[a:b]) for a, b in itertools.pairwise(cut)) + b"\0" * 700
     r = apply(blob, dest, TGZ)
     _check_sample(dest)
     assert r.diff_id == "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -528,8 +530,8 @@ def test_limits_are_validated():
 # --- fuzzing --------------------------------------------------------------------
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 _SEED = tar_of(
     pax({"path": "pax/long", "SCHILY.xattr.user.x": "1", "mtime": "5.5"}),

@@ -18,6 +18,7 @@ import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -29,6 +30,7 @@ from pycri.layer import LayerLimits, apply_layer
 # A fixed sandbox, so archives can name the outside dir by its absolute path.
 SANDBOX = "/tmp/pycri-layer-hostile"
 OUT = SANDBOX + "/outside"
+DEFAULT_LIMITS = LayerLimits()
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Case:
     match: str | None = None           # regex the error message must contain
     check: Callable[[str, str], None] | None = None  # (dest, outside) for safe outcomes
     media_type: str = TAR
-    limits: LayerLimits = LayerLimits()
+    limits: LayerLimits = DEFAULT_LIMITS
 
 
 def t(*members: bytes) -> Callable[[str], bytes]:
@@ -70,7 +72,7 @@ def is_file(rel: str, content: bytes) -> Callable[[str, str], None]:
         p = os.path.join(dest, rel)
         st = os.lstat(p)
         assert stat.S_ISREG(st.st_mode), p
-        assert open(p, "rb").read() == content
+        assert Path(p).read_bytes() == content
     return check
 
 
@@ -338,7 +340,7 @@ def snapshot(root: str, skip: str) -> dict[str, tuple]:
             st = os.lstat(p)
             content = None
             if stat.S_ISREG(st.st_mode):
-                content = hashlib.sha256(open(p, "rb").read()).hexdigest()
+                content = hashlib.sha256(Path(p).read_bytes()).hexdigest()
             elif stat.S_ISLNK(st.st_mode):
                 content = os.readlink(p)
             xattrs = tuple(sorted((n, os.getxattr(p, n, follow_symlinks=False))
