@@ -66,6 +66,15 @@ struct layer {
     int out_fd;
     char *pcache_path;                  /* last parent resolved, and its fd */
     int pcache_fd;
+    /* Fast path for the common file: when the owner a new file gets anyway and
+     * the mode open() gives it (umask) are already right, skip fchown/fchmod.
+     * *_newgid: the group a file created in that dir gets (setgid dirs pass
+     * theirs on), or -1 when unknown. umask -1: unknown, no fast path. */
+    long long pcache_newgid, root_newgid;
+    int umask;
+    uid_t euid;
+    gid_t egid;
+    int cur_owner_ok, cur_mode_ok;      /* for L->cur */
     struct dir_time *dirs;
     size_t ndirs, dirs_cap;
     char shown[200];                    /* printable name of the current entry */
@@ -90,6 +99,7 @@ static void drop_parent_cache(struct layer *L) {
     if (L->pcache_fd >= 0)
         close(L->pcache_fd);
     L->pcache_fd = -1;
+    L->pcache_newgid = -1;
     free(L->pcache_path);
     L->pcache_path = NULL;
 }
@@ -179,6 +189,14 @@ static int make_parents(struct layer *L, char *parent, struct pycri_error *err) 
     }
 }
 
+/* The group a file created in dir gets, or -1 if that cannot be told. */
+static long long new_file_gid(struct layer *L, int dir) {
+    struct stat st;
+    if (fstat(dir, &st) < 0)
+        return -1;
+    return (st.st_mode & S_ISGID) ? (long long)st.st_gid : (long long)L->egid;
+}
+
 /* The parent directory of path (a borrowed fd: do not close) and its last
  * component in *base. path must be cleaned and non-empty. */
 static int parent_fd(struct layer *L, char *path, const char **base, struct pycri_error *err) {
@@ -203,6 +221,7 @@ static int parent_fd(struct layer *L, char *path, const char **base, struct pycr
         L->pcache_path = strdup(path);
         if (L->pcache_path)
             L->pcache_fd = fd;
+        L->pcache_newgid = new_file_gid(L, fd);
     }
     *slash = '/';
     if (fd >= 0 && L->pcache_fd < 0) {
@@ -233,6 +252,8 @@ static int apply_xattrs(struct layer *L, struct pycri_layer *l, int fd, const st
             l->stats.xattrs_dropped++; /* device nodes, FIFOs: nothing legitimate to set */
         else if (fsetxattr(fd, name, p, vl, 0) < 0)
             return FAIL(errno, "fsetxattr %s", name);
+        else if (strcmp(name, "system.posix_acl_default") == 0)
+            L->umask = -1; /* new files below get their mode from the ACL, not the umask */
         p += vl;
     }
     return 0;
@@ -246,10 +267,10 @@ static void entry_times(const struct tar_entry *e, struct timespec ts[2]) {
 /* Owner, mode, xattrs (and times unless deferred) through an fd we opened.
  * chown first: it clears setuid bits and security.capability. */
 static int meta_fd(struct layer *L, struct pycri_layer *l, int fd, const struct tar_entry *e,
-                   int set_times, struct pycri_error *err) {
-    if (fchown(fd, e->uid, e->gid) < 0)
+                   int set_times, int owner_ok, int mode_ok, struct pycri_error *err) {
+    if (!owner_ok && fchown(fd, e->uid, e->gid) < 0)
         return FAIL(errno, "fchown %u:%u", e->uid, e->gid);
-    if (fchmod(fd, e->mode) < 0)
+    if (!mode_ok && fchmod(fd, e->mode) < 0)
         return FAIL(errno, "fchmod %04o", e->mode);
     if (apply_xattrs(L, l, fd, e, err) < 0)
         return -1;
@@ -305,8 +326,10 @@ static int make_dir(struct layer *L, struct pycri_layer *l, int dfd, const char 
     cleanup_fd int fd = openat(dfd, base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0)
         return FAIL(errno, "openat");
-    if (meta_fd(L, l, fd, e, 0, err) < 0)
+    if (meta_fd(L, l, fd, e, 0, 0, 0, err) < 0)
         return -1;
+    if (dfd != L->pcache_fd)
+        drop_parent_cache(L); /* this directory may be the cached one: its mode changed */
     l->stats.dirs++;
     return record_dir_time(L, e->path, fd, e, err);
 }
@@ -498,8 +521,9 @@ static int apply_entry(struct layer *L, struct pycri_layer *l, struct tar_entry 
     if (!e->path[0]) {
         if (e->type != '5')
             return FAIL(EINVAL, "a non-directory entry names the layer root");
-        if (meta_fd(L, l, L->root_fd, e, 0, err) < 0)
+        if (meta_fd(L, l, L->root_fd, e, 0, 0, 0, err) < 0)
             return -1;
+        L->root_newgid = new_file_gid(L, L->root_fd);
         return record_dir_time(L, "", L->root_fd, e, err);
     }
     /* ".wh." is reserved: as a directory on the way it would be ambiguous */
@@ -523,8 +547,14 @@ static int apply_entry(struct layer *L, struct pycri_layer *l, struct tar_entry 
         return make_node(L, l, dfd, base, e, err);
     case '0': {
         int fd;
+        long long newgid = dfd == L->pcache_fd ? L->pcache_newgid
+                           : dfd == L->root_fd ? L->root_newgid : -1;
+        L->cur_owner_ok = newgid >= 0 && e->uid == L->euid && (long long)e->gid == newgid;
+        L->cur_mode_ok = L->cur_owner_ok && L->umask >= 0 && !(e->mode & 07000) &&
+                         !(e->mode & (unsigned)L->umask);
+        mode_t mode = L->cur_mode_ok ? e->mode : 0600;
         CREATE_REPLACING(fd = openat(dfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
-                                     O_CLOEXEC, 0600), "openat");
+                                     O_CLOEXEC, mode), "openat");
         L->out_fd = fd;
         l->stats.files++;
         return 0;
@@ -535,7 +565,7 @@ static int apply_entry(struct layer *L, struct pycri_layer *l, struct tar_entry 
 
 /* The data of L->cur is complete: set its metadata and close it. */
 static int file_done(struct layer *L, struct pycri_layer *l, struct pycri_error *err) {
-    int rc = meta_fd(L, l, L->out_fd, &L->cur, 1, err);
+    int rc = meta_fd(L, l, L->out_fd, &L->cur, 1, L->cur_owner_ok, L->cur_mode_ok, err);
     if (close(L->out_fd) < 0 && rc == 0)
         rc = FAIL(errno, "close");
     L->out_fd = -1;
@@ -695,6 +725,21 @@ static int consume(struct layer *L, struct pycri_layer *l, const unsigned char *
     return 0;
 }
 
+/* The umask without changing it (umask(2) can only swap it, racing other
+ * threads): /proc/self/status has it since Linux 4.7. -1 if unknown. */
+static int current_umask(void) {
+    FILE *f = fopen("/proc/self/status", "re");
+    char line[256];
+    int mask = -1;
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "Umask: %o", (unsigned *)&mask) == 1)
+            break;
+    fclose(f);
+    return mask >= 0 && mask <= 0777 ? mask : -1;
+}
+
 PYCRI_EXPORT int pycri_layer_open(struct pycri_layer *l, int dirfd, const char *dest,
                                   const struct pycri_layer_limits *limits, const int *lower_fds,
                                   int nlowers, unsigned int flags, struct pycri_error *err) {
@@ -727,6 +772,13 @@ PYCRI_EXPORT int pycri_layer_open(struct pycri_layer *l, int dirfd, const char *
             return pycri_fail(err, errno, "layer: dup lower layer fd %d", lower_fds[i]);
         L->nlowers = i + 1;
     }
+    L->euid = geteuid();
+    L->egid = getegid();
+    L->umask = current_umask();
+    if (fgetxattr(L->root_fd, "system.posix_acl_default", NULL, 0) >= 0)
+        L->umask = -1;
+    L->pcache_newgid = -1;
+    L->root_newgid = new_file_gid(L, L->root_fd);
     return pycri_sha256_init(&L->sha, err);
 }
 

@@ -12,6 +12,7 @@ import io
 import itertools
 import os
 import stat
+import struct
 import tarfile
 import threading
 from pathlib import Path
@@ -224,6 +225,43 @@ def test_xattrs_kept_and_trusted_dropped(dest):
     assert lxattr(f"{dest}/d", "trusted.overlay.opaque") is None
     assert lxattr(f"{dest}/d", "user.d") == b"dir"
     assert r.stats.xattrs_dropped == 3
+
+
+def _acl(entries: list[tuple[int, int]]) -> bytes:
+    # the kernel's posix_acl_xattr format: version 2, then (tag u16, perm u16, id u32)
+    out = struct.pack("<I", 2)
+    for tag, perm in entries:
+        out += struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+    return out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+def test_file_modes_and_owners_exact_whatever_the_umask_setgid_or_acl(tmp_path, umask):
+    dest = tmp_path / "d"
+    dest.mkdir()
+    # default ACL on "acl/": user rwx, group r-x, other ---  (1 user_obj, 4 group_obj, 32 other)
+    acl = _acl([(1, 7), (4, 5), (32, 0)])
+    data = tar_of(
+        member("plain", b"p", mode=0o666),
+        member("ro", b"r", mode=0o444),
+        member("sg/", type=b"5", mode=0o2775, gid=77),
+        member("sg/inherits", b"", mode=0o664, gid=0),  # must end up gid 0, not 77
+        member("sg/same", b"", mode=0o664, gid=77),
+        pax({"SCHILY.xattr.system.posix_acl_default": acl}),
+        member("acl/", type=b"5", mode=0o755),
+        member("acl/f", b"a", mode=0o666),
+        member("u1000", b"", mode=0o600, uid=1000, gid=1000),
+    )
+    old = os.umask(umask)
+    try:
+        apply(data, str(dest))
+    finally:
+        os.umask(old)
+    want = {"plain": (0o666, 0, 0), "ro": (0o444, 0, 0), "sg/inherits": (0o664, 0, 0),
+            "sg/same": (0o664, 0, 77), "acl/f": (0o666, 0, 0), "u1000": (0o600, 1000, 1000)}
+    for rel, (mode, uid, gid) in want.items():
+        st = os.lstat(dest / rel)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), rel
 
 
 def test_devices_and_fifo(dest):
