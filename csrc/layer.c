@@ -239,8 +239,10 @@ static int xattr_allowed(const char *name) {
 
 static int apply_xattrs(struct layer *L, struct pycri_layer *l, int fd, const struct tar_entry *e,
                         struct pycri_error *err) {
+    if (!e->xattrs)
+        return 0;
     const unsigned char *p = e->xattrs, *end = e->xattrs + e->xattrs_len;
-    while (p && p < end) {
+    while (p < end) {
         const char *name = (const char *)p;
         uint32_t vl;
         p += strlen(name) + 1;
@@ -635,12 +637,14 @@ static int on_header(struct layer *L, struct pycri_layer *l, unsigned long long 
         L->state = ST_META;
         return e.size ? 0 : on_meta(L, err);
     }
+    int rc = 0;
     if (e.size > L->lim.max_bytes)
-        return pycri_fail(err, EFBIG, "layer: entry at byte %llu claims %llu bytes, over the "
-                          "limit of %llu", at, (unsigned long long)e.size, L->lim.max_bytes);
-    if (l->stats.entries >= L->lim.max_entries)
-        return pycri_fail(err, EFBIG, "layer: more than %llu entries", L->lim.max_entries);
-    int rc = apply_entry(L, l, &e, err);
+        rc = pycri_fail(err, EFBIG, "layer: entry at byte %llu claims %llu bytes, over the "
+                        "limit of %llu", at, (unsigned long long)e.size, L->lim.max_bytes);
+    else if (l->stats.entries >= L->lim.max_entries)
+        rc = pycri_fail(err, EFBIG, "layer: more than %llu entries", L->lim.max_entries);
+    else
+        rc = apply_entry(L, l, &e, err);
     if (rc < 0 || L->out_fd < 0) {
         tar_entry_clear(&e);
         if (rc < 0)
@@ -832,6 +836,8 @@ static int cmp_dir_order(const void *a, const void *b) {
 /* Directory mtimes last (creating children changes them), last-created first;
  * when a directory appears twice the later entry wins. */
 static int apply_dir_times(struct layer *L, struct pycri_error *err) {
+    if (!L->ndirs)
+        return 0;
     qsort(L->dirs, L->ndirs, sizeof(*L->dirs), cmp_dir_inode);
     for (size_t i = 0; i + 1 < L->ndirs; i++)
         if (L->dirs[i].dev == L->dirs[i + 1].dev && L->dirs[i].ino == L->dirs[i + 1].ino)
