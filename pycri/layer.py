@@ -224,17 +224,104 @@ class _IterReader:
         return out.tobytes()
 
 
+class _ZstdFrames:
+    """Walks zstd frame and block headers (RFC 8878) as the compressed bytes pass.
+
+    zstandard's stream_reader bounds each read (so a bomb cannot balloon one
+    call) but ends quietly when the input stops inside a frame; this walk tells
+    a complete stream from a cut one, at a cost of a few operations per block.
+    """
+
+    _FRAME, _SKIPPABLE = 0xFD2FB528, 0x184D2A50
+
+    def __init__(self) -> None:
+        self._state = "magic"
+        self._need = 4
+        self._buf = bytearray()
+        self._skip = 0
+        self._checksum = False
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._skip:
+                k = min(self._skip, n - i)
+                self._skip -= k
+                i += k
+                continue
+            k = min(self._need - len(self._buf), n - i)
+            self._buf += data[i : i + k]
+            i += k
+            if len(self._buf) == self._need:
+                field = int.from_bytes(self._buf, "little")
+                self._buf.clear()
+                self._step(field)
+
+    def _expect(self, state: str, need: int) -> None:
+        self._state, self._need = state, need
+
+    def _step(self, field: int) -> None:
+        st = self._state
+        if st == "magic":
+            if field == self._FRAME:
+                self._expect("descriptor", 1)
+            elif field & 0xFFFFFFF0 == self._SKIPPABLE:
+                self._expect("skip-size", 4)
+            else:
+                raise InvalidLayerError("layer: zstd stream has bytes that are not a zstd frame "
+                                        "(trailing garbage?)")
+        elif st == "skip-size":
+            self._skip = field
+            self._expect("magic", 4)
+        elif st == "descriptor":
+            if field & 0x08:
+                raise InvalidLayerError("layer: corrupt zstd frame header (reserved bit set)")
+            single = (field >> 5) & 1
+            self._checksum = bool((field >> 2) & 1)
+            rest = (0 if single else 1) + (0, 1, 2, 4)[field & 3] + (single, 2, 4, 8)[field >> 6]
+            if rest:
+                self._expect("header-rest", rest)
+            else:
+                self._expect("block", 3)
+        elif st == "header-rest":
+            self._expect("block", 3)
+        elif st == "block":
+            kind = (field >> 1) & 3
+            if kind == 3:
+                raise InvalidLayerError("layer: corrupt zstd block (reserved block type)")
+            self._skip = 1 if kind == 1 else field >> 3  # an RLE block carries one byte
+            if field & 1:  # the last block of its frame
+                if self._checksum:
+                    self._expect("checksum", 4)
+                else:
+                    self._expect("magic", 4)
+        else:  # checksum
+            self._expect("magic", 4)
+
+    @property
+    def complete(self) -> bool:
+        return self._state == "magic" and not self._buf and not self._skip
+
+
 def _unzstd(chunks: Iterator[bytes], max_window: int) -> Iterator[bytes]:
     import zstandard
 
+    frames = _ZstdFrames()
+
+    def walked() -> Iterator[bytes]:
+        for chunk in chunks:
+            frames.feed(chunk)
+            yield chunk
+
+    source = walked()
     dctx = zstandard.ZstdDecompressor(max_window_size=max_window)
-    reader = dctx.stream_reader(_IterReader(chunks),  # type: ignore[arg-type]
+    reader = dctx.stream_reader(_IterReader(source),  # type: ignore[arg-type]
                                 read_size=_CHUNK, read_across_frames=True)
     try:
         while True:
             out = reader.read(_CHUNK)
             if not out:
-                return
+                break
             yield out
     except zstandard.ZstdError as e:
         text = str(e)
@@ -242,6 +329,10 @@ def _unzstd(chunks: Iterator[bytes], max_window: int) -> Iterator[bytes]:
             raise ResourceExhaustedError(f"layer: zstd frame needs a window over {max_window} "
                                          f"bytes: {text}") from e
         raise InvalidLayerError(f"layer: corrupt zstd data: {text}") from e
+    for _ in source:  # input the reader left unread must still be well-formed
+        pass
+    if not frames.complete:
+        raise InvalidLayerError("layer: truncated zstd stream (it ends inside a frame)")
 
 
 def _pieces(chunks: Iterator[bytes]) -> Iterator[bytes | memoryview]:

@@ -453,6 +453,24 @@ def test_multi_frame_zstd(dest):
     _check_sample(dest)
 
 
+def test_zstd_checksums_skippable_frames_and_truncation(tmp_path):
+    raw = _sample_tar()
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"hello"
+    blob = (zstandard.ZstdCompressor(write_checksum=True).compress(raw[:9000]) + skippable
+            + zstandard.compress(raw[9000:]))
+    (tmp_path / "ok").mkdir()
+    apply(blob, str(tmp_path / "ok"), TZST)
+    _check_sample(str(tmp_path / "ok"))
+    for cut in (len(blob) - 1, len(blob) - 4, len(blob) // 2, 9):
+        d = tmp_path / f"cut{cut}"
+        d.mkdir()
+        with pytest.raises(InvalidLayerError, match="truncated"):
+            apply(blob[:cut], str(d), TZST)
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(InvalidLayerError, match="not a zstd frame"):
+        apply(blob + b"junk", str(tmp_path / "junk"), TZST)
+
+
 def test_apply_layer_file(tmp_path, dest):
     raw = _sample_tar()
     blob_path = tmp_path / "blob"

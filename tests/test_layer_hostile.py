@@ -309,6 +309,8 @@ CASES = [
     Case("no-end-marker", lambda out: m("f", b"x"), InvalidLayerError, "end-of-archive"),
     Case("truncated-gzip", lambda out: gzip.compress(tar_of(m("f", os.urandom(9000))))[:-100],
          InvalidLayerError, "truncated", media_type=TGZ),
+    Case("truncated-zstd", lambda out: zstandard.compress(tar_of(m("f", os.urandom(9000))))[:-100],
+         InvalidLayerError, "truncated", media_type=TZST),
     Case("gzip-trailing-garbage", lambda out: gzip.compress(tar_of(m("f", b"x"))) + b"garbage",
          InvalidLayerError, "trailing garbage", media_type=TGZ),
     Case("garbage-tar", lambda out: bytes(range(256)) * 8, InvalidLayerError, "checksum"),
