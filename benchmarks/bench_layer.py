@@ -62,7 +62,7 @@ def generate(path: str, scale: float, seed: int = 1) -> tuple[int, int]:
     pool = _pool(rng, 8 << 20)
     n_small = int(57000 * scale)
     n_dirs = max(int(3000 * scale), 1)
-    n_large = max(int(90 * scale), 1)
+    n_large = max(int(70 * scale), 1)
     entries = 0
     dirs: list[str] = []
     for i in range(n_dirs):
@@ -191,6 +191,9 @@ def main() -> None:
         ok = "ok" if p / t <= TARGET[fmt] else "MISS"
         print(f"{fmt:7} {p:9.2f} {t:9.2f} {p / t:10.2f} {'<=' + str(TARGET[fmt]):>7} {ok:4} "
               f"{' '.join(TAR_CMD[fmt])} BLOB -C DIR")
+    print("runs (s): " + "; ".join(
+        f"{fmt} pycri {'/'.join(f'{x:.2f}' for x in tm['pycri'])} tar "
+        f"{'/'.join(f'{x:.2f}' for x in tm['tar'])}" for fmt, tm in results.items()))
     print(f"\nreproduce: python benchmarks/bench_layer.py -n {args.runs} --scale {args.scale:g}")
 
 

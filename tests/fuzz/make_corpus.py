@@ -11,8 +11,8 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
 
-import test_layer  # noqa: E402
-import test_layer_hostile as hostile  # noqa: E402
+import test_layer
+import test_layer_hostile as hostile
 
 # the harness's sentinel dir: seeds that aim symlinks at it by absolute path
 FUZZ_OUT = "/tmp/pycri-fuzz/outside"
