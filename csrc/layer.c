@@ -157,7 +157,8 @@ static int make_parents(struct layer *L, char *parent, struct pycri_error *err) 
             *slash = '\0';
         int fd = open_in_root(L->root_fd, parent, O_RDONLY | O_DIRECTORY);
         if (fd < 0 && errno == ENOENT) {
-            if (mkdirat(prev, comp, 0755) < 0 && errno != EEXIST) {
+            int made = mkdirat(prev, comp, 0755) == 0;
+            if (!made && errno != EEXIST) {
                 int e = errno;
                 if (prev != L->root_fd)
                     close(prev);
@@ -165,7 +166,8 @@ static int make_parents(struct layer *L, char *parent, struct pycri_error *err) 
             }
             fd = open_in_root(L->root_fd, parent, O_RDONLY | O_DIRECTORY);
             if (fd >= 0) {
-                fchmod(fd, 0755); /* not subject to the umask */
+                if (made)
+                    fchmod(fd, 0755); /* not subject to the umask */
             } else if (errno == ENOENT || errno == ENOTDIR) {
                 if (prev != L->root_fd)
                     close(prev);
