@@ -15,6 +15,7 @@ import os
 import pathlib
 import shutil
 import stat
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ from test_layer import END, TAR, TGZ, TZST, gnu_long, header, lxattr, member, pa
 from pycri.errors import InvalidLayerError, PycriError, ResourceExhaustedError
 from pycri.layer import LayerLimits, apply_layer
 
-# A fixed sandbox, so archives can name the outside dir by its absolute path.
-SANDBOX = "/tmp/pycri-layer-hostile"
+# One sandbox per test process, made at import, so archives can name the outside
+# dir by its absolute path (a random name: nothing else on the machine can guess
+# it and clean it up mid-test).
+SANDBOX = tempfile.mkdtemp(prefix="layer-hostile-sandbox-")
 OUT = SANDBOX + "/outside"
 DEFAULT_LIMITS = LayerLimits()
 
@@ -353,9 +356,16 @@ def snapshot(root: str, skip: str) -> dict[str, tuple]:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _remove_sandbox_at_the_end():
+    yield
+    shutil.rmtree(SANDBOX, ignore_errors=True)
+
+
 @pytest.fixture
 def sandbox():
     shutil.rmtree(SANDBOX, ignore_errors=True)
+    os.mkdir(SANDBOX, 0o700)
     sb = pathlib.Path(SANDBOX)
     out = sb / "outside"
     (out / "sub").mkdir(parents=True)
@@ -364,8 +374,7 @@ def sandbox():
     (out / "sub" / "deep").write_text("deep")
     os.symlink("sentinel", out / "alias")
     (sb / "dest").mkdir()
-    yield sb
-    shutil.rmtree(SANDBOX, ignore_errors=True)
+    return sb
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,6 +43,7 @@ def main(out_dir: str) -> None:
             test_layer.member("s", type=b"2", linkname=FUZZ_OUT + "/sentinel", mode=0o777),
         ))
     print(f"wrote {n + 2} seeds to {out_dir}")
+    shutil.rmtree(hostile.SANDBOX, ignore_errors=True)  # made by importing the module
 
 
 if __name__ == "__main__":
