@@ -13,6 +13,17 @@ Decompression runs in the calling thread while C writes files in the feeder
 thread; both release the GIL, so the two overlap the way ``tar -xzf`` overlaps
 gzip and tar.
 
+What lands in ``dest``: every entry type of ustar/GNU/PAX archives (files,
+dirs, symlinks, hardlinks, char/block devices, FIFOs) with owner, mode
+(setuid/setgid/sticky kept) and mtime (nanoseconds); OCI whiteouts ``.wh.NAME``
+become overlay whiteouts (a 0/0 char device NAME) and ``.wh..wh..opq`` becomes
+``trusted.overlay.opaque=y`` on its directory. xattrs: ``user.*``,
+``security.capability`` and POSIX ACLs are kept; ``trusted.*`` (it steers
+overlayfs on the host: redirect, metacopy, opaque) and other ``security.*``
+labels are dropped and counted in ``LayerResult.stats.xattrs_dropped``. Names
+with ``..`` components are refused; absolute names and symlinks resolve inside
+``dest`` (openat2 RESOLVE_IN_ROOT), never outside it.
+
 Errors: an unknown media type is :class:`UnsupportedError`; a blob that does not
 match its media type, a malformed, truncated or hostile archive is
 :class:`InvalidLayerError` (the C message is kept: it names the entry and the
