@@ -51,6 +51,8 @@ struct layer {
     int nlowers;
     struct pycri_layer_limits lim;
     struct pycri_sha256 sha;
+    unsigned int flags;
+    unsigned long long hashed;          /* bytes given to pycri_layer_hash */
     int state, failed, finished, zeros;
     unsigned long long offset;          /* stream bytes consumed by the parser */
     unsigned char hdr[TAR_BLOCK];
@@ -64,6 +66,15 @@ struct layer {
     int out_fd;
     char *pcache_path;                  /* last parent resolved, and its fd */
     int pcache_fd;
+    /* Fast path for the common file: when the owner a new file gets anyway and
+     * the mode open() gives it (umask) are already right, skip fchown/fchmod.
+     * *_newgid: the group a file created in that dir gets (setgid dirs pass
+     * theirs on), or -1 when unknown. umask -1: unknown, no fast path. */
+    long long pcache_newgid, root_newgid;
+    int umask;
+    uid_t euid;
+    gid_t egid;
+    int cur_owner_ok, cur_mode_ok;      /* for L->cur */
     struct dir_time *dirs;
     size_t ndirs, dirs_cap;
     char shown[200];                    /* printable name of the current entry */
@@ -88,6 +99,7 @@ static void drop_parent_cache(struct layer *L) {
     if (L->pcache_fd >= 0)
         close(L->pcache_fd);
     L->pcache_fd = -1;
+    L->pcache_newgid = -1;
     free(L->pcache_path);
     L->pcache_path = NULL;
 }
@@ -145,7 +157,8 @@ static int make_parents(struct layer *L, char *parent, struct pycri_error *err) 
             *slash = '\0';
         int fd = open_in_root(L->root_fd, parent, O_RDONLY | O_DIRECTORY);
         if (fd < 0 && errno == ENOENT) {
-            if (mkdirat(prev, comp, 0755) < 0 && errno != EEXIST) {
+            int made = mkdirat(prev, comp, 0755) == 0;
+            if (!made && errno != EEXIST) {
                 int e = errno;
                 if (prev != L->root_fd)
                     close(prev);
@@ -153,7 +166,8 @@ static int make_parents(struct layer *L, char *parent, struct pycri_error *err) 
             }
             fd = open_in_root(L->root_fd, parent, O_RDONLY | O_DIRECTORY);
             if (fd >= 0) {
-                fchmod(fd, 0755); /* not subject to the umask */
+                if (made)
+                    fchmod(fd, 0755); /* not subject to the umask */
             } else if (errno == ENOENT || errno == ENOTDIR) {
                 if (prev != L->root_fd)
                     close(prev);
@@ -175,6 +189,14 @@ static int make_parents(struct layer *L, char *parent, struct pycri_error *err) 
         *slash = '/';
         comp = slash + 1;
     }
+}
+
+/* The group a file created in dir gets, or -1 if that cannot be told. */
+static long long new_file_gid(struct layer *L, int dir) {
+    struct stat st;
+    if (fstat(dir, &st) < 0)
+        return -1;
+    return (st.st_mode & S_ISGID) ? (long long)st.st_gid : (long long)L->egid;
 }
 
 /* The parent directory of path (a borrowed fd: do not close) and its last
@@ -201,6 +223,7 @@ static int parent_fd(struct layer *L, char *path, const char **base, struct pycr
         L->pcache_path = strdup(path);
         if (L->pcache_path)
             L->pcache_fd = fd;
+        L->pcache_newgid = new_file_gid(L, fd);
     }
     *slash = '/';
     if (fd >= 0 && L->pcache_fd < 0) {
@@ -218,8 +241,10 @@ static int xattr_allowed(const char *name) {
 
 static int apply_xattrs(struct layer *L, struct pycri_layer *l, int fd, const struct tar_entry *e,
                         struct pycri_error *err) {
+    if (!e->xattrs)
+        return 0;
     const unsigned char *p = e->xattrs, *end = e->xattrs + e->xattrs_len;
-    while (p && p < end) {
+    while (p < end) {
         const char *name = (const char *)p;
         uint32_t vl;
         p += strlen(name) + 1;
@@ -231,6 +256,8 @@ static int apply_xattrs(struct layer *L, struct pycri_layer *l, int fd, const st
             l->stats.xattrs_dropped++; /* device nodes, FIFOs: nothing legitimate to set */
         else if (fsetxattr(fd, name, p, vl, 0) < 0)
             return FAIL(errno, "fsetxattr %s", name);
+        else if (strcmp(name, "system.posix_acl_default") == 0)
+            L->umask = -1; /* new files below get their mode from the ACL, not the umask */
         p += vl;
     }
     return 0;
@@ -244,10 +271,10 @@ static void entry_times(const struct tar_entry *e, struct timespec ts[2]) {
 /* Owner, mode, xattrs (and times unless deferred) through an fd we opened.
  * chown first: it clears setuid bits and security.capability. */
 static int meta_fd(struct layer *L, struct pycri_layer *l, int fd, const struct tar_entry *e,
-                   int set_times, struct pycri_error *err) {
-    if (fchown(fd, e->uid, e->gid) < 0)
+                   int set_times, int owner_ok, int mode_ok, struct pycri_error *err) {
+    if (!owner_ok && fchown(fd, e->uid, e->gid) < 0)
         return FAIL(errno, "fchown %u:%u", e->uid, e->gid);
-    if (fchmod(fd, e->mode) < 0)
+    if (!mode_ok && fchmod(fd, e->mode) < 0)
         return FAIL(errno, "fchmod %04o", e->mode);
     if (apply_xattrs(L, l, fd, e, err) < 0)
         return -1;
@@ -303,8 +330,10 @@ static int make_dir(struct layer *L, struct pycri_layer *l, int dfd, const char 
     cleanup_fd int fd = openat(dfd, base, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0)
         return FAIL(errno, "openat");
-    if (meta_fd(L, l, fd, e, 0, err) < 0)
+    if (meta_fd(L, l, fd, e, 0, 0, 0, err) < 0)
         return -1;
+    if (dfd != L->pcache_fd)
+        drop_parent_cache(L); /* this directory may be the cached one: its mode changed */
     l->stats.dirs++;
     return record_dir_time(L, e->path, fd, e, err);
 }
@@ -496,8 +525,9 @@ static int apply_entry(struct layer *L, struct pycri_layer *l, struct tar_entry 
     if (!e->path[0]) {
         if (e->type != '5')
             return FAIL(EINVAL, "a non-directory entry names the layer root");
-        if (meta_fd(L, l, L->root_fd, e, 0, err) < 0)
+        if (meta_fd(L, l, L->root_fd, e, 0, 0, 0, err) < 0)
             return -1;
+        L->root_newgid = new_file_gid(L, L->root_fd);
         return record_dir_time(L, "", L->root_fd, e, err);
     }
     /* ".wh." is reserved: as a directory on the way it would be ambiguous */
@@ -521,8 +551,14 @@ static int apply_entry(struct layer *L, struct pycri_layer *l, struct tar_entry 
         return make_node(L, l, dfd, base, e, err);
     case '0': {
         int fd;
+        long long newgid = dfd == L->pcache_fd ? L->pcache_newgid
+                           : dfd == L->root_fd ? L->root_newgid : -1;
+        L->cur_owner_ok = newgid >= 0 && e->uid == L->euid && (long long)e->gid == newgid;
+        L->cur_mode_ok = L->cur_owner_ok && L->umask >= 0 && !(e->mode & 07000) &&
+                         !(e->mode & (unsigned)L->umask);
+        mode_t mode = L->cur_mode_ok ? e->mode : 0600;
         CREATE_REPLACING(fd = openat(dfd, base, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW |
-                                     O_CLOEXEC, 0600), "openat");
+                                     O_CLOEXEC, mode), "openat");
         L->out_fd = fd;
         l->stats.files++;
         return 0;
@@ -533,7 +569,7 @@ static int apply_entry(struct layer *L, struct pycri_layer *l, struct tar_entry 
 
 /* The data of L->cur is complete: set its metadata and close it. */
 static int file_done(struct layer *L, struct pycri_layer *l, struct pycri_error *err) {
-    int rc = meta_fd(L, l, L->out_fd, &L->cur, 1, err);
+    int rc = meta_fd(L, l, L->out_fd, &L->cur, 1, L->cur_owner_ok, L->cur_mode_ok, err);
     if (close(L->out_fd) < 0 && rc == 0)
         rc = FAIL(errno, "close");
     L->out_fd = -1;
@@ -603,12 +639,14 @@ static int on_header(struct layer *L, struct pycri_layer *l, unsigned long long 
         L->state = ST_META;
         return e.size ? 0 : on_meta(L, err);
     }
+    int rc = 0;
     if (e.size > L->lim.max_bytes)
-        return pycri_fail(err, EFBIG, "layer: entry at byte %llu claims %llu bytes, over the "
-                          "limit of %llu", at, (unsigned long long)e.size, L->lim.max_bytes);
-    if (l->stats.entries >= L->lim.max_entries)
-        return pycri_fail(err, EFBIG, "layer: more than %llu entries", L->lim.max_entries);
-    int rc = apply_entry(L, l, &e, err);
+        rc = pycri_fail(err, EFBIG, "layer: entry at byte %llu claims %llu bytes, over the "
+                        "limit of %llu", at, (unsigned long long)e.size, L->lim.max_bytes);
+    else if (l->stats.entries >= L->lim.max_entries)
+        rc = pycri_fail(err, EFBIG, "layer: more than %llu entries", L->lim.max_entries);
+    else
+        rc = apply_entry(L, l, &e, err);
     if (rc < 0 || L->out_fd < 0) {
         tar_entry_clear(&e);
         if (rc < 0)
@@ -693,9 +731,24 @@ static int consume(struct layer *L, struct pycri_layer *l, const unsigned char *
     return 0;
 }
 
+/* The umask without changing it (umask(2) can only swap it, racing other
+ * threads): /proc/self/status has it since Linux 4.7. -1 if unknown. */
+static int current_umask(void) {
+    FILE *f = fopen("/proc/self/status", "re");
+    char line[256];
+    int mask = -1;
+    if (!f)
+        return -1;
+    while (fgets(line, sizeof(line), f))
+        if (sscanf(line, "Umask: %o", (unsigned *)&mask) == 1)
+            break;
+    fclose(f);
+    return mask >= 0 && mask <= 0777 ? mask : -1;
+}
+
 PYCRI_EXPORT int pycri_layer_open(struct pycri_layer *l, int dirfd, const char *dest,
                                   const struct pycri_layer_limits *limits, const int *lower_fds,
-                                  int nlowers, struct pycri_error *err) {
+                                  int nlowers, unsigned int flags, struct pycri_error *err) {
     memset(l, 0, sizeof(*l));
     if (nlowers < 0 || nlowers > PYCRI_LAYER_MAX_LOWERS)
         return pycri_fail(err, EINVAL, "layer: %d lower layers (at most %d)", nlowers,
@@ -705,6 +758,7 @@ PYCRI_EXPORT int pycri_layer_open(struct pycri_layer *l, int dirfd, const char *
         return pycri_fail(err, ENOMEM, "layer: allocating state");
     L->out_fd = L->pcache_fd = L->root_fd = -1;
     l->impl = L; /* from here on, close() frees whatever open got to */
+    L->flags = flags;
     if (limits)
         L->lim = *limits;
     if (!L->lim.max_entries)
@@ -724,6 +778,13 @@ PYCRI_EXPORT int pycri_layer_open(struct pycri_layer *l, int dirfd, const char *
             return pycri_fail(err, errno, "layer: dup lower layer fd %d", lower_fds[i]);
         L->nlowers = i + 1;
     }
+    L->euid = geteuid();
+    L->egid = getegid();
+    L->umask = current_umask();
+    if (fgetxattr(L->root_fd, "system.posix_acl_default", NULL, 0) >= 0)
+        L->umask = -1;
+    L->pcache_newgid = -1;
+    L->root_newgid = new_file_gid(L, L->root_fd);
     return pycri_sha256_init(&L->sha, err);
 }
 
@@ -739,12 +800,25 @@ PYCRI_EXPORT int pycri_layer_feed(struct pycri_layer *l, const unsigned char *bu
         return pycri_fail(err, EFBIG, "layer: uncompressed size exceeds the limit of %llu bytes",
                           L->lim.max_bytes);
     }
-    if (pycri_sha256_update(&L->sha, buf, len, err) < 0 || consume(L, l, buf, len, err) < 0) {
+    if ((!(L->flags & PYCRI_LAYER_HASH_SEPARATELY) &&
+         pycri_sha256_update(&L->sha, buf, len, err) < 0) ||
+        consume(L, l, buf, len, err) < 0) {
         L->failed = 1;
         return -1;
     }
     l->stats.bytes += len;
     return 0;
+}
+
+PYCRI_EXPORT int pycri_layer_hash(struct pycri_layer *l, const unsigned char *buf, size_t len,
+                                  struct pycri_error *err) {
+    struct layer *L = l->impl;
+    if (!L)
+        return pycri_fail(err, EBADF, "layer: hash on a closed layer");
+    if (!(L->flags & PYCRI_LAYER_HASH_SEPARATELY))
+        return pycri_fail(err, EINVAL, "layer: hash without PYCRI_LAYER_HASH_SEPARATELY");
+    L->hashed += len;
+    return pycri_sha256_update(&L->sha, buf, len, err);
 }
 
 static int cmp_dir_inode(const void *a, const void *b) {
@@ -764,6 +838,8 @@ static int cmp_dir_order(const void *a, const void *b) {
 /* Directory mtimes last (creating children changes them), last-created first;
  * when a directory appears twice the later entry wins. */
 static int apply_dir_times(struct layer *L, struct pycri_error *err) {
+    if (!L->ndirs)
+        return 0;
     qsort(L->dirs, L->ndirs, sizeof(*L->dirs), cmp_dir_inode);
     for (size_t i = 0; i + 1 < L->ndirs; i++)
         if (L->dirs[i].dev == L->dirs[i + 1].dev && L->dirs[i].ino == L->dirs[i + 1].ino)
@@ -809,6 +885,9 @@ PYCRI_EXPORT int pycri_layer_finish(struct pycri_layer *l, char *diff_id_hex,
                           L->offset, L->state == ST_HEADER && L->hdr_len == 0
                                          ? "without an end-of-archive block"
                                          : "inside an entry");
+    if ((L->flags & PYCRI_LAYER_HASH_SEPARATELY) && L->hashed != l->stats.bytes)
+        return pycri_fail(err, EINVAL, "layer: %llu bytes hashed but %llu fed: the diff_id "
+                          "would not match the stream", L->hashed, l->stats.bytes);
     if (apply_dir_times(L, err) < 0)
         return -1;
     if (pycri_sha256_final(&L->sha, diff_id_hex, err) < 0)

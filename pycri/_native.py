@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn, Self
 
 from pycri import _core
 
@@ -103,12 +103,17 @@ class LayerWriter:
     input. ``lowers`` are the directories of the layers below (top first), used
     only for hardlinks to files this layer does not contain. Zero limits mean
     the C defaults. ``feed`` releases the GIL while C parses and writes.
+
+    With ``hash_separately=True``, ``feed`` does not hash: pass the same bytes to
+    ``hash`` (it may run in another thread while ``feed`` works, so hashing and
+    writing overlap); ``finish`` checks that both saw the same byte count.
     """
 
-    __slots__ = ("_l", "_err", "_dest")
+    __slots__ = ("_dest", "_err", "_l")
 
     def __init__(self, dest: str, *, lowers: Sequence[str] = (), max_entries: int = 0,
-                 max_bytes: int = 0, max_meta_size: int = 0, max_path_len: int = 0) -> None:
+                 max_bytes: int = 0, max_meta_size: int = 0, max_path_len: int = 0,
+                 hash_separately: bool = False) -> None:
         self._dest = dest
         self._err = _new_err()
         self._l = ffi.new("struct pycri_layer *")
@@ -122,8 +127,9 @@ class LayerWriter:
             for d in lowers:
                 fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
             arr = ffi.new("int[]", fds) if fds else ffi.NULL
+            flags = lib.PYCRI_LAYER_HASH_SEPARATELY if hash_separately else 0
             rc = lib.pycri_layer_open(self._l, -100, os.fsencode(dest), lim, arr, len(fds),
-                                      self._err)
+                                      flags, self._err)
             if rc < 0:
                 lib.pycri_layer_close(self._l)
                 _raise(self._err, dest)
@@ -134,6 +140,12 @@ class LayerWriter:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         buf = ffi.from_buffer(data)
         _check(lib.pycri_layer_feed(self._l, buf, len(buf), self._err), self._err, self._dest)
+
+    def hash(self, data: bytes | bytearray | memoryview) -> None:
+        # its own error struct: it may run while feed (using self._err) is busy
+        err = _new_err()
+        buf = ffi.from_buffer(data)
+        _check(lib.pycri_layer_hash(self._l, buf, len(buf), err), err, self._dest)
 
     def finish(self) -> str:
         out = ffi.new("char[65]")
@@ -148,7 +160,7 @@ class LayerWriter:
     def close(self) -> None:
         lib.pycri_layer_close(self._l)
 
-    def __enter__(self) -> LayerWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -5,13 +5,24 @@ One pass over the compressed bytes does four things at once:
 
 * hashes them (the blob digest, checked against ``expected_digest``),
 * decompresses them (gzip with ``isal``, zstd with ``zstandard``, or plain tar),
-* hands the tar bytes to a feeder thread that calls C, which applies the
-  entries and hashes the tar stream (the diff_id),
+* hashes the tar bytes (the diff_id, computed by C's ``LayerWriter.hash``) and
+  hands them to a feeder thread whose ``LayerWriter.feed`` applies the entries,
 * enforces the size, ratio and entry limits of :class:`LayerLimits`.
 
 Decompression runs in the calling thread while C writes files in the feeder
 thread; both release the GIL, so the two overlap the way ``tar -xzf`` overlaps
 gzip and tar.
+
+What lands in ``dest``: every entry type of ustar/GNU/PAX archives (files,
+dirs, symlinks, hardlinks, char/block devices, FIFOs) with owner, mode
+(setuid/setgid/sticky kept) and mtime (nanoseconds); OCI whiteouts ``.wh.NAME``
+become overlay whiteouts (a 0/0 char device NAME) and ``.wh..wh..opq`` becomes
+``trusted.overlay.opaque=y`` on its directory. xattrs: ``user.*``,
+``security.capability`` and POSIX ACLs are kept; ``trusted.*`` (it steers
+overlayfs on the host: redirect, metacopy, opaque) and other ``security.*``
+labels are dropped and counted in ``LayerResult.stats.xattrs_dropped``. Names
+with ``..`` components are refused; absolute names and symlinks resolve inside
+``dest`` (openat2 RESOLVE_IN_ROOT), never outside it.
 
 Errors: an unknown media type is :class:`UnsupportedError`; a blob that does not
 match its media type, a malformed, truncated or hostile archive is
@@ -43,7 +54,7 @@ from pycri.errors import (
 )
 from pycri.store import validate_digest
 
-__all__ = ["LayerLimits", "LayerResult", "apply_layer", "apply_layer_file", "MEDIA_TYPES"]
+__all__ = ["MEDIA_TYPES", "LayerLimits", "LayerResult", "apply_layer", "apply_layer_file"]
 
 _TAR, _GZIP, _ZSTD = "tar", "gzip", "zstd"
 
@@ -126,10 +137,12 @@ def _sniff(head: bytes) -> str:
 class _Source:
     """The compressed chunks: counted, hashed and reported as they are pulled."""
 
-    def __init__(self, chunks: Iterable[bytes], progress: Callable[[int], None] | None) -> None:
+    def __init__(self, chunks: Iterable[bytes], progress: Callable[[int], None] | None,
+                 hashed: bool = True) -> None:
         self._it = iter(chunks)
         self._progress = progress
-        self.hasher = _native.Sha256()
+        # a plain tar blob is its own tar stream: C's diff_id is then the digest
+        self.hasher = _native.Sha256() if hashed else None
         self.size = 0
 
     def __iter__(self) -> Iterator[bytes]:
@@ -140,7 +153,8 @@ class _Source:
             chunk = next(self._it)
             if chunk:
                 break
-        self.hasher.update(chunk)
+        if self.hasher is not None:
+            self.hasher.update(chunk)
         self.size += len(chunk)
         if self._progress is not None:
             self._progress(self.size)
@@ -187,7 +201,7 @@ def _gunzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
             started = True
             try:
                 out = d.decompress(data, _CHUNK)
-            except isal_zlib.error as e:
+            except isal_zlib.error as e:  # type: ignore[misc]
                 raise InvalidLayerError(f"layer: corrupt gzip data: {e}") from e
             if out:
                 yield out
@@ -221,16 +235,104 @@ class _IterReader:
         return out.tobytes()
 
 
+class _ZstdFrames:
+    """Walks zstd frame and block headers (RFC 8878) as the compressed bytes pass.
+
+    zstandard's stream_reader bounds each read (so a bomb cannot balloon one
+    call) but ends quietly when the input stops inside a frame; this walk tells
+    a complete stream from a cut one, at a cost of a few operations per block.
+    """
+
+    _FRAME, _SKIPPABLE = 0xFD2FB528, 0x184D2A50
+
+    def __init__(self) -> None:
+        self._state = "magic"
+        self._need = 4
+        self._buf = bytearray()
+        self._skip = 0
+        self._checksum = False
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self._skip:
+                k = min(self._skip, n - i)
+                self._skip -= k
+                i += k
+                continue
+            k = min(self._need - len(self._buf), n - i)
+            self._buf += data[i : i + k]
+            i += k
+            if len(self._buf) == self._need:
+                field = int.from_bytes(self._buf, "little")
+                self._buf.clear()
+                self._step(field)
+
+    def _expect(self, state: str, need: int) -> None:
+        self._state, self._need = state, need
+
+    def _step(self, field: int) -> None:
+        st = self._state
+        if st == "magic":
+            if field == self._FRAME:
+                self._expect("descriptor", 1)
+            elif field & 0xFFFFFFF0 == self._SKIPPABLE:
+                self._expect("skip-size", 4)
+            else:
+                raise InvalidLayerError("layer: zstd stream has bytes that are not a zstd frame "
+                                        "(trailing garbage?)")
+        elif st == "skip-size":
+            self._skip = field
+            self._expect("magic", 4)
+        elif st == "descriptor":
+            if field & 0x08:
+                raise InvalidLayerError("layer: corrupt zstd frame header (reserved bit set)")
+            single = (field >> 5) & 1
+            self._checksum = bool((field >> 2) & 1)
+            rest = (0 if single else 1) + (0, 1, 2, 4)[field & 3] + (single, 2, 4, 8)[field >> 6]
+            if rest:
+                self._expect("header-rest", rest)
+            else:
+                self._expect("block", 3)
+        elif st == "header-rest":
+            self._expect("block", 3)
+        elif st == "block":
+            kind = (field >> 1) & 3
+            if kind == 3:
+                raise InvalidLayerError("layer: corrupt zstd block (reserved block type)")
+            self._skip = 1 if kind == 1 else field >> 3  # an RLE block carries one byte
+            if field & 1:  # the last block of its frame
+                if self._checksum:
+                    self._expect("checksum", 4)
+                else:
+                    self._expect("magic", 4)
+        else:  # checksum
+            self._expect("magic", 4)
+
+    @property
+    def complete(self) -> bool:
+        return self._state == "magic" and not self._buf and not self._skip
+
+
 def _unzstd(chunks: Iterator[bytes], max_window: int) -> Iterator[bytes]:
     import zstandard
 
+    frames = _ZstdFrames()
+
+    def walked() -> Iterator[bytes]:
+        for chunk in chunks:
+            frames.feed(chunk)
+            yield chunk
+
+    source = walked()
     dctx = zstandard.ZstdDecompressor(max_window_size=max_window)
-    reader = dctx.stream_reader(_IterReader(chunks), read_size=_CHUNK, read_across_frames=True)
+    reader = dctx.stream_reader(_IterReader(source),  # type: ignore[arg-type]
+                                read_size=_CHUNK, read_across_frames=True)
     try:
         while True:
             out = reader.read(_CHUNK)
             if not out:
-                return
+                break
             yield out
     except zstandard.ZstdError as e:
         text = str(e)
@@ -238,6 +340,10 @@ def _unzstd(chunks: Iterator[bytes], max_window: int) -> Iterator[bytes]:
             raise ResourceExhaustedError(f"layer: zstd frame needs a window over {max_window} "
                                          f"bytes: {text}") from e
         raise InvalidLayerError(f"layer: corrupt zstd data: {text}") from e
+    for _ in source:  # input the reader left unread must still be well-formed
+        pass
+    if not frames.complete:
+        raise InvalidLayerError("layer: truncated zstd stream (it ends inside a frame)")
 
 
 def _pieces(chunks: Iterator[bytes]) -> Iterator[bytes | memoryview]:
@@ -269,7 +375,7 @@ class _Feeder:
             if self.error is None:
                 try:
                     self._writer.feed(piece)
-                except BaseException as e:  # handed to the producer thread
+                except BaseException as e:  # noqa: BLE001 - re-raised in the producer
                     self.error = e
 
     def put(self, piece: bytes | memoryview) -> None:
@@ -311,11 +417,11 @@ def apply_layer(
     kind = _compression(media_type)
     want_digest = validate_digest(expected_digest) if expected_digest is not None else None
     want_diff = validate_digest(expected_diff_id) if expected_diff_id is not None else None
-    source = _Source(chunks, progress)
+    source = _Source(chunks, progress, hashed=kind != _TAR)
     try:
         size, entries, diff_hex, stats = _extract(source, kind, media_type, dest, lowers, limits)
     except InvalidLayerError as e:
-        if want_digest is not None:
+        if want_digest is not None and source.hasher is not None:
             source.drain()
             got = source.hasher.hexdigest()
             if got != want_digest:
@@ -326,7 +432,7 @@ def apply_layer(
         raise
     # the tar ended: still hash whatever the blob carries after it
     source.drain()
-    digest_hex = source.hasher.hexdigest()
+    digest_hex = source.hasher.hexdigest() if source.hasher is not None else diff_hex
     if want_digest is not None and digest_hex != want_digest:
         raise DigestMismatchError(
             f"layer blob digest mismatch: expected sha256:{want_digest}, got sha256:{digest_hex}",
@@ -357,7 +463,8 @@ def _extract(source: _Source, kind: str, media_type: str, dest: str, lowers: Seq
         writer = _native.LayerWriter(dest, lowers=lowers, max_entries=limits.max_entries,
                                      max_bytes=limits.max_size,
                                      max_meta_size=limits.max_meta_size,
-                                     max_path_len=limits.max_path_len)
+                                     max_path_len=limits.max_path_len,
+                                     hash_separately=True)
     except OSError as e:
         if e.errno in _HOST_ERRNOS or e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
             raise
@@ -375,6 +482,7 @@ def _extract(source: _Source, kind: str, media_type: str, dest: str, lowers: Seq
                     raise ResourceExhaustedError(
                         f"layer: decompresses more than {limits.max_ratio}x ({size} bytes out of "
                         f"{source.size}): refusing a likely decompression bomb")
+                writer.hash(piece)  # here, so it overlaps with C writing files
                 feeder.put(piece)
         finally:
             feeder.join()

@@ -9,10 +9,13 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import itertools
 import os
 import stat
+import struct
 import tarfile
 import threading
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -132,7 +135,7 @@ def test_ustar_files_dirs_modes_owners_times(dest):
     st = os.stat(f"{dest}/etc/conf")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (1234, 5678, 0o640)
     assert st.st_mtime == 2000
-    assert open(f"{dest}/etc/conf", "rb").read() == b"hello\n"
+    assert Path(f"{dest}/etc/conf").read_bytes() == b"hello\n"
     st = os.stat(f"{dest}/etc")
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime) == (10, 20, 0o750, 1000)
     assert stat.S_IMODE(os.stat(f"{dest}/bin/tool").st_mode) == 0o4755
@@ -147,12 +150,12 @@ def test_ustar_prefix_field(dest):
     long_dir = "d" * 120
     data = tar_of(member("file.txt", b"x", prefix=long_dir.encode()))
     apply(data, dest)
-    assert open(f"{dest}/{long_dir}/file.txt").read() == "x"
+    assert Path(f"{dest}/{long_dir}/file.txt").read_text() == "x"
 
 
 def test_gnu_long_names_and_links_and_base256(dest):
-    name = "/".join(["segment%03d" % i for i in range(20)]) + "/file"
-    link = "/".join(["other%03d" % i for i in range(20)])
+    name = "/".join([f"segment{i:03d}" for i in range(20)]) + "/file"
+    link = "/".join([f"other{i:03d}" for i in range(20)])
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as t:
         ti = tarfile.TarInfo(name)
@@ -169,7 +172,7 @@ def test_gnu_long_names_and_links_and_base256(dest):
     data = tar_of(gnu_long("x" * 200), member("trunc", b"q"),
                   gnu_long("t" * 150, b"K"), member("sl", type=b"2", linkname="ignored"))
     apply(data, dest)
-    assert open(f"{dest}/{'x' * 200}").read() == "q"
+    assert Path(f"{dest}/{'x' * 200}").read_text() == "q"
     assert os.readlink(f"{dest}/sl") == "t" * 150
 
 
@@ -186,7 +189,7 @@ def test_pax_path_size_owner_mtime_fraction_and_global_header(dest):
     st = os.stat(f"{dest}/{name}")
     assert (st.st_uid, st.st_gid) == (70000, 80000)
     assert st.st_mtime_ns == 1700000000_123456789
-    assert open(f"{dest}/{name}", "rb").read() == b"payload"
+    assert Path(f"{dest}/{name}").read_bytes() == b"payload"
     assert not os.path.exists(f"{dest}/short")
     # the PAX header applied to one entry only
     assert os.stat(f"{dest}/after").st_uid == 0
@@ -196,7 +199,7 @@ def test_pax_path_size_owner_mtime_fraction_and_global_header(dest):
 def test_pax_size_overrides_header(dest):
     data = tar_of(pax({"size": "5"}), member("f", b"hello", size=0))
     apply(data, dest)
-    assert open(f"{dest}/f", "rb").read() == b"hello"
+    assert Path(f"{dest}/f").read_bytes() == b"hello"
 
 
 def test_negative_pax_mtime(dest):
@@ -222,6 +225,43 @@ def test_xattrs_kept_and_trusted_dropped(dest):
     assert lxattr(f"{dest}/d", "trusted.overlay.opaque") is None
     assert lxattr(f"{dest}/d", "user.d") == b"dir"
     assert r.stats.xattrs_dropped == 3
+
+
+def _acl(entries: list[tuple[int, int]]) -> bytes:
+    # the kernel's posix_acl_xattr format: version 2, then (tag u16, perm u16, id u32)
+    out = struct.pack("<I", 2)
+    for tag, perm in entries:
+        out += struct.pack("<HHI", tag, perm, 0xFFFFFFFF)
+    return out
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000])
+def test_file_modes_and_owners_exact_whatever_the_umask_setgid_or_acl(tmp_path, umask):
+    dest = tmp_path / "d"
+    dest.mkdir()
+    # default ACL on "acl/": user rwx, group r-x, other ---  (1 user_obj, 4 group_obj, 32 other)
+    acl = _acl([(1, 7), (4, 5), (32, 0)])
+    data = tar_of(
+        member("plain", b"p", mode=0o666),
+        member("ro", b"r", mode=0o444),
+        member("sg/", type=b"5", mode=0o2775, gid=77),
+        member("sg/inherits", b"", mode=0o664, gid=0),  # must end up gid 0, not 77
+        member("sg/same", b"", mode=0o664, gid=77),
+        pax({"SCHILY.xattr.system.posix_acl_default": acl}),
+        member("acl/", type=b"5", mode=0o755),
+        member("acl/f", b"a", mode=0o666),
+        member("u1000", b"", mode=0o600, uid=1000, gid=1000),
+    )
+    old = os.umask(umask)
+    try:
+        apply(data, str(dest))
+    finally:
+        os.umask(old)
+    want = {"plain": (0o666, 0, 0), "ro": (0o444, 0, 0), "sg/inherits": (0o664, 0, 0),
+            "sg/same": (0o664, 0, 77), "acl/f": (0o666, 0, 0), "u1000": (0o600, 1000, 1000)}
+    for rel, (mode, uid, gid) in want.items():
+        st = os.lstat(dest / rel)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (mode, uid, gid), rel
 
 
 def test_devices_and_fifo(dest):
@@ -282,7 +322,7 @@ def test_hardlink_from_lower_layer(tmp_path, dest):
     os.rmdir(f"{dest}/usr")
     r = apply(data, dest, lowers=[str(lower)])
     st = os.stat(f"{dest}/usr/alias")
-    assert open(f"{dest}/usr/alias", "rb").read() == b"L" * 100000
+    assert Path(f"{dest}/usr/alias").read_bytes() == b"L" * 100000
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (42, 43, 0o751)
     assert r.stats.lower_copies == 1
 
@@ -322,8 +362,8 @@ def test_replacing_entries_of_other_types(dest):
     )
     apply(data, dest)
     assert os.readlink(f"{dest}/x") == "elsewhere"
-    assert open(f"{dest}/y/keep").read() == "k"
-    assert open(f"{dest}/z").read() == "new"
+    assert Path(f"{dest}/y/keep").read_text() == "k"
+    assert Path(f"{dest}/z").read_text() == "new"
 
 
 # --- whiteouts ------------------------------------------------------------------
@@ -361,7 +401,7 @@ def _sample_tar() -> bytes:
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
         for i in range(60):
             ti = tarfile.TarInfo(f"d{i % 5}/file{i}")
-            payload = (b"%d" % i) * (i * 97)
+            payload = str(i).encode() * (i * 97)
             ti.size = len(payload)
             t.addfile(ti, io.BytesIO(payload))
     return buf.getvalue()
@@ -369,20 +409,25 @@ def _sample_tar() -> bytes:
 
 def _check_sample(dest: str) -> None:
     for i in range(60):
-        assert open(f"{dest}/d{i % 5}/file{i}", "rb").read() == (b"%d" % i) * (i * 97)
+        assert Path(f"{dest}/d{i % 5}/file{i}").read_bytes() == str(i).encode() * (i * 97)
 
 
-@pytest.mark.parametrize("media_type,compress", [
+_FORMATS = [
     (TAR, lambda b: b),
     (TGZ, gzip.compress),
     (DOCKER_TGZ, gzip.compress),
     ("application/vnd.oci.image.layer.nondistributable.v1.tar+gzip", gzip.compress),
+    ("application/vnd.oci.image.layer.nondistributable.v1.tar", lambda b: b),
     (TZST, zstandard.compress),
+]
+
+
+@pytest.mark.parametrize("media_type,compress,chunk", [
+    *[(mt, c, chunk) for mt, c in _FORMATS for chunk in (4096, 1 << 22)],
+    (TGZ, gzip.compress, 1),  # byte at a time through every state of both parsers
+    (TZST, zstandard.compress, 1),
 ])
-@pytest.mark.parametrize("chunk", [1, 4096, 1 << 22])
 def test_compressions_and_digests(tmp_path, media_type, compress, chunk):
-    if chunk == 1 and media_type != TGZ:
-        pytest.skip("byte-at-a-time only once")
     raw = _sample_tar()
     blob = compress(raw)
     dest = tmp_path / "d"
@@ -400,7 +445,7 @@ def test_compressions_and_digests(tmp_path, media_type, compress, chunk):
 def test_multi_member_gzip_and_trailing_zero_padding(dest):
     raw = _sample_tar()
     cut = [0, 1000, 20000, 20001, len(raw)]
-    blob = b"".join(gzip.compress(raw[a:b]) for a, b in zip(cut, cut[1:])) + b"\0" * 700
+    blob = b"".join(gzip.compress(raw[a:b]) for a, b in itertools.pairwise(cut)) + b"\0" * 700
     r = apply(blob, dest, TGZ)
     _check_sample(dest)
     assert r.diff_id == "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -411,6 +456,24 @@ def test_multi_frame_zstd(dest):
     blob = zstandard.compress(raw[:7000]) + zstandard.compress(raw[7000:])
     apply(blob, dest, TZST)
     _check_sample(dest)
+
+
+def test_zstd_checksums_skippable_frames_and_truncation(tmp_path):
+    raw = _sample_tar()
+    skippable = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"hello"
+    blob = (zstandard.ZstdCompressor(write_checksum=True).compress(raw[:9000]) + skippable
+            + zstandard.compress(raw[9000:]))
+    (tmp_path / "ok").mkdir()
+    apply(blob, str(tmp_path / "ok"), TZST)
+    _check_sample(str(tmp_path / "ok"))
+    for cut in (len(blob) - 1, len(blob) - 4, len(blob) // 2, 9):
+        d = tmp_path / f"cut{cut}"
+        d.mkdir()
+        with pytest.raises(InvalidLayerError, match="truncated"):
+            apply(blob[:cut], str(d), TZST)
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(InvalidLayerError, match="not a zstd frame"):
+        apply(blob + b"junk", str(tmp_path / "junk"), TZST)
 
 
 def test_apply_layer_file(tmp_path, dest):
@@ -493,6 +556,22 @@ def test_layer_writer_contract(dest):
         _native.LayerWriter(dest + "/missing")
 
 
+def test_layer_writer_hash_separately(dest):
+    data = tar_of(member("a", b"1"))
+    with _native.LayerWriter(dest, hash_separately=True) as w:
+        w.hash(data[:100])
+        w.feed(data)
+        with pytest.raises(OSError, match="hashed but"):
+            w.finish()
+    os.unlink(f"{dest}/a")
+    with _native.LayerWriter(dest, hash_separately=True) as w:
+        w.feed(data)
+        w.hash(data)
+        assert w.finish() == hashlib.sha256(data).hexdigest()
+    with _native.LayerWriter(dest) as w, pytest.raises(OSError):
+        w.hash(data)  # only with hash_separately
+
+
 def test_no_thread_or_fd_leaks(dest):
     before_fds = len(os.listdir("/proc/self/fd"))
     for _ in range(5):
@@ -512,8 +591,8 @@ def test_limits_are_validated():
 # --- fuzzing --------------------------------------------------------------------
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 _SEED = tar_of(
     pax({"path": "pax/long", "SCHILY.xattr.user.x": "1", "mtime": "5.5"}),

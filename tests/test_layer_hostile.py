@@ -15,9 +15,11 @@ import os
 import pathlib
 import shutil
 import stat
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import zstandard
@@ -26,9 +28,12 @@ from test_layer import END, TAR, TGZ, TZST, gnu_long, header, lxattr, member, pa
 from pycri.errors import InvalidLayerError, PycriError, ResourceExhaustedError
 from pycri.layer import LayerLimits, apply_layer
 
-# A fixed sandbox, so archives can name the outside dir by its absolute path.
-SANDBOX = "/tmp/pycri-layer-hostile"
+# One sandbox per test process, made at import, so archives can name the outside
+# dir by its absolute path (a random name: nothing else on the machine can guess
+# it and clean it up mid-test).
+SANDBOX = tempfile.mkdtemp(prefix="layer-hostile-sandbox-")
 OUT = SANDBOX + "/outside"
+DEFAULT_LIMITS = LayerLimits()
 
 
 @dataclass
@@ -39,7 +44,7 @@ class Case:
     match: str | None = None           # regex the error message must contain
     check: Callable[[str, str], None] | None = None  # (dest, outside) for safe outcomes
     media_type: str = TAR
-    limits: LayerLimits = LayerLimits()
+    limits: LayerLimits = DEFAULT_LIMITS
 
 
 def t(*members: bytes) -> Callable[[str], bytes]:
@@ -70,7 +75,7 @@ def is_file(rel: str, content: bytes) -> Callable[[str, str], None]:
         p = os.path.join(dest, rel)
         st = os.lstat(p)
         assert stat.S_ISREG(st.st_mode), p
-        assert open(p, "rb").read() == content
+        assert Path(p).read_bytes() == content
     return check
 
 
@@ -307,6 +312,8 @@ CASES = [
     Case("no-end-marker", lambda out: m("f", b"x"), InvalidLayerError, "end-of-archive"),
     Case("truncated-gzip", lambda out: gzip.compress(tar_of(m("f", os.urandom(9000))))[:-100],
          InvalidLayerError, "truncated", media_type=TGZ),
+    Case("truncated-zstd", lambda out: zstandard.compress(tar_of(m("f", os.urandom(9000))))[:-100],
+         InvalidLayerError, "truncated", media_type=TZST),
     Case("gzip-trailing-garbage", lambda out: gzip.compress(tar_of(m("f", b"x"))) + b"garbage",
          InvalidLayerError, "trailing garbage", media_type=TGZ),
     Case("garbage-tar", lambda out: bytes(range(256)) * 8, InvalidLayerError, "checksum"),
@@ -338,7 +345,7 @@ def snapshot(root: str, skip: str) -> dict[str, tuple]:
             st = os.lstat(p)
             content = None
             if stat.S_ISREG(st.st_mode):
-                content = hashlib.sha256(open(p, "rb").read()).hexdigest()
+                content = hashlib.sha256(Path(p).read_bytes()).hexdigest()
             elif stat.S_ISLNK(st.st_mode):
                 content = os.readlink(p)
             xattrs = tuple(sorted((n, os.getxattr(p, n, follow_symlinks=False))
@@ -349,9 +356,16 @@ def snapshot(root: str, skip: str) -> dict[str, tuple]:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _remove_sandbox_at_the_end():
+    yield
+    shutil.rmtree(SANDBOX, ignore_errors=True)
+
+
 @pytest.fixture
 def sandbox():
     shutil.rmtree(SANDBOX, ignore_errors=True)
+    os.mkdir(SANDBOX, 0o700)
     sb = pathlib.Path(SANDBOX)
     out = sb / "outside"
     (out / "sub").mkdir(parents=True)
@@ -360,8 +374,7 @@ def sandbox():
     (out / "sub" / "deep").write_text("deep")
     os.symlink("sentinel", out / "alias")
     (sb / "dest").mkdir()
-    yield sb
-    shutil.rmtree(SANDBOX, ignore_errors=True)
+    return sb
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -35,6 +35,12 @@ struct pycri_layer_stats {
 
 #define PYCRI_LAYER_MAX_LOWERS 128
 
+/* open flags. HASH_SEPARATELY: feed does not hash; the caller passes the same
+ * bytes, in the same order, to pycri_layer_hash (typically from the thread that
+ * decompresses, so hashing overlaps with writing files). finish checks that
+ * both saw the same number of bytes. */
+#define PYCRI_LAYER_HASH_SEPARATELY 1
+
 struct pycri_layer {
     void *impl;                          /* private; allocated by open, freed by close */
     struct pycri_layer_stats stats;      /* kept current by feed and finish */
@@ -47,11 +53,17 @@ struct pycri_layer {
  * caller keeps its own. limits may be NULL for the defaults. */
 int pycri_layer_open(struct pycri_layer *l, int dirfd, const char *dest,
                      const struct pycri_layer_limits *limits, const int *lower_fds,
-                     int nlowers, struct pycri_error *err);
+                     int nlowers, unsigned int flags, struct pycri_error *err);
 
 /* Consume the next len bytes of the tar stream. After a failure every later
  * feed or finish fails too: the caller should close and discard dest. */
 int pycri_layer_feed(struct pycri_layer *l, const unsigned char *buf, size_t len,
+                     struct pycri_error *err);
+
+/* With PYCRI_LAYER_HASH_SEPARATELY: add the next len stream bytes to the
+ * diff_id. It touches only the digest state, so one thread may call it while
+ * another is inside feed; never call it concurrently with itself or finish. */
+int pycri_layer_hash(struct pycri_layer *l, const unsigned char *buf, size_t len,
                      struct pycri_error *err);
 
 /* Check that the archive ended properly (at least one zero block at an entry
