@@ -155,13 +155,16 @@ class UserNamespace:
 
 @dataclass(frozen=True)
 class Mount:
-    """A bind mount from the host into a container."""
+    """A bind mount from the host into a container, or (``image`` set, ``host_path``
+    empty) an image volume: the image's files, read-only, optionally only ``sub_path``."""
 
     container_path: str
-    host_path: str
+    host_path: str = ""
     readonly: bool = False
     recursive_readonly: bool = False
     propagation: str = "private"
+    image: str = ""
+    sub_path: str = ""
 
     def __post_init__(self) -> None:
         cp = self.container_path
@@ -175,7 +178,17 @@ class Mount:
                 raise _bad(f"mount target {cp!r} is inside {forbidden}; not allowed")
         if norm == "/":
             raise _bad("mount target '/' would replace the root filesystem")
-        if not isinstance(self.host_path, str) or not self.host_path.startswith("/") \
+        if self.image:
+            if self.host_path:
+                raise _bad("a mount has either a host_path or an image, not both")
+            if not self.readonly:
+                raise _bad(f"image volume at {cp!r} must be read-only")
+            sp = self.sub_path
+            if sp and (sp.startswith("/") or "\0" in sp or ".." in sp.split("/")):
+                raise _bad(f"image volume sub_path {sp!r} must be relative, without '..'")
+        elif self.sub_path:
+            raise _bad("sub_path is only for image volumes")
+        elif not isinstance(self.host_path, str) or not self.host_path.startswith("/") \
                 or "\0" in self.host_path:
             raise _bad(f"mount source {self.host_path!r} must be an absolute host path")
         if self.propagation not in PROPAGATIONS:

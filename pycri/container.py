@@ -184,6 +184,7 @@ class ContainerStatus:
     uid: int = 0
     gid: int = 0
     groups: tuple[int, ...] = ()
+    image_volumes: dict[str, str] | None = None   # container path -> image id
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,8 @@ class Container:
             image=rec["image_ref"], image_ref=rec["image_id"], log_path=rec["log_path"],
             config=cfg, uid=rec.get("user", {}).get("uid", 0),
             gid=rec.get("user", {}).get("gid", 0),
-            groups=tuple(rec.get("user", {}).get("groups", ())))
+            groups=tuple(rec.get("user", {}).get("groups", ())),
+            image_volumes=dict(rec.get("image_volumes", {})))
 
     # -- create ------------------------------------------------------------------
 
@@ -404,9 +406,13 @@ class Container:
             uid_map = (u["container_id"], u["host_id"], u["length"])
             gid_map = (g["container_id"], g["host_id"], g["length"])
 
-        binds = [_native.BindMount(m.host_path, m.container_path, readonly=m.readonly,
-                                   recursive_readonly=m.recursive_readonly,
-                                   propagation=m.propagation) for m in config.mounts]
+        binds = []
+        for i, m in enumerate(config.mounts):
+            source = self._image_volume(rec, i, m) if m.image else m.host_path
+            binds.append(_native.BindMount(source, m.container_path, readonly=m.readonly,
+                                           recursive_readonly=m.recursive_readonly,
+                                           propagation=m.propagation))
+        self._write(rec)
         privileged = config.privileged
         masked = () if privileged else (DEFAULT_MASKED if config.masked_paths is None
                                         else config.masked_paths)
@@ -474,6 +480,32 @@ class Container:
                 os.close(fd)
         rec.update(pid=res.pid, pid_start_time=res.start_time, monitor_pid=res.monitor_pid)
         self._write(rec)
+
+    def _image_volume(self, rec: dict[str, Any], index: int, m: Any) -> str:
+        """Mount image ``m.image`` read-only (an overlay of its layers, no upper dir) in
+        the state dir; the container binds it (or its ``sub_path``) at the target."""
+        image = self.runtime.images.get(m.image)
+        layer_dirs = self.runtime.images.layer_dirs(image)
+        if m.sub_path and users.read_image_file(layer_dirs, m.sub_path) is None \
+                and not _image_dir_exists(layer_dirs, m.sub_path):
+            raise InvalidArgumentError(
+                f"image volume {m.image!r}: sub_path {m.sub_path!r} does not exist in the image")
+        target = store.makedirs(self._path(f"image-volume-{index}"), 0o755)
+        try:
+            _native.mount_overlay(target, layer_dirs)
+        except OSError as e:
+            raise RuntimeFailure(f"image volume {m.image!r}: {e.strerror or e}",
+                                 stage="mount") from e
+        rec.setdefault("image_volumes", {})[m.container_path] = image.id
+        rec["layers"] = sorted(set(rec.get("layers", [])) | set(image.chain_ids))
+        return os.path.join(target, m.sub_path) if m.sub_path else target
+
+    def _unmount_image_volumes(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            for name in os.listdir(self.state_dir):
+                if name.startswith("image-volume-"):
+                    with contextlib.suppress(OSError):
+                        _native.mount_unmount(os.path.join(self.state_dir, name))
 
     # -- start / stop / kill / wait ------------------------------------------------
 
@@ -630,6 +662,7 @@ class Container:
         for kind in ("start", "attach"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._sock(kind))
+        self._unmount_image_volumes()
         shutil.rmtree(self.state_dir, ignore_errors=True)
         shutil.rmtree(self.record_dir, ignore_errors=True)
 
@@ -770,6 +803,25 @@ class Container:
 
 
 # -- helpers -------------------------------------------------------------------------
+
+
+def _image_dir_exists(layer_dirs: list[str], path: str) -> bool:
+    """Is ``path`` a directory in some layer (checked without following links)?"""
+    import stat as _stat
+
+    for d in layer_dirs:
+        cur = d
+        for part in [p for p in path.split("/") if p]:
+            cur = os.path.join(cur, part)
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                break
+            if not _stat.S_ISDIR(st.st_mode):
+                break
+        else:
+            return True
+    return False
 
 
 def _groups(user: users.User) -> list[int]:

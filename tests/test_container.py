@@ -474,3 +474,31 @@ def test_supplemental_groups_policy(env, group_image, policy, expect):
         assert sorted(st.groups) == sorted(int(x) for x in expect.split())
         assert c.exec_sync(["id", "-G"]).stdout.strip() == expect
         c.stop(timeout=0)
+
+
+def test_image_volumes(env, group_image):
+    rt, img = env
+    vol = rt.images.pull(group_image)
+    with rt.run_sandbox(pycri.SandboxConfig(name="imgvol")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(
+            name="v", image=img.id, command=("sleep", "60"),
+            mounts=(pycri.Mount("/vol", image=vol.id, readonly=True),
+                    pycri.Mount("/etcvol", image=vol.id, readonly=True, sub_path="etc"))))
+        c.start()
+        assert c.status().image_volumes == {"/vol": vol.id, "/etcvol": vol.id}
+        assert b"imagegroup" in c.exec_sync(["cat", "/vol/etc/group"]).stdout
+        assert b"imagegroup" in c.exec_sync(["cat", "/etcvol/group"]).stdout
+        r = c.exec_sync(["touch", "/vol/new"])
+        assert r.exit_code != 0 and b"Read-only" in r.stderr
+        # the image stays while a container uses it, even without a name
+        rt.images.remove(vol.id)
+        assert all(os.path.isdir(rt.images.layer_path(x)) for x in vol.chain_ids)
+        c.remove()
+        assert not [line for line in open("/proc/self/mountinfo") if c.id[:20] in line]
+        with pytest.raises(InvalidArgumentError, match="sub_path"):
+            sb.create_container(pycri.ContainerConfig(
+                name="w", image=img.id, command=("true",),
+                mounts=(pycri.Mount("/v", image=img.id, readonly=True, sub_path="no/such"),)))
+        assert sb.containers() == []
+    with pytest.raises(InvalidArgumentError, match="read-only"):
+        pycri.Mount("/v", image=img.id)
