@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn, Self
 
-from pycri import _core
+from pycri import _core  # type: ignore[attr-defined]  # built by cffi
 
 ffi = _core.ffi
 lib = _core.lib
