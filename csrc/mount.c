@@ -473,7 +473,12 @@ int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls
         if (t < 0)
             return -1;
         unsigned long fl = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC;
-        if (s->ns_mode[PYCRI_NS_NET] == PYCRI_NS_HOST) {
+        /* A fresh sysfs needs a net ns this mount's user ns owns: not so for the
+         * host's, nor for a pod's (made by the host) seen from a new user ns. */
+        int own_sysfs = s->ns_mode[PYCRI_NS_NET] != PYCRI_NS_HOST &&
+                        !(s->ns_mode[PYCRI_NS_USER] == PYCRI_NS_NEW &&
+                          s->ns_mode[PYCRI_NS_NET] == PYCRI_NS_JOIN);
+        if (!own_sysfs) {
             /* sysfs shows the mounter's net ns: with the host's, share its view read-only */
             int src cleanup_fd = open("/sys", O_PATH | O_DIRECTORY | O_CLOEXEC);
             if (src < 0 ||

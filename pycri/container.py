@@ -368,10 +368,13 @@ class Container:
         layer_dirs = rt.images.layer_dirs(image)
         icfg = image.config
         store.makedirs(self.state_dir)
+        # The writable layer and the rootfs mount point live under <root> (0711 all the
+        # way down), so a container's mapped root in a user namespace can reach them.
+        os.chmod(self.record_dir, 0o711)
         fs = store.makedirs(os.path.join(self.record_dir, "fs"), 0o711)
         upper = store.makedirs(os.path.join(fs, "upper"), 0o755)
         work = store.makedirs(os.path.join(fs, "work"), 0o700)
-        rootfs = store.makedirs(self._path("rootfs"), 0o755)
+        rootfs = store.makedirs(os.path.join(fs, "rootfs"), 0o755)
         os.makedirs(os.path.dirname(rec["log_path"]), exist_ok=True)
 
         argv = _argv(config, icfg.entrypoint, icfg.cmd)
@@ -405,6 +408,9 @@ class Container:
             u, g = userns["uids"][0], userns["gids"][0]
             uid_map = (u["container_id"], u["host_id"], u["length"])
             gid_map = (g["container_id"], g["host_id"], g["length"])
+            # the container's root owns its writable layer
+            for d in (upper, work, rootfs):
+                os.chown(d, u["host_id"], g["host_id"])
 
         binds = []
         for i, m in enumerate(config.mounts):
@@ -456,7 +462,8 @@ class Container:
                 uid=user.uid, gid=user.gid, groups=_groups(user),
                 cap_bounding=caps, cap_effective=caps, cap_permitted=caps,
                 no_new_privs=config.no_new_privs or bool(seccomp and user.uid != 0),
-                seccomp_bpf=seccomp, oom_score_adj=max(0, config.oom_score_adj),
+                seccomp_bpf=seccomp,
+                oom_score_adj=config.oom_score_adj if config.oom_score_adj > 0 else None,
                 stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd, tty_fd=tty_fd,
                 namespaces=namespaces, uid_map=uid_map, gid_map=gid_map,
                 cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,

@@ -133,8 +133,11 @@ class ImageStore:
         # the layers of existing containers' root filesystems)
         self.layer_roots: Callable[[], set[str]] = set
         self._registry_lock = threading.Lock()
-        for d in ("blobs/sha256", "ingest", "layers", "images", "locks"):
+        for d in ("blobs/sha256", "ingest", "images", "locks"):
             store.makedirs(os.path.join(self.root, d))
+        # layer dirs are overlay lower dirs: a container's mapped root must reach them
+        store.makedirs(os.path.join(self.root, "layers"), 0o711)
+        os.chmod(os.path.join(self.root, "layers"), 0o711)
         self.recover()
 
     # -- paths ---------------------------------------------------------------

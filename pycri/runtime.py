@@ -76,8 +76,11 @@ class Runtime:
         # network namespace has loopback only (the library default).
         self.cni: CNI | None = CNI(cni_conf_dir, cni_bin_dirs) if cni_conf_dir else None
         self._hierarchy: Hierarchy | None = None
-        for d in ("sandboxes", "containers", "locks"):
+        for d in ("sandboxes", "locks"):
             store.makedirs(os.path.join(self.root, d))
+        # traversable: containers' writable layers and rootfs mount points live below
+        store.makedirs(os.path.join(self.root, "containers"), 0o711)
+        os.chmod(os.path.join(self.root, "containers"), 0o711)
         for d in ("sandboxes", "containers", "sockets"):
             store.makedirs(os.path.join(self.state, d))
         self.images.layer_roots = self._layers_in_use
