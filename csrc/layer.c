@@ -147,15 +147,36 @@ static int remove_existing(struct layer *L, int dfd, const char *base, struct py
     return 0;
 }
 
-/* Create the missing directories of parent (a cleaned, non-empty path), 0755. */
+/* Create the missing directories of parent (a cleaned, non-empty path), 0755.
+ * Below the first directory this creates, everything is new and empty, so the
+ * rest is opened with openat(O_NOFOLLOW) from the previous fd: linear in the
+ * depth instead of quadratic. */
 static int make_parents(struct layer *L, char *parent, struct pycri_error *err) {
     int prev = L->root_fd;
+    int fresh = 0;
     char *comp = parent;
     for (;;) {
         char *slash = strchr(comp, '/');
         if (slash)
             *slash = '\0';
-        int fd = open_in_root(L->root_fd, parent, O_RDONLY | O_DIRECTORY);
+        int fd;
+        if (fresh) {
+            if (mkdirat(prev, comp, 0755) < 0 ||
+                (fd = openat(prev, comp, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC)) < 0) {
+                int e = errno;
+                close(prev);
+                return FAIL(e, "creating parent '%s'", parent);
+            }
+            fchmod(fd, 0755);
+            close(prev);
+            prev = fd;
+            if (!slash)
+                return fd;
+            *slash = '/';
+            comp = slash + 1;
+            continue;
+        }
+        fd = open_in_root(L->root_fd, parent, O_RDONLY | O_DIRECTORY);
         if (fd < 0 && errno == ENOENT) {
             int made = mkdirat(prev, comp, 0755) == 0;
             if (!made && errno != EEXIST) {
@@ -166,8 +187,10 @@ static int make_parents(struct layer *L, char *parent, struct pycri_error *err) 
             }
             fd = open_in_root(L->root_fd, parent, O_RDONLY | O_DIRECTORY);
             if (fd >= 0) {
-                if (made)
+                if (made) {
                     fchmod(fd, 0755); /* not subject to the umask */
+                    fresh = 1;
+                }
             } else if (errno == ENOENT || errno == ENOTDIR) {
                 if (prev != L->root_fd)
                     close(prev);

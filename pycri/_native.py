@@ -114,7 +114,8 @@ class LayerWriter:
                  hash_separately: bool = False) -> None:
         self._dest = dest
         self._err = _new_err()
-        self._l = ffi.new("struct pycri_layer *")
+        # closed by close(), or by the collector if a caller forgets
+        self._l = ffi.gc(ffi.new("struct pycri_layer *"), lib.pycri_layer_close)
         lim = ffi.new("struct pycri_layer_limits *")
         lim.max_entries = max_entries
         lim.max_bytes = max_bytes
