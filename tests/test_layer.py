@@ -11,9 +11,11 @@ import hashlib
 import io
 import itertools
 import os
+import shutil
 import stat
 import struct
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 
@@ -639,3 +641,69 @@ def test_fuzz_mutated_tar(tmp_path_factory, data):
     assert sorted(os.listdir(sandbox)) == ["dest", "outside"]
     assert os.listdir(outside) == ["sentinel"]
     assert (outside / "sentinel").read_text() == "s"
+
+
+# Structured fuzzing: random sequences of the entries that hostile layers are made
+# of (symlinks aimed outside, type changes, hardlinks, whiteouts, odd names).
+_FUZZ_SANDBOX = tempfile.mkdtemp(prefix="layer-fuzz-sandbox-")
+_FUZZ_OUT = os.path.join(_FUZZ_SANDBOX, "outside")
+_NAMES = ["a", "b", "a/b", "a/b/c", "l", "l/x", "l/l2/y", "m/z", "./a", "a/", "/a/b", ".wh.a",
+          "a/.wh.b", "l/.wh.sentinel", "a/.wh..wh..opq", "l/.wh..wh..opq", "c/d/e"]
+_TARGETS = [_FUZZ_OUT, _FUZZ_OUT + "/sentinel", _FUZZ_OUT + "/sub", "..", "../..",
+            "../../outside", "../outside/sentinel", "/", "a", "a/b", "l", "l/x", ".", "m"]
+_TYPES = [b"0", b"5", b"2", b"1", b"6", b"3"]
+
+
+@st.composite
+def _hostile_entries(draw):  # type: ignore[no-untyped-def]
+    out = []
+    for _ in range(draw(st.integers(1, 12))):
+        kind = draw(st.sampled_from(_TYPES))
+        name = draw(st.sampled_from(_NAMES))
+        kw = {"mode": draw(st.sampled_from([0o644, 0o777, 0o4755, 0o1777, 0])),
+              "uid": draw(st.sampled_from([0, 4321])), "mtime": draw(st.integers(0, 2**33))}
+        if kind in (b"1", b"2"):
+            kw["linkname"] = draw(st.sampled_from(_TARGETS))
+        if kind == b"3":
+            kw["devmajor"], kw["devminor"] = 1, 3
+        if draw(st.booleans()):
+            out.append(pax({"SCHILY.xattr.user.k": "v", "SCHILY.xattr.trusted.overlay.opaque": "y"}))
+        data = b"payload" if kind == b"0" else b""
+        out.append(member(name, data, type=kind, **kw))
+    return out
+
+
+def _outside_state() -> list[tuple]:
+    state = []
+    for dirpath, dirnames, filenames in os.walk(_FUZZ_SANDBOX):
+        if dirpath == os.path.join(_FUZZ_SANDBOX, "dest"):
+            dirnames[:] = []
+            continue
+        for n in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, n)
+            if p == os.path.join(_FUZZ_SANDBOX, "dest"):
+                continue
+            s = os.lstat(p)
+            state.append((p, s.st_mode, s.st_uid, s.st_mtime_ns, s.st_ino,
+                          tuple(os.listxattr(p, follow_symlinks=False))))
+    return state
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_hostile_entries())
+def test_fuzz_hostile_entry_sequences(entries):
+    shutil.rmtree(_FUZZ_SANDBOX, ignore_errors=True)
+    os.makedirs(os.path.join(_FUZZ_OUT, "sub"))
+    Path(_FUZZ_OUT, "sentinel").write_text("s")
+    os.mkdir(os.path.join(_FUZZ_SANDBOX, "dest"))
+    before = _outside_state()
+    try:
+        apply(tar_of(*entries), os.path.join(_FUZZ_SANDBOX, "dest"))
+    except PycriError:
+        pass
+    assert _outside_state() == before
+    assert Path(_FUZZ_OUT, "sentinel").read_text() == "s"
+
+
+def teardown_module(module: object) -> None:
+    shutil.rmtree(_FUZZ_SANDBOX, ignore_errors=True)
