@@ -442,18 +442,55 @@ static int copy_fd(int in, int out) {
     }
 }
 
+/* How the directories on the way to target look in one lower layer: *hidden
+ * when one of them is a whiteout (0/0 char device), *opaque when one carries
+ * trusted.overlay.opaque=y (the layers below cannot show through). Each
+ * component is looked at as it is (O_PATH | O_NOFOLLOW), inside that root. */
+static void lower_path_state(int lower, const char *target, int *hidden, int *opaque) {
+    char buf[4097];
+    *hidden = *opaque = 0;
+    if (strlen(target) >= sizeof(buf))
+        return;
+    strcpy(buf, target);
+    for (char *slash = strchr(buf, '/'); slash; slash = strchr(slash + 1, '/')) {
+        *slash = '\0';
+        int fd = open_in_root(lower, buf, O_PATH | O_NOFOLLOW);
+        *slash = '/';
+        if (fd < 0)
+            return;
+        struct stat st;
+        char proc[64], v = 0;
+        if (fstat(fd, &st) == 0 && S_ISCHR(st.st_mode) && st.st_rdev == 0) {
+            *hidden = 1;
+        } else if (S_ISDIR(st.st_mode)) {
+            snprintf(proc, sizeof(proc), "/proc/self/fd/%d", fd);
+            if (getxattr(proc, "trusted.overlay.opaque", &v, 1) == 1 && v == 'y')
+                *opaque = 1;
+        }
+        close(fd);
+        if (*hidden)
+            return;
+    }
+}
+
 /* A hardlink whose target is not in this layer: copy it up from the first lower
- * that has it (resolved inside that lower's root). Only the last component is
- * checked for a whiteout; opaque directories in between are not honoured. */
+ * that shows it (resolved inside that lower's root), honouring whiteouts and
+ * opaque directories the way overlayfs stacks the lowers (top first). */
 static int copy_from_lower(struct layer *L, struct pycri_layer *l, int dfd, const char *base,
                            const char *target, struct pycri_error *err) {
     char tshown[160];
     tar_show(target, tshown, sizeof(tshown));
     for (int i = 0; i < L->nlowers; i++) {
+        int hidden, opaque;
+        lower_path_state(L->lower_fds[i], target, &hidden, &opaque);
+        if (hidden)
+            break;
         cleanup_fd int sfd = open_in_root(L->lower_fds[i], target, O_PATH | O_NOFOLLOW);
         if (sfd < 0) {
-            if (errno == ENOENT || errno == ENOTDIR)
+            if ((errno == ENOENT || errno == ENOTDIR) && !opaque)
                 continue;
+            if (errno == ENOENT || errno == ENOTDIR)
+                break;
             return FAIL(errno, "hardlink target '%s' in lower layer %d: openat2", tshown, i);
         }
         struct stat st;

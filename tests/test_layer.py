@@ -329,6 +329,35 @@ def test_hardlink_from_lower_layer(tmp_path, dest):
     assert r.stats.lower_copies == 1
 
 
+@pytest.mark.parametrize("top", ["nothing", "opaque-usr", "whiteout-usr", "whiteout-file",
+                                 "has-it"])
+def test_hardlink_from_lower_layers_honours_whiteouts_and_opaque_dirs(tmp_path, top):
+    upper, bottom = tmp_path / "upper", tmp_path / "bottom"
+    (bottom / "usr").mkdir(parents=True)
+    (bottom / "usr" / "big").write_bytes(b"bottom")
+    upper.mkdir()
+    if top == "opaque-usr":
+        (upper / "usr").mkdir()
+        os.setxattr(upper / "usr", "trusted.overlay.opaque", b"y")
+    elif top == "whiteout-usr":
+        os.mknod(upper / "usr", stat.S_IFCHR, 0)
+    elif top == "whiteout-file":
+        (upper / "usr").mkdir()
+        os.mknod(upper / "usr" / "big", stat.S_IFCHR, 0)
+    elif top == "has-it":
+        (upper / "usr").mkdir()
+        (upper / "usr" / "big").write_bytes(b"upper")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    data = tar_of(member("alias", type=b"1", linkname="usr/big"))
+    if top in ("nothing", "has-it"):
+        apply(data, str(dest), lowers=[str(upper), str(bottom)])
+        assert (dest / "alias").read_bytes() == (b"bottom" if top == "nothing" else b"upper")
+    else:
+        with pytest.raises(InvalidLayerError, match="neither in this layer nor in a lower"):
+            apply(data, str(dest), lowers=[str(upper), str(bottom)])
+
+
 def test_dir_mtimes_applied_last_and_duplicates_later_wins(dest):
     data = tar_of(
         member("a/", type=b"5", mtime=100),
