@@ -43,7 +43,7 @@ def _check(rc: int, err, path: str | None = None) -> int:  # type: ignore[no-unt
 class Sha256:
     """Incremental SHA-256 in C (OpenSSL's SHA-NI code); the GIL is released per update."""
 
-    __slots__ = ("_done", "_err", "_h")
+    __slots__ = ("_h", "_err", "_done")
 
     def __init__(self) -> None:
         self._h = ffi.new("struct pycri_sha256 *")
