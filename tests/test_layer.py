@@ -11,6 +11,7 @@ import hashlib
 import io
 import itertools
 import os
+import secrets
 import shutil
 import stat
 import struct
@@ -674,7 +675,9 @@ def test_fuzz_mutated_tar(tmp_path_factory, data):
 
 # Structured fuzzing: random sequences of the entries that hostile layers are made
 # of (symlinks aimed outside, type changes, hardlinks, whiteouts, odd names).
-_FUZZ_SANDBOX = tempfile.mkdtemp(prefix="layer-fuzz-sandbox-")
+# named at import (the strategies mention it), created by the test itself
+_FUZZ_SANDBOX = os.path.join(tempfile.gettempdir(),
+                             f"layer-fuzz-sandbox-{os.getpid()}-{secrets.token_hex(6)}")
 _FUZZ_OUT = os.path.join(_FUZZ_SANDBOX, "outside")
 _NAMES = ["a", "b", "a/b", "a/b/c", "l", "l/x", "l/l2/y", "m/z", "./a", "a/", "/a/b", ".wh.a",
           "a/.wh.b", "l/.wh.sentinel", "a/.wh..wh..opq", "l/.wh..wh..opq", "c/d/e"]
