@@ -15,6 +15,7 @@ import secrets
 import shutil
 import stat
 import struct
+import subprocess
 import tarfile
 import tempfile
 import threading
@@ -739,3 +740,62 @@ def test_fuzz_hostile_entry_sequences(entries):
 
 def teardown_module(module: object) -> None:
     shutil.rmtree(_FUZZ_SANDBOX, ignore_errors=True)
+
+
+# --- fidelity: the same tree as GNU tar extracts it ------------------------------
+
+def _tree_state(root: str) -> dict[str, tuple]:
+    """Everything tar round-trips, per path, plus hardlink groups by first path."""
+    state: dict[str, tuple] = {}
+    first_of_inode: dict[int, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, root)
+            s = os.lstat(p)
+            link = first_of_inode.setdefault(s.st_ino, rel) if not stat.S_ISDIR(s.st_mode) else ""
+            content: object = None
+            if stat.S_ISREG(s.st_mode):
+                content = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+            elif stat.S_ISLNK(s.st_mode):
+                content = os.readlink(p)
+            xattrs = () if stat.S_ISLNK(s.st_mode) else tuple(sorted(
+                (k, os.getxattr(p, k)) for k in os.listxattr(p) if k.startswith("user.")))
+            mtime = s.st_mtime_ns if not stat.S_ISLNK(s.st_mode) else s.st_mtime_ns // 10**9
+            state[rel] = (s.st_mode, s.st_uid, s.st_gid, mtime, s.st_rdev, content, link, xattrs)
+    return state
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/zoneinfo"), reason="needs tzdata")
+@pytest.mark.parametrize("fmt", ["posix", "gnu"])
+def test_same_tree_as_gnu_tar(tmp_path, fmt):
+    src = tmp_path / "src"
+    subprocess.run(["cp", "-a", "/usr/share/zoneinfo", str(src)], check=True)
+    deep = src / ("long-directory-name-" * 6) / ("x" * 120)
+    deep.mkdir(parents=True)
+    (deep / "file").write_bytes(b"deep")
+    os.symlink("t" * 300, src / "long-target")
+    (src / "orig").write_bytes(b"linked")
+    os.link(src / "orig", src / "Europe" / "hard")
+    os.mkfifo(src / "fifo", 0o640)
+    os.mknod(src / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    (src / "suid").write_bytes(b"s")
+    os.chmod(src / "suid", 0o4755)
+    os.chown(src / "Europe" / "Paris", 1234, 5678, follow_symlinks=False)
+    os.setxattr(src / "orig", "user.origin", b"test")
+    os.chmod(src / "Asia", 0o2750)
+    os.utime(src / "Asia", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    blob = tmp_path / "layer.tar.gz"
+    subprocess.run(["tar", f"--format={fmt}", "--xattrs", "-czf", str(blob), "-C", str(src),
+                    "."], check=True)
+    by_tar, by_pycri = tmp_path / "tar", tmp_path / "pycri"
+    by_tar.mkdir()
+    by_pycri.mkdir()
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-xpzf", str(blob), "-C",
+                    str(by_tar)], check=True)
+    r = apply_layer_file(str(blob), TGZ, str(by_pycri))
+    want, got = _tree_state(str(by_tar)), _tree_state(str(by_pycri))
+    assert sorted(got) == sorted(want)
+    diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
+    assert not diff
+    assert r.stats.hardlinks >= 1 and r.stats.devices == 2 and r.stats.symlinks > 300
