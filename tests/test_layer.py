@@ -27,6 +27,7 @@ import zstandard
 from pycri import _native
 from pycri.errors import (
     DigestMismatchError,
+    InvalidArgumentError,
     InvalidLayerError,
     PycriError,
     UnsupportedError,
@@ -516,6 +517,21 @@ def test_apply_layer_file(tmp_path, dest):
     r = apply_layer_file(str(blob_path), TGZ, dest, chunk_size=777)
     _check_sample(dest)
     assert r.compressed_size == blob_path.stat().st_size
+
+
+@pytest.mark.parametrize("digest,error", [
+    ("sha512:" + "a" * 128, UnsupportedError),
+    ("sha256:../../etc", InvalidArgumentError),
+    ("sha256:" + "A" * 64, InvalidArgumentError),
+])
+def test_bad_expected_digests_refused_before_reading(dest, digest, error):
+    def never():  # type: ignore[no-untyped-def]
+        raise AssertionError("read before the digests were checked")
+        yield b""
+    with pytest.raises(error):
+        apply_layer(never(), TGZ, dest, expected_digest=digest)
+    with pytest.raises(error):
+        apply_layer(never(), TGZ, dest, expected_diff_id=digest)
 
 
 def test_unknown_media_type(dest):
