@@ -45,7 +45,7 @@ def _check(rc: int, err, path: str | None = None) -> int:  # type: ignore[no-unt
 class Sha256:
     """Incremental SHA-256 in C (OpenSSL's SHA-NI code); the GIL is released per update."""
 
-    __slots__ = ("_done", "_err", "_h")
+    __slots__ = ("_h", "_err", "_done")
 
     def __init__(self) -> None:
         self._h = ffi.new("struct pycri_sha256 *")
@@ -116,7 +116,8 @@ class LayerWriter:
                  hash_separately: bool = False) -> None:
         self._dest = dest
         self._err = _new_err()
-        self._l = ffi.new("struct pycri_layer *")
+        # closed by close(), or by the collector if a caller forgets
+        self._l = ffi.gc(ffi.new("struct pycri_layer *"), lib.pycri_layer_close)
         lim = ffi.new("struct pycri_layer_limits *")
         lim.max_entries = max_entries
         lim.max_bytes = max_bytes

@@ -30,8 +30,9 @@ match its media type, a malformed, truncated or hostile archive is
 syscall); a limit is :class:`ResourceExhaustedError`; a digest or diff_id that
 does not match is :class:`DigestMismatchError`, raised once the whole blob has
 been read (when a broken archive stops extraction early and ``expected_digest``
-is set, the rest of the blob is still hashed, so corruption in transit is
-reported as the digest mismatch it is). Host failures (disk full, EIO, read-only
+is set, the rest of a compressed blob is still hashed, so corruption in transit
+is reported as the digest mismatch it is; a plain tar blob's digest is its
+diff_id, hashed once, so there a broken archive stays InvalidLayerError). Host failures (disk full, EIO, read-only
 file system) stay ``OSError``: they say nothing about the layer. On any error
 ``dest`` holds a partial tree which the caller deletes.
 """

@@ -11,9 +11,13 @@ import hashlib
 import io
 import itertools
 import os
+import secrets
+import shutil
 import stat
 import struct
+import subprocess
 import tarfile
+import tempfile
 import threading
 from pathlib import Path
 
@@ -23,6 +27,7 @@ import zstandard
 from pycri import _native
 from pycri.errors import (
     DigestMismatchError,
+    InvalidArgumentError,
     InvalidLayerError,
     PycriError,
     UnsupportedError,
@@ -327,6 +332,35 @@ def test_hardlink_from_lower_layer(tmp_path, dest):
     assert r.stats.lower_copies == 1
 
 
+@pytest.mark.parametrize("top", ["nothing", "opaque-usr", "whiteout-usr", "whiteout-file",
+                                 "has-it"])
+def test_hardlink_from_lower_layers_honours_whiteouts_and_opaque_dirs(tmp_path, top):
+    upper, bottom = tmp_path / "upper", tmp_path / "bottom"
+    (bottom / "usr").mkdir(parents=True)
+    (bottom / "usr" / "big").write_bytes(b"bottom")
+    upper.mkdir()
+    if top == "opaque-usr":
+        (upper / "usr").mkdir()
+        os.setxattr(upper / "usr", "trusted.overlay.opaque", b"y")
+    elif top == "whiteout-usr":
+        os.mknod(upper / "usr", stat.S_IFCHR, 0)
+    elif top == "whiteout-file":
+        (upper / "usr").mkdir()
+        os.mknod(upper / "usr" / "big", stat.S_IFCHR, 0)
+    elif top == "has-it":
+        (upper / "usr").mkdir()
+        (upper / "usr" / "big").write_bytes(b"upper")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    data = tar_of(member("alias", type=b"1", linkname="usr/big"))
+    if top in ("nothing", "has-it"):
+        apply(data, str(dest), lowers=[str(upper), str(bottom)])
+        assert (dest / "alias").read_bytes() == (b"bottom" if top == "nothing" else b"upper")
+    else:
+        with pytest.raises(InvalidLayerError, match="neither in this layer nor in a lower"):
+            apply(data, str(dest), lowers=[str(upper), str(bottom)])
+
+
 def test_dir_mtimes_applied_last_and_duplicates_later_wins(dest):
     data = tar_of(
         member("a/", type=b"5", mtime=100),
@@ -485,6 +519,21 @@ def test_apply_layer_file(tmp_path, dest):
     assert r.compressed_size == blob_path.stat().st_size
 
 
+@pytest.mark.parametrize("digest,error", [
+    ("sha512:" + "a" * 128, UnsupportedError),
+    ("sha256:../../etc", InvalidArgumentError),
+    ("sha256:" + "A" * 64, InvalidArgumentError),
+])
+def test_bad_expected_digests_refused_before_reading(dest, digest, error):
+    def never():  # type: ignore[no-untyped-def]
+        raise AssertionError("read before the digests were checked")
+        yield b""
+    with pytest.raises(error):
+        apply_layer(never(), TGZ, dest, expected_digest=digest)
+    with pytest.raises(error):
+        apply_layer(never(), TGZ, dest, expected_diff_id=digest)
+
+
 def test_unknown_media_type(dest):
     with pytest.raises(UnsupportedError):
         apply(b"", dest, "application/vnd.oci.image.layer.v1.tar+lz4")
@@ -639,3 +688,130 @@ def test_fuzz_mutated_tar(tmp_path_factory, data):
     assert sorted(os.listdir(sandbox)) == ["dest", "outside"]
     assert os.listdir(outside) == ["sentinel"]
     assert (outside / "sentinel").read_text() == "s"
+
+
+# Structured fuzzing: random sequences of the entries that hostile layers are made
+# of (symlinks aimed outside, type changes, hardlinks, whiteouts, odd names).
+# named at import (the strategies mention it), created by the test itself
+_FUZZ_SANDBOX = os.path.join(tempfile.gettempdir(),
+                             f"layer-fuzz-sandbox-{os.getpid()}-{secrets.token_hex(6)}")
+_FUZZ_OUT = os.path.join(_FUZZ_SANDBOX, "outside")
+_NAMES = ["a", "b", "a/b", "a/b/c", "l", "l/x", "l/l2/y", "m/z", "./a", "a/", "/a/b", ".wh.a",
+          "a/.wh.b", "l/.wh.sentinel", "a/.wh..wh..opq", "l/.wh..wh..opq", "c/d/e"]
+_TARGETS = [_FUZZ_OUT, _FUZZ_OUT + "/sentinel", _FUZZ_OUT + "/sub", "..", "../..",
+            "../../outside", "../outside/sentinel", "/", "a", "a/b", "l", "l/x", ".", "m"]
+_TYPES = [b"0", b"5", b"2", b"1", b"6", b"3"]
+
+
+@st.composite
+def _hostile_entries(draw):  # type: ignore[no-untyped-def]
+    out = []
+    for _ in range(draw(st.integers(1, 12))):
+        kind = draw(st.sampled_from(_TYPES))
+        name = draw(st.sampled_from(_NAMES))
+        kw = {"mode": draw(st.sampled_from([0o644, 0o777, 0o4755, 0o1777, 0])),
+              "uid": draw(st.sampled_from([0, 4321])), "mtime": draw(st.integers(0, 2**33))}
+        if kind in (b"1", b"2"):
+            kw["linkname"] = draw(st.sampled_from(_TARGETS))
+        if kind == b"3":
+            kw["devmajor"], kw["devminor"] = 1, 3
+        if draw(st.booleans()):
+            out.append(pax({"SCHILY.xattr.user.k": "v", "SCHILY.xattr.trusted.overlay.opaque": "y"}))
+        data = b"payload" if kind == b"0" else b""
+        out.append(member(name, data, type=kind, **kw))
+    return out
+
+
+def _outside_state() -> list[tuple]:
+    state = []
+    for dirpath, dirnames, filenames in os.walk(_FUZZ_SANDBOX):
+        if dirpath == os.path.join(_FUZZ_SANDBOX, "dest"):
+            dirnames[:] = []
+            continue
+        for n in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, n)
+            if p == os.path.join(_FUZZ_SANDBOX, "dest"):
+                continue
+            s = os.lstat(p)
+            state.append((p, s.st_mode, s.st_uid, s.st_mtime_ns, s.st_ino,
+                          tuple(os.listxattr(p, follow_symlinks=False))))
+    return state
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(_hostile_entries())
+def test_fuzz_hostile_entry_sequences(entries):
+    shutil.rmtree(_FUZZ_SANDBOX, ignore_errors=True)
+    os.makedirs(os.path.join(_FUZZ_OUT, "sub"))
+    Path(_FUZZ_OUT, "sentinel").write_text("s")
+    os.mkdir(os.path.join(_FUZZ_SANDBOX, "dest"))
+    before = _outside_state()
+    try:
+        apply(tar_of(*entries), os.path.join(_FUZZ_SANDBOX, "dest"))
+    except PycriError:
+        pass
+    assert _outside_state() == before
+    assert Path(_FUZZ_OUT, "sentinel").read_text() == "s"
+
+
+def teardown_module(module: object) -> None:
+    shutil.rmtree(_FUZZ_SANDBOX, ignore_errors=True)
+
+
+# --- fidelity: the same tree as GNU tar extracts it ------------------------------
+
+def _tree_state(root: str) -> dict[str, tuple]:
+    """Everything tar round-trips, per path, plus hardlink groups by first path."""
+    state: dict[str, tuple] = {}
+    first_of_inode: dict[int, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            rel = os.path.relpath(p, root)
+            s = os.lstat(p)
+            link = first_of_inode.setdefault(s.st_ino, rel) if not stat.S_ISDIR(s.st_mode) else ""
+            content: object = None
+            if stat.S_ISREG(s.st_mode):
+                content = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+            elif stat.S_ISLNK(s.st_mode):
+                content = os.readlink(p)
+            xattrs = () if stat.S_ISLNK(s.st_mode) else tuple(sorted(
+                (k, os.getxattr(p, k)) for k in os.listxattr(p) if k.startswith("user.")))
+            mtime = s.st_mtime_ns if not stat.S_ISLNK(s.st_mode) else s.st_mtime_ns // 10**9
+            state[rel] = (s.st_mode, s.st_uid, s.st_gid, mtime, s.st_rdev, content, link, xattrs)
+    return state
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/zoneinfo"), reason="needs tzdata")
+@pytest.mark.parametrize("fmt", ["posix", "gnu"])
+def test_same_tree_as_gnu_tar(tmp_path, fmt):
+    src = tmp_path / "src"
+    subprocess.run(["cp", "-a", "/usr/share/zoneinfo", str(src)], check=True)
+    deep = src / ("long-directory-name-" * 6) / ("x" * 120)
+    deep.mkdir(parents=True)
+    (deep / "file").write_bytes(b"deep")
+    os.symlink("t" * 300, src / "long-target")
+    (src / "orig").write_bytes(b"linked")
+    os.link(src / "orig", src / "Europe" / "hard")
+    os.mkfifo(src / "fifo", 0o640)
+    os.mknod(src / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    (src / "suid").write_bytes(b"s")
+    os.chmod(src / "suid", 0o4755)
+    os.chown(src / "Europe" / "Paris", 1234, 5678, follow_symlinks=False)
+    os.setxattr(src / "orig", "user.origin", b"test")
+    os.chmod(src / "Asia", 0o2750)
+    os.utime(src / "Asia", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    blob = tmp_path / "layer.tar.gz"
+    subprocess.run(["tar", f"--format={fmt}", "--xattrs", "-czf", str(blob), "-C", str(src),
+                    "."], check=True)
+    by_tar, by_pycri = tmp_path / "tar", tmp_path / "pycri"
+    by_tar.mkdir()
+    by_pycri.mkdir()
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "-xpzf", str(blob), "-C",
+                    str(by_tar)], check=True)
+    r = apply_layer_file(str(blob), TGZ, str(by_pycri))
+    want, got = _tree_state(str(by_tar)), _tree_state(str(by_pycri))
+    assert sorted(got) == sorted(want)
+    diff = {k: (want[k], got[k]) for k in want if want[k] != got[k]}
+    assert not diff
+    assert r.stats.hardlinks >= 1 and r.stats.devices == 2 and r.stats.symlinks > 300

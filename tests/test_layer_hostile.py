@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import os
 import pathlib
+import secrets
 import shutil
 import stat
 import tempfile
@@ -28,10 +29,11 @@ from test_layer import END, TAR, TGZ, TZST, gnu_long, header, lxattr, member, pa
 from pycri.errors import InvalidLayerError, PycriError, ResourceExhaustedError
 from pycri.layer import LayerLimits, apply_layer
 
-# One sandbox per test process, made at import, so archives can name the outside
+# One sandbox per test process, named at import so archives can name the outside
 # dir by its absolute path (a random name: nothing else on the machine can guess
-# it and clean it up mid-test).
-SANDBOX = tempfile.mkdtemp(prefix="layer-hostile-sandbox-")
+# it and clean it up mid-test); the fixture creates it.
+SANDBOX = os.path.join(tempfile.gettempdir(),
+                       f"layer-hostile-sandbox-{os.getpid()}-{secrets.token_hex(6)}")
 OUT = SANDBOX + "/outside"
 DEFAULT_LIMITS = LayerLimits()
 

@@ -22,6 +22,9 @@
 #define SANDBOX "/tmp/pycri-fuzz"
 #define DEST SANDBOX "/dest"
 #define OUTSIDE SANDBOX "/outside"
+#define LOWER SANDBOX "/lower"   /* a lower layer for hardlinks this layer lacks */
+
+static int lower_fd = -1;
 
 static int rm_one(const char *path, const struct stat *st, int flag, struct FTW *ftw) {
     (void)st; (void)ftw;
@@ -38,8 +41,8 @@ static void write_file(const char *path, const char *text) {
 }
 
 static void check_sandbox(void) {
-    /* only dest and outside beside each other; outside holds exactly its sentinels */
-    const char *want_top[] = {"dest", "outside"}, *want_out[] = {"sentinel", "sub"};
+    /* only dest, lower and outside side by side; outside holds exactly its sentinels */
+    const char *want_top[] = {"dest", "outside", "lower"}, *want_out[] = {"sentinel", "sub", "sub"};
     const char *dirs[] = {SANDBOX, OUTSIDE};
     const char **wants[] = {want_top, want_out};
     for (int d = 0; d < 2; d++) {
@@ -51,14 +54,15 @@ static void check_sandbox(void) {
         while ((de = readdir(dir))) {
             if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
                 continue;
-            if (strcmp(de->d_name, wants[d][0]) && strcmp(de->d_name, wants[d][1])) {
+            if (strcmp(de->d_name, wants[d][0]) && strcmp(de->d_name, wants[d][1]) &&
+                strcmp(de->d_name, wants[d][2])) {
                 fprintf(stderr, "escape: %s/%s appeared\n", dirs[d], de->d_name);
                 abort();
             }
             n++;
         }
         closedir(dir);
-        if (n != 2)
+        if (n != (d == 0 ? 3 : 2))
             abort();
     }
     struct stat st;
@@ -85,7 +89,13 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     chmod(OUTSIDE "/sentinel", 0640);
     struct timespec ts[2] = {{1000000000, 0}, {1000000000, 0}};
     utimensat(AT_FDCWD, OUTSIDE "/sentinel", ts, 0);
-    return 0;
+    if (mkdir(LOWER, 0755) < 0 || mkdir(LOWER "/usr", 0755) < 0)
+        abort();
+    write_file(LOWER "/usr/big", "lower file");
+    symlink(OUTSIDE, LOWER "/esc");
+    mknod(LOWER "/usr/gone", S_IFCHR, 0);
+    lower_fd = open(LOWER, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    return lower_fd < 0 ? -1 : 0;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
@@ -98,7 +108,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 
     if (mkdir(DEST, 0755) < 0)
         abort();
-    if (pycri_layer_open(&l, AT_FDCWD, DEST, &lim, NULL, 0, 0, &err) == 0) {
+    if (pycri_layer_open(&l, AT_FDCWD, DEST, &lim, &lower_fd, 1, 0, &err) == 0) {
         int rc = 0;
         for (size_t off = 0; rc == 0 && off < size; off += step)
             rc = pycri_layer_feed(&l, data + off, size - off < step ? size - off : step, &err);

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,8 +41,13 @@ def main(out_dir: str) -> None:
             test_layer.member("h", type=b"1", linkname=FUZZ_OUT + "/sentinel"),
             test_layer.member("s", type=b"2", linkname=FUZZ_OUT + "/sentinel", mode=0o777),
         ))
-    print(f"wrote {n + 2} seeds to {out_dir}")
-    shutil.rmtree(hostile.SANDBOX, ignore_errors=True)  # made by importing the module
+    with open(os.path.join(out_dir, "hardlinks-into-lower"), "wb") as f:
+        f.write(test_layer.tar_of(
+            test_layer.member("a", type=b"1", linkname="usr/big"),
+            test_layer.member("b", type=b"1", linkname="esc/sentinel"),
+            test_layer.member("c", type=b"1", linkname="usr/gone"),
+        ))
+    print(f"wrote {n + 3} seeds to {out_dir}")
 
 
 if __name__ == "__main__":
