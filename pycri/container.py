@@ -329,10 +329,11 @@ class Container:
             with store.flock(os.path.join(runtime.root, "locks", "containers.lock")):
                 for other in sandbox.containers():
                     with contextlib.suppress(NotFoundError):
-                        if other._read()["config"]["name"] == config.name:
+                        o = other._read()["config"]
+                        if (o["name"], o.get("attempt", 0)) == (config.name, config.attempt):
                             raise AlreadyExistsError(
-                                f"container {config.name!r} already exists in sandbox "
-                                f"{sandbox.id[:12]} as {other.id}")
+                                f"container {config.name!r} (attempt {config.attempt}) already "
+                                f"exists in sandbox {sandbox.id[:12]} as {other.id}")
                 store.makedirs(ctr.record_dir)
                 log_path = config.log_path or os.path.join(ctr.record_dir, "container.log")
                 if config.log_path and sb_rec["config"].get("log_directory") and \
