@@ -34,9 +34,15 @@ from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import grpc
+# pycri's C core forks (launch, namespace pinning) from gRPC worker threads. gRPC's
+# fork support installs pthread_atfork handlers whose child half crashes such a child
+# (SIGSEGV, "epoll_wait error" in the parent). The server never uses gRPC in a forked
+# child, so it turns fork support off before gRPC starts.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-import pycri
+import grpc  # noqa: E402
+
+import pycri  # noqa: E402
 from pycri.cri import convert
 from pycri.cri._gen import api_pb2, api_pb2_grpc
 from pycri.config import to_json
