@@ -344,6 +344,16 @@ def mount(m: api_pb2.Mount) -> Mount:
                  propagation=_PROPAGATION[m.propagation])
 
 
+def _text(v: str | bytes, what: str) -> str:
+    """This proto declares KeyValue.value as bytes (wire-compatible with CRI's string)."""
+    if isinstance(v, str):
+        return v
+    try:
+        return v.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(f"{what} is not UTF-8") from None
+
+
 def container_config(cfg: api_pb2.ContainerConfig, image_id: str,
                      log_directory: str = "") -> ContainerConfig:
     """CRI ContainerConfig -> ContainerConfig, the image already resolved to its id.
@@ -366,7 +376,7 @@ def container_config(cfg: api_pb2.ContainerConfig, image_id: str,
     return ContainerConfig(
         name=md.name, attempt=md.attempt, image=image_id,
         command=tuple(cfg.command), args=tuple(cfg.args), working_dir=cfg.working_dir,
-        env=tuple((kv.key, kv.value) for kv in cfg.envs),
+        env=tuple((kv.key, _text(kv.value, "environment value")) for kv in cfg.envs),
         mounts=tuple(mount(m) for m in cfg.mounts),
         labels=dict(cfg.labels), annotations=dict(cfg.annotations), log_path=log_path,
         stdin=cfg.stdin, stdin_once=cfg.stdin_once, tty=cfg.tty,
