@@ -367,6 +367,10 @@ class Container:
         work = store.makedirs(os.path.join(fs, "work"), 0o700)
         rootfs = store.makedirs(self._path("rootfs"), 0o755)
         os.makedirs(os.path.dirname(rec["log_path"]), exist_ok=True)
+        # The monitor opens the log only once started; the file exists from create on, so
+        # a reader right after start (CRI clients do) finds it.
+        os.close(os.open(rec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o640))
 
         argv = _argv(config, icfg.entrypoint, icfg.cmd)
         user = users.resolve(layer_dirs, icfg.user, config.run_as_user, config.run_as_username,
