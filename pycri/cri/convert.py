@@ -33,7 +33,7 @@ from pycri.config import (
 from pycri.container import CREATED, EXITED, RUNNING, ContainerStatus, ExecResult
 from pycri.sandbox import NOTREADY, READY, SandboxStatus
 from pycri.cri._gen import api_pb2
-from pycri.errors import InvalidArgumentError
+from pycri.errors import InvalidArgumentError, UnsupportedError
 from pycri.image import FsInfo, Image
 
 # Names the Docker Hub registry goes by in credentials (docker login writes the first).
@@ -334,7 +334,7 @@ def resources(r: api_pb2.LinuxContainerResources) -> Resources:
 
 def mount(m: api_pb2.Mount) -> Mount:
     if m.image.image:
-        raise InvalidArgumentError("image volume mounts are not supported")
+        raise UnsupportedError("image volume mounts are not supported")
     if m.uidMappings or m.gidMappings:
         raise InvalidArgumentError("id-mapped mounts are not supported")
     if m.propagation not in _PROPAGATION:
