@@ -503,17 +503,21 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         for i in range(0, len(items), STREAM_CHUNK):
             yield api_pb2.StreamPodSandboxStatsResponse(pod_sandbox_stats=items[i:i + STREAM_CHUNK])
 
+    # CRI metrics (ListMetricDescriptors and friends) are the cAdvisor set; an empty but
+    # "successful" answer tells kubelet and critest that pycri serves them, and both
+    # then want every descriptor. Until it does, say so: clients skip or fall back.
     @rpc
     def ListMetricDescriptors(self, request: Any, context: Any) -> Any:
-        return api_pb2.ListMetricDescriptorsResponse()  # no extra metrics (yet)
+        raise UnsupportedError("ListMetricDescriptors: pycri serves no CRI metrics yet")
 
     @rpc
     def ListPodSandboxMetrics(self, request: Any, context: Any) -> Any:
-        return api_pb2.ListPodSandboxMetricsResponse()
+        raise UnsupportedError("ListPodSandboxMetrics: pycri serves no CRI metrics yet")
 
     @rpc
     def StreamPodSandboxMetrics(self, request: Any, context: Any) -> Iterator[Any]:
-        yield from ()
+        raise UnsupportedError("StreamPodSandboxMetrics: pycri serves no CRI metrics yet")
+        yield  # a generator, like the other Stream* RPCs
 
 
 def _state_or(c: pycri.Container, default: str) -> str:
