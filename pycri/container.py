@@ -557,11 +557,29 @@ class Container:
                 return
             cfg = from_json(ContainerConfig, rec["config"])
             sig = _stop_signal(self.runtime, rec, cfg)
+            dropped = False
             if timeout > 0:
+                # A pid-namespace init gets a signal from outside only if it handles it;
+                # one sent before the program installed its handler (a stop right after
+                # start) is dropped by the kernel, so it is sent again once handled.
+                dropped = not _catches(rec["pid"], sig)
                 self._signal(rec, sig)
         if timeout > 0:
-            with contextlib.suppress(TimeoutError, InvalidStateError):
-                self.wait(timeout)
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    self.wait(min(left, 0.5) if dropped else left)
+                    break
+                except (TimeoutError, InvalidStateError):
+                    if time.monotonic() >= deadline:
+                        break
+                if dropped and _catches(rec["pid"], sig):
+                    dropped = False
+                    with self._lock():
+                        rec = self._read()
+                        self._refresh(rec)
+                        self._signal(rec, sig)
         with self._lock():
             rec = self._read()
             self._refresh(rec)
@@ -591,6 +609,9 @@ class Container:
         pid = rec.get("monitor_pid", 0)
         if not _alive(pid, 0):
             raise RuntimeFailure("the container's monitor is gone", stage="log")
+        # made here, so it exists when this returns; the monitor reopens it asynchronously
+        os.close(os.open(rec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o640))
         os.kill(pid, signal.SIGUSR1)
 
     def _kill_launcher(self, rec: dict[str, Any]) -> None:
@@ -820,6 +841,19 @@ def _pty_in(pid: int) -> tuple[int, int]:
         os.close(master)
         return os.openpty()
     return master, slave
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status); True when
+    unknown, so nothing is resent blindly."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    except (OSError, ValueError):
+        pass
+    return True
 
 
 def _start_time(pid: int) -> int:
