@@ -455,6 +455,7 @@ class Container:
                 etc_hostname=sandbox.etc_file("hostname"),
                 etc_hosts=sandbox.etc_file("hosts"), etc_resolv=sandbox.etc_file("resolv.conf"),
                 binds=binds, masked_paths=list(masked), readonly_paths=list(readonly),
+                root_propagation=_root_propagation(config.mounts),
                 start_wait=True,
             )
             monitor = _native.monitor_command(
@@ -841,6 +842,13 @@ def _pty_in(pid: int) -> tuple[int, int]:
         os.close(master)
         return os.openpty()
     return master, slave
+
+
+def _root_propagation(mounts: tuple[Any, ...]) -> str:
+    """The container's "/" must pass host mounts on for an rslave bind (and both ways
+    for rshared); otherwise it stays private."""
+    props = {m.propagation for m in mounts}
+    return "rshared" if "rshared" in props else ("rslave" if "rslave" in props else "private")
 
 
 def _catches(pid: int, sig: int) -> bool:
