@@ -387,3 +387,46 @@ def test_container_events(cri, busybox_ref):
     assert started.pod_sandbox_status.id == pod and started.created_at > 0
     assert started.containers_statuses[0].state == api_pb2.CONTAINER_RUNNING
     r.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=T)
+
+
+def test_attach_through_streaming_url(cri, busybox_ref):
+    r, _, _, _ = cri
+    pod = run_pod(r, "attach")
+    cid = create(r, pod, ctr_config("cat", busybox_ref, ["cat"], stdin=True, stdin_once=True))
+    assert code_of(r.Attach, api_pb2.AttachRequest(container_id=cid, stdout=True)) \
+        == Code.FAILED_PRECONDITION  # not running yet
+    r.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=T)
+    req = api_pb2.AttachRequest(container_id=cid, stdin=True, stdout=True, stderr=True)
+    out, err, _ = spdy_exec(r.Attach(req, timeout=T).url, req, stdin_data=b"attached input\n")
+    assert out == b"attached input\n" and err == b""
+    # stdin_once: closing the attached stdin ended cat, and with it the container
+    deadline = time.monotonic() + 10
+    while (s := cstatus(r, cid).status).state != api_pb2.CONTAINER_EXITED:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert s.exit_code == 0
+    r.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=T)
+
+
+def test_bind_mount_propagation_and_status(cri, busybox_ref):
+    r, _, _, _ = cri
+    host = tempfile.mkdtemp(prefix="pycri-crirt-vol-")
+    with open(os.path.join(host, "seen"), "w") as f:
+        f.write("from host\n")
+    pod = run_pod(r, "mounts")
+    mounts = [api_pb2.Mount(container_path="/data", host_path=host, readonly=True,
+                            propagation=api_pb2.PROPAGATION_HOST_TO_CONTAINER)]
+    cid = create(r, pod, ctr_config("m", busybox_ref, ["sleep", "300"], mounts=mounts))
+    try:
+        s = cstatus(r, cid).status
+        [m] = s.mounts
+        assert (m.container_path, m.host_path, m.readonly, m.propagation) == (
+            "/data", host, True, api_pb2.PROPAGATION_HOST_TO_CONTAINER)
+        r.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=T)
+        res = r.ExecSync(api_pb2.ExecSyncRequest(container_id=cid, cmd=["sh", "-c",
+                         "cat /data/seen; touch /data/x 2>/dev/null || echo ro"]), timeout=T)
+        assert res.stdout == b"from host\nro\n"
+        assert cstatus(r, cid).status.mounts[0].propagation == api_pb2.PROPAGATION_HOST_TO_CONTAINER
+    finally:
+        r.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=T)
+        shutil.rmtree(host, ignore_errors=True)
