@@ -182,7 +182,7 @@ CONTAINER_STATE = {CREATED: api_pb2.CONTAINER_CREATED, RUNNING: api_pb2.CONTAINE
 _CONTAINER_STATE_NAME = {v: k for k, v in CONTAINER_STATE.items()}
 
 
-def _ns_mode(value: int, what: str, allowed: tuple[str, ...]) -> str:
+def _ns_mode(value: Any, what: str, allowed: tuple[str, ...]) -> str:
     mode = _NS_MODE.get(value)
     if mode is None or mode not in allowed:
         raise InvalidArgumentError(f"{what} namespace mode {api_pb2.NamespaceMode.Name(value)} "

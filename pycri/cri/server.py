@@ -577,7 +577,7 @@ class EventHub:
         except NotFoundError:
             return None
 
-    def container(self, c: pycri.Container, kind: int) -> None:
+    def container(self, c: pycri.Container, kind: Any) -> None:
         with self._lock:
             if not self._subscribers:
                 return
@@ -595,7 +595,7 @@ class EventHub:
                 sb = self.rt.sandbox(st.sandbox_id)
         self._emit(container_id, api_pb2.CONTAINER_DELETED_EVENT, st, sb)
 
-    def _emit(self, container_id: str, kind: int, st: Any, sb: pycri.Sandbox | None) -> None:
+    def _emit(self, container_id: str, kind: Any, st: Any, sb: pycri.Sandbox | None) -> None:
         event = api_pb2.ContainerEventResponse(container_id=container_id,
                                                container_event_type=kind,
                                                created_at=time.time_ns())
