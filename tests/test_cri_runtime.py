@@ -430,3 +430,29 @@ def test_bind_mount_propagation_and_status(cri, busybox_ref):
     finally:
         r.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=T)
         shutil.rmtree(host, ignore_errors=True)
+
+
+def test_update_resources_and_reopen_log(cri, busybox_ref):
+    r, _, _, logs = cri
+    pod = run_pod(r, "update", logs)
+    cid = create(r, pod, ctr_config("u", busybox_ref, ["sh", "-c",
+                                    "while true; do echo tick; sleep 0.2; done"],
+                                    log_path="u.log"))
+    try:
+        r.StartContainer(api_pb2.StartContainerRequest(container_id=cid), timeout=T)
+        r.UpdateContainerResources(api_pb2.UpdateContainerResourcesRequest(
+            container_id=cid, linux=api_pb2.LinuxContainerResources(
+                memory_limit_in_bytes=64 << 20, cpu_shares=512)), timeout=T)
+        assert code_of(r.UpdateContainerResources, api_pb2.UpdateContainerResourcesRequest(
+            container_id=cid, linux=api_pb2.LinuxContainerResources(cpu_quota=5))) \
+            == Code.INVALID_ARGUMENT  # below 1000 microseconds
+        path = cstatus(r, cid).status.log_path
+        os.rename(path, path + ".1")
+        r.ReopenContainerLog(api_pb2.ReopenContainerLogRequest(container_id=cid), timeout=T)
+        assert os.path.exists(path)  # at once, not some time later
+        deadline = time.monotonic() + 10
+        while b"tick" not in open(path, "rb").read():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        r.RemovePodSandbox(api_pb2.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=T)
