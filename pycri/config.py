@@ -298,6 +298,7 @@ class ContainerConfig:
     seccomp: str = "RuntimeDefault"                 # "RuntimeDefault", "Unconfined" or a file path
     pid: str = ""                                   # "" follows the sandbox; CONTAINER/POD/NODE
     oom_score_adj: int = 0
+    attempt: int = 0                                # restart count: (name, attempt) is unique
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):

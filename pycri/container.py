@@ -336,10 +336,11 @@ class Container:
             with store.flock(os.path.join(runtime.root, "locks", "containers.lock")):
                 for other in sandbox.containers():
                     with contextlib.suppress(NotFoundError):
-                        if other._read()["config"]["name"] == config.name:
+                        o = other._read()["config"]
+                        if (o["name"], o.get("attempt", 0)) == (config.name, config.attempt):
                             raise AlreadyExistsError(
-                                f"container {config.name!r} already exists in sandbox "
-                                f"{sandbox.id[:12]} as {other.id}")
+                                f"container {config.name!r} (attempt {config.attempt}) already "
+                                f"exists in sandbox {sandbox.id[:12]} as {other.id}")
                 store.makedirs(ctr.record_dir)
                 log_path = config.log_path or os.path.join(ctr.record_dir, "container.log")
                 if config.log_path and sb_rec["config"].get("log_directory") and \
@@ -376,6 +377,10 @@ class Container:
         work = store.makedirs(os.path.join(fs, "work"), 0o700)
         rootfs = store.makedirs(os.path.join(fs, "rootfs"), 0o755)
         os.makedirs(os.path.dirname(rec["log_path"]), exist_ok=True)
+        # The monitor opens the log only once started; the file exists from create on, so
+        # a reader right after start (CRI clients do) finds it.
+        os.close(os.open(rec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o640))
 
         argv = _argv(config, icfg.entrypoint, icfg.cmd)
         user = users.resolve(layer_dirs, icfg.user, config.run_as_user, config.run_as_username,
@@ -472,6 +477,7 @@ class Container:
                 etc_hostname=sandbox.etc_file("hostname"),
                 etc_hosts=sandbox.etc_file("hosts"), etc_resolv=sandbox.etc_file("resolv.conf"),
                 binds=binds, masked_paths=list(masked), readonly_paths=list(readonly),
+                root_propagation=_root_propagation(config.mounts),
                 start_wait=True,
             )
             monitor = _native.monitor_command(
@@ -600,11 +606,29 @@ class Container:
                 return
             cfg = from_json(ContainerConfig, rec["config"])
             sig = _stop_signal(self.runtime, rec, cfg)
+            dropped = False
             if timeout > 0:
+                # A pid-namespace init gets a signal from outside only if it handles it;
+                # one sent before the program installed its handler (a stop right after
+                # start) is dropped by the kernel, so it is sent again once handled.
+                dropped = not _catches(rec["pid"], sig)
                 self._signal(rec, sig)
         if timeout > 0:
-            with contextlib.suppress(TimeoutError, InvalidStateError):
-                self.wait(timeout)
+            deadline = time.monotonic() + timeout
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    self.wait(min(left, 0.5) if dropped else left)
+                    break
+                except (TimeoutError, InvalidStateError):
+                    if time.monotonic() >= deadline:
+                        break
+                if dropped and _catches(rec["pid"], sig):
+                    dropped = False
+                    with self._lock():
+                        rec = self._read()
+                        self._refresh(rec)
+                        self._signal(rec, sig)
         with self._lock():
             rec = self._read()
             self._refresh(rec)
@@ -634,6 +658,9 @@ class Container:
         pid = rec.get("monitor_pid", 0)
         if not _alive(pid, 0):
             raise RuntimeFailure("the container's monitor is gone", stage="log")
+        # made here, so it exists when this returns; the monitor reopens it asynchronously
+        os.close(os.open(rec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o640))
         os.kill(pid, signal.SIGUSR1)
 
     def _kill_launcher(self, rec: dict[str, Any]) -> None:
@@ -889,6 +916,26 @@ def _pty_in(pid: int) -> tuple[int, int]:
         os.close(master)
         return os.openpty()
     return master, slave
+
+
+def _root_propagation(mounts: tuple[Any, ...]) -> str:
+    """The container's "/" must pass host mounts on for an rslave bind (and both ways
+    for rshared); otherwise it stays private."""
+    props = {m.propagation for m in mounts}
+    return "rshared" if "rshared" in props else ("rslave" if "rslave" in props else "private")
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status); True when
+    unknown, so nothing is resent blindly."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    except (OSError, ValueError):
+        pass
+    return True
 
 
 def _start_time(pid: int) -> int:

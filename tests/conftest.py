@@ -17,6 +17,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # import the in-tree pycri first
 sys.path.insert(0, HERE)  # test helpers (imagebuild, ...)
 
+# pycri's C core forks; gRPC's fork support (on by default in grpcio) installs atfork
+# handlers that crash such children when gRPC threads are busy. Turn it off before any
+# test starts gRPC, as the CRI server itself does (pycri/cri/server.py).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 
 

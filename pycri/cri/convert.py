@@ -9,13 +9,31 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import os
 import urllib.parse
 from collections.abc import Iterable
+from typing import Any
 
 from pycri import reference
-from pycri.config import Auth
+from pycri.config import (
+    CONTAINER,
+    NODE,
+    POD,
+    Auth,
+    ContainerConfig,
+    DNSConfig,
+    IDMapping,
+    Mount,
+    PortMapping,
+    Resources,
+    SandboxConfig,
+    UserNamespace,
+    to_json,
+)
+from pycri.container import CREATED, EXITED, RUNNING, ContainerStatus, ExecResult
+from pycri.sandbox import NOTREADY, READY, SandboxStatus
 from pycri.cri._gen import api_pb2
-from pycri.errors import InvalidArgumentError
+from pycri.errors import InvalidArgumentError, UnsupportedError
 from pycri.image import FsInfo, Image
 
 # Names the Docker Hub registry goes by in credentials (docker login writes the first).
@@ -145,3 +163,327 @@ def auth_from_proto(cfg: api_pb2.AuthConfig | None, registry: str) -> Auth | Non
 def registry_of(ref: str) -> str:
     """The registry host a pull of ``ref`` goes to (raises InvalidArgumentError if malformed)."""
     return reference.parse(ref).registry
+
+
+# -- pod sandboxes --------------------------------------------------------------------
+
+# CRI NamespaceMode numbers -> the library's namespace modes.
+_NS_MODE = {api_pb2.POD: POD, api_pb2.CONTAINER: CONTAINER, api_pb2.NODE: NODE}
+_NS_ENUM = {v: k for k, v in _NS_MODE.items()}
+_PROTOCOL = {api_pb2.TCP: "tcp", api_pb2.UDP: "udp", api_pb2.SCTP: "sctp"}
+_PROPAGATION = {api_pb2.PROPAGATION_PRIVATE: "private",
+                api_pb2.PROPAGATION_HOST_TO_CONTAINER: "rslave",
+                api_pb2.PROPAGATION_BIDIRECTIONAL: "rshared"}
+_PROPAGATION_ENUM = {v: k for k, v in _PROPAGATION.items()}
+SANDBOX_STATE = {READY: api_pb2.SANDBOX_READY}  # everything else is NOTREADY
+_SANDBOX_STATE_NAME = {api_pb2.SANDBOX_READY: READY, api_pb2.SANDBOX_NOTREADY: NOTREADY}
+CONTAINER_STATE = {CREATED: api_pb2.CONTAINER_CREATED, RUNNING: api_pb2.CONTAINER_RUNNING,
+                   EXITED: api_pb2.CONTAINER_EXITED}
+_CONTAINER_STATE_NAME = {v: k for k, v in CONTAINER_STATE.items()}
+
+
+def _ns_mode(value: Any, what: str, allowed: tuple[str, ...]) -> str:
+    mode = _NS_MODE.get(value)
+    if mode is None or mode not in allowed:
+        raise InvalidArgumentError(f"{what} namespace mode {api_pb2.NamespaceMode.Name(value)} "
+                                   "is not supported")
+    return mode
+
+
+def _user_namespace(opts: api_pb2.UserNamespace) -> UserNamespace | None:
+    if opts.mode == api_pb2.NODE:
+        return None
+    if opts.mode != api_pb2.POD:
+        raise InvalidArgumentError("user namespace mode must be NODE or POD")
+
+    def maps(ms: Iterable[api_pb2.IDMapping]) -> tuple[IDMapping, ...]:
+        return tuple(IDMapping(m.container_id, m.host_id, m.length) for m in ms)
+
+    return UserNamespace(uids=maps(opts.uids), gids=maps(opts.gids))
+
+
+def sandbox_config(cfg: api_pb2.PodSandboxConfig, runtime_handler: str = "") -> SandboxConfig:
+    """CRI PodSandboxConfig -> SandboxConfig (validated by its constructor)."""
+    md = cfg.metadata
+    if not md.name:
+        raise InvalidArgumentError("PodSandboxConfig.metadata.name must not be empty")
+    linux = cfg.linux
+    sc = linux.security_context
+    ns = sc.namespace_options
+    dns = None
+    if cfg.HasField("dns_config"):
+        d = cfg.dns_config
+        dns = DNSConfig(servers=tuple(d.servers), searches=tuple(d.searches),
+                        options=tuple(d.options))
+    ports = tuple(PortMapping(container_port=p.container_port, host_port=p.host_port,
+                              protocol=_PROTOCOL.get(p.protocol, "tcp"), host_ip=p.host_ip)
+                  for p in cfg.port_mappings)
+    userns = _user_namespace(ns.userns_options) if ns.HasField("userns_options") else None
+    return SandboxConfig(
+        name=md.name, namespace=md.namespace or "default", uid=md.uid, attempt=md.attempt,
+        hostname=cfg.hostname, log_directory=cfg.log_directory, dns=dns, port_mappings=ports,
+        labels=dict(cfg.labels), annotations=dict(cfg.annotations),
+        cgroup_parent=linux.cgroup_parent, sysctls=dict(linux.sysctls),
+        network=_ns_mode(ns.network, "network", (POD, NODE)),
+        pid=_ns_mode(ns.pid, "pid", (POD, CONTAINER, NODE)),
+        ipc=_ns_mode(ns.ipc, "ipc", (POD, NODE)),
+        privileged=sc.privileged, user_namespace=userns, runtime_handler=runtime_handler)
+
+
+def _sandbox_metadata(cfg: SandboxConfig) -> api_pb2.PodSandboxMetadata:
+    return api_pb2.PodSandboxMetadata(name=cfg.name, namespace=cfg.namespace, uid=cfg.uid,
+                                      attempt=cfg.attempt)
+
+
+def namespace_options(cfg: SandboxConfig) -> api_pb2.NamespaceOption:
+    opts = api_pb2.NamespaceOption(network=_NS_ENUM[cfg.network], pid=_NS_ENUM[cfg.pid],
+                                   ipc=_NS_ENUM[cfg.ipc])
+    if cfg.user_namespace is not None:
+        u = cfg.user_namespace
+        opts.userns_options.CopyFrom(api_pb2.UserNamespace(
+            mode=api_pb2.POD,
+            uids=[api_pb2.IDMapping(host_id=m.host_id, container_id=m.container_id,
+                                    length=m.length) for m in u.uids],
+            gids=[api_pb2.IDMapping(host_id=m.host_id, container_id=m.container_id,
+                                    length=m.length) for m in u.gids]))
+    else:
+        opts.userns_options.mode = api_pb2.NODE
+    return opts
+
+
+def sandbox_status(st: SandboxStatus, info: dict[str, Any] | None = None
+                   ) -> api_pb2.PodSandboxStatusResponse:
+    """A library SandboxStatus as PodSandboxStatusResponse (``info``: verbose details)."""
+    cfg = st.config
+    network = api_pb2.PodSandboxNetworkStatus(
+        ip=st.ip, additional_ips=[api_pb2.PodIP(ip=ip) for ip in st.ips[1:]])
+    status = api_pb2.PodSandboxStatus(
+        id=st.id, metadata=_sandbox_metadata(cfg),
+        state=SANDBOX_STATE.get(st.state, api_pb2.SANDBOX_NOTREADY),
+        created_at=st.created_at_ns, network=network,
+        linux=api_pb2.LinuxPodSandboxStatus(
+            namespaces=api_pb2.Namespace(options=namespace_options(cfg))),
+        labels=cfg.labels, annotations=cfg.annotations, runtime_handler=cfg.runtime_handler)
+    verbose = {"info": json.dumps(info, sort_keys=True, default=str)} if info is not None else {}
+    return api_pb2.PodSandboxStatusResponse(status=status, info=verbose)
+
+
+def sandbox_to_proto(st: SandboxStatus) -> api_pb2.PodSandbox:
+    cfg = st.config
+    return api_pb2.PodSandbox(id=st.id, metadata=_sandbox_metadata(cfg),
+                              state=SANDBOX_STATE.get(st.state, api_pb2.SANDBOX_NOTREADY),
+                              created_at=st.created_at_ns, labels=cfg.labels,
+                              annotations=cfg.annotations, runtime_handler=cfg.runtime_handler)
+
+
+def sandbox_filter(f: api_pb2.PodSandboxFilter | None) -> dict[str, Any]:
+    """ListPodSandbox's filter as keyword arguments: id (prefix), state, labels."""
+    if f is None:
+        return {}
+    out: dict[str, Any] = {"id": f.id, "labels": dict(f.label_selector)}
+    if f.HasField("state"):
+        out["state"] = _SANDBOX_STATE_NAME.get(f.state.state, NOTREADY)
+    return out
+
+
+def sandbox_matches(st: SandboxStatus, id: str = "", state: str | None = None,
+                    labels: dict[str, str] | None = None) -> bool:
+    if id and not st.id.startswith(id):
+        return False
+    if state is not None and (READY if st.state == READY else NOTREADY) != state:
+        return False
+    return all(st.config.labels.get(k) == v for k, v in (labels or {}).items())
+
+
+# -- containers --------------------------------------------------------------------------
+
+def _seccomp(sc: api_pb2.LinuxContainerSecurityContext) -> str:
+    """The library's seccomp setting. No profile at all means unconfined (kubelet sends
+    Unconfined explicitly when a pod asks for nothing; containerd does the same)."""
+    if sc.HasField("seccomp"):
+        p = sc.seccomp
+        if p.profile_type == api_pb2.SecurityProfile.RuntimeDefault:
+            return "RuntimeDefault"
+        if p.profile_type == api_pb2.SecurityProfile.Unconfined:
+            return "Unconfined"
+        ref = p.localhost_ref.removeprefix("localhost/")
+        if not ref.startswith("/"):
+            raise InvalidArgumentError(f"seccomp localhost profile {p.localhost_ref!r} "
+                                       "must be an absolute path")
+        return ref
+    path = sc.seccomp_profile_path  # deprecated field, still sent by old clients
+    if path in ("runtime/default", "docker/default"):
+        return "RuntimeDefault"
+    if path in ("", "unconfined"):
+        return "Unconfined"
+    if path.startswith("localhost/"):
+        return path.removeprefix("localhost/")
+    raise InvalidArgumentError(f"seccomp profile {path!r} is not understood")
+
+
+def resources(r: api_pb2.LinuxContainerResources) -> Resources:
+    """CRI LinuxContainerResources -> Resources (0 means unset, in both)."""
+    return Resources(
+        cpu_shares=r.cpu_shares, cpu_quota=r.cpu_quota, cpu_period=r.cpu_period,
+        cpuset_cpus=r.cpuset_cpus, cpuset_mems=r.cpuset_mems,
+        memory_limit_in_bytes=r.memory_limit_in_bytes,
+        memory_swap_limit_in_bytes=r.memory_swap_limit_in_bytes,
+        hugepage_limits={h.page_size: h.limit for h in r.hugepage_limits},
+        unified=dict(r.unified))
+
+
+def mount(m: api_pb2.Mount) -> Mount:
+    if m.image.image:
+        raise UnsupportedError("image volume mounts are not supported")
+    if m.uidMappings or m.gidMappings:
+        raise InvalidArgumentError("id-mapped mounts are not supported")
+    if m.propagation not in _PROPAGATION:
+        raise InvalidArgumentError(f"mount propagation {m.propagation} is not known")
+    return Mount(container_path=m.container_path, host_path=m.host_path, readonly=m.readonly,
+                 recursive_readonly=m.recursive_read_only,
+                 propagation=_PROPAGATION[m.propagation])
+
+
+def _text(v: str | bytes, what: str) -> str:
+    """This proto declares KeyValue.value as bytes (wire-compatible with CRI's string)."""
+    if isinstance(v, str):
+        return v
+    try:
+        return v.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgumentError(f"{what} is not UTF-8") from None
+
+
+def container_config(cfg: api_pb2.ContainerConfig, image_id: str,
+                     log_directory: str = "") -> ContainerConfig:
+    """CRI ContainerConfig -> ContainerConfig, the image already resolved to its id.
+    log_path is relative to the sandbox's log directory (CRI)."""
+    md = cfg.metadata
+    if not md.name:
+        raise InvalidArgumentError("ContainerConfig.metadata.name must not be empty")
+    linux = cfg.linux
+    sc = linux.security_context
+    pid = ""
+    if sc.HasField("namespace_options"):
+        pid = _ns_mode(sc.namespace_options.pid, "pid", (POD, CONTAINER, NODE))
+    log_path = cfg.log_path
+    if log_path:
+        if os.path.isabs(log_path) or ".." in log_path.split("/"):
+            raise InvalidArgumentError(f"log_path {log_path!r} must be relative to the "
+                                       "sandbox's log directory, without '..'")
+        if log_directory:
+            log_path = os.path.join(log_directory, log_path)
+    return ContainerConfig(
+        name=md.name, attempt=md.attempt, image=image_id,
+        command=tuple(cfg.command), args=tuple(cfg.args), working_dir=cfg.working_dir,
+        env=tuple((kv.key, _text(kv.value, "environment value")) for kv in cfg.envs),
+        mounts=tuple(mount(m) for m in cfg.mounts),
+        labels=dict(cfg.labels), annotations=dict(cfg.annotations), log_path=log_path,
+        stdin=cfg.stdin, stdin_once=cfg.stdin_once, tty=cfg.tty,
+        resources=resources(linux.resources),
+        oom_score_adj=linux.resources.oom_score_adj,
+        run_as_user=sc.run_as_user.value if sc.HasField("run_as_user") else None,
+        run_as_group=sc.run_as_group.value if sc.HasField("run_as_group") else None,
+        run_as_username=sc.run_as_username,
+        supplemental_groups=tuple(sc.supplemental_groups),
+        cap_add=tuple(sc.capabilities.add_capabilities),
+        cap_drop=tuple(sc.capabilities.drop_capabilities),
+        privileged=sc.privileged, no_new_privs=sc.no_new_privs,
+        readonly_rootfs=sc.readonly_rootfs,
+        # kubelet always sends its default lists; an empty list means "use the
+        # runtime's defaults" (containerd reads it the same way).
+        masked_paths=tuple(sc.masked_paths) or None,
+        readonly_paths=tuple(sc.readonly_paths) or None,
+        seccomp=_seccomp(sc), pid=pid)
+
+
+def _container_metadata(cfg: ContainerConfig) -> api_pb2.ContainerMetadata:
+    return api_pb2.ContainerMetadata(name=cfg.name, attempt=cfg.attempt)
+
+
+def _mount_to_proto(m: Mount) -> api_pb2.Mount:
+    return api_pb2.Mount(container_path=m.container_path, host_path=m.host_path,
+                         readonly=m.readonly, recursive_read_only=m.recursive_readonly,
+                         propagation=_PROPAGATION_ENUM[m.propagation])
+
+
+def container_to_proto(st: ContainerStatus) -> api_pb2.Container:
+    cfg = st.config
+    return api_pb2.Container(
+        id=st.id, pod_sandbox_id=st.sandbox_id, metadata=_container_metadata(cfg),
+        image=api_pb2.ImageSpec(image=st.image), image_ref=st.image_ref,
+        image_id=st.image_ref, state=CONTAINER_STATE.get(st.state, api_pb2.CONTAINER_UNKNOWN),
+        created_at=st.created_at_ns, labels=cfg.labels, annotations=cfg.annotations)
+
+
+def container_status(st: ContainerStatus) -> api_pb2.ContainerStatus:
+    cfg = st.config
+    return api_pb2.ContainerStatus(
+        id=st.id, metadata=_container_metadata(cfg),
+        state=CONTAINER_STATE.get(st.state, api_pb2.CONTAINER_UNKNOWN),
+        created_at=st.created_at_ns, started_at=st.started_at_ns,
+        finished_at=st.finished_at_ns, exit_code=st.exit_code,
+        image=api_pb2.ImageSpec(image=st.image), image_ref=st.image_ref, image_id=st.image_ref,
+        reason=st.reason, message=st.message, labels=cfg.labels, annotations=cfg.annotations,
+        mounts=[_mount_to_proto(m) for m in cfg.mounts], log_path=st.log_path)
+
+
+def container_info(st: ContainerStatus, sandbox_id: str) -> dict[str, str]:
+    """ContainerStatus's verbose info: one JSON document, as crictl inspect reads it."""
+    info = {"sandboxID": sandbox_id, "pid": st.pid, "config": to_json(st.config),
+            "logPath": st.log_path}
+    return {"info": json.dumps(info, sort_keys=True)}
+
+
+def container_filter(f: api_pb2.ContainerFilter | None) -> dict[str, Any]:
+    if f is None:
+        return {}
+    out: dict[str, Any] = {"id": f.id, "sandbox_id": f.pod_sandbox_id,
+                           "labels": dict(f.label_selector)}
+    if f.HasField("state"):
+        out["state"] = _CONTAINER_STATE_NAME.get(f.state.state, "unknown")
+    return out
+
+
+# -- stats -------------------------------------------------------------------------------
+
+def _u64(v: int) -> api_pb2.UInt64Value:
+    return api_pb2.UInt64Value(value=max(0, int(v)))
+
+
+def container_stats(st: ContainerStatus, s: Any, fs_mount: str) -> api_pb2.ContainerStats:
+    """A container's attributes and its library ContainerStats as CRI ContainerStats."""
+    cfg = st.config
+    ts = s.timestamp_ns
+    return api_pb2.ContainerStats(
+        attributes=api_pb2.ContainerAttributes(id=st.id, metadata=_container_metadata(cfg),
+                                               labels=cfg.labels, annotations=cfg.annotations),
+        cpu=api_pb2.CpuUsage(timestamp=ts, usage_core_nano_seconds=_u64(s.cpu_usage_ns)),
+        memory=api_pb2.MemoryUsage(timestamp=ts, working_set_bytes=_u64(s.memory_working_set_bytes),
+                                   usage_bytes=_u64(s.memory_usage_bytes)),
+        writable_layer=api_pb2.FilesystemUsage(
+            timestamp=ts, fs_id=api_pb2.FilesystemIdentifier(mountpoint=fs_mount),
+            used_bytes=_u64(s.writable_layer_bytes), inodes_used=_u64(s.writable_layer_inodes)))
+
+
+def sandbox_stats(st: SandboxStatus, s: Any, timestamp_ns: int,
+                  containers: list[api_pb2.ContainerStats]) -> api_pb2.PodSandboxStats:
+    """A pod's attributes, its cgroup's usage (cgroup Stats or None) and its containers'."""
+    cfg = st.config
+    linux = api_pb2.LinuxPodSandboxStats(containers=containers)
+    if s is not None:
+        linux.cpu.CopyFrom(api_pb2.CpuUsage(timestamp=timestamp_ns,
+                                            usage_core_nano_seconds=_u64(s.cpu_usage_ns)))
+        linux.memory.CopyFrom(api_pb2.MemoryUsage(
+            timestamp=timestamp_ns, working_set_bytes=_u64(s.memory_working_set_bytes),
+            usage_bytes=_u64(s.memory_usage_bytes)))
+        linux.process.CopyFrom(api_pb2.ProcessUsage(timestamp=timestamp_ns,
+                                                    process_count=_u64(s.pids_current)))
+    return api_pb2.PodSandboxStats(
+        attributes=api_pb2.PodSandboxAttributes(id=st.id, metadata=_sandbox_metadata(cfg),
+                                                labels=cfg.labels, annotations=cfg.annotations),
+        linux=linux)
+
+
+def exec_sync(r: ExecResult) -> api_pb2.ExecSyncResponse:
+    return api_pb2.ExecSyncResponse(stdout=r.stdout, stderr=r.stderr, exit_code=r.exit_code)

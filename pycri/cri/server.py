@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import stat
@@ -33,13 +34,30 @@ from concurrent import futures
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import grpc
+# pycri's C core forks (launch, namespace pinning) from gRPC worker threads. gRPC's
+# fork support installs pthread_atfork handlers whose child half crashes such a child
+# (SIGSEGV, "epoll_wait error" in the parent). The server never uses gRPC in a forked
+# child, so it turns fork support off before gRPC starts.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-import pycri
+import grpc  # noqa: E402
+
+import pycri  # noqa: E402
 from pycri.cri import convert
 from pycri.cri._gen import api_pb2, api_pb2_grpc
+from pycri.config import to_json
+from pycri.container import EXITED, RUNNING
+from pycri.cri.backend import RuntimeBackend
 from pycri.cri.errors import rpc
-from pycri.errors import InvalidArgumentError, NotFoundError, UnsupportedError
+from pycri.cri.streaming import StreamingServer
+from pycri.errors import (
+    InvalidArgumentError,
+    InvalidStateError,
+    NotFoundError,
+    PycriError,
+    UnsupportedError,
+)
+from pycri.sandbox import READY
 from pycri.runtime import DEFAULT_ROOT, DEFAULT_STATE
 
 log = logging.getLogger("pycri.cri")
@@ -54,6 +72,8 @@ SHUTDOWN_GRACE = 10.0  # seconds in-flight calls get to finish after SIGTERM
 MAX_MESSAGE = 16 << 20  # same as containerd's; kubelet's ListContainers can be large
 STREAM_CHUNK = 256  # items per message of the Stream* list RPCs
 _SUN_PATH_MAX = 107
+EXEC_SYNC_OUTPUT_LIMIT = 16 << 20  # per stream; the rest is read and dropped (CVE-2022-31030)
+EVENT_QUEUE_DEPTH = 1000  # events buffered per GetContainerEvents subscriber
 
 
 class ServerError(Exception):
@@ -70,11 +90,6 @@ class ServerOptions:
     cni_conf_dir: str = "/etc/cni/net.d"
     sandbox_image: str = DEFAULT_SANDBOX_IMAGE
     workers: int = 32
-
-
-def _not_yet(rpc_name: str) -> UnsupportedError:
-    """The error every pod and container RPC answers with until the runtime layer lands."""
-    return UnsupportedError(f"{rpc_name}: not implemented yet: needs the runtime layer")
 
 
 def _check_handler(name: str) -> None:
@@ -152,12 +167,16 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
 # -- RuntimeService ---------------------------------------------------------------------
 
 class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
-    """CRI RuntimeService. Pod and container RPCs wait for the runtime layer (sandboxes,
-    containers); each says which library call it will become."""
+    """CRI RuntimeService: each RPC converts, makes one library call, converts back.
+    Exec, Attach and PortForward hand out URLs of ``streaming``; lifecycle RPCs
+    publish to ``events`` (GetContainerEvents)."""
 
-    def __init__(self, runtime: pycri.Runtime, options: ServerOptions) -> None:
+    def __init__(self, runtime: pycri.Runtime, options: ServerOptions,
+                 streaming: StreamingServer | None = None) -> None:
         self.rt = runtime
         self.options = options
+        self.streaming = streaming or StreamingServer(RuntimeBackend(runtime))
+        self.events = EventHub(runtime)
 
     # implemented ---------------------------------------------------------------------
 
@@ -175,9 +194,10 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         network_ready, why = cni.status() if cni else (False, "no CNI config directory given")
         conditions = [api_pb2.RuntimeCondition(type="RuntimeReady", status=True),
                       convert.network_condition(network_ready, why)]
-        # Both features stay false until the runtime layer implements them.
+        # Recursive read-only binds: mount_setattr(AT_RECURSIVE) in csrc/mount.c. User
+        # namespaces: the library maps ids, but has no id-mapped rootfs or volumes yet.
         handler = api_pb2.RuntimeHandler(name=DEFAULT_HANDLER, features=api_pb2.RuntimeHandlerFeatures(
-            recursive_read_only_mounts=False, user_namespaces=False))
+            recursive_read_only_mounts=True, user_namespaces=False))
         info = {"config": json.dumps(asdict(o), sort_keys=True),
                 "runtime": json.dumps({"root": self.rt.root, "state": self.rt.state,
                                        "version": pycri.__version__})} if request.verbose else {}
@@ -197,162 +217,394 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
             log.info("kubelet reports pod CIDR %s", cidr)
         return api_pb2.UpdateRuntimeConfigResponse()
 
-    # pod sandboxes: pending the runtime layer -------------------------------------------------
+    # pod sandboxes ------------------------------------------------------------------------
 
     @rpc
     def RunPodSandbox(self, request: Any, context: Any) -> Any:
-        # rt.sandboxes.run(convert.sandbox_config(request.config), handler=request.runtime_handler)
-        raise _not_yet("RunPodSandbox")
+        _check_handler(request.runtime_handler)
+        sb = self.rt.run_sandbox(convert.sandbox_config(request.config, request.runtime_handler))
+        return api_pb2.RunPodSandboxResponse(pod_sandbox_id=sb.id)
+
+    def _sandbox(self, sandbox_id: str) -> pycri.Sandbox:
+        if not sandbox_id:
+            raise InvalidArgumentError("pod_sandbox_id must not be empty")
+        return self.rt.sandbox(sandbox_id)
 
     @rpc
     def StopPodSandbox(self, request: Any, context: Any) -> Any:
-        # rt.sandboxes.stop(request.pod_sandbox_id)  (idempotent; missing -> OK)
-        raise _not_yet("StopPodSandbox")
+        with contextlib.suppress(NotFoundError):  # CRI: stopping a missing pod is OK
+            sb = self._sandbox(request.pod_sandbox_id)
+            running = [c for c in sb.containers() if _state_or(c, "") == RUNNING]
+            sb.stop()
+            for c in running:
+                self.events.container(c, api_pb2.CONTAINER_STOPPED_EVENT)
+        return api_pb2.StopPodSandboxResponse()
 
     @rpc
     def RemovePodSandbox(self, request: Any, context: Any) -> Any:
-        # rt.sandboxes.remove(request.pod_sandbox_id)  (idempotent; missing -> OK)
-        raise _not_yet("RemovePodSandbox")
+        with contextlib.suppress(NotFoundError):  # CRI: removing a missing pod is OK
+            sb = self._sandbox(request.pod_sandbox_id)
+            gone = [(c.id, _status_or_none(c)) for c in sb.containers()]
+            sb.remove()
+            for cid, st in gone:
+                self.events.deleted(cid, st, sb)
+        return api_pb2.RemovePodSandboxResponse()
 
     @rpc
     def PodSandboxStatus(self, request: Any, context: Any) -> Any:
-        # convert.sandbox_status(rt.sandboxes.get(request.pod_sandbox_id), request.verbose)
-        raise _not_yet("PodSandboxStatus")
+        sb = self._sandbox(request.pod_sandbox_id)
+        st = sb.status()
+        info = None
+        if request.verbose:
+            info = {"config": to_json(st.config), "netns": st.netns_path,
+                    "containers": [c.id for c in sb.containers()]}
+        reply = convert.sandbox_status(st, info)
+        # the pod's containers too, as evented PLEG wants them
+        reply.containers_statuses.extend(
+            convert.container_status(cs) for cs in
+            (_status_or_none(c) for c in sb.containers()) if cs is not None)
+        reply.timestamp = time.time_ns()
+        return reply
+
+    def _sandboxes(self, f: Any) -> list[api_pb2.PodSandbox]:
+        want = convert.sandbox_filter(f)
+        out = []
+        for sb in self.rt.sandboxes():
+            with contextlib.suppress(NotFoundError):
+                st = sb.status()
+                if convert.sandbox_matches(st, **want):
+                    out.append(convert.sandbox_to_proto(st))
+        return out
 
     @rpc
     def ListPodSandbox(self, request: Any, context: Any) -> Any:
-        # [convert.sandbox(s) for s in rt.sandboxes.list(**convert.sandbox_filter(request.filter))]
-        raise _not_yet("ListPodSandbox")
+        return api_pb2.ListPodSandboxResponse(items=self._sandboxes(
+            request.filter if request.HasField("filter") else None))
 
     @rpc
-    def StreamPodSandboxes(self, request: Any, context: Any) -> Any:
-        # the same list as ListPodSandbox, in chunks of STREAM_CHUNK
-        raise _not_yet("StreamPodSandboxes")
+    def StreamPodSandboxes(self, request: Any, context: Any) -> Iterator[Any]:
+        items = self._sandboxes(request.filter if request.HasField("filter") else None)
+        for i in range(0, len(items), STREAM_CHUNK):
+            yield api_pb2.StreamPodSandboxesResponse(pod_sandboxes=items[i:i + STREAM_CHUNK])
 
     @rpc
     def UpdatePodSandboxResources(self, request: Any, context: Any) -> Any:
-        # rt.sandboxes.get(id).update_resources(convert.resources(request.resources))
-        raise _not_yet("UpdatePodSandboxResources")
+        raise UnsupportedError("UpdatePodSandboxResources: pycri does not resize pods")
 
-    # containers: pending the runtime layer ----------------------------------------------------
+    # containers -------------------------------------------------------------------------
+
+    def _container(self, container_id: str) -> pycri.Container:
+        if not container_id:
+            raise InvalidArgumentError("container_id must not be empty")
+        return self.rt.container(container_id)
 
     @rpc
     def CreateContainer(self, request: Any, context: Any) -> Any:
-        # rt.sandboxes.get(request.pod_sandbox_id).create_container(
-        #     convert.container_config(request.config, request.sandbox_config))
-        raise _not_yet("CreateContainer")
+        sb = self._sandbox(request.pod_sandbox_id)
+        name = convert.image_name(request.config.image, "ContainerConfig.image")
+        img = self.rt.images.status(name)
+        if img is None:
+            raise NotFoundError(f"image {name!r} not found: pull it first")
+        cfg = convert.container_config(request.config, img.id, sb.config.log_directory)
+        c = sb.create_container(cfg)
+        self.events.container(c, api_pb2.CONTAINER_CREATED_EVENT)
+        return api_pb2.CreateContainerResponse(container_id=c.id)
 
     @rpc
     def StartContainer(self, request: Any, context: Any) -> Any:
-        # rt.containers.get(request.container_id).start()
-        raise _not_yet("StartContainer")
+        c = self._container(request.container_id)
+        c.start()
+        self.events.container(c, api_pb2.CONTAINER_STARTED_EVENT)
+        return api_pb2.StartContainerResponse()
 
     @rpc
     def StopContainer(self, request: Any, context: Any) -> Any:
-        # rt.containers.get(request.container_id).stop(timeout=request.timeout)  (idempotent)
-        raise _not_yet("StopContainer")
+        with contextlib.suppress(NotFoundError):  # CRI: stopping a missing container is OK
+            c = self._container(request.container_id)
+            was = _state_or(c, "")
+            c.stop(timeout=max(0, request.timeout))
+            if was != EXITED:
+                self.events.container(c, api_pb2.CONTAINER_STOPPED_EVENT)
+        return api_pb2.StopContainerResponse()
 
     @rpc
     def RemoveContainer(self, request: Any, context: Any) -> Any:
-        # rt.containers.remove(request.container_id)  (idempotent; missing -> OK)
-        raise _not_yet("RemoveContainer")
+        with contextlib.suppress(NotFoundError):  # CRI: removing a missing container is OK
+            c = self._container(request.container_id)
+            st = _status_or_none(c)
+            c.remove()
+            self.events.deleted(c.id, st, None)
+        return api_pb2.RemoveContainerResponse()
+
+    def _containers(self, f: Any) -> list[pycri.Container]:
+        want = convert.container_filter(f)
+        sandbox_id = want.get("sandbox_id") or None
+        if sandbox_id:
+            try:
+                sandbox_id = self.rt.sandbox(sandbox_id).id
+            except (NotFoundError, InvalidArgumentError):
+                return []
+        return self.rt.containers(sandbox_id=sandbox_id, state=want.get("state"),
+                                  labels=want.get("labels") or None,
+                                  container_id=want.get("id") or None)
+
+    def _listed(self, f: Any) -> list[api_pb2.Container]:
+        out = []
+        for c in self._containers(f):
+            st = _status_or_none(c)
+            if st is not None:
+                out.append(convert.container_to_proto(st))
+        return out
 
     @rpc
     def ListContainers(self, request: Any, context: Any) -> Any:
-        # [convert.container(c) for c in rt.containers.list(**convert.container_filter(...))]
-        raise _not_yet("ListContainers")
+        return api_pb2.ListContainersResponse(containers=self._listed(
+            request.filter if request.HasField("filter") else None))
 
     @rpc
-    def StreamContainers(self, request: Any, context: Any) -> Any:
-        # the same list as ListContainers, in chunks of STREAM_CHUNK
-        raise _not_yet("StreamContainers")
+    def StreamContainers(self, request: Any, context: Any) -> Iterator[Any]:
+        items = self._listed(request.filter if request.HasField("filter") else None)
+        for i in range(0, len(items), STREAM_CHUNK):
+            yield api_pb2.StreamContainersResponse(containers=items[i:i + STREAM_CHUNK])
 
     @rpc
     def ContainerStatus(self, request: Any, context: Any) -> Any:
-        # convert.container_status(rt.containers.get(request.container_id), request.verbose)
-        raise _not_yet("ContainerStatus")
+        st = self._container(request.container_id).status()
+        info = convert.container_info(st, st.sandbox_id) if request.verbose else {}
+        return api_pb2.ContainerStatusResponse(status=convert.container_status(st), info=info)
 
     @rpc
     def UpdateContainerResources(self, request: Any, context: Any) -> Any:
-        # rt.containers.get(request.container_id).update(convert.resources(request.linux))
-        raise _not_yet("UpdateContainerResources")
+        c = self._container(request.container_id)
+        c.update_resources(convert.resources(request.linux))
+        return api_pb2.UpdateContainerResourcesResponse()
 
     @rpc
     def ReopenContainerLog(self, request: Any, context: Any) -> Any:
-        # rt.containers.get(request.container_id).reopen_log()
-        raise _not_yet("ReopenContainerLog")
+        self._container(request.container_id).reopen_log()
+        return api_pb2.ReopenContainerLogResponse()
 
     @rpc
     def CheckpointContainer(self, request: Any, context: Any) -> Any:
-        raise _not_yet("CheckpointContainer")  # no plan yet: needs CRIU
+        raise UnsupportedError("CheckpointContainer: pycri has no checkpointing (no CRIU)")
 
     @rpc
-    def GetContainerEvents(self, request: Any, context: Any) -> Any:
-        # yield from convert.events(rt.events())  (evented PLEG)
-        raise _not_yet("GetContainerEvents")
+    def GetContainerEvents(self, request: Any, context: Any) -> Iterator[Any]:
+        with self.events.subscribe() as q:
+            while context.is_active():
+                try:
+                    event = q.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                yield event
 
-    # exec, attach, port-forward: pending the runtime layer and the streaming server ----------
+    # exec, attach, port-forward -----------------------------------------------------------
+
+    def _running(self, container_id: str) -> pycri.Container:
+        c = self._container(container_id)
+        state = c.state
+        if state != RUNNING:
+            raise InvalidStateError(f"container {c.id[:12]} is {state}, not running")
+        return c
 
     @rpc
     def ExecSync(self, request: Any, context: Any) -> Any:
-        # convert.exec_sync(rt.containers.get(id).exec_sync(cmd, timeout=..., output_limit=...))
-        raise _not_yet("ExecSync")
+        c = self._running(request.container_id)
+        if not request.cmd:
+            raise InvalidArgumentError("ExecSync needs a command")
+        result = c.exec_sync(list(request.cmd), timeout=request.timeout or None,
+                             output_limit=EXEC_SYNC_OUTPUT_LIMIT)
+        if result.timed_out:
+            raise TimeoutError(f"command {list(request.cmd)!r} timed out after "
+                               f"{request.timeout} s")
+        return convert.exec_sync(result)
 
     @rpc
     def Exec(self, request: Any, context: Any) -> Any:
-        # ExecResponse(url=streaming.url_for_exec(request))  (single-use, expiring, localhost)
-        raise _not_yet("Exec")
+        self._running(request.container_id)
+        return self.streaming.get_exec(request)
 
     @rpc
     def Attach(self, request: Any, context: Any) -> Any:
-        # AttachResponse(url=streaming.url_for_attach(request))
-        raise _not_yet("Attach")
+        self._running(request.container_id)
+        return self.streaming.get_attach(request)
 
     @rpc
     def PortForward(self, request: Any, context: Any) -> Any:
-        # PortForwardResponse(url=streaming.url_for_port_forward(request))
-        raise _not_yet("PortForward")
+        sb = self._sandbox(request.pod_sandbox_id)
+        if sb.state != READY:
+            raise InvalidStateError(f"sandbox {sb.id[:12]} is not ready")
+        return self.streaming.get_port_forward(request)
 
-    # stats and metrics: pending the runtime layer ---------------------------------------------
+    # stats and metrics --------------------------------------------------------------------
+
+    def _container_stats(self, c: pycri.Container) -> api_pb2.ContainerStats:
+        st = c.status()
+        return convert.container_stats(st, c.stats(), self.rt.root)
+
+    def _all_container_stats(self, f: Any) -> list[api_pb2.ContainerStats]:
+        flt = api_pb2.ContainerFilter(id=f.id, pod_sandbox_id=f.pod_sandbox_id,
+                                      label_selector=f.label_selector) if f is not None else None
+        out = []
+        for c in self._containers(flt):
+            with contextlib.suppress(NotFoundError, PycriError, OSError):
+                out.append(self._container_stats(c))
+        return out
 
     @rpc
     def ContainerStats(self, request: Any, context: Any) -> Any:
-        # convert.container_stats(rt.containers.get(request.container_id).stats())
-        raise _not_yet("ContainerStats")
+        return api_pb2.ContainerStatsResponse(
+            stats=self._container_stats(self._container(request.container_id)))
 
     @rpc
     def ListContainerStats(self, request: Any, context: Any) -> Any:
-        # [convert.container_stats(c.stats()) for c in rt.containers.list(...)]
-        raise _not_yet("ListContainerStats")
+        return api_pb2.ListContainerStatsResponse(stats=self._all_container_stats(
+            request.filter if request.HasField("filter") else None))
 
     @rpc
-    def StreamContainerStats(self, request: Any, context: Any) -> Any:
-        raise _not_yet("StreamContainerStats")
+    def StreamContainerStats(self, request: Any, context: Any) -> Iterator[Any]:
+        items = self._all_container_stats(request.filter if request.HasField("filter") else None)
+        for i in range(0, len(items), STREAM_CHUNK):
+            yield api_pb2.StreamContainerStatsResponse(container_stats=items[i:i + STREAM_CHUNK])
+
+    def _sandbox_stats(self, sb: pycri.Sandbox) -> api_pb2.PodSandboxStats:
+        st = sb.status()
+        usage = None
+        with contextlib.suppress(PycriError, OSError):
+            usage = sb.stats()
+        containers = []
+        for c in sb.containers():
+            with contextlib.suppress(NotFoundError, PycriError, OSError):
+                containers.append(self._container_stats(c))
+        return convert.sandbox_stats(st, usage, time.time_ns(), containers)
+
+    def _all_sandbox_stats(self, f: Any) -> list[api_pb2.PodSandboxStats]:
+        want = {"id": f.id, "labels": dict(f.label_selector)} if f is not None else {}
+        out = []
+        for sb in self.rt.sandboxes():
+            with contextlib.suppress(NotFoundError):
+                if convert.sandbox_matches(sb.status(), **want):
+                    out.append(self._sandbox_stats(sb))
+        return out
 
     @rpc
     def PodSandboxStats(self, request: Any, context: Any) -> Any:
-        # convert.sandbox_stats(rt.sandboxes.get(request.pod_sandbox_id).stats())
-        raise _not_yet("PodSandboxStats")
+        return api_pb2.PodSandboxStatsResponse(
+            stats=self._sandbox_stats(self._sandbox(request.pod_sandbox_id)))
 
     @rpc
     def ListPodSandboxStats(self, request: Any, context: Any) -> Any:
-        raise _not_yet("ListPodSandboxStats")
+        return api_pb2.ListPodSandboxStatsResponse(stats=self._all_sandbox_stats(
+            request.filter if request.HasField("filter") else None))
 
     @rpc
-    def StreamPodSandboxStats(self, request: Any, context: Any) -> Any:
-        raise _not_yet("StreamPodSandboxStats")
+    def StreamPodSandboxStats(self, request: Any, context: Any) -> Iterator[Any]:
+        items = self._all_sandbox_stats(request.filter if request.HasField("filter") else None)
+        for i in range(0, len(items), STREAM_CHUNK):
+            yield api_pb2.StreamPodSandboxStatsResponse(pod_sandbox_stats=items[i:i + STREAM_CHUNK])
 
+    # CRI metrics (ListMetricDescriptors and friends) are the cAdvisor set; an empty but
+    # "successful" answer tells kubelet and critest that pycri serves them, and both
+    # then want every descriptor. Until it does, say so: clients skip or fall back.
     @rpc
     def ListMetricDescriptors(self, request: Any, context: Any) -> Any:
-        raise _not_yet("ListMetricDescriptors")
+        raise UnsupportedError("ListMetricDescriptors: pycri serves no CRI metrics yet")
 
     @rpc
     def ListPodSandboxMetrics(self, request: Any, context: Any) -> Any:
-        raise _not_yet("ListPodSandboxMetrics")
+        raise UnsupportedError("ListPodSandboxMetrics: pycri serves no CRI metrics yet")
 
     @rpc
-    def StreamPodSandboxMetrics(self, request: Any, context: Any) -> Any:
-        raise _not_yet("StreamPodSandboxMetrics")
+    def StreamPodSandboxMetrics(self, request: Any, context: Any) -> Iterator[Any]:
+        raise UnsupportedError("StreamPodSandboxMetrics: pycri serves no CRI metrics yet")
+        yield  # a generator, like the other Stream* RPCs
+
+
+def _state_or(c: pycri.Container, default: str) -> str:
+    try:
+        return c.state
+    except NotFoundError:
+        return default
+
+
+def _status_or_none(c: pycri.Container) -> Any:
+    try:
+        return c.status()
+    except NotFoundError:
+        return None
+
+
+class EventHub:
+    """GetContainerEvents: lifecycle events of the RPCs this server performs, fanned out
+    to subscribers. Each subscriber has a bounded queue; a subscriber that falls behind
+    loses its oldest events (kubelet relists). Nothing is kept for later subscribers:
+    the events are a view, not a store."""
+
+    def __init__(self, runtime: pycri.Runtime, depth: int = EVENT_QUEUE_DEPTH) -> None:
+        self.rt = runtime
+        self.depth = depth
+        self._lock = threading.Lock()
+        self._subscribers: list[queue.Queue[Any]] = []
+
+    @contextlib.contextmanager
+    def subscribe(self) -> Iterator[queue.Queue[Any]]:
+        q: queue.Queue[Any] = queue.Queue(self.depth)
+        with self._lock:
+            self._subscribers.append(q)
+        try:
+            yield q
+        finally:
+            with self._lock:
+                self._subscribers.remove(q)
+
+    def _publish(self, event: api_pb2.ContainerEventResponse) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for q in subscribers:
+            while True:
+                try:
+                    q.put_nowait(event)
+                    break
+                except queue.Full:
+                    with contextlib.suppress(queue.Empty):
+                        q.get_nowait()
+
+    def _sandbox_status(self, sb: pycri.Sandbox | None) -> Any:
+        if sb is None:
+            return None
+        try:
+            return convert.sandbox_status(sb.status()).status
+        except NotFoundError:
+            return None
+
+    def container(self, c: pycri.Container, kind: Any) -> None:
+        with self._lock:
+            if not self._subscribers:
+                return
+        st = _status_or_none(c)
+        if st is None:
+            return
+        sb = None
+        with contextlib.suppress(NotFoundError):
+            sb = self.rt.sandbox(st.sandbox_id)
+        self._emit(c.id, kind, st, sb)
+
+    def deleted(self, container_id: str, st: Any, sb: pycri.Sandbox | None) -> None:
+        if sb is None and st is not None:
+            with contextlib.suppress(NotFoundError, InvalidArgumentError):
+                sb = self.rt.sandbox(st.sandbox_id)
+        self._emit(container_id, api_pb2.CONTAINER_DELETED_EVENT, st, sb)
+
+    def _emit(self, container_id: str, kind: Any, st: Any, sb: pycri.Sandbox | None) -> None:
+        event = api_pb2.ContainerEventResponse(container_id=container_id,
+                                               container_event_type=kind,
+                                               created_at=time.time_ns())
+        sandbox_status = self._sandbox_status(sb)
+        if sandbox_status is not None:
+            event.pod_sandbox_status.CopyFrom(sandbox_status)
+        if st is not None:
+            event.containers_statuses.append(convert.container_status(st))
+        self._publish(event)
 
 
 # -- listening ----------------------------------------------------------------------------
@@ -435,6 +687,8 @@ class CriServer:
             root=options.root, state=options.state,
             registry_config_dir=options.registry_config_dir,
             cni_conf_dir=options.cni_conf_dir, cni_bin_dirs=(options.cni_bin_dir,))
+        # exec/attach/port-forward URLs: loopback only, random port, single-use tokens
+        self.streaming = StreamingServer(RuntimeBackend(self.runtime))
         self._grpc: grpc.Server | None = None
         self._lock_fd: int | None = None
         self._socket_ino: int | None = None
@@ -448,7 +702,7 @@ class CriServer:
                      ("grpc.max_send_message_length", MAX_MESSAGE)],
         )
         api_pb2_grpc.add_RuntimeServiceServicer_to_server(
-            RuntimeService(self.runtime, self.options), server)
+            RuntimeService(self.runtime, self.options, self.streaming), server)
         api_pb2_grpc.add_ImageServiceServicer_to_server(
             ImageService(self.runtime, self.options), server)
         if self.kind == "unix":
@@ -471,6 +725,11 @@ class CriServer:
             except RuntimeError as e:
                 raise ServerError(f"cannot listen on {self.target}: {e}") from None
             self.address = "tcp://" + self.target.rpartition(":")[0] + f":{port}"
+        try:
+            self.streaming.start()
+        except OSError as e:
+            self._release()
+            raise ServerError(f"cannot start the streaming server: {e}") from None
         server.start()
         self._grpc = server
         log.info("pycri %s serving CRI %s on %s (root %s, state %s)", pycri.__version__,
@@ -481,6 +740,8 @@ class CriServer:
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
             self._grpc = None
+        with contextlib.suppress(InvalidStateError):
+            self.streaming.stop()
         self._release()
         log.info("pycri CRI server stopped")
 
