@@ -33,7 +33,7 @@ from pycri.config import (
 from pycri.container import CREATED, EXITED, RUNNING, ContainerStatus, ExecResult
 from pycri.sandbox import NOTREADY, READY, SandboxStatus
 from pycri.cri._gen import api_pb2
-from pycri.errors import InvalidArgumentError, UnsupportedError
+from pycri.errors import InvalidArgumentError
 from pycri.image import FsInfo, Image
 
 # Names the Docker Hub registry goes by in credentials (docker login writes the first).
@@ -333,12 +333,14 @@ def resources(r: api_pb2.LinuxContainerResources) -> Resources:
 
 
 def mount(m: api_pb2.Mount) -> Mount:
-    if m.image.image:
-        raise UnsupportedError("image volume mounts are not supported")
     if m.uidMappings or m.gidMappings:
         raise InvalidArgumentError("id-mapped mounts are not supported")
     if m.propagation not in _PROPAGATION:
         raise InvalidArgumentError(f"mount propagation {m.propagation} is not known")
+    if m.image.image:  # an image volume: the image's files, read-only
+        return Mount(container_path=m.container_path, image=m.image.image,
+                     readonly=m.readonly, sub_path=m.image_sub_path,
+                     propagation=_PROPAGATION[m.propagation])
     return Mount(container_path=m.container_path, host_path=m.host_path, readonly=m.readonly,
                  recursive_readonly=m.recursive_read_only,
                  propagation=_PROPAGATION[m.propagation])
@@ -386,6 +388,8 @@ def container_config(cfg: api_pb2.ContainerConfig, image_id: str,
         run_as_group=sc.run_as_group.value if sc.HasField("run_as_group") else None,
         run_as_username=sc.run_as_username,
         supplemental_groups=tuple(sc.supplemental_groups),
+        supplemental_groups_policy="Strict" if sc.supplemental_groups_policy == api_pb2.Strict
+        else "Merge",
         cap_add=tuple(sc.capabilities.add_capabilities),
         cap_drop=tuple(sc.capabilities.drop_capabilities),
         privileged=sc.privileged, no_new_privs=sc.no_new_privs,
@@ -401,10 +405,14 @@ def _container_metadata(cfg: ContainerConfig) -> api_pb2.ContainerMetadata:
     return api_pb2.ContainerMetadata(name=cfg.name, attempt=cfg.attempt)
 
 
-def _mount_to_proto(m: Mount) -> api_pb2.Mount:
-    return api_pb2.Mount(container_path=m.container_path, host_path=m.host_path,
-                         readonly=m.readonly, recursive_read_only=m.recursive_readonly,
-                         propagation=_PROPAGATION_ENUM[m.propagation])
+def _mount_to_proto(m: Mount, image_ref: str = "") -> api_pb2.Mount:
+    out = api_pb2.Mount(container_path=m.container_path, host_path=m.host_path,
+                        readonly=m.readonly, recursive_read_only=m.recursive_readonly,
+                        propagation=_PROPAGATION_ENUM[m.propagation])
+    if m.image:
+        out.image.CopyFrom(api_pb2.ImageSpec(image=m.image, image_ref=image_ref))
+        out.image_sub_path = m.sub_path
+    return out
 
 
 def container_to_proto(st: ContainerStatus) -> api_pb2.Container:
@@ -425,7 +433,11 @@ def container_status(st: ContainerStatus) -> api_pb2.ContainerStatus:
         finished_at=st.finished_at_ns, exit_code=st.exit_code,
         image=api_pb2.ImageSpec(image=st.image), image_ref=st.image_ref, image_id=st.image_ref,
         reason=st.reason, message=st.message, labels=cfg.labels, annotations=cfg.annotations,
-        mounts=[_mount_to_proto(m) for m in cfg.mounts], log_path=st.log_path)
+        mounts=[_mount_to_proto(m, (st.image_volumes or {}).get(m.container_path, ""))
+                for m in cfg.mounts],
+        log_path=st.log_path,
+        user=api_pb2.ContainerUser(linux=api_pb2.LinuxContainerUser(
+            uid=st.uid, gid=st.gid, supplemental_groups=list(st.groups))))
 
 
 def container_info(st: ContainerStatus, sandbox_id: str) -> dict[str, str]:

@@ -203,7 +203,8 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
                                        "version": pycri.__version__})} if request.verbose else {}
         return api_pb2.StatusResponse(status=api_pb2.RuntimeStatus(conditions=conditions),
                                       runtime_handlers=[handler], info=info,
-                                      features=api_pb2.RuntimeFeatures())
+                                      features=api_pb2.RuntimeFeatures(
+                                          supplemental_groups_policy=True))
 
     @rpc
     def RuntimeConfig(self, request: Any, context: Any) -> Any:
