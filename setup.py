@@ -1,7 +1,8 @@
 # cffi cannot declare its extension in pyproject.toml alone, hence setup.py. build_ext
 # also builds the per-container monitor executable (csrc/main_monitor.c) into
 # pycri/pycri-monitor: static-pie when the toolchain can (smallest PSS, no loader),
-# else a plain dynamic executable.
+# else a plain dynamic executable. The monitor is also pycri_launch's launcher
+# (--launch), so the spawn code is linked into it as well.
 import os
 import shlex
 import subprocess
@@ -11,7 +12,8 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MONITOR_SRC = ["csrc/main_monitor.c"]
+MONITOR_SRC = ["csrc/main_monitor.c", "csrc/launch.c", "csrc/specbuf.c", "csrc/spawn.c",
+               "csrc/mount.c", "csrc/error.c"]
 MONITOR_FLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                  "-D_GNU_SOURCE", "-Icsrc"]
 
