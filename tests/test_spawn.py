@@ -559,8 +559,8 @@ def _v2_mount() -> str | None:
     return None
 
 
-@pytest.mark.parametrize("join", ["new", "pid"])
-def test_joins_v1_and_v2_cgroups_without_cgroup_procs(rootfs, join):
+@pytest.mark.parametrize("join", ["new", "pid", "userns"])
+def test_joins_v1_and_v2_cgroups_without_cgroup_procs(rootfs, tmp_path, join):
     """v1 by the child writing 0 to tasks, v2 by CLONE_INTO_CGROUP (also through the
     intermediate of a joined namespace): the process ends up in every cgroup, and
     the v1 one sees it in cgroup.procs like any other member."""
@@ -573,11 +573,22 @@ def test_joins_v1_and_v2_cgroups_without_cgroup_procs(rootfs, join):
     try:
         procs = [os.path.join(cg1, "cgroup.procs"), os.path.join(cg2, "cgroup.procs")]
         namespaces = dict(ALL_NEW, cgroup="host")
+        kw = {}
         if join == "pid":
             holder, hw = _holder(rootfs)
             namespaces["net"] = f"/proc/{holder.pid}/ns/net"
+        elif join == "userns":
+            # the namespace's root must reach the rootfs and find the mount points
+            p = str(tmp_path)
+            while p != "/":
+                os.chmod(p, os.stat(p).st_mode | 0o111)
+                p = os.path.dirname(p)
+            for d in ("proc", "sys", "dev"):
+                os.makedirs(os.path.join(rootfs, d))
+            namespaces["user"] = "new"
+            kw = {"uid_map": (0, 200000, 65536), "gid_map": (0, 200000, 65536)}
         res = n.spawn(spec_for(rootfs, ["sleep", "10"], namespaces=namespaces,
-                               cgroup_procs=procs))
+                               cgroup_procs=procs, **kw))
         try:
             with open(f"/proc/{res.pid}/cgroup") as f:
                 got = f.read()
