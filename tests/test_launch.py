@@ -156,6 +156,7 @@ def test_launcher_holds_none_of_the_callers_fds(paths):
     os.set_inheritable(stray_w, True)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    res = None
     try:
         spec = n.SpawnSpec(argv=["/bin/sh", "-c", "echo hi; ls /proc/self/fd >&2"],
                            stdout=out_w, stderr=err_w, start_wait=True)
@@ -170,7 +171,8 @@ def test_launcher_holds_none_of_the_callers_fds(paths):
         # the launcher has the monitor's read ends (what the container has after
         # execve is checked below, from inside)
         assert ident(out_r) in fd_identities(res.monitor_pid)
-        allowed = {ident(out_r), ident(err_r), (os.stat("/dev/null").st_dev, os.stat("/dev/null").st_ino)}
+        null = os.stat("/dev/null")
+        allowed = {ident(out_r), ident(err_r), (null.st_dev, null.st_ino)}
         for fd in os.listdir(f"/proc/{res.monitor_pid}/fd"):
             with contextlib.suppress(FileNotFoundError):  # the caller's socket, closing
                 target = os.readlink(f"/proc/{res.monitor_pid}/fd/{fd}")
@@ -192,6 +194,10 @@ def test_launcher_holds_none_of_the_callers_fds(paths):
         for fd in (stray_r, stray_w, out_r, err_r, out_w, err_w):
             if fd >= 0:
                 os.close(fd)
+        if res is not None:  # a failed check leaves no launcher or container behind
+            for pid in (res.pid, res.monitor_pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def test_launched_monitor_is_not_our_child_and_survives_start(paths):
