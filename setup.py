@@ -1,7 +1,8 @@
 # cffi cannot declare its extension in pyproject.toml alone, hence setup.py. build_ext
 # also builds the executables (the per-container monitor, the pod pid-namespace
 # holder) into pycri/: static-pie when the toolchain can (smallest PSS, no loader),
-# else a plain dynamic executable.
+# else a plain dynamic executable. The monitor is also pycri_launch's launcher
+# (--launch), so the spawn code is linked into it as well.
 import os
 import shlex
 import subprocess
@@ -12,7 +13,11 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # executable -> its sources; each is built static-pie when the toolchain can
-EXECUTABLES = {"pycri-monitor": ["csrc/main_monitor.c"], "pycri-pause": ["csrc/main_pause.c"]}
+EXECUTABLES = {
+    "pycri-monitor": ["csrc/main_monitor.c", "csrc/launch.c", "csrc/specbuf.c", "csrc/spawn.c",
+                      "csrc/mount.c", "csrc/error.c"],
+    "pycri-pause": ["csrc/main_pause.c"],
+}
 MONITOR_FLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter",
                  "-D_GNU_SOURCE", "-Icsrc"]
 

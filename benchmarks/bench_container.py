@@ -10,6 +10,9 @@
               Python process's peak RSS.
 
 Reproduce (root):  python3 benchmarks/bench_container.py [-n 30] [--crun] [--many 100]
+                   [--lifecycle-only]
+The lifecycle row is followed by its phases (create, start, wait, remove), each
+the median of its own timings.
 (--crun re-runs everything in a private mount namespace with the empty cgroup v2
 mount unmounted, because crun 1.8 refuses this host's hybrid layout.)
 """
@@ -64,11 +67,33 @@ def row(name: str, t: list[float], base: float | None = None) -> str:
     return f"{name:<28}{med * 1e3:>10.2f}{q[0] * 1e3:>10.2f}{q[-1] * 1e3:>10.2f}{ratio}"
 
 
+def report(results: list[tuple[str, list[float]]], phases: dict[str, list[float]],
+           args: argparse.Namespace) -> None:
+    print(f"lifecycle of /bin/true and sandboxes, n={args.n} (ms)")
+    print(f"{'what':<28}{'median':>10}{'p10':>10}{'p90':>10}{'pycri/peer':>10}")
+    pycri_med = statistics.median(results[0][1])
+    print(row(results[0][0], results[0][1]))
+    for k, v in phases.items():
+        print(row(f"  {k}", v))
+    for name, t in results[1:]:
+        if name.startswith(("runc", "crun")):
+            print(row(name, t) + f"   pycri/{name.split()[0]} = "
+                  f"{pycri_med / statistics.median(t):.2f}")
+        else:
+            print(row(name, t))
+    if args.lifecycle_only:
+        flag = " --crun" if args.crun else ""
+        print(f"reproduce (root): python3 benchmarks/bench_container.py -n {args.n} "
+              f"--lifecycle-only{flag}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=30)
     ap.add_argument("--crun", action="store_true")
     ap.add_argument("--many", type=int, default=100)
+    ap.add_argument("--lifecycle-only", action="store_true",
+                    help="only the lifecycle rows (no sandboxes, no --many)")
     args = ap.parse_args()
     if args.crun and not os.environ.get("PYCRI_BENCH_INNER"):
         inner = 'umount /sys/fs/cgroup/unified 2>/dev/null; exec "$@"'
@@ -85,16 +110,26 @@ def main() -> None:
         img = rt.images.pull(f"{reg.host}/bench/busybox:v1")
         results: list[tuple[str, list[float]]] = []
 
+        phases: dict[str, list[float]] = {k: [] for k in ("create", "start", "wait", "remove")}
         with rt.run_sandbox(pycri.SandboxConfig(name="bench")) as sb:
             def lifecycle() -> None:
+                t0 = time.perf_counter()
                 c = sb.create_container(pycri.ContainerConfig(
                     name="t" + uuid.uuid4().hex[:8], image=img.id, command=("/bin/true",)))
+                t1 = time.perf_counter()
                 c.start()
+                t2 = time.perf_counter()
                 c.wait()
+                t3 = time.perf_counter()
                 c.remove()
+                t4 = time.perf_counter()
+                for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    phases[k].append(v)
 
             for _ in range(3):
                 lifecycle()
+            for v in phases.values():
+                v.clear()
             results.append(("pycri lifecycle", [timed(lifecycle) for _ in range(args.n)]))
         lower = rt.images.layer_dirs(img)[0]
         work = os.path.join(base, "oci")
@@ -108,6 +143,9 @@ def main() -> None:
             s.stop()
             s.remove()
 
+        if args.lifecycle_only:
+            report(results, phases, args)
+            return
         results.append(("pycri sandbox (no network)",
                         [timed(lambda: sandbox_cycle(rt)) for _ in range(args.n)]))
         conf = os.path.join(base, "net.d")
@@ -126,16 +164,7 @@ def main() -> None:
         finally:
             subprocess.run(["ip", "link", "del", "pycribench0"], capture_output=True)
 
-        print(f"lifecycle of /bin/true and sandboxes, n={args.n} (ms)")
-        print(f"{'what':<28}{'median':>10}{'p10':>10}{'p90':>10}{'pycri/peer':>10}")
-        pycri_med = statistics.median(results[0][1])
-        print(row(results[0][0], results[0][1]))
-        for name, t in results[1:]:
-            if name.startswith(("runc", "crun")):
-                print(row(name, t) + f"   pycri/{name.split()[0]} = "
-                      f"{pycri_med / statistics.median(t):.2f}")
-            else:
-                print(row(name, t))
+        report(results, phases, args)
 
         # many containers at once
         with rt.run_sandbox(pycri.SandboxConfig(name="many")) as sb:

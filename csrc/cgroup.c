@@ -198,6 +198,13 @@ PYCRI_EXPORT int pycri_cgroup_kill(int procs_dirfd, int freezer_dirfd, int v2, i
         else
             use_v2_freeze = 1;
     }
+    if (!v2) {
+        /* the usual case at removal: nobody left, so no freeze and thaw either */
+        char one[2];
+        struct pycri_error ignored;
+        if (pycri_cgroup_read(procs_dirfd, "cgroup.procs", one, sizeof(one), &ignored) == 0)
+            return 0;
+    }
     for (;;) {
         struct pycri_error ignored;
         if (use_v2_freeze)

@@ -35,4 +35,10 @@ static inline int pycri_steal_fd(int *fd) {
     return r;
 }
 
+/* The launcher half of pycri_launch (launch.c), run by pycri-monitor --launch:
+ * returns only after the container started, with argc and argv set to the
+ * monitor's command line (monitor_argv + "--adopt" PID) and the monitor's fds at
+ * the numbers it names; on any failure it reports and exits. */
+void pycri__launcher(int sock, const char *start_sock, int *argc, char ***argv);
+
 #endif

@@ -6,6 +6,12 @@
  *
  * Command line
  * ------------
+ *   pycri-monitor --launch FD START_SOCK
+ *                  the launcher of pycri_launch (csrc/launch.c, api/launch.h):
+ *                  reads a spawn spec and the rest of its own command line (one
+ *                  of the forms below, in --adopt mode) from the socket FD,
+ *                  creates the container, waits for start on START_SOCK, then
+ *                  runs as that command line says without another exec.
  *   pycri-monitor --exit-file PATH --log PATH
  *                 [--stdin] [--tty] [--attach-socket PATH] [--ready-fd N]
  *                 [--pid-file PATH] [--log-max-line N] [--detach]
@@ -93,6 +99,7 @@
 #define MAX_CLIENT_FRAME 65536
 #define READ_CHUNK 16384
 
+#include "internal.h"
 #include "monitor_util.h"
 #include "monitor_log.h"
 
@@ -605,6 +612,10 @@ static void close_stray_fds(void) {
 }
 
 int main(int argc, char **argv) {
+    /* pycri_launch's launcher (launch.c): returns once the container started,
+     * with our command line, and we carry on as its monitor in this process */
+    if (argc == 4 && !strcmp(argv[1], "--launch"))
+        pycri__launcher((int)parse_num(argv[2], "--launch", 3, INT_MAX), argv[3], &argc, &argv);
     parse_args(argc, argv);
     close_stray_fds();
     if (opt.ready_fd >= 0)

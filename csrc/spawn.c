@@ -31,6 +31,8 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <linux/magic.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -38,6 +40,9 @@
 
 #include "spawn_child.h"
 
+#ifndef CLONE_INTO_CGROUP
+#define CLONE_INTO_CGROUP 0x200000000ULL
+#endif
 #ifndef CLONE_PIDFD
 #define CLONE_PIDFD 0x00001000
 #endif
@@ -412,11 +417,13 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
  * held open here (its caller would wait for our exec to see its EOF). */
 static void close_unneeded_fds(const struct pycri__plan *plan) {
     const struct pycri_spawn_spec *s = plan->spec;
-    int keep[1024 + 16];
+    int keep[1024 + 16 + PYCRI_MAX_CGROUPS];
     int n = 0;
     keep[n++] = plan->sock;
     keep[n++] = plan->start_rd;
     keep[n++] = plan->devnull;
+    for (int i = 0; i < plan->n_cg; i++)
+        keep[n++] = plan->cg_tasks_fd[i];
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
         keep[n++] = plan->ns_fd[k];
     for (int i = 0; i < 3; i++)
@@ -446,6 +453,21 @@ static __attribute__((noreturn)) void child_main(struct pycri__plan *plan, int t
     struct pycri__cerr ce;
 
     close_unneeded_fds(plan);
+    /* v1 cgroups: "0" in a tasks file moves just the writing thread, which the
+     * kernel does without the global threadgroup lock (whose first writer after
+     * a quiet spell waits for an RCU grace period, ~6 ms); for a single-threaded
+     * process that is the whole process. Children inherit it. */
+    for (int i = 0; i < plan->n_cg; i++) {
+        if (plan->cg_tasks_fd[i] < 0)
+            continue;
+        ssize_t w;
+        do
+            w = write(plan->cg_tasks_fd[i], "0", 1);
+        while (w < 0 && errno == EINTR);
+        if (w != 1)
+            CFAIL(PYCRI_STAGE_CGROUP, "cgroup: write 0 to tasks for", s->cgroup_procs[i]);
+        close(plan->cg_tasks_fd[i]);
+    }
 
     umask(0);
     /* signals stay blocked (the parent blocked them around clone); reset the
@@ -667,6 +689,51 @@ static int pidfd_pid(int pidfd) {
     return pid > 0 ? pid : -ESRCH; /* -1 once the process is gone */
 }
 
+/* Decide how the process enters each cgroup without the parent writing its pid
+ * into cgroup.procs, which takes the kernel's global threadgroup lock and costs
+ * an RCU grace period whenever no other write happened just before:
+ *   v1 (the dir has a "tasks" file): the child writes "0" to it, opened here;
+ *   v2 (no "tasks"): the first one is clone3's CLONE_INTO_CGROUP target;
+ *   anything else, or a file that cannot be opened: the parent writes the pid
+ *   into the given path, as before (and reports the error if that fails). */
+static void place_cgroups(const struct pycri_spawn_spec *s, struct pycri__plan *plan) {
+    int i = 0;
+    for (const char *const *c = s->cgroup_procs; c && *c && i < PYCRI_MAX_CGROUPS; c++, i++) {
+        plan->cg_tasks_fd[i] = -1;
+        plan->cg_by_parent[i] = 1;
+        plan->n_cg = i + 1;
+        const char *slash = strrchr(*c, '/');
+        if (!slash || strcmp(slash + 1, "cgroup.procs") != 0)
+            continue;
+        size_t dirlen = (size_t)(slash - *c);
+        char path[PATH_MAX];
+        if (dirlen + sizeof("/tasks") > sizeof(path))
+            continue;
+        memcpy(path, *c, dirlen);
+        strcpy(path + dirlen, "/tasks");
+        int fd = open(path, O_WRONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            plan->cg_tasks_fd[i] = fd;
+            plan->cg_by_parent[i] = 0;
+            continue;
+        }
+        if (errno != ENOENT || plan->cg_v2_fd >= 0)
+            continue;
+        path[dirlen ? dirlen : 1] = '\0';
+        struct statfs sf;
+        fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        if (fstatfs(fd, &sf) < 0 || sf.f_type != CGROUP2_SUPER_MAGIC) {
+            close(fd);
+            continue;
+        }
+        plan->cg_v2_fd = fd;
+        plan->cg_v2_index = i;
+        plan->cg_by_parent[i] = 0;
+    }
+}
+
 static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
                    struct pycri_error *err) {
     int target_pid = 0;
@@ -753,13 +820,25 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
     return 0;
 }
 
-static long do_clone(int flags, int *pidfd) {
+static long do_clone(int flags, int *pidfd, struct pycri__plan *plan) {
     struct clone_args_k args;
     memset(&args, 0, sizeof(args));
     args.flags = (uint64_t)flags | CLONE_PIDFD;
     args.pidfd = (uint64_t)(uintptr_t)pidfd;
     args.exit_signal = SIGCHLD;
-    long pid = syscall(SYS_clone3, &args, (size_t)64);
+    long pid;
+    if (plan->cg_v2_fd >= 0) {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = (uint64_t)plan->cg_v2_fd;
+        pid = syscall(SYS_clone3, &args, sizeof(args));
+        if (pid >= 0)
+            return pid;
+        /* the parent writes cgroup.procs instead (and reports what is wrong) */
+        plan->cg_by_parent[plan->cg_v2_index] = 1;
+        args.flags &= ~(uint64_t)CLONE_INTO_CGROUP;
+        args.cgroup = 0;
+    }
+    pid = syscall(SYS_clone3, &args, (size_t)64);
     if (pid >= 0 || (errno != ENOSYS && errno != E2BIG))
         return pid;
     /* x86-64 order: flags, stack, parent_tid (CLONE_PIDFD stores there), child_tid, tls */
@@ -767,6 +846,13 @@ static long do_clone(int flags, int *pidfd) {
 }
 
 static void close_plan(struct pycri__plan *plan, char *sysctl_buf) {
+    for (int i = 0; i < plan->n_cg; i++)
+        if (plan->cg_tasks_fd[i] >= 0)
+            close(plan->cg_tasks_fd[i]);
+    plan->n_cg = 0;
+    if (plan->cg_v2_fd >= 0)
+        close(plan->cg_v2_fd);
+    plan->cg_v2_fd = -1;
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
         if (plan->ns_fd[k] >= 0)
             close(plan->ns_fd[k]);
@@ -818,7 +904,10 @@ static int converse(const struct pycri_spawn_spec *s, const struct pycri__plan *
                     }
                 }
             }
-            for (const char *const *c = s ? s->cgroup_procs : NULL; !failed && c && *c; c++) {
+            int ci = 0;
+            for (const char *const *c = s ? s->cgroup_procs : NULL; !failed && c && *c; c++, ci++) {
+                if (ci < plan->n_cg && !plan->cg_by_parent[ci])
+                    continue;
                 snprintf(line, sizeof(line), "%d", target);
                 if (write_file(*c, line) < 0) {
                     *stage = PYCRI_STAGE_CGROUP;
@@ -862,7 +951,7 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     plan.spec = s;
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
         plan.ns_fd[k] = -1;
-    plan.devnull = plan.sock = plan.start_rd = -1;
+    plan.devnull = plan.sock = plan.start_rd = plan.cg_v2_fd = -1;
     res->pid = res->pidfd = res->start_fd = res->report_fd = -1;
     res->stage = PYCRI_STAGE_PREPARE;
     res->start_time = 0;
@@ -871,6 +960,8 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     int rc = prepare(s, &plan, err);
     if (rc == 0)
         rc = prepare_sysctls(s, &sysctl_buf, &plan.n_sysctl, err);
+    if (rc == 0)
+        place_cgroups(s, &plan);
     plan.sysctl_buf = sysctl_buf;
     int sv[2] = {-1, -1}, startp[2] = {-1, -1};
     if (rc == 0 && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)
@@ -905,7 +996,7 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
     int pidfd = -1;
-    long pid = do_clone(two_step ? 0 : flags, &pidfd);
+    long pid = do_clone(two_step ? 0 : flags, &pidfd, &plan);
     if (pid == 0) {
         close(sv[0]);
         if (startp[1] >= 0)

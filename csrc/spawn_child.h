@@ -4,6 +4,8 @@
 
 #include "internal.h"
 
+#define PYCRI_MAX_CGROUPS 32
+
 /* A failure in the child: sent to the parent as is. */
 struct pycri__cerr {
     int stage;
@@ -25,6 +27,14 @@ struct pycri__plan {
     char rootfs_parent[4096];      /* rshared root only: mount point holding the rootfs dir */
     const char *sysctl_buf;        /* n_sysctl pairs of "sys/a/b\0value\0" */
     int n_sysctl;
+    /* How the process enters each cgroup_procs[i] (see place_cgroups in spawn.c):
+     * the child writes "0" to cg_tasks_fd[i] (a v1 "tasks" file), or clone3
+     * puts it into cg_v2_fd (CLONE_INTO_CGROUP, index cg_v2_index), or the
+     * parent writes the pid into cgroup.procs (cg_by_parent[i]). */
+    int n_cg;
+    int cg_tasks_fd[PYCRI_MAX_CGROUPS];
+    char cg_by_parent[PYCRI_MAX_CGROUPS];
+    int cg_v2_fd, cg_v2_index;
 };
 
 /* Child-side helpers (async-signal-safe). */

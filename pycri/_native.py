@@ -734,6 +734,89 @@ def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
     return LaunchResult(res.monitor_pid, res.pid, res.start_time)
 
 
+def encode_spec(spec: SpawnSpec) -> bytes:
+    """The flat buffer pycri_launch sends its launcher for ``spec`` (csrc/specbuf.c)."""
+    c, _keep = _spec_struct(spec)
+    err = _new_err()
+    size = lib.pycri_spec_encode(c, ffi.NULL, 0, err)
+    if size < 0:
+        raise _spawn_error(err, 0)
+    buf = ffi.new("unsigned char[]", size)
+    lib.pycri_spec_encode(c, buf, size, err)
+    return bytes(ffi.buffer(buf, size))
+
+
+def decode_spec(data: bytes) -> SpawnSpec:
+    """The spec in an encode_spec buffer; OSError(EPROTO) if it is malformed."""
+    # an 8-byte aligned copy: decoding rewrites offsets into pointers in place
+    buf = ffi.new("unsigned long long[]", max(1, (len(data) + 7) // 8))
+    ffi.memmove(buf, data, len(data))
+    c = ffi.new("struct pycri_spawn_spec *")
+    err = _new_err()
+    if lib.pycri_spec_decode(ffi.cast("unsigned char *", buf), len(data), c, err) < 0:
+        raise _spawn_error(err, 0)
+    return _spec_from_struct(c)
+
+
+def _spec_from_struct(c) -> SpawnSpec:  # type: ignore[no-untyped-def]
+    """The inverse of _spec_struct (what the launcher sees, as Python values)."""
+    def s(p) -> str | None:  # type: ignore[no-untyped-def]
+        return None if p == ffi.NULL else os.fsdecode(ffi.string(p))
+
+    def strv(p) -> list[str]:  # type: ignore[no-untyped-def]
+        out: list[str] = []
+        if p == ffi.NULL:
+            return out
+        while p[len(out)] != ffi.NULL:
+            out.append(os.fsdecode(ffi.string(p[len(out)])))
+        return out
+
+    inf = 0xFFFFFFFFFFFFFFFF
+    namespaces: dict[str, str] = {}
+    for k, kind in enumerate(NS_KINDS):
+        if c.ns_mode[k] == lib.PYCRI_NS_NEW:
+            namespaces[kind] = "new"
+        elif c.ns_mode[k] == lib.PYCRI_NS_JOIN:
+            namespaces[kind] = s(c.ns_path[k]) or "pidfd"
+    prop = {v: k for k, v in PROPAGATION.items()}
+    lower = s(c.overlay_lower)
+    return SpawnSpec(
+        argv=strv(c.argv), env=strv(c.envp), exec_path=s(c.exec_path), cwd=s(c.cwd),
+        uid=c.uid, gid=c.gid, groups=[c.groups[i] for i in range(c.n_groups)],
+        cap_bounding=c.cap_bounding, cap_effective=c.cap_effective,
+        cap_permitted=c.cap_permitted, cap_inheritable=c.cap_inheritable,
+        cap_ambient=c.cap_ambient, no_new_privs=bool(c.no_new_privs),
+        seccomp_bpf=None if c.seccomp_bpf == ffi.NULL
+        else bytes(ffi.buffer(c.seccomp_bpf, c.seccomp_len * 8)),
+        rlimits=[(r.resource, -1 if r.soft == inf else r.soft, -1 if r.hard == inf else r.hard)
+                 for r in (c.rlimits[i] for i in range(c.n_rlimits))],
+        oom_score_adj=c.oom_score_adj if c.set_oom_score_adj else None,
+        hostname=s(c.hostname),
+        sysctls=dict(x.split("=", 1) for x in strv(c.sysctls)),
+        parent_death_signal=c.parent_death_signal,
+        stdin=c.stdio[0], stdout=c.stdio[1], stderr=c.stdio[2], tty_fd=c.tty_fd,
+        keep_fds=[c.keep_fds[i] for i in range(c.n_keep_fds)],
+        namespaces=namespaces, join_pidfd=c.join_pidfd,
+        uid_map=(c.uid_map_inside, c.uid_map_outside, c.uid_map_count)
+        if c.uid_map_count else None,
+        gid_map=(c.gid_map_inside, c.gid_map_outside, c.gid_map_count)
+        if c.gid_map_count else None,
+        cgroup_procs=strv(c.cgroup_procs), rootfs=s(c.rootfs),
+        overlay_lower=lower.split(":") if lower else [],
+        overlay_upper=s(c.overlay_upper), overlay_work=s(c.overlay_work),
+        rootfs_readonly=bool(c.rootfs_readonly), root_propagation=prop[c.root_propagation],
+        mount_proc=bool(c.mount_proc), mount_sys=bool(c.mount_sys),
+        mount_dev=bool(c.mount_dev), shm_path=s(c.shm_path), shm_size=c.shm_size,
+        etc_hostname=s(c.etc_hostname), etc_hosts=s(c.etc_hosts), etc_resolv=s(c.etc_resolv),
+        binds=[BindMount(s(b.source) or "", s(b.target) or "", readonly=bool(b.readonly),
+                         recursive_readonly=bool(b.recursive_readonly),
+                         recursive=not b.nonrecursive, propagation=prop[b.propagation])
+               for b in (c.binds[i] for i in range(c.n_binds))],
+        masked_paths=strv(c.masked_paths), readonly_paths=strv(c.readonly_paths),
+        start_wait=bool(c.start_wait),
+    )
+
+
 def launch_start(start_sock: str, timeout: float = 30.0) -> None:
     """Release a launched container; raises OSError if its execve failed."""
     err = _new_err()

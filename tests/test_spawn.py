@@ -550,6 +550,63 @@ def test_joins_cgroup_before_exec(rootfs):
         os.rmdir(cg)
 
 
+def _v2_mount() -> str | None:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.startswith("cgroup2 "):
+                return left.split()[4]
+    return None
+
+
+@pytest.mark.parametrize("join", ["new", "pid", "userns"])
+def test_joins_v1_and_v2_cgroups_without_cgroup_procs(rootfs, tmp_path, join):
+    """v1 by the child writing 0 to tasks, v2 by CLONE_INTO_CGROUP (also through the
+    intermediate of a joined namespace): the process ends up in every cgroup, and
+    the v1 one sees it in cgroup.procs like any other member."""
+    v1, v2 = "/sys/fs/cgroup/pids", _v2_mount()
+    if not os.path.isdir(v1) or not v2:
+        pytest.skip("needs a v1 pids hierarchy and a cgroup2 mount")
+    cg1 = tempfile.mkdtemp(prefix="pycri-spawn-test-", dir=v1)
+    cg2 = tempfile.mkdtemp(prefix="pycri-spawn-test-", dir=v2)
+    holder = None
+    try:
+        procs = [os.path.join(cg1, "cgroup.procs"), os.path.join(cg2, "cgroup.procs")]
+        namespaces = dict(ALL_NEW, cgroup="host")
+        kw = {}
+        if join == "pid":
+            holder, hw = _holder(rootfs)
+            namespaces["net"] = f"/proc/{holder.pid}/ns/net"
+        elif join == "userns":
+            # the namespace's root must reach the rootfs and find the mount points
+            p = str(tmp_path)
+            while p != "/":
+                os.chmod(p, os.stat(p).st_mode | 0o111)
+                p = os.path.dirname(p)
+            for d in ("proc", "sys", "dev"):
+                os.makedirs(os.path.join(rootfs, d))
+            namespaces["user"] = "new"
+            kw = {"uid_map": (0, 200000, 65536), "gid_map": (0, 200000, 65536)}
+        res = n.spawn(spec_for(rootfs, ["sleep", "10"], namespaces=namespaces,
+                               cgroup_procs=procs, **kw))
+        try:
+            with open(f"/proc/{res.pid}/cgroup") as f:
+                got = f.read()
+            assert f":pids:/{os.path.basename(cg1)}\n" in got
+            assert f"0::/{os.path.basename(cg2)}\n" in got
+            with open(procs[0]) as f:
+                assert f.read().split() == [str(res.pid)]
+        finally:
+            os.kill(res.pid, 9)
+            os.waitpid(res.pid, 0)
+            os.close(res.pidfd)
+    finally:
+        if holder is not None:
+            _release(holder, hw)
+        os.rmdir(cg1)
+        os.rmdir(cg2)
+
+
 def test_join_namespaces_of_a_running_container(rootfs):
     r, w = os.pipe()
     holder = n.spawn(spec_for(rootfs, ["sh", "-c", "read x"], hostname="pod", stdin=r))

@@ -1,17 +1,22 @@
 /* api/launch.h - containers that outlive the process that created them.
  *
- * pycri_launch() forks a detached intermediate (double fork + setsid, so it is
- * nobody's child but init's). The intermediate spawns the container with
- * start_wait (it is the container's parent), listens on a unix socket at
- * start_sock, reports the pids to the caller, and blocks. pycri_launch_start()
- * - from this or any later process - connects to that socket; the
- * intermediate releases the container, answers whether execve succeeded, and
- * then becomes the monitor: execv(monitor_argv + "--adopt" PID), keeping only
- * the fds in monitor_fds (made inheritable) and the container as its child.
+ * pycri_launch() starts a launcher: monitor_argv[0] (pycri-monitor) run as
+ * "pycri-monitor --launch 3 START_SOCK" with posix_spawn (vfork + exec: the
+ * caller, a big Python process, is never copied). It gets a socket as fd 3 and
+ * only the fds the spec and monitor_fds name, renumbered from 4 up; stdio is
+ * /dev/null. The launcher starts a new session and forks once more (so it is
+ * nobody's child but init's), reads the spec (pycri_spec_encode) and the monitor
+ * argv from the socket, spawns the container with start_wait (it is the
+ * container's parent), listens on a unix socket at start_sock, reports the pids
+ * (or the stage and error) to the caller, and blocks. pycri_launch_start() -
+ * from this or any later process - connects to that socket; the launcher
+ * releases the container, answers whether execve succeeded, puts monitor_fds
+ * back at their original numbers and continues, in the same process, as the
+ * monitor: monitor_argv + "--adopt" PID, with the container as its child.
  */
 
 struct pycri_launch_result {
-    int monitor_pid;              /* the intermediate, later the monitor (same pid) */
+    int monitor_pid;              /* the launcher, later the monitor (same pid) */
     int pid;                      /* the container process */
     unsigned long long start_time; /* of the container, from /proc/<pid>/stat */
     int stage;                    /* PYCRI_STAGE_* on failure */
@@ -23,3 +28,12 @@ int pycri_launch(const struct pycri_spawn_spec *spec, const char *start_sock,
 
 /* Release a launched container; returns once execve succeeded or failed. */
 int pycri_launch_start(const char *start_sock, int timeout_ms, struct pycri_error *err);
+
+/* The spec as one flat buffer (csrc/specbuf.c). Returns the size it needs and
+ * writes it only when that is <= cap (buf may be NULL to ask the size). */
+int pycri_spec_encode(const struct pycri_spawn_spec *spec, unsigned char *buf, size_t cap,
+                      struct pycri_error *err);
+/* Check an encoded buffer (8-byte aligned) and turn it back into a spec whose
+ * pointers point into buf (rewritten in place). */
+int pycri_spec_decode(unsigned char *buf, size_t len, struct pycri_spawn_spec *out,
+                      struct pycri_error *err);

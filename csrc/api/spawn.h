@@ -7,9 +7,9 @@
  * -1, is a process in all of the caller's namespaces, uid/gid 0, no
  * capabilities (bounding set empty) and stdio on /dev/null.
  *
- * Order in the child: join namespaces (user first), create the new ones (the
- * cgroup namespace last, once the parent has written the pid into
- * cgroup_procs and the id maps), setresuid(0) in a user namespace, oom_score_adj,
+ * Order in the child: enter the v1 cgroups, join namespaces (user first),
+ * create the new ones (the cgroup namespace last, once every cgroup of
+ * cgroup_procs is entered and the parent has written the id maps), setresuid(0) in a user namespace, oom_score_adj,
  * mounts (rootfs, /proc, sysctls, /sys, /dev, binds, /etc files, masked and
  * read-only paths, pivot_root), hostname, new session, stdio and kept fds
  * (everything else CLOEXEC), tty, working dir, read-only rootfs, rlimits,
@@ -130,7 +130,10 @@ struct pycri_spawn_spec {
     unsigned int gid_map_inside, gid_map_outside, gid_map_count;
 
     /* --- cgroups --- */
-    const char *const *cgroup_procs;  /* absolute cgroup.procs paths the pid is written to before it runs */
+    const char *const *cgroup_procs;  /* absolute cgroup.procs paths of the cgroups it runs in;
+                                       * v1 ones are entered by the child writing 0 to the
+                                       * dir's "tasks", one v2 one by CLONE_INTO_CGROUP, the
+                                       * rest by the parent writing the pid here */
 
     /* --- rootfs (only with ns_mode[MNT] == NEW) --- */
     const char *rootfs;        /* target dir; NULL = no rootfs setup (keep the host view) */
