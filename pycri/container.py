@@ -224,6 +224,9 @@ class Container:
     def state_dir(self) -> str:
         return os.path.join(self.runtime.state, "containers", self.id)
 
+    def _cgroup(self, rec: dict[str, Any]) -> Any:
+        return self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+
     def _path(self, name: str) -> str:
         return os.path.join(self.state_dir, name)
 
@@ -280,7 +283,7 @@ class Container:
 
     def _oom_seen(self, rec: dict[str, Any]) -> bool:
         try:
-            cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+            cg = self._cgroup(rec)
             return cg.stats().oom_kill_count > rec.get("oom_kills_at_start", 0)
         except (PycriError, OSError, AttributeError):
             return False
@@ -429,11 +432,7 @@ class Container:
                                         else config.masked_paths)
         readonly = () if privileged else (DEFAULT_READONLY if config.readonly_paths is None
                                           else config.readonly_paths)
-        seccomp = None
-        if not privileged and config.seccomp not in ("Unconfined", "unconfined", ""):
-            from pycri import seccomp as _seccomp
-
-            seccomp = _seccomp.profile_bpf(config.seccomp, caps)
+        seccomp = _seccomp_for(config, caps)
 
         stdio_parent: list[int] = []
         child_fds: list[int] = []
@@ -633,7 +632,7 @@ class Container:
             rec = self._read()
             self._refresh(rec)
             if rec["state"] == RUNNING:
-                cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+                cg = self._cgroup(rec)
                 with contextlib.suppress(PycriError, OSError):
                     cg.kill()
                 self._signal(rec, signal.SIGKILL)
@@ -645,8 +644,7 @@ class Container:
         with self._lock():
             with contextlib.suppress(NotFoundError, PycriError, OSError):
                 rec = self._read()
-                cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"],
-                                                                           self.id)
+                cg = self._cgroup(rec)
                 if cg.pids():
                     cg.kill()
 
@@ -690,7 +688,7 @@ class Container:
     def _destroy(self, rec: dict[str, Any]) -> None:
         if rec["state"] == CREATED:
             self._kill_launcher(rec)
-        cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+        cg = self._cgroup(rec)
         with contextlib.suppress(NotFoundError):
             cg.destroy()
         for kind in ("start", "attach"):
@@ -717,14 +715,10 @@ class Container:
                              cfg.supplemental_groups,
                              strict=cfg.supplemental_groups_policy == "Strict")
         caps = capabilities(cfg)
-        seccomp = None
-        if not cfg.privileged and cfg.seccomp not in ("Unconfined", "unconfined", ""):
-            from pycri import seccomp as _seccomp
-
-            seccomp = _seccomp.profile_bpf(cfg.seccomp, caps)
+        seccomp = _seccomp_for(cfg, caps)
         pid = rec["pid"]
         namespaces = {k: f"/proc/{pid}/ns/{k}" for k in ("mnt", "pid", "net", "ipc", "uts")}
-        cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+        cg = self._cgroup(rec)
         spec = _native.SpawnSpec(
             argv=list(cmd), env=_env(image.config.env, cfg.env, user),
             cwd=cfg.working_dir or image.config.working_dir or "/", uid=user.uid,
@@ -813,7 +807,7 @@ class Container:
 
     def stats(self) -> ContainerStats:
         rec = self._read()
-        cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+        cg = self._cgroup(rec)
         st = cg.stats()
         used = inodes = 0
         for dirpath, dirnames, filenames in os.walk(os.path.join(self.record_dir, "fs", "upper")):
@@ -828,7 +822,7 @@ class Container:
         """Change cgroup limits while running; all or nothing."""
         with self._lock():
             rec = self._read()
-            cg = self.runtime.cgroups(rec["cgroup_parent"]).container(rec["sandbox_id"], self.id)
+            cg = self._cgroup(rec)
             cg.update(resources)
             cfg = dict(rec["config"])
             cfg["resources"] = to_json(resources)
@@ -856,6 +850,15 @@ def _image_dir_exists(layer_dirs: list[str], path: str) -> bool:
         else:
             return True
     return False
+
+
+def _seccomp_for(config: ContainerConfig, caps: int) -> bytes | None:
+    """The seccomp program of a container's processes (none when privileged)."""
+    if config.privileged:
+        return None
+    from pycri import seccomp
+
+    return seccomp.profile_bpf(config.seccomp, caps)
 
 
 def _groups(user: users.User) -> list[int]:
