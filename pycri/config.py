@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses as _dc
+import functools
 import posixpath as _pp
 import re as _re
 import types as _types
@@ -372,10 +373,16 @@ def _from(tp: object, v: object) -> object:
     return v
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, object]:
+    """Resolved field types of a config class (resolving them is slow: do it once)."""
+    return _t.get_type_hints(cls)
+
+
 def from_json(cls: type, data: object) -> object:
     """Rebuild a config dataclass (validating it again) from ``to_json`` output."""
     if not isinstance(data, dict):
         raise InvalidArgumentError(f"{cls.__name__}: expected an object")
-    hints = _t.get_type_hints(cls)
+    hints = _hints(cls)
     kwargs = {f.name: _from(hints[f.name], data[f.name]) for f in _dc.fields(cls) if f.name in data}
     return cls(**kwargs)

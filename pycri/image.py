@@ -14,6 +14,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import fcntl
+import functools
 import os
 import shutil
 import tempfile
@@ -186,8 +187,7 @@ class ImageStore:
 
     def _image(self, image_id: str, names: dict[str, str]) -> Image:
         rec = self._read_record(image_id)
-        with open(self.blob_path(image_id), "rb") as f:
-            config = oci.parse_config(f.read())
+        config = _config(self.blob_path(image_id))
         mine = sorted(n for n, i in names.items() if i == image_id)
         return Image(
             id=image_id,
@@ -657,6 +657,14 @@ class ImageStore:
         from pycri import archive
 
         archive.export_oci(self, [self.get(r) for r in refs], refs, path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config(blob_path: str) -> ImageConfig:
+    """An image config, parsed once: blobs are immutable and named by their digest,
+    so a cached parse can never disagree with the disk."""
+    with open(blob_path, "rb") as f:
+        return oci.parse_config(f.read())
 
 
 def _read_file(path: str) -> Iterator[bytes]:
