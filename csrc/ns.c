@@ -4,12 +4,13 @@
  * without containers. Instead of a pause process, a short-lived child unshares
  * them and bind-mounts /proc/self/ns/<kind> onto files in the pod's state dir;
  * the mounts keep the namespaces alive, and containers setns() into them.
- * The child runs after fork() in a possibly multi-threaded process, so it only
- * makes raw system calls and reports (step, errno) through a pipe.
+ * The child is a vfork-style clone of a possibly multi-threaded process: it only
+ * makes raw system calls and reports (step, errno) in memory it shares with us.
  */
 #include <fcntl.h>
 #include <net/if.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -39,13 +40,6 @@ static const char *step_name(int step) {
     case STEP_PIN_UTS: return "bind-mount uts namespace";
     }
     return "?";
-}
-
-static void report_and_exit(int fd, int step, int code) {
-    struct child_report r = {step, code};
-    ssize_t n = write(fd, &r, sizeof(r));
-    (void)n;
-    _exit(1);
 }
 
 static int lo_up(void) {
@@ -87,66 +81,84 @@ static int write_sysctl(const char *key, const char *value) {
     return w < 0 ? -1 : 0;
 }
 
+struct pin_job {
+    int kinds, flags, nsysctls;
+    const char *net_path, *ipc_path, *uts_path, *hostname, *sysctls;
+    struct child_report report;
+};
+
+static int pin_fail(struct pin_job *j, int step) {
+    j->report.step = step;
+    j->report.code = errno;
+    return 1;
+}
+
+/* Runs in a CLONE_VM|CLONE_VFORK child: the caller is suspended until it exits,
+ * and it reports by writing into the job, which it shares with the caller. */
+static int pin_child(void *arg) {
+    struct pin_job *j = arg;
+    if (unshare(j->flags) < 0)
+        return pin_fail(j, STEP_UNSHARE);
+    if ((j->kinds & PYCRI_PIN_UTS) && j->hostname && j->hostname[0] &&
+        sethostname(j->hostname, strlen(j->hostname)) < 0)
+        return pin_fail(j, STEP_HOSTNAME);
+    if ((j->kinds & PYCRI_PIN_NET) && lo_up() < 0)
+        return pin_fail(j, STEP_LO);
+    const char *p = j->sysctls;
+    for (int i = 0; p && i < j->nsysctls; i++) {
+        const char *key = p;
+        const char *value = key + strlen(key) + 1;
+        if (write_sysctl(key, value) < 0)
+            return pin_fail(j, STEP_SYSCTL * 1000 + i);
+        p = value + strlen(value) + 1;
+    }
+    if ((j->kinds & PYCRI_PIN_NET) &&
+        mount("/proc/self/ns/net", j->net_path, NULL, MS_BIND, NULL) < 0)
+        return pin_fail(j, STEP_PIN_NET);
+    if ((j->kinds & PYCRI_PIN_IPC) &&
+        mount("/proc/self/ns/ipc", j->ipc_path, NULL, MS_BIND, NULL) < 0)
+        return pin_fail(j, STEP_PIN_IPC);
+    if ((j->kinds & PYCRI_PIN_UTS) &&
+        mount("/proc/self/ns/uts", j->uts_path, NULL, MS_BIND, NULL) < 0)
+        return pin_fail(j, STEP_PIN_UTS);
+    return 0;
+}
+
 PYCRI_EXPORT int pycri_ns_pin(int kinds, const char *net_path, const char *ipc_path,
                               const char *uts_path, const char *hostname, const char *sysctls,
                               int nsysctls, struct pycri_error *err) {
-    int flags = 0;
-    if (kinds & PYCRI_PIN_NET) flags |= CLONE_NEWNET;
-    if (kinds & PYCRI_PIN_IPC) flags |= CLONE_NEWIPC;
-    if (kinds & PYCRI_PIN_UTS) flags |= CLONE_NEWUTS;
-    int pipefd[2];
-    if (pipe2(pipefd, O_CLOEXEC) < 0)
-        return pycri_fail(err, errno, "pin namespaces: pipe2");
-    pid_t pid = fork();
-    if (pid < 0) {
-        int e = errno;
-        close(pipefd[0]);
-        close(pipefd[1]);
-        return pycri_fail(err, e, "pin namespaces: fork");
-    }
-    if (pid == 0) {
-        close(pipefd[0]);
-        if (unshare(flags) < 0)
-            report_and_exit(pipefd[1], STEP_UNSHARE, errno);
-        if ((kinds & PYCRI_PIN_UTS) && hostname && hostname[0] &&
-            sethostname(hostname, strlen(hostname)) < 0)
-            report_and_exit(pipefd[1], STEP_HOSTNAME, errno);
-        if ((kinds & PYCRI_PIN_NET) && lo_up() < 0)
-            report_and_exit(pipefd[1], STEP_LO, errno);
-        const char *p = sysctls;
-        for (int i = 0; p && i < nsysctls; i++) {
-            const char *key = p;
-            const char *value = key + strlen(key) + 1;
-            if (write_sysctl(key, value) < 0)
-                report_and_exit(pipefd[1], STEP_SYSCTL * 1000 + i, errno);
-            p = value + strlen(value) + 1;
-        }
-        if ((kinds & PYCRI_PIN_NET) && mount("/proc/self/ns/net", net_path, NULL, MS_BIND, NULL) < 0)
-            report_and_exit(pipefd[1], STEP_PIN_NET, errno);
-        if ((kinds & PYCRI_PIN_IPC) && mount("/proc/self/ns/ipc", ipc_path, NULL, MS_BIND, NULL) < 0)
-            report_and_exit(pipefd[1], STEP_PIN_IPC, errno);
-        if ((kinds & PYCRI_PIN_UTS) && mount("/proc/self/ns/uts", uts_path, NULL, MS_BIND, NULL) < 0)
-            report_and_exit(pipefd[1], STEP_PIN_UTS, errno);
-        _exit(0);
-    }
-    close(pipefd[1]);
-    struct child_report r = {0, 0};
-    ssize_t n;
-    do {
-        n = read(pipefd[0], &r, sizeof(r));
-    } while (n < 0 && errno == EINTR);
-    close(pipefd[0]);
+    struct pin_job j = {.kinds = kinds, .nsysctls = nsysctls, .net_path = net_path,
+                        .ipc_path = ipc_path, .uts_path = uts_path, .hostname = hostname,
+                        .sysctls = sysctls};
+    if (kinds & PYCRI_PIN_NET) j.flags |= CLONE_NEWNET;
+    if (kinds & PYCRI_PIN_IPC) j.flags |= CLONE_NEWIPC;
+    if (kinds & PYCRI_PIN_UTS) j.flags |= CLONE_NEWUTS;
+    /* A vfork-style child: no copy of the (large, threaded) caller's address space
+     * and no fork handlers run (gRPC's, for one); signals stay blocked in it. */
+    const size_t stack_size = 64 << 10;
+    cleanup_free char *stack = malloc(stack_size);
+    if (!stack)
+        return pycri_fail(err, ENOMEM, "pin namespaces: stack");
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid_t pid = clone(pin_child, stack + stack_size, CLONE_VM | CLONE_VFORK | SIGCHLD, &j);
+    int clone_errno = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (pid < 0)
+        return pycri_fail(err, clone_errno, "pin namespaces: clone");
     int status;
     while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
         ;
-    if (n == (ssize_t)sizeof(r)) {
+    if (j.report.step) {
         /* undo whatever pins were made before the failing step */
         if (net_path) umount2(net_path, MNT_DETACH);
         if (ipc_path) umount2(ipc_path, MNT_DETACH);
         if (uts_path) umount2(uts_path, MNT_DETACH);
-        if (r.step >= STEP_SYSCTL * 1000)
-            return pycri_fail(err, r.code, "pin namespaces: write sysctl #%d", r.step - STEP_SYSCTL * 1000);
-        return pycri_fail(err, r.code, "pin namespaces: %s", step_name(r.step));
+        if (j.report.step >= STEP_SYSCTL * 1000)
+            return pycri_fail(err, j.report.code, "pin namespaces: write sysctl #%d",
+                              j.report.step - STEP_SYSCTL * 1000);
+        return pycri_fail(err, j.report.code, "pin namespaces: %s", step_name(j.report.step));
     }
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
         return pycri_fail(err, ECHILD, "pin namespaces: child died (status %d)", status);
