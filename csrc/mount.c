@@ -327,8 +327,14 @@ static int setup_dev(const struct pycri__plan *plan, int rootfd, struct pycri__c
             return fail_at(ce, PYCRI_STAGE_MOUNT, "mount tmpfs", "/dev/shm");
     }
     int mq cleanup_fd = openat(dev, "mqueue", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (mq < 0 || mount_at(mq, "mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
-        return fail_at(ce, PYCRI_STAGE_MOUNT, "mount mqueue", "/dev/mqueue");
+    if (mq < 0)
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "open", "/dev/mqueue");
+    if (mount_at(mq, "mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0) {
+        /* mqueue needs an IPC namespace owned by the mounter's user namespace; a
+         * pod's IPC namespace seen from a new user namespace is not: go without */
+        if (!(s->ns_mode[PYCRI_NS_USER] == PYCRI_NS_NEW && (errno == EPERM || errno == EACCES)))
+            return fail_at(ce, PYCRI_STAGE_MOUNT, "mount mqueue", "/dev/mqueue");
+    }
     return 0;
 }
 

@@ -488,11 +488,16 @@ static __attribute__((noreturn)) void child_main(struct pycri__plan *plan, int t
         wait_go(plan);
         child_finish(plan);
     }
-    /* Joining: the user namespace first (it owns the others), then the rest;
-     * new namespaces after that, so they belong to the right user namespace. */
+    /* Joining: every other namespace first, while this process still has the
+     * host's privileges (a pod's namespaces belong to the host's user namespace,
+     * which a process inside a container's user namespace cannot enter), then the
+     * user namespace; new namespaces after that, so they belong to it. */
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
-        if (plan->ns_fd[k] >= 0 && setns(plan->ns_fd[k], ns_flag[k]) < 0)
+        if (k != PYCRI_NS_USER && plan->ns_fd[k] >= 0 && setns(plan->ns_fd[k], ns_flag[k]) < 0)
             CFAIL(PYCRI_STAGE_NAMESPACE, "setns", ns_name[k]);
+    if (plan->ns_fd[PYCRI_NS_USER] >= 0 &&
+        setns(plan->ns_fd[PYCRI_NS_USER], ns_flag[PYCRI_NS_USER]) < 0)
+        CFAIL(PYCRI_STAGE_NAMESPACE, "setns", ns_name[PYCRI_NS_USER]);
     int flags = 0;
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
         if (s->ns_mode[k] == PYCRI_NS_NEW && k != PYCRI_NS_CGROUP)

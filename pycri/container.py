@@ -419,6 +419,7 @@ class Container:
             # the container's root owns its writable layer
             for d in (upper, work, rootfs):
                 os.chown(d, u["host_id"], g["host_id"])
+            _precreate_targets(upper, config)
 
         binds = []
         for i, m in enumerate(config.mounts):
@@ -718,6 +719,8 @@ class Container:
         seccomp = _seccomp_for(cfg, caps)
         pid = rec["pid"]
         namespaces = {k: f"/proc/{pid}/ns/{k}" for k in ("mnt", "pid", "net", "ipc", "uts")}
+        if os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino:
+            namespaces["user"] = f"/proc/{pid}/ns/user"
         cg = self._cgroup(rec)
         spec = _native.SpawnSpec(
             argv=list(cmd), env=_env(image.config.env, cfg.env, user),
@@ -831,6 +834,26 @@ class Container:
 
 
 # -- helpers -------------------------------------------------------------------------
+
+
+def _precreate_targets(upper: str, config: ContainerConfig) -> None:
+    """In a user namespace the container's root cannot create mount points in image
+    directories it does not own, so make them in the writable layer beforehand
+    (an upper dir merges with the lower one of the same name)."""
+    dirs = ["proc", "sys", "dev", "etc"]
+    files = ["etc/hostname", "etc/hosts", "etc/resolv.conf"]
+    for m in config.mounts:
+        target = m.container_path.lstrip("/")
+        source_is_dir = bool(m.image) or os.path.isdir(m.host_path)
+        (dirs if source_is_dir else files).append(target)
+    for d in dirs:
+        os.makedirs(os.path.join(upper, d), 0o755, exist_ok=True)
+    for f in files:
+        path = os.path.join(upper, f)
+        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
+        if not os.path.lexists(path):
+            with open(path, "w"):
+                pass
 
 
 def _image_dir_exists(layer_dirs: list[str], path: str) -> bool:

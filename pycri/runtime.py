@@ -76,11 +76,12 @@ class Runtime:
         # network namespace has loopback only (the library default).
         self.cni: CNI | None = CNI(cni_conf_dir, cni_bin_dirs) if cni_conf_dir else None
         self._hierarchy: Hierarchy | None = None
-        for d in ("sandboxes", "locks"):
-            store.makedirs(os.path.join(self.root, d))
-        # traversable: containers' writable layers and rootfs mount points live below
-        store.makedirs(os.path.join(self.root, "containers"), 0o711)
-        os.chmod(os.path.join(self.root, "containers"), 0o711)
+        store.makedirs(os.path.join(self.root, "locks"))
+        # traversable: containers' writable layers and rootfs mount points, and the
+        # files user-namespaced pods mount, live below (each record dir is 0700 itself)
+        for d in ("sandboxes", "containers"):
+            store.makedirs(os.path.join(self.root, d), 0o711)
+            os.chmod(os.path.join(self.root, d), 0o711)
         for d in ("sandboxes", "containers", "sockets"):
             store.makedirs(os.path.join(self.state, d))
         self.images.layer_roots = self._layers_in_use

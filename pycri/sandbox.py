@@ -180,6 +180,13 @@ class Sandbox:
                 raise RuntimeFailure(f"sandbox namespaces: {e.strerror}", stage="namespaces",
                                      errno=e.errno or 0) from e
         rec.update(netns=bool(paths["net"]), ipcns=bool(paths["ipc"]), utsns=bool(paths["uts"]))
+        if config.user_namespace:
+            # files the containers mount must be reachable by their mapped root: the
+            # state dir is 0700, so they go under the traversable root instead
+            os.chmod(self.record_dir, 0o711)
+            rec["files_dir"] = store.makedirs(os.path.join(self.record_dir, "files"), 0o711)
+            os.chmod(rec["files_dir"], 0o711)
+        self._write(rec)
         if paths["ipc"]:
             # the pod's /dev/shm: one tmpfs its containers share, as they share IPC
             shm = store.makedirs(self.shm_path, 0o755)
@@ -248,7 +255,7 @@ class Sandbox:
                 os.waitpid(pid, 0)  # ours to reap when this process made the pod
 
     def _write_etc(self, hostname: str, ips: tuple[str, ...], config: SandboxConfig) -> None:
-        d = self.state_dir
+        d = self.files_dir
         store.atomic_write(os.path.join(d, "hostname"), hostname.encode() + b"\n", 0o644)
         hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
         if ips:
@@ -272,11 +279,19 @@ class Sandbox:
         store.atomic_write(os.path.join(d, "resolv.conf"), resolv, 0o644)
 
     @property
+    def files_dir(self) -> str:
+        """Where the files the pod's containers mount live (hosts, resolv.conf, shm)."""
+        try:
+            return str(self.record().get("files_dir") or self.state_dir)
+        except NotFoundError:
+            return self.state_dir
+
+    @property
     def shm_path(self) -> str:
         """What containers mount at /dev/shm: the pod's tmpfs, or the host's."""
         if not os.path.exists(self.ns_path("ipc")) and not self.record().get("ipcns"):
             return "/dev/shm"
-        return os.path.join(self.state_dir, "shm")
+        return os.path.join(self.files_dir, "shm")
 
     def stats(self) -> Any:
         """Usage of the whole pod (its cgroup: every container in it)."""
@@ -285,7 +300,7 @@ class Sandbox:
 
     def etc_file(self, name: str) -> str:
         """Path of the pod's hostname, hosts or resolv.conf file (bind-mounted into containers)."""
-        return os.path.join(self.state_dir, name)
+        return os.path.join(self.files_dir, name)
 
     def stop(self) -> None:
         """Stop every container of the pod and tear down its network. Idempotent."""
@@ -332,7 +347,7 @@ class Sandbox:
             except OSError as e:
                 errors.append(str(e))
         if rec.get("shm"):
-            shm = os.path.join(self.state_dir, "shm")
+            shm = os.path.join(rec.get("files_dir") or self.state_dir, "shm")
             try:
                 _native.mount_unmount(shm)
             except OSError as e:

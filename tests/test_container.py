@@ -47,6 +47,7 @@ def env(probe_image):
     """A Runtime on short temp dirs (unix socket paths are limited), a cgroup parent
     of its own, the probe image pulled, and a checker that nothing is left behind."""
     base = tempfile.mkdtemp(prefix="pycri-", dir="/tmp")
+    os.chmod(base, 0o711)  # as /var/lib is: user-namespaced containers' roots traverse it
     parent = "pycri-test-" + uuid.uuid4().hex[:8]
     rt = pycri.Runtime(root=base + "/root", state=base + "/state", cgroup_parent=parent)
     img = rt.images.pull(probe_image)
@@ -502,3 +503,31 @@ def test_image_volumes(env, group_image):
         assert sb.containers() == []
     with pytest.raises(InvalidArgumentError, match="read-only"):
         pycri.Mount("/v", image=img.id)
+
+
+def test_user_namespace_pod(env):
+    rt, img = env
+    m = pycri.IDMapping(0, 200000, 65536)
+    # a bind source must be reachable by the container's mapped root (pytest's tmp is 0700)
+    share = tempfile.mkdtemp(prefix="pycri-share-", dir="/tmp")
+    os.chmod(share, 0o755)
+    with open(os.path.join(share, "f"), "w") as f:
+        f.write("host file")
+    cfg = pycri.SandboxConfig(name="userns", user_namespace=pycri.UserNamespace((m,), (m,)))
+    with rt.run_sandbox(cfg) as sb:
+        c = sb.create_container(pycri.ContainerConfig(
+            name="u", image=img.id, command=("sh", "-c", "touch /made-here; sleep 60"),
+            mounts=(pycri.Mount("/share", share, readonly=True),)))
+        c.start()
+        r = c.exec_sync(["sh", "-c", "cat /proc/self/uid_map; id -u; cat /share/f"])
+        assert r.stdout.split() == [b"0", b"200000", b"65536", b"0", b"host", b"file"], r
+        deadline = time.monotonic() + 5
+        made = os.path.join(c.record_dir, "fs", "upper", "made-here")
+        while not os.path.exists(made):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert os.stat(made).st_uid == 200000  # root inside is 200000 outside
+        p = json.loads(c.exec_sync(["probe"]).stdout)
+        assert p["ns"]["user"] != os.stat("/proc/self/ns/user").st_ino
+        c.stop(timeout=0)
+    shutil.rmtree(share)
