@@ -250,7 +250,7 @@ def test_status_network_not_ready_without_plugins(cri):
     assert handler.name == ""
     assert handler.HasField("features")
     assert handler.features.recursive_read_only_mounts is True  # mount_setattr(AT_RECURSIVE)
-    assert handler.features.user_namespaces is False
+    assert handler.features.user_namespaces is True
 
 
 def test_status_network_follows_config_and_plugins(cri):

@@ -195,9 +195,10 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         conditions = [api_pb2.RuntimeCondition(type="RuntimeReady", status=True),
                       convert.network_condition(network_ready, why)]
         # Recursive read-only binds: mount_setattr(AT_RECURSIVE) in csrc/mount.c. User
-        # namespaces: the library maps ids, but has no id-mapped rootfs or volumes yet.
+        # namespaces: one uid and one gid mapping per pod; the image's files are not
+        # id-mapped (they show as the overflow id inside), the writable layer is.
         handler = api_pb2.RuntimeHandler(name=DEFAULT_HANDLER, features=api_pb2.RuntimeHandlerFeatures(
-            recursive_read_only_mounts=True, user_namespaces=False))
+            recursive_read_only_mounts=True, user_namespaces=True))
         info = {"config": json.dumps(asdict(o), sort_keys=True),
                 "runtime": json.dumps({"root": self.rt.root, "state": self.rt.state,
                                        "version": pycri.__version__})} if request.verbose else {}
