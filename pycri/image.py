@@ -133,6 +133,8 @@ class ImageStore:
         # chain ids that must survive GC even without an image (set by the Runtime:
         # the layers of existing containers' root filesystems)
         self.layer_roots: Callable[[], set[str]] = set
+        self._gc_lock = threading.Lock()
+        self._gc_pending = False
         self._registry_lock = threading.Lock()
         for d in ("blobs/sha256", "ingest", "images", "locks"):
             store.makedirs(os.path.join(self.root, d))
@@ -282,10 +284,12 @@ class ImageStore:
         self._set_names(image.id, [str(ref)])
         return self.get(image.id)
 
-    def remove(self, ref: str) -> None:
+    def remove(self, ref: str, collect: bool = True) -> None:
         """Remove one name, or by id every name; the image goes with its last name.
 
-        Blobs and layers no remaining image uses are then garbage collected.
+        Blobs and layers no remaining image uses are then garbage collected: right
+        away, or with ``collect=False`` soon after in the background (gc_soon), as a
+        busy server wants: the caller does not wait for large trees to be deleted.
         """
         with store.flock(self._lock("images.lock")):
             names = self._read_names()
@@ -305,7 +309,10 @@ class ImageStore:
             if image_id not in names.values():
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._record_path(image_id))
-        self.gc()
+        if collect:
+            self.gc()
+        else:
+            self.gc_soon()
 
     # -- garbage collection and recovery ---------------------------------------
 
@@ -371,6 +378,23 @@ class ImageStore:
                 return removed
         finally:
             os.close(fd)
+
+    def gc_soon(self, delay: float = 2.0) -> None:
+        """Collect garbage in a background thread after ``delay`` seconds; calls made
+        while one is pending share it."""
+        with self._gc_lock:
+            if self._gc_pending:
+                return
+            self._gc_pending = True
+
+        def run() -> None:
+            time.sleep(delay)
+            with self._gc_lock:
+                self._gc_pending = False
+            with contextlib.suppress(Exception):  # best effort; the next remove retries
+                self.gc()
+
+        threading.Thread(target=run, name="pycri-gc", daemon=True).start()
 
     def recover(self) -> None:
         """Clean up after a crash: half-built layers and stray temp files.

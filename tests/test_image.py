@@ -375,3 +375,17 @@ def test_waiting_pull_fetches_itself_when_the_owner_fails(rt, registry):
     assert isinstance(results["a"], pycri.RegistryError)
     assert results["b"] == built.config_digest
     assert calls.count(built.layer_digests[0]) == 2
+
+
+def test_remove_with_background_gc(rt, registry):
+    built = ib.build_image([ib.layer_tar([ib.File("g", b"collect me")])])
+    ref = push(registry, "test/bggc", "v1", built)
+    img = rt.images.pull(ref)
+    rt.images.remove(ref, collect=False)
+    assert rt.images.status(ref) is None  # gone at once for every reader
+    layer = rt.images.layer_path(img.layers[0].chain_id)
+    deadline = time.monotonic() + 10
+    while os.path.exists(layer):  # and its content soon after
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert not os.path.exists(rt.images.blob_path(img.id))

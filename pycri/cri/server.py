@@ -153,7 +153,7 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
         img = self.rt.images.status(convert.image_name(request.image))
         if img is not None:
             with contextlib.suppress(NotFoundError):  # removed meanwhile by someone else
-                self.rt.images.remove(img.id)
+                self.rt.images.remove(img.id, collect=False)
         return api_pb2.RemoveImageResponse()
 
     @rpc
