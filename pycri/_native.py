@@ -564,9 +564,14 @@ def monitor_command(exit_file: str, log: str, *, argv: Sequence[str] | None = No
                     pid_file: str | None = None, log_max_line: int | None = None,
                     detach: bool = False, stdout_fd: int | None = None,
                     stderr_fd: int | None = None, stdin_fd: int | None = None,
-                    pty_master_fd: int | None = None, oom_file: str | None = None) -> list[str]:
-    """The argv that runs a monitor; exactly one of ``argv`` / ``adopt``."""
-    if (argv is None) == (adopt is None):
+                    pty_master_fd: int | None = None, oom_file: str | None = None,
+                    for_launch: bool = False) -> list[str]:
+    """The argv that runs a monitor; exactly one of ``argv`` / ``adopt``, or neither
+    with ``for_launch`` (launch() appends ``--adopt PID`` once the container exists)."""
+    if for_launch:
+        if argv is not None or adopt is not None:
+            raise ValueError("for_launch takes neither argv nor adopt")
+    elif (argv is None) == (adopt is None):
         raise ValueError("give exactly one of argv and adopt")
     cmd = [monitor_path(), "--exit-file", exit_file, "--log", log]
     if stdin:
@@ -582,7 +587,9 @@ def monitor_command(exit_file: str, log: str, *, argv: Sequence[str] | None = No
                       ("--oom-file", oom_file)):
         if val is not None:
             cmd += [flag, str(val)]
-    if adopt is not None:
+    if for_launch:
+        pass
+    elif adopt is not None:
         cmd += ["--adopt", str(adopt)]
     else:
         assert argv is not None

@@ -481,8 +481,8 @@ class Container:
                 start_wait=True,
             )
             monitor = _native.monitor_command(
-                self._path("exit.json"), rec["log_path"], adopt=0,
-                attach_socket=self._sock("attach"), **mon_kw)[:-2]  # launch adds --adopt
+                self._path("exit.json"), rec["log_path"], for_launch=True,
+                attach_socket=self._sock("attach"), **mon_kw)
             res = _native.launch(spec, self._sock("start"), monitor, stdio_parent)
         except OSError as e:
             stage = getattr(e, "stage", "")
