@@ -39,6 +39,6 @@ static inline int pycri_steal_fd(int *fd) {
  * returns only after the container started, with argc and argv set to the
  * monitor's command line (monitor_argv + "--adopt" PID) and the monitor's fds at
  * the numbers it names; on any failure it reports and exits. */
-void pycri__launcher(int sock, const char *start_sock, int *argc, char ***argv);
+void pycri__launcher(int sock, char *title, int *argc, char ***argv);
 
 #endif

@@ -30,11 +30,19 @@
 #define MAX_SPEC_BYTES (64u << 20)
 #define LAUNCHER_SOCK_FD 3
 
-/* What the caller sends first on the launcher's socket; then argv_len bytes of
- * NUL-terminated monitor argv strings, then spec_len bytes of encoded spec. */
+#define LAUNCH_TITLE_MAX 108 /* room in argv[3] for the start socket path (sun_path) */
+#define FDS_PER_MSG 200       /* SCM_RIGHTS carries at most 253 per message */
+#define MAX_LAUNCH_FDS (MAX_MONITOR_FDS + 5 + 1024)
+
+/* What the caller sends first on the launcher's socket; then n_fds fds, in
+ * messages of one byte each carrying up to FDS_PER_MSG of them (SCM_RIGHTS), which
+ * the launcher puts at 4, 5, ...; then argv_len bytes of NUL-terminated monitor
+ * argv strings, sock_len bytes of start socket path (NUL-terminated), then
+ * spec_len bytes of encoded spec. */
 struct launch_req {
     uint32_t magic;
-    uint32_t argc, argv_len, spec_len;
+    uint32_t argc, argv_len, spec_len, sock_len;
+    int32_t n_fds;
     int32_t n_monitor_fds;
     int32_t monitor_local[MAX_MONITOR_FDS]; /* where the launcher has them */
     int32_t monitor_orig[MAX_MONITOR_FDS];  /* the numbers monitor_argv names */
@@ -144,7 +152,56 @@ static int listen_start(const char *path, struct pycri_error *err) {
     return s;
 }
 
-void pycri__launcher(int sock, const char *start_sock, int *argc_out, char ***argv_out) {
+/* Receive n fds (one-byte messages carrying SCM_RIGHTS) and put them at
+ * LAUNCHER_SOCK_FD + 1 + i. */
+static int recv_fds(int sock, int n) {
+    int got[MAX_LAUNCH_FDS];
+    int have = 0;
+    while (have < n) {
+        char byte;
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(int) * FDS_PER_MSG)];
+        } cm;
+        struct iovec iov = {&byte, 1};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                            .msg_controllen = sizeof(cm.buf)};
+        ssize_t r = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r != 1 || (mh.msg_flags & MSG_CTRUNC))
+            return -1;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            int *fds = (int *)CMSG_DATA(c);
+            for (int i = 0; i < k; i++) {
+                if (have == n) {
+                    close(fds[i]);
+                    continue;
+                }
+                got[have++] = fds[i];
+            }
+        }
+    }
+    /* above every target first, so no dup2 clobbers one still to be placed */
+    for (int i = 0; i < n; i++) {
+        int lifted = fcntl(got[i], F_DUPFD_CLOEXEC, LAUNCHER_SOCK_FD + 1 + n);
+        if (lifted < 0)
+            return -1;
+        close(got[i]);
+        got[i] = lifted;
+    }
+    for (int i = 0; i < n; i++) {
+        if (dup2(got[i], LAUNCHER_SOCK_FD + 1 + i) < 0)
+            return -1;
+        close(got[i]);
+    }
+    return 0;
+}
+
+void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
     struct launch_report rep;
     memset(&rep, 0, sizeof(rep));
     rep.res.stage = PYCRI_STAGE_PREPARE;
@@ -161,14 +218,25 @@ void pycri__launcher(int sock, const char *start_sock, int *argc_out, char ***ar
     if (p > 0)
         _exit(0);
 
+    /* A launcher may be made ahead of need: it waits here until the caller has a
+     * container for it, or goes when the caller closes the socket unused. */
     struct launch_req req;
-    if (read_full(sock, &req, sizeof(req)) != (ssize_t)sizeof(req) || req.magic != LAUNCH_MAGIC ||
+    ssize_t got = read_full(sock, &req, sizeof(req));
+    if (got == 0)
+        _exit(0);
+    if (got != (ssize_t)sizeof(req) || req.magic != LAUNCH_MAGIC ||
         req.argc == 0 || req.argv_len == 0 || req.argv_len > MAX_ARGV_BYTES ||
         req.spec_len > MAX_SPEC_BYTES || req.n_monitor_fds < 0 ||
-        req.n_monitor_fds > MAX_MONITOR_FDS) {
+        req.n_monitor_fds > MAX_MONITOR_FDS || req.n_fds < 0 || req.n_fds > MAX_LAUNCH_FDS ||
+        req.sock_len < 2 || req.sock_len > LAUNCH_TITLE_MAX) {
         pycri_fail(&rep.err, EPROTO, "launch: bad request from the caller");
         launcher_fail(sock, &rep);
     }
+    if (recv_fds(sock, req.n_fds) < 0) {
+        pycri_fail(&rep.err, errno ? errno : EPROTO, "launch: receiving the caller's fds");
+        launcher_fail(sock, &rep);
+    }
+    char start_sock[LAUNCH_TITLE_MAX + 1];
     char *args = malloc(req.argv_len);
     unsigned char *specbuf = malloc(req.spec_len ? req.spec_len : 1); /* malloc aligns to 16 */
     if (!args || !specbuf) {
@@ -176,9 +244,22 @@ void pycri__launcher(int sock, const char *start_sock, int *argc_out, char ***ar
         launcher_fail(sock, &rep);
     }
     if (read_full(sock, args, req.argv_len) != (ssize_t)req.argv_len ||
+        read_full(sock, start_sock, req.sock_len) != (ssize_t)req.sock_len ||
         read_full(sock, specbuf, req.spec_len) != (ssize_t)req.spec_len) {
         pycri_fail(&rep.err, EPROTO, "launch: short request from the caller");
         launcher_fail(sock, &rep);
+    }
+    if (start_sock[req.sock_len - 1] != '\0' || strlen(start_sock) != req.sock_len - 1) {
+        pycri_fail(&rep.err, EPROTO, "launch: bad start socket path from the caller");
+        launcher_fail(sock, &rep);
+    }
+    /* ps and /proc/PID/cmdline show which container this is: the start socket
+     * path, written over the blank argument it was spawned with */
+    if (title) {
+        size_t room = strlen(title);
+        size_t n = strlen(start_sock) < room ? strlen(start_sock) : room;
+        memcpy(title, start_sock, n);
+        memset(title + n, 0, room - n);
     }
     /* argv: exactly argc NUL-terminated strings */
     char **argv = malloc(sizeof(char *) * (req.argc + 3));
@@ -195,6 +276,8 @@ void pycri__launcher(int sock, const char *start_sock, int *argc_out, char ***ar
     if (pycri_spec_decode(specbuf, req.spec_len, &spec, &rep.err) < 0)
         launcher_fail(sock, &rep);
 
+    /* this process is ours to put in the pod's namespaces (see api/spawn.h) */
+    spec.join_in_caller = 1;
     struct pycri_spawn_result sr;
     memset(&sr, 0, sizeof(sr));
     if (pycri_spawn(&spec, &sr, &rep.err) < 0) {
@@ -341,67 +424,107 @@ static int send_full(int fd, struct iovec *iov, int n) {
     return 0;
 }
 
-/* posix_spawn the launcher with sock as fd 3, fds[i] as 4 + i, nothing else
- * but /dev/null on 0, 1, 2. */
-static int spawn_launcher(const char *path, const char *start_sock, int sock, const int *fds,
-                          int n, pid_t *pid, struct pycri_error *err) {
-    int total = n + 1;
-    int lifted[total];
-    int rc = 0, made = 0;
-    /* above every target first, so no dup2 of the file actions clobbers a source */
-    for (; made < total; made++) {
-        int from = made == 0 ? sock : fds[made - 1];
-        lifted[made] = fcntl(from, F_DUPFD_CLOEXEC, LAUNCHER_SOCK_FD + total);
-        if (lifted[made] < 0) {
-            rc = pycri_fail(err, errno, "launch: fd %d", from);
-            break;
-        }
-    }
+/* posix_spawn the launcher with sock as fd 3 and /dev/null on 0, 1, 2. */
+static int spawn_launcher(const char *path, int sock, pid_t *pid, struct pycri_error *err) {
+    int rc = 0;
+    int lifted = fcntl(sock, F_DUPFD_CLOEXEC, LAUNCHER_SOCK_FD + 1);
+    if (lifted < 0)
+        return pycri_fail(err, errno, "launch: fd %d", sock);
     posix_spawn_file_actions_t fa;
     posix_spawnattr_t attr;
-    int fa_ok = 0, attr_ok = 0;
-    if (rc == 0) {
-        fa_ok = posix_spawn_file_actions_init(&fa) == 0;
-        attr_ok = posix_spawnattr_init(&attr) == 0;
-        int e = fa_ok && attr_ok ? 0 : ENOMEM;
-        for (int i = 0; !e && i < total; i++)
-            e = posix_spawn_file_actions_adddup2(&fa, lifted[i], LAUNCHER_SOCK_FD + i);
-        if (!e)
-            e = posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDWR, 0);
-        if (!e)
-            e = posix_spawn_file_actions_adddup2(&fa, 0, 1);
-        if (!e)
-            e = posix_spawn_file_actions_adddup2(&fa, 0, 2);
-        if (!e)
-            e = posix_spawn_file_actions_addclosefrom_np(&fa, LAUNCHER_SOCK_FD + total);
-        sigset_t none, all;
-        sigemptyset(&none);
-        sigfillset(&all);
-        if (!e)
-            e = posix_spawnattr_setsigmask(&attr, &none);
-        if (!e)
-            e = posix_spawnattr_setsigdefault(&attr, &all);
-        if (!e)
-            e = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-        char fdarg[16];
-        snprintf(fdarg, sizeof(fdarg), "%d", LAUNCHER_SOCK_FD);
-        char *const argv[] = {(char *)path, "--launch", fdarg, (char *)start_sock, NULL};
-        char *const envp[] = {NULL};
-        if (!e)
-            e = posix_spawn(pid, path, &fa, &attr, argv, envp);
-        if (e)
-            rc = pycri_fail(err, e, "launch: posix_spawn %s", path);
-    }
+    int fa_ok = posix_spawn_file_actions_init(&fa) == 0;
+    int attr_ok = posix_spawnattr_init(&attr) == 0;
+    int e = fa_ok && attr_ok ? 0 : ENOMEM;
+    if (!e)
+        e = posix_spawn_file_actions_adddup2(&fa, lifted, LAUNCHER_SOCK_FD);
+    if (!e)
+        e = posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDWR, 0);
+    if (!e)
+        e = posix_spawn_file_actions_adddup2(&fa, 0, 1);
+    if (!e)
+        e = posix_spawn_file_actions_adddup2(&fa, 0, 2);
+    if (!e)
+        e = posix_spawn_file_actions_addclosefrom_np(&fa, LAUNCHER_SOCK_FD + 1);
+    sigset_t none, all;
+    sigemptyset(&none);
+    sigfillset(&all);
+    if (!e)
+        e = posix_spawnattr_setsigmask(&attr, &none);
+    if (!e)
+        e = posix_spawnattr_setsigdefault(&attr, &all);
+    if (!e)
+        e = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    char fdarg[16];
+    snprintf(fdarg, sizeof(fdarg), "%d", LAUNCHER_SOCK_FD);
+    /* a blank argument the launcher overwrites with its start socket path */
+    char title[LAUNCH_TITLE_MAX + 1];
+    memset(title, ' ', LAUNCH_TITLE_MAX);
+    title[LAUNCH_TITLE_MAX] = '\0';
+    char *const argv[] = {(char *)path, "--launch", fdarg, title, NULL};
+    char *const envp[] = {NULL};
+    if (!e)
+        e = posix_spawn(pid, path, &fa, &attr, argv, envp);
+    if (e)
+        rc = pycri_fail(err, e, "launch: posix_spawn %s", path);
     if (fa_ok)
         posix_spawn_file_actions_destroy(&fa);
     if (attr_ok)
         posix_spawnattr_destroy(&attr);
-    for (int i = 0; i < made; i++)
-        close(lifted[i]);
+    close(lifted);
     return rc;
 }
 
-PYCRI_EXPORT int pycri_launch(const struct pycri_spawn_spec *spec, const char *start_sock,
+PYCRI_EXPORT int pycri_launcher_new(const char *path, int *sock_out, struct pycri_error *err) {
+    *sock_out = -1;
+    if (!path || path[0] != '/')
+        return pycri_fail(err, EINVAL, "launch: the launcher path must be absolute");
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return pycri_fail(err, errno, "launch: socketpair");
+    pid_t first = -1;
+    int rc = spawn_launcher(path, sv[1], &first, err);
+    close(sv[1]);
+    if (rc < 0) {
+        close(sv[0]);
+        return rc;
+    }
+    /* the first process forks the launcher proper and exits at once */
+    while (waitpid(first, NULL, 0) < 0 && errno == EINTR)
+        ;
+    *sock_out = sv[0];
+    return 0;
+}
+
+/* Send n fds in one-byte messages of up to FDS_PER_MSG each. */
+static int send_fds(int sock, const int *fds, int n) {
+    for (int off = 0; off < n; off += FDS_PER_MSG) {
+        int k = n - off < FDS_PER_MSG ? n - off : FDS_PER_MSG;
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(int) * FDS_PER_MSG)];
+        } cm;
+        memset(&cm, 0, sizeof(cm));
+        char byte = 'F';
+        struct iovec iov = {&byte, 1};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                            .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)k)};
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)k);
+        memcpy(CMSG_DATA(c), fds + off, sizeof(int) * (size_t)k);
+        ssize_t w;
+        do
+            w = sendmsg(sock, &mh, MSG_NOSIGNAL);
+        while (w < 0 && errno == EINTR);
+        if (w != 1)
+            return -1;
+    }
+    return 0;
+}
+
+PYCRI_EXPORT int pycri_launch(int launcher, const struct pycri_spawn_spec *spec,
+                              const char *start_sock,
                               const char *const *monitor_argv, const int *monitor_fds,
                               int n_monitor_fds, struct pycri_launch_result *res,
                               struct pycri_error *err) {
@@ -419,6 +542,8 @@ PYCRI_EXPORT int pycri_launch(const struct pycri_spawn_spec *spec, const char *s
     struct sockaddr_un sa;
     if (fill_sockaddr(&sa, start_sock, err) < 0)
         return -ENAMETOOLONG;
+    if (strlen(start_sock) + 1 > LAUNCH_TITLE_MAX)
+        return pycri_fail(err, ENAMETOOLONG, "start socket path %s", start_sock);
 
     /* the spec as the launcher will see it: fds renumbered */
     int cap = 5 + spec->n_keep_fds + n_monitor_fds;
@@ -460,27 +585,36 @@ PYCRI_EXPORT int pycri_launch(const struct pycri_spawn_spec *spec, const char *s
         return pycri_fail(err, E2BIG, "launch: monitor argv of %zu bytes", argv_len);
     req.argv_len = (uint32_t)argv_len;
     req.spec_len = (uint32_t)spec_len;
-    struct iovec iov[2 + req.argc];
-    iov[0] = (struct iovec){&req, sizeof(req)};
+    req.sock_len = (uint32_t)strlen(start_sock) + 1;
+    req.n_fds = m.n;
+    struct iovec iov[3 + req.argc];
     for (uint32_t i = 0; i < req.argc; i++)
-        iov[1 + i] = (struct iovec){(void *)monitor_argv[i], strlen(monitor_argv[i]) + 1};
-    iov[1 + req.argc] = (struct iovec){specbuf, (size_t)spec_len};
+        iov[i] = (struct iovec){(void *)monitor_argv[i], strlen(monitor_argv[i]) + 1};
+    iov[req.argc] = (struct iovec){(void *)start_sock, req.sock_len};
+    iov[req.argc + 1] = (struct iovec){specbuf, (size_t)spec_len};
 
-    int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-        return pycri_fail(err, errno, "launch: socketpair");
-    cleanup_fd int ours = sv[0];
-    pid_t first = -1;
-    int rc = spawn_launcher(monitor_argv[0], start_sock, sv[1], src, m.n, &first, err);
-    close(sv[1]);
-    if (rc < 0)
-        return rc;
+    for (int i = 0; i < m.n; i++)
+        if (fcntl(src[i], F_GETFD) < 0)
+            return pycri_fail(err, EBADF, "launch: fd %d", src[i]);
+
+    /* a launcher made ahead of need, or a new one */
+    cleanup_fd int fresh = -1;
+    if (launcher < 0) {
+        int rc = pycri_launcher_new(monitor_argv[0], &fresh, err);
+        if (rc < 0)
+            return rc;
+        launcher = fresh;
+    }
     /* a launcher that died early shows as EPIPE here or EOF below */
-    send_full(ours, iov, (int)(2 + req.argc));
+    struct iovec head = {&req, sizeof(req)};
+    if (send_full(launcher, &head, 1) < 0 || send_fds(launcher, src, m.n) < 0) {
+        if (errno != EPIPE)   /* (EPIPE: it died; its report, if any, is read below) */
+            return pycri_fail(err, errno, "launch: sending the request");
+    } else {
+        send_full(launcher, iov, (int)(2 + req.argc));
+    }
     struct launch_report rep;
-    ssize_t n = read_full(ours, &rep, sizeof(rep));
-    while (waitpid(first, NULL, 0) < 0 && errno == EINTR)
-        ;
+    ssize_t n = read_full(launcher, &rep, sizeof(rep));
     if (n != (ssize_t)sizeof(rep))
         return pycri_fail(err, EPIPE, "launch: the launcher died before reporting");
     *res = rep.res;

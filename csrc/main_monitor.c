@@ -6,12 +6,14 @@
  *
  * Command line
  * ------------
- *   pycri-monitor --launch FD START_SOCK
+ *   pycri-monitor --launch FD [TITLE]
  *                  the launcher of pycri_launch (csrc/launch.c, api/launch.h):
- *                  reads a spawn spec and the rest of its own command line (one
- *                  of the forms below, in --adopt mode) from the socket FD,
- *                  creates the container, waits for start on START_SOCK, then
- *                  runs as that command line says without another exec.
+ *                  reads a spawn spec, its start socket path and the rest of its
+ *                  own command line (one of the forms below, in --adopt mode)
+ *                  from the socket FD, creates the container, waits for start on
+ *                  that socket, then runs as that command line says without
+ *                  another exec. TITLE (blanks) is overwritten with the start
+ *                  socket path, so ps shows which container a monitor serves.
  *   pycri-monitor --exit-file PATH --log PATH
  *                 [--stdin] [--tty] [--attach-socket PATH] [--ready-fd N]
  *                 [--pid-file PATH] [--log-max-line N] [--detach]
@@ -617,6 +619,8 @@ int main(int argc, char **argv) {
      * with our command line, and we carry on as its monitor in this process */
     if (argc == 4 && !strcmp(argv[1], "--launch"))
         pycri__launcher((int)parse_num(argv[2], "--launch", 3, INT_MAX), argv[3], &argc, &argv);
+    else if (argc == 3 && !strcmp(argv[1], "--launch"))
+        pycri__launcher((int)parse_num(argv[2], "--launch", 3, INT_MAX), NULL, &argc, &argv);
     parse_args(argc, argv);
     close_stray_fds();
     if (opt.ready_fd >= 0)

@@ -778,6 +778,20 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
      * now, it was alive during the opens, so /proc/<pid> was that process */
     if (target_pid > 0 && syscall(SYS_pidfd_send_signal, s->join_pidfd, 0, NULL, 0) < 0)
         return pycri_fail(err, errno, "prepare: the join_pidfd process is gone");
+    if (s->join_in_caller && s->ns_mode[PYCRI_NS_USER] == PYCRI_NS_HOST) {
+        static const int early[] = {PYCRI_NS_NET, PYCRI_NS_IPC, PYCRI_NS_UTS, PYCRI_NS_PID};
+        for (size_t i = 0; i < sizeof(early) / sizeof(early[0]); i++) {
+            int k = early[i];
+            if (plan->ns_fd[k] < 0)
+                continue;
+            /* (pid: this process stays where it is; its children go there) */
+            if (setns(plan->ns_fd[k], ns_flag[k]) < 0)
+                return pycri_fail(err, errno, "prepare: setns into the %s namespace",
+                                  ns_name[k]);
+            close(plan->ns_fd[k]);
+            plan->ns_fd[k] = -1;
+        }
+    }
     plan->userns_new = s->ns_mode[PYCRI_NS_USER] == PYCRI_NS_NEW;
     plan->userns_any = plan->userns_new || plan->ns_fd[PYCRI_NS_USER] >= 0;
     if (plan->userns_new && (s->uid_map_count == 0 || s->gid_map_count == 0))

@@ -10,8 +10,10 @@ Sections below follow the csrc/api/ headers; keep each section to its concern.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn, Self
@@ -723,10 +725,85 @@ class LaunchResult(NamedTuple):
     start_time: int
 
 
+def launcher_new(path: str) -> int:
+    """A launcher waiting for its container: the socket to it (see api/launch.h)."""
+    out = ffi.new("int *")
+    err = _new_err()
+    _check(lib.pycri_launcher_new(path.encode(), out, err), err, path)
+    return int(out[0])
+
+
+class _SpareLaunchers:
+    """One launcher made ahead of need, so a container create does not wait for
+    the posix_spawn + exec + fork of a new one (~0.5 ms here).
+
+    A daemon thread makes a spare whenever there is none (the C call releases the
+    GIL, so it runs beside the caller); ``take`` hands it out, or -1 when there is
+    none yet. The spare is an idle process that exits when its socket closes:
+    with this process, or in a forked child, which drops the inherited spare."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._spare: tuple[str, int] | None = None     # (launcher path, socket fd)
+        self._wanted: str | None = None
+        self._thread: threading.Thread | None = None
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def take(self, path: str) -> int:
+        with self._cv:
+            fd = -1
+            if self._spare is not None and self._spare[0] == path:
+                fd = self._spare[1]
+                self._spare = None
+            self._wanted = path
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pycri-launcher",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+            return fd
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while self._spare is not None or self._wanted is None:
+                    self._cv.wait()
+                path = self._wanted
+            try:
+                fd = launcher_new(path)
+            except OSError:
+                with self._cv:
+                    self._wanted = None     # the next take retries
+                continue
+            with self._cv:
+                if self._spare is None and self._wanted == path:
+                    self._spare = (path, fd)
+                    fd = -1
+            if fd >= 0:
+                os.close(fd)
+
+    def _after_fork(self) -> None:
+        # the parent's spare and thread are not this process's
+        if self._spare is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._spare[1])
+        self.__init_state()
+
+    def __init_state(self) -> None:
+        self._cv = threading.Condition()
+        self._spare = None
+        self._wanted = None
+        self._thread = None
+
+
+_spares = _SpareLaunchers()
+
+
 def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
-           monitor_fds: Sequence[int]) -> LaunchResult:
+           monitor_fds: Sequence[int], spare: bool = True) -> LaunchResult:
     """Create a container held before execve by a detached launcher that becomes
-    its monitor on start (see csrc/api/launch.h). Raises OSError with ``.stage``."""
+    its monitor on start (see csrc/api/launch.h). Raises OSError with ``.stage``.
+    ``spare``: use (and then replace) a launcher made ahead of need."""
     if not spec.start_wait:
         raise ValueError("launch needs start_wait=True")
     c, b = _spec_struct(spec)
@@ -736,7 +813,14 @@ def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
         fds[i] = fd
     res = ffi.new("struct pycri_launch_result *")
     err = _new_err()
-    if lib.pycri_launch(c, start_sock.encode(), argv, fds, len(monitor_fds), res, err) < 0:
+    launcher = _spares.take(monitor_argv[0]) if spare else -1
+    try:
+        rc = lib.pycri_launch(launcher, c, start_sock.encode(), argv, fds, len(monitor_fds),
+                              res, err)
+    finally:
+        if launcher >= 0:
+            os.close(launcher)
+    if rc < 0:
         raise _spawn_error(err, res.stage)
     return LaunchResult(res.monitor_pid, res.pid, res.start_time)
 

@@ -1,18 +1,22 @@
 /* api/launch.h - containers that outlive the process that created them.
  *
- * pycri_launch() starts a launcher: monitor_argv[0] (pycri-monitor) run as
- * "pycri-monitor --launch 3 START_SOCK" with posix_spawn (vfork + exec: the
- * caller, a big Python process, is never copied). It gets a socket as fd 3 and
- * only the fds the spec and monitor_fds name, renumbered from 4 up; stdio is
- * /dev/null. The launcher starts a new session and forks once more (so it is
- * nobody's child but init's), reads the spec (pycri_spec_encode) and the monitor
- * argv from the socket, spawns the container with start_wait (it is the
- * container's parent), listens on a unix socket at start_sock, reports the pids
- * (or the stage and error) to the caller, and blocks. pycri_launch_start() -
- * from this or any later process - connects to that socket; the launcher
- * releases the container, answers whether execve succeeded, puts monitor_fds
- * back at their original numbers and continues, in the same process, as the
- * monitor: monitor_argv + "--adopt" PID, with the container as its child.
+ * A launcher is monitor_argv[0] (pycri-monitor) run as "pycri-monitor --launch 3
+ * TITLE" with posix_spawn (vfork + exec: the caller, a big Python process, is
+ * never copied), with a socket as fd 3 and /dev/null as stdio. It starts a new
+ * session and forks once more (so it is nobody's child but init's), then waits
+ * for a request on the socket. pycri_launcher_new() makes one ahead of need (the
+ * caller may keep it idle; closing the socket unused makes it exit);
+ * pycri_launch() takes one (or makes one when launcher is -1) and sends it the
+ * spec (pycri_spec_encode), the start socket path, the monitor argv, and the fds
+ * the spec and monitor_fds name (SCM_RIGHTS, renumbered from 4 up). The
+ * launcher spawns the container with start_wait (it is the container's parent),
+ * listens on a unix socket at start_sock, reports the pids (or the stage and
+ * error), and blocks. pycri_launch_start() - from this or any later process -
+ * connects to that socket; the launcher releases the container, answers whether
+ * execve succeeded, puts monitor_fds back at their original numbers and
+ * continues, in the same process, as the monitor: monitor_argv + "--adopt" PID,
+ * with the container as its child. The caller closes the launcher socket after
+ * pycri_launch returns, whatever it returned.
  */
 
 struct pycri_launch_result {
@@ -22,7 +26,11 @@ struct pycri_launch_result {
     int stage;                    /* PYCRI_STAGE_* on failure */
 };
 
-int pycri_launch(const struct pycri_spawn_spec *spec, const char *start_sock,
+/* A launcher waiting for a request on *sock_out (CLOEXEC); path is pycri-monitor. */
+int pycri_launcher_new(const char *path, int *sock_out, struct pycri_error *err);
+
+/* launcher: from pycri_launcher_new, or -1 for a new one made here. */
+int pycri_launch(int launcher, const struct pycri_spawn_spec *spec, const char *start_sock,
                  const char *const *monitor_argv, const int *monitor_fds, int n_monitor_fds,
                  struct pycri_launch_result *res, struct pycri_error *err);
 

@@ -157,6 +157,11 @@ struct pycri_spawn_spec {
 
     /* --- lifecycle --- */
     int start_wait;            /* 1 = stop right before execve until pycri_spawn_start */
+    /* 1 = the caller is a throwaway process (the launcher): without user namespaces,
+     * it setns's itself into the net, ipc, uts and pid namespaces to join, so the
+     * container is one clone away instead of a clone, a setns and a second fork.
+     * Not carried by pycri_spec_encode: the launcher sets it. */
+    int join_in_caller;
 };
 
 struct pycri_spawn_result {
