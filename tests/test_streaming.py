@@ -9,7 +9,6 @@ kubelet and kubectl use, which is the independent check of our framing).
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import contextlib
 import fcntl
@@ -30,6 +29,9 @@ import zlib
 from typing import Any
 
 import pytest
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, RejectConnection, Request
 
 from pycri.cri import spdy, wsstream
 from pycri.cri._gen import api_pb2
@@ -360,14 +362,22 @@ def spdy_exec(url: str, req: Any, stdin_data: bytes | None = None,
 
 
 def ws_connect(url: str, protocols: list[str]) -> tuple[wsstream.WebSocket, str]:
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock, status, hdrs, rest, body = http_upgrade(url, [
-        ("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"),
-        ("Sec-WebSocket-Key", key), ("Sec-WebSocket-Protocol", ", ".join(protocols))], method="GET")
-    assert status == 101, (status, body)
-    assert hdrs["sec-websocket-accept"] == [wsstream.accept_key(key)]
-    sock.settimeout(None)
-    return wsstream.WebSocket(sock, server=False, initial=rest), hdrs["sec-websocket-protocol"][0]
+    """Open a WebSocket with wsproto's client handshake (which checks the accept key)."""
+    u = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=10)
+    conn = WSConnection(ConnectionType.CLIENT)
+    target = u.path + (f"?{u.query}" if u.query else "")
+    sock.sendall(conn.send(Request(host=u.netloc, target=target, subprotocols=protocols)))
+    while True:
+        data = sock.recv(4096)
+        assert data, "server hung up during the handshake"
+        conn.receive_data(data)
+        for ev in conn.events():
+            assert not isinstance(ev, RejectConnection), ev
+            if isinstance(ev, AcceptConnection):
+                assert conn.connection is not None
+                sock.settimeout(None)
+                return wsstream.WebSocket(sock, conn.connection), ev.subprotocol or ""
 
 
 def ws_exec(url: str, req: Any, stdin_data: bytes | None = None, protocol: str = "v5.channel.k8s.io",
@@ -978,7 +988,7 @@ def test_ws_idle_connection_closed(backend: HostBackend) -> None:
 def test_ws_pings_answered(server: StreamingServer) -> None:
     req = exec_req(["sh", "-c", "sleep 0.5; echo done"])
     ws, _ = ws_connect(server.get_exec(req).url, ["v5.channel.k8s.io"])
-    ws.send_frame(wsstream.OP_PING, b"hb")
+    ws.ping(b"hb")
     ws.sock.settimeout(10)
     # The pong arrives before any data message; recv_message skips it, so read raw.
     raw = b""

@@ -21,12 +21,10 @@ Protocols served (the same set kubelet negotiates):
 - exec/attach over WebSocket: subprotocols v5.channel.k8s.io, v4.channel.k8s.io,
   channel.k8s.io and the base64 variants; one byte (or digit) channel prefix
   0 stdin, 1 stdout, 2 stderr, 3 error, 4 resize; v5's [255, ch] closes stdin.
-- port-forward over SPDY (portforward.k8s.io): stream pairs (data + error) keyed
-  by the requestID header, one pair per forwarded TCP connection.
-- port-forward over WebSocket: the channel protocol (per port i, data channel 2i
-  and error channel 2i+1, each opened by the port as 2 bytes little-endian), and
-  SPDY tunnelled in binary WebSocket messages (SPDY/3.1+portforward.k8s.io, what
-  client-go's WebSocket port-forward dialer speaks).
+- port-forward over SPDY (portforward.k8s.io), over the WebSocket channel
+  protocols, and SPDY tunnelled in WebSocket: portforward.py.
+
+The WebSocket protocol itself is wsproto's (see wsstream.py); SPDY/3.1 is spdy.py.
 
 Safety (SECURITY.md item 17): the server binds loopback addresses only; URLs
 carry a random single-use token that expires after `token_ttl` seconds, and at
@@ -38,7 +36,6 @@ fast sender is slowed by TCP, not by memory growth).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import ipaddress
 import json
@@ -46,7 +43,6 @@ import queue
 import secrets
 import select
 import socket
-import struct
 import threading
 import time
 import urllib.parse
@@ -57,6 +53,14 @@ from typing import Any, BinaryIO, Protocol
 
 from pycri.cri import spdy, wsstream
 from pycri.cri._gen import api_pb2
+from pycri.cri.portforward import (
+    PORTFORWARD_PROTOCOL,
+    WS_PORTFORWARD_PROTOCOLS,
+    WS_SPDY_TUNNEL_PROTOCOL,
+    PortForwarder,
+    WebSocketPipe,
+    start_thread,
+)
 from pycri.errors import InvalidArgumentError, InvalidStateError, ResourceExhaustedError
 
 __all__ = ["PORTFORWARD_PROTOCOL", "REMOTECOMMAND_PROTOCOLS", "ResizeQueue", "StreamBackend",
@@ -64,17 +68,11 @@ __all__ = ["PORTFORWARD_PROTOCOL", "REMOTECOMMAND_PROTOCOLS", "ResizeQueue", "St
 
 REMOTECOMMAND_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io",
                            "channel.k8s.io")
-PORTFORWARD_PROTOCOL = "portforward.k8s.io"
 WS_REMOTECOMMAND_PROTOCOLS = wsstream.BINARY_PROTOCOLS + wsstream.BASE64_PROTOCOLS
-WS_PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io",
-                            "channel.k8s.io", "base64.channel.k8s.io")
-WS_SPDY_TUNNEL_PROTOCOL = "SPDY/3.1+portforward.k8s.io"
 
 MAX_REQUEST_HEAD = 16 * 1024
 REQUEST_HEAD_TIMEOUT = 10.0
 LINGER = 2.0  # seconds to let the peer read our last frames before we drop the socket
-MAX_WS_PORTS = 16
-MAX_PENDING_PAIRS = 32
 
 STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
 
@@ -267,6 +265,7 @@ class _HttpRequest:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, list[str]]  # lowercased names
+    head: bytes  # the raw request line and headers, blank line included
     rest: bytes  # bytes read past the head
 
     def header(self, name: str) -> str:
@@ -312,7 +311,8 @@ def _read_request(sock: socket.socket) -> _HttpRequest:
             raise _HttpError(400, "Bad Request", "malformed header line")
         headers.setdefault(name.lower(), []).append(value.strip())
     url = urllib.parse.urlsplit(target)
-    return _HttpRequest(method, url.path, urllib.parse.parse_qs(url.query), headers, rest)
+    return _HttpRequest(method, url.path, urllib.parse.parse_qs(url.query), headers,
+                        head + b"\r\n\r\n", rest)
 
 
 def _send_response(sock: socket.socket, status: int, reason: str, body: str = "",
@@ -325,6 +325,10 @@ def _send_response(sock: socket.socket, status: int, reason: str, body: str = ""
         lines += ["Content-Type: text/plain; charset=utf-8", f"Content-Length: {len(data)}",
                   "Connection: close"]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
+
+
+_REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            426: "Upgrade Required", 431: "Request Header Fields Too Large"}
 
 
 def _negotiate(client: list[str], server: tuple[str, ...]) -> str | None:
@@ -454,6 +458,9 @@ class StreamingServer:
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._stopping = threading.Event()
+        self._portforward = PortForwarder(backend, idle_timeout=idle_timeout,
+                                          stream_creation_timeout=stream_creation_timeout,
+                                          buffer_size=buffer_size)
 
     # lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -618,13 +625,12 @@ class StreamingServer:
                 self._run_spdy(self._stream_transport(sock), req.rest, pending,
                                protocol or "channel.k8s.io")
             elif upgrade == "websocket":
-                if req.method != "GET":
-                    raise _HttpError(405, "Method Not Allowed", "websocket upgrade needs GET")
-                key = req.header("sec-websocket-key")
-                if req.header("sec-websocket-version") != "13" or not key:
-                    raise _HttpError(400, "Bad Request", "unsupported websocket handshake",
-                                     [("Sec-WebSocket-Version", "13")])
-                offered = req.tokens("sec-websocket-protocol")
+                try:
+                    handshake = wsstream.ServerHandshake(req.head)
+                except wsstream.HandshakeError as e:
+                    raise _HttpError(e.status, _REASONS.get(e.status, "Bad Request"), str(e),
+                                     e.headers) from None
+                offered = handshake.subprotocols
                 ws_protocols: tuple[str, ...] = WS_REMOTECOMMAND_PROTOCOLS
                 if kind == "portforward":
                     ws_protocols = (*WS_PORTFORWARD_PROTOCOLS, WS_SPDY_TUNNEL_PROTOCOL)
@@ -634,12 +640,8 @@ class StreamingServer:
                                      f"unable to upgrade: none of the websocket subprotocols "
                                      f"{offered} is supported")
                 pending = self._consume(kind, token)
-                headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
-                           ("Sec-WebSocket-Accept", wsstream.accept_key(key))]
-                if protocol:
-                    headers.append(("Sec-WebSocket-Protocol", protocol))
-                _send_response(sock, 101, "Switching Protocols", headers=headers)
-                self._run_websocket(sock, req, pending, protocol or "channel.k8s.io")
+                sock.sendall(handshake.accept(protocol))
+                self._run_websocket(sock, handshake, req, pending, protocol or "channel.k8s.io")
             else:
                 raise _HttpError(400, "Bad Request",
                                  "unable to upgrade: expected Upgrade: SPDY/3.1 or websocket")
@@ -691,7 +693,7 @@ class StreamingServer:
             conn.start()
             reader.start()
             if pending.kind == "portforward":
-                self._spdy_port_forward(conn, arrivals, pending.request)
+                self._portforward.serve_spdy(conn, arrivals, pending.request)
             else:
                 self._spdy_remotecommand(conn, arrivals, pending, protocol, cancel)
         finally:
@@ -700,7 +702,7 @@ class StreamingServer:
             if reader.is_alive():
                 reader.join(5.0)
 
-    def _linger(self, transport: Any, closed: threading.Event | _ClosedFlag) -> None:
+    def _linger(self, transport: Any, closed: threading.Event) -> None:
         """Half-close and give the peer a moment to read what we sent and hang up.
 
         Closing a socket with unread input makes the kernel send RST, and the
@@ -745,7 +747,7 @@ class StreamingServer:
         resize = ResizeQueue()
         pumps = []
         if "resize" in streams:
-            pumps.append(_start(self._pump_resize, streams["resize"], resize))
+            pumps.append(start_thread(self._pump_resize, streams["resize"], resize))
         else:
             resize.close()
         stdin = _InputFile(streams["stdin"].read) if "stdin" in streams else None
@@ -797,168 +799,29 @@ class StreamingServer:
             parser.feed(data)
         resize.close()
 
-    def _spdy_port_forward(self, conn: spdy.SpdyConnection,
-                           arrivals: queue.Queue[spdy.SpdyStream | None],
-                           req: api_pb2.PortForwardRequest) -> None:
-        allowed = set(req.port)
-        pairs: dict[str, dict[str, Any]] = {}
-        workers: list[threading.Thread] = []
-        while True:
-            try:
-                st = arrivals.get(timeout=1.0)
-            except queue.Empty:
-                st = None
-                if not conn.closed.is_set():
-                    self._expire_pairs(pairs)
-                    workers = [w for w in workers if w.is_alive()]
-                    continue
-            if st is None:
-                break
-            stype = (st.header("streamtype") or "").lower()
-            port_s = st.header("port") or ""
-            request_id = st.header("requestid")
-            if request_id is None:  # old clients: pair by stream id (data = error + 2)
-                request_id = str(st.id if stype == "error" else st.id - 2)
-            try:
-                port = int(port_s)
-            except ValueError:
-                port = 0
-            if stype not in ("data", "error") or not 0 < port <= 65535:
-                st.send_reset(spdy.PROTOCOL_ERROR)
-                continue
-            st.send_reply()
-            if allowed and port not in allowed:
-                if stype == "error":
-                    _write_and_close(st, f"port {port} was not requested for forwarding")
-                else:
-                    st.close_write()
-                continue
-            pair = pairs.get(request_id)
-            if pair is None:
-                if len(pairs) >= MAX_PENDING_PAIRS:
-                    st.send_reset(spdy.REFUSED_STREAM)
-                    continue
-                pair = pairs[request_id] = {"port": port, "created": time.monotonic()}
-            if stype in pair or pair["port"] != port:
-                st.send_reset(spdy.PROTOCOL_ERROR)
-                continue
-            pair[stype] = st
-            if "data" in pair and "error" in pair:
-                del pairs[request_id]
-                workers.append(_start(self._forward_pair, req.pod_sandbox_id, port,
-                                      pair["data"], pair["error"]))
-        for pair in pairs.values():
-            for key in ("data", "error"):
-                if key in pair:
-                    pair[key].send_reset(spdy.CANCEL)
-        for w in workers:
-            w.join(1.0)
-
-    def _expire_pairs(self, pairs: dict[str, dict[str, Any]]) -> None:
-        now = time.monotonic()
-        for rid in [r for r, p in pairs.items() if now - p["created"] > self.stream_creation_timeout]:
-            for key in ("data", "error"):
-                if key in pairs[rid]:
-                    pairs[rid][key].send_reset(spdy.CANCEL)
-            del pairs[rid]
-
-    def _forward_pair(self, sandbox_id: str, port: int, data: spdy.SpdyStream,
-                      error: spdy.SpdyStream) -> None:
-        err = self._forward(sandbox_id, port, data.read, data.write, data.close_write)
-        if err:
-            _write_and_close(error, f"error forwarding port {port} to pod {sandbox_id}: {err}")
-        else:
-            error.close_write()
-        data.close_write()
-
-    def _forward(self, sandbox_id: str, port: int, read: Any, write: Any, close_write: Any) -> str | None:
-        """Run backend.port_forward on one end of a socket pair and pump the other
-        end to/from a client stream. Returns an error message or None."""
-        ours, theirs = socket.socketpair()
-        ours.settimeout(None)
-
-        def client_to_pod() -> None:
-            try:
-                while True:
-                    chunk = read(65536)
-                    if not chunk:
-                        break
-                    ours.sendall(chunk)
-            except OSError:
-                pass
-            try:
-                ours.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-        def pod_to_client() -> None:
-            try:
-                while True:
-                    chunk = ours.recv(65536)
-                    if not chunk:
-                        break
-                    write(chunk)
-            except OSError:
-                # The client is gone: make the backend's reads and writes fail too.
-                with contextlib.suppress(OSError):
-                    ours.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                close_write()
-
-        up = _start(client_to_pod)
-        down = _start(pod_to_client)
-        error = None
-        try:
-            self.backend.port_forward(sandbox_id, port, theirs)
-        except Exception as e:  # noqa: BLE001 - reported to the client on the error stream
-            error = str(e) or type(e).__name__
-        finally:
-            try:
-                theirs.close()
-            except OSError:
-                pass
-        down.join(self.idle_timeout)
-        try:
-            ours.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        up.join(1.0)
-        ours.close()
-        return error
-
     # WebSocket -------------------------------------------------------------------
-    def _run_websocket(self, sock: socket.socket, req: _HttpRequest, pending: _Pending,
-                       protocol: str) -> None:
+    def _run_websocket(self, sock: socket.socket, handshake: wsstream.ServerHandshake,
+                       req: _HttpRequest, pending: _Pending, protocol: str) -> None:
         polled = self._stream_transport(sock)
-        ws = wsstream.WebSocket(polled, server=True, idle_timeout=self.idle_timeout,
+        ws = wsstream.WebSocket(polled, handshake.connection, idle_timeout=self.idle_timeout,
                                 initial=req.rest)
         if protocol == WS_SPDY_TUNNEL_PROTOCOL:
-            tunnel = _WebSocketTransport(ws)
-            self._run_spdy(tunnel, b"", pending, PORTFORWARD_PROTOCOL)
+            self._run_spdy(WebSocketPipe(ws), b"", pending, PORTFORWARD_PROTOCOL)
             return
-        codec = wsstream.ChannelCodec(protocol)
+        channels = wsstream.Channels(ws, protocol)
         try:
             if pending.kind == "portforward":
-                self._ws_port_forward(ws, codec, req, pending.request)
+                self._portforward.serve_websocket(channels, req.query.get("port", []),
+                                                  pending.request)
             else:
-                self._ws_remotecommand(ws, codec, pending)
+                self._ws_remotecommand(channels, pending)
         finally:
             ws.close()
-            self._linger(polled, _ClosedFlag(ws))
+            self._linger(polled, ws.done)
 
-    def _ws_send(self, ws: wsstream.WebSocket, codec: wsstream.ChannelCodec, channel: int,
-                 data: bytes) -> None:
-        view = memoryview(data)
-        while True:
-            body, text = codec.encode(channel, bytes(view[: spdy.SEND_CHUNK]))
-            ws.send_message(body, text)
-            view = view[spdy.SEND_CHUNK :]
-            if not view:
-                return
-
-    def _ws_remotecommand(self, ws: wsstream.WebSocket, codec: wsstream.ChannelCodec,
-                          pending: _Pending) -> None:
+    def _ws_remotecommand(self, channels: wsstream.Channels, pending: _Pending) -> None:
         req = pending.request
+        ws = channels.ws
         stdin_box = spdy._Inbox(self.buffer_size) if req.stdin else None
         resize = ResizeQueue()
         sizes = _JsonSizes(resize)
@@ -967,13 +830,10 @@ class StreamingServer:
 
         def reader() -> None:
             while True:
-                msg = ws.recv_message()
+                msg = channels.recv()
                 if msg is None:
                     break
-                try:
-                    ch, data = codec.decode(*msg)
-                except ValueError:
-                    break
+                ch, data = msg
                 if ch == STDIN and stdin_box is not None:
                     accepted = not data or stdin_box.put(
                         data, lambda: not ws.closed and not ws.idle())
@@ -981,7 +841,7 @@ class StreamingServer:
                         break  # stdin unread for the whole idle timeout: abandoned
                 elif ch == RESIZE and req.tty:
                     sizes.feed(data)
-                elif (ch == wsstream.CHANNEL_CLOSE and codec.version >= 5
+                elif (ch == wsstream.CHANNEL_CLOSE and channels.version >= 5
                       and data[:1] == bytes([STDIN]) and stdin_box is not None):
                     stdin_box.finish()
             if stdin_box is not None:
@@ -997,75 +857,25 @@ class StreamingServer:
         # Tell the client the streams are up (kubelet writes an empty message to
         # the lowest channel the client reads).
         first = STDOUT if req.stdout else STDERR if req.stderr and not req.tty else ERROR
-        self._ws_send(ws, codec, first, b"")
-        t = _start(reader)
+        channels.send(first, b"")
+        t = start_thread(reader)
         stdin = _InputFile(read_stdin) if stdin_box is not None else None
-        stdout = (_OutputFile(lambda d: self._ws_send(ws, codec, STDOUT, d)) if req.stdout else None)
-        stderr = (_OutputFile(lambda d: self._ws_send(ws, codec, STDERR, d))
+        stdout = _OutputFile(lambda d: channels.send(STDOUT, d)) if req.stdout else None
+        stderr = (_OutputFile(lambda d: channels.send(STDERR, d))
                   if req.stderr and not req.tty else None)
         if not req.tty:
             resize.close()
         exit_code, error = self._call_backend(pending, stdin, stdout, stderr, resize, cancel)
         finished.set()
-        msg = _status_message(exit_code, error, list(getattr(req, "cmd", [])), codec.version >= 4)
+        msg = _status_message(exit_code, error, list(getattr(req, "cmd", [])),
+                              channels.version >= 4)
         try:
             if msg:
-                self._ws_send(ws, codec, ERROR, msg)
+                channels.send(ERROR, msg)
         except OSError:
             pass
         ws.close()
         t.join(LINGER)
-
-    def _ws_port_forward(self, ws: wsstream.WebSocket, codec: wsstream.ChannelCodec,
-                         http_req: _HttpRequest, req: api_pb2.PortForwardRequest) -> None:
-        try:
-            ports = [int(p) for p in http_req.query.get("port", [])] or list(req.port)
-        except ValueError:
-            ports = []
-        if not ports or len(ports) > MAX_WS_PORTS or not all(0 < p <= 65535 for p in ports) or (
-                req.port and not set(ports) <= set(req.port)):
-            ws.close(wsstream.CLOSE_PROTOCOL_ERROR, "bad or unrequested ports")
-            return
-        boxes = [spdy._Inbox(self.buffer_size) for _ in ports]
-        for i, port in enumerate(ports):
-            prefix = struct.pack("<H", port)
-            self._ws_send(ws, codec, 2 * i, prefix)
-            self._ws_send(ws, codec, 2 * i + 1, prefix)
-
-        def reader() -> None:
-            while True:
-                msg = ws.recv_message()
-                if msg is None:
-                    break
-                try:
-                    ch, data = codec.decode(*msg)
-                except ValueError:
-                    break
-                if ch % 2 or ch // 2 >= len(boxes) or not data:
-                    continue  # error channels are server-to-client only
-                if not boxes[ch // 2].put(data, lambda: not ws.closed and not ws.idle()) \
-                        and ws.idle():
-                    break
-            for box in boxes:
-                box.finish()
-
-        def one(i: int, port: int) -> None:
-            box = boxes[i]
-            err = self._forward(req.pod_sandbox_id, port, lambda n: box.get(n, None) or b"",
-                                lambda d: self._ws_send(ws, codec, 2 * i, d), lambda: None)
-            if err:
-                try:
-                    self._ws_send(ws, codec, 2 * i + 1,
-                                  f"error forwarding port {port} to pod {req.pod_sandbox_id}: {err}".encode())
-                except OSError:
-                    pass
-
-        rt = _start(reader)
-        workers = [_start(one, i, p) for i, p in enumerate(ports)]
-        for w in workers:
-            w.join()
-        ws.close()
-        rt.join(LINGER)
 
 
 class _PolledSocket:
@@ -1093,66 +903,8 @@ class _PolledSocket:
         self.sock.close()
 
 
-class _ClosedFlag:
-    """Adapts a WebSocket's closed attribute to the Event.wait() the linger uses."""
-
-    def __init__(self, ws: wsstream.WebSocket) -> None:
-        self.ws = ws
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.ws.closed and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.ws.closed
-
-
-class _WebSocketTransport:
-    """A byte pipe made of binary WebSocket messages (for SPDY tunnelled in WebSocket)."""
-
-    def __init__(self, ws: wsstream.WebSocket) -> None:
-        self.ws = ws
-        self._buf = b""
-
-    def recv(self, n: int) -> bytes:
-        while not self._buf:
-            msg = self.ws.recv_message()
-            if msg is None:
-                return b""
-            self._buf = msg[1]
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
-    def sendall(self, data: bytes) -> None:
-        self.ws.send_message(data)
-
-    def shutdown(self, how: int) -> None:
-        self.ws.close()
-        if how == socket.SHUT_RDWR:
-            try:
-                self.ws.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.ws.close()
-
-
 def _check_streams(req: Any) -> None:
     if not (req.stdin or req.stdout or req.stderr):
         raise InvalidArgumentError("one of stdin, stdout, or stderr must be set")
     if req.tty and req.stderr:
         raise InvalidArgumentError("tty and stderr cannot both be true")
-
-
-def _write_and_close(stream: spdy.SpdyStream, message: str) -> None:
-    try:
-        stream.write(message.encode())
-    except OSError:
-        pass
-    stream.close_write()
-
-
-def _start(fn: Any, *args: Any) -> threading.Thread:
-    t = threading.Thread(target=fn, args=args, daemon=True, name=f"cri-streaming-{fn.__name__}")
-    t.start()
-    return t
