@@ -554,11 +554,15 @@ class StreamingServer:
 
         Closing a socket with unread input makes the kernel send RST, and the
         peer may then lose our final frames (the exit status)."""
+        deadline = time.monotonic() + LINGER
         try:
             transport.shutdown(socket.SHUT_WR)
         except OSError:
             return
-        closed.wait(LINGER)
+        if closed.wait(LINGER) and isinstance(transport, _PolledSocket):
+            # Our reader has stopped (also after a protocol error, with the
+            # peer possibly still sending): read to its end of file.
+            transport.drain(deadline)
 
     # WebSocket -------------------------------------------------------------------
     def _run_websocket(self, sock: socket.socket, handshake: wsstream.ServerHandshake,
@@ -594,6 +598,17 @@ class _PolledSocket:
         if not ready:
             raise TimeoutError("no data yet")
         return self.sock.recv(n)
+
+    def drain(self, deadline: float) -> None:
+        """Read and drop input until end of file or the deadline."""
+        while time.monotonic() < deadline:
+            try:
+                if not self.recv(65536):
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
 
     def sendall(self, data: bytes) -> None:
         self.sock.sendall(data)
