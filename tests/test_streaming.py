@@ -1581,6 +1581,50 @@ def test_crictl_exec_tty(cri: str, transport: str) -> None:
 
 @needs_crictl
 @pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_crictl_exec_tty_interactive_resize(cri: str, transport: str) -> None:
+    """An interactive shell through crictl: typed input, a window resize in the
+    middle of the session, and the exit code at the end."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen(with_ctty([CRICTL, "--runtime-endpoint", f"unix://{cri}", "exec", "-it",
+                                       "--transport", transport, "c1", "sh"]),
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+
+    def expect(text: bytes) -> None:
+        nonlocal out
+        deadline = time.monotonic() + 20
+        while text not in out:
+            assert time.monotonic() < deadline, out
+            r, _, _ = select.select([master], [], [], 0.5)
+            if r:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    chunk = b""
+                assert chunk, out
+                out += chunk
+
+    try:
+        os.write(master, b'echo "sz=$(stty size)"\r')
+        expect(b"sz=24 80")
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+        os.write(master, b'for i in $(seq 100); do [ "$(stty size)" = "50 132" ] && break; '
+                         b'sleep 0.05; done; echo "sz=$(stty size)"\r')
+        expect(b"sz=50 132")
+        os.write(master, b"exit 3\r")
+        expect(b"exit code 3")
+        assert proc.wait(10) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+@needs_crictl
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
 def test_crictl_attach(cri: str, transport: str) -> None:
     r = crictl(cri, "attach", "-i", "--transport", transport, "c1", input=b"via-crictl\n")
     assert r.returncode == 0, r.stderr

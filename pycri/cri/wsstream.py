@@ -25,6 +25,7 @@ import base64
 import binascii
 import threading
 import time
+from collections import deque
 from typing import Any
 
 from wsproto import ConnectionType, WSConnection
@@ -128,7 +129,7 @@ class WebSocket:
         self.max_message = max_message
         self._state_lock = threading.Lock()  # wsproto's state machine
         self._write_lock = threading.Lock()  # frame order on the socket; taken first
-        self._events: list[Any] = []
+        self._events: deque[Any] = deque()
         self.done = threading.Event()  # set once recv_message has returned None
         self.last_activity = time.monotonic()
         if initial:
@@ -205,7 +206,7 @@ class WebSocket:
             if not chunk:
                 return None
             self._feed(chunk)
-        return self._events.pop(0)
+        return self._events.popleft()
 
     def recv_message(self) -> tuple[bool, bytes] | None:
         if self.done.is_set():
