@@ -2,14 +2,14 @@
 
 The backend here runs real host processes (a pty for tty sessions) and forwards
 to a real TCP echo server, so the protocol layers carry real bytes. Clients:
-small SPDY and WebSocket clients written here, and the real crictl when it is
+a small SPDY client written here, a WebSocket client on wsproto's client side,
+hand-made frames for the protocol errors, and the real crictl when it is
 installed (it speaks the Go spdystream / gorilla websocket implementations that
 kubelet and kubectl use, which is the independent check of our framing).
 """
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import contextlib
 import fcntl
@@ -30,6 +30,9 @@ import zlib
 from typing import Any
 
 import pytest
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, RejectConnection, Request
 
 from pycri.cri import spdy, wsstream
 from pycri.cri._gen import api_pb2
@@ -360,14 +363,22 @@ def spdy_exec(url: str, req: Any, stdin_data: bytes | None = None,
 
 
 def ws_connect(url: str, protocols: list[str]) -> tuple[wsstream.WebSocket, str]:
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock, status, hdrs, rest, body = http_upgrade(url, [
-        ("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"),
-        ("Sec-WebSocket-Key", key), ("Sec-WebSocket-Protocol", ", ".join(protocols))], method="GET")
-    assert status == 101, (status, body)
-    assert hdrs["sec-websocket-accept"] == [wsstream.accept_key(key)]
-    sock.settimeout(None)
-    return wsstream.WebSocket(sock, server=False, initial=rest), hdrs["sec-websocket-protocol"][0]
+    """Open a WebSocket with wsproto's client handshake (which checks the accept key)."""
+    u = urllib.parse.urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=10)
+    conn = WSConnection(ConnectionType.CLIENT)
+    target = u.path + (f"?{u.query}" if u.query else "")
+    sock.sendall(conn.send(Request(host=u.netloc, target=target, subprotocols=protocols)))
+    while True:
+        data = sock.recv(4096)
+        assert data, "server hung up during the handshake"
+        conn.receive_data(data)
+        for ev in conn.events():
+            assert not isinstance(ev, RejectConnection), ev
+            if isinstance(ev, AcceptConnection):
+                assert conn.connection is not None
+                sock.settimeout(None)
+                return wsstream.WebSocket(sock, conn.connection), ev.subprotocol or ""
 
 
 def ws_exec(url: str, req: Any, stdin_data: bytes | None = None, protocol: str = "v5.channel.k8s.io",
@@ -978,7 +989,7 @@ def test_ws_idle_connection_closed(backend: HostBackend) -> None:
 def test_ws_pings_answered(server: StreamingServer) -> None:
     req = exec_req(["sh", "-c", "sleep 0.5; echo done"])
     ws, _ = ws_connect(server.get_exec(req).url, ["v5.channel.k8s.io"])
-    ws.send_frame(wsstream.OP_PING, b"hb")
+    ws.ping(b"hb")
     ws.sock.settimeout(10)
     # The pong arrives before any data message; recv_message skips it, so read raw.
     raw = b""
@@ -987,6 +998,221 @@ def test_ws_pings_answered(server: StreamingServer) -> None:
         assert chunk
         raw += chunk
     ws.sock.close()
+
+
+# ---------------------------------------------------------------------------
+# WebSocket protocol errors, checked on the wire with hand-made frames
+
+
+def raw_frame(opcode: int, payload: bytes, *, fin: bool = True, rsv: int = 0, mask: bool = True,
+              length: int | None = None, key: bytes | None = None) -> bytes:
+    """One client frame; `length` may claim more payload than is given."""
+    n = len(payload) if length is None else length
+    head = bytearray([(0x80 if fin else 0) | rsv | opcode])
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head.append(bit | n)
+    elif n < 1 << 16:
+        head += bytes([bit | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([bit | 127]) + struct.pack(">Q", n)
+    if mask:
+        key = os.urandom(4) if key is None else key
+        head += key
+        pad = (key * (len(payload) // 4 + 1))[: len(payload)]
+        payload = (int.from_bytes(payload, "big") ^ int.from_bytes(pad, "big")).to_bytes(
+            len(payload), "big") if payload else b""
+    return bytes(head) + payload
+
+
+def server_frames(sock: socket.socket, timeout: float = 15) -> list[tuple[int, bytes]]:
+    """Every frame the server sends until it hangs up: (opcode, payload)."""
+    sock.settimeout(timeout)
+    raw = b""
+    with contextlib.suppress(ConnectionResetError):
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            raw += chunk
+    frames = []
+    while raw:
+        b0, b1 = raw[0], raw[1]
+        assert not b1 & 0x80, "server frames are never masked"
+        n, off = b1 & 0x7F, 2
+        if n == 126:
+            (n,), off = struct.unpack(">H", raw[2:4]), 4
+        elif n == 127:
+            (n,), off = struct.unpack(">Q", raw[2:10]), 10
+        assert len(raw) >= off + n, "truncated frame"
+        frames.append((b0 & 0x0F, raw[off: off + n]))
+        raw = raw[off + n:]
+    return frames
+
+
+def close_code(frames: list[tuple[int, bytes]]) -> int:
+    closes = [payload for op, payload in frames if op == 0x8]
+    assert len(closes) == 1, frames
+    return int(struct.unpack(">H", closes[0][:2])[0])
+
+
+BAD_FRAMES = {
+    "unmasked": (raw_frame(0x2, b"\x00a", mask=False), 1002),
+    "reserved bit without extension": (raw_frame(0x2, b"\x00a", rsv=0x40), 1002),
+    "unknown opcode": (raw_frame(0x3, b"x"), 1002),
+    "fragmented ping": (raw_frame(0x9, b"p", fin=False), 1002),
+    "ping over 125 bytes": (raw_frame(0x9, b"p" * 126), 1002),
+    "continuation without a message": (raw_frame(0x0, b"\x00a"), 1002),
+    "new message inside a fragmented one": (
+        raw_frame(0x2, b"\x00a", fin=False) + raw_frame(0x2, b"\x00b"), 1002),
+    "close code out of range": (raw_frame(0x8, struct.pack(">H", 999)), 1002),
+    "text that is not UTF-8": (raw_frame(0x1, b"\x00\xff\xfe"), 1007),
+    # Claims 1 TiB, sends a little over the 1 MiB message limit (a zero mask key
+    # leaves the payload as is).
+    "oversized frame": (raw_frame(0x2, bytes(wsstream.MAX_MESSAGE + 4096), length=1 << 40,
+                                  key=b"\0\0\0\0"), 1009),
+    "oversized fragmented message": (
+        b"".join(raw_frame(0x2 if i == 0 else 0x0, bytes(65536), fin=False)
+                 for i in range(wsstream.MAX_MESSAGE // 65536 + 1)), 1009),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FRAMES))
+def test_ws_bad_frame_closes_and_kills_exec(server: StreamingServer, backend: HostBackend,
+                                            case: str) -> None:
+    """A broken frame gets the close code RFC 6455 asks for, and the command
+    the session was running is cancelled (killed), not left behind."""
+    data, code = BAD_FRAMES[case]
+    req = exec_req(["sleep", "1000"], stdin=True)
+    ws, _ = ws_connect(server.get_exec(req).url, ["v5.channel.k8s.io"])
+    _wait(lambda: backend.calls)
+    ws.sock.sendall(data)
+    frames = server_frames(ws.sock)
+    ws.sock.close()
+    assert close_code(frames) == code
+    assert not [f for f in frames if f[0] == 0x2 and f[1][:1] == b"\x03"]  # no status after
+    _wait(lambda: backend.results == [-9])
+    _wait(lambda: server.active_connections == 0)
+
+
+def test_ws_bad_channel_message_closes(server: StreamingServer, backend: HostBackend) -> None:
+    """Well-formed WebSocket, bad Kubernetes framing: a binary message on a base64 protocol."""
+    req = exec_req(["sleep", "1000"], stdin=True)
+    ws, _ = ws_connect(server.get_exec(req).url, ["v4.base64.channel.k8s.io"])
+    ws.send_message(b"0aGk=")  # binary, not text
+    frames = server_frames(ws.sock)
+    ws.sock.close()
+    assert close_code(frames) == 1002
+    _wait(lambda: backend.results == [-9])
+    _wait(lambda: server.active_connections == 0)
+
+
+def test_ws_client_close_answered_and_cancels(server: StreamingServer, backend: HostBackend) -> None:
+    req = exec_req(["sleep", "1000"], stdin=True)
+    ws, _ = ws_connect(server.get_exec(req).url, ["v5.channel.k8s.io"])
+    _wait(lambda: backend.calls)
+    ws.sock.sendall(raw_frame(0x8, struct.pack(">H", 1000) + b"bye"))
+    frames = server_frames(ws.sock)
+    ws.sock.close()
+    assert close_code(frames) == 1000  # the closing handshake is answered with the same code
+    _wait(lambda: backend.results == [-9])
+    _wait(lambda: server.active_connections == 0)
+
+
+def test_ws_fragmented_stdin_with_ping_inside(server: StreamingServer) -> None:
+    """A message split over frames, with a ping between them, arrives whole."""
+    req = exec_req(["cat"], stdin=True)
+    ws, _ = ws_connect(server.get_exec(req).url, ["v5.channel.k8s.io"])
+    ws.sock.sendall(raw_frame(0x2, b"\x00frag", fin=False) + raw_frame(0x9, b"mid")
+                    + raw_frame(0x0, b"mented ", fin=False) + raw_frame(0x0, b"stdin")
+                    + raw_frame(0x2, bytes([255, 0])))
+    frames = server_frames(ws.sock)
+    ws.sock.close()
+    assert (0xA, b"mid") in frames
+    out = b"".join(p[1:] for op, p in frames if op == 0x2 and p[:1] == b"\x01")
+    assert out == b"fragmented stdin"
+    status = b"".join(p[1:] for op, p in frames if op == 0x2 and p[:1] == b"\x03")
+    assert json.loads(status)["status"] == "Success"
+    assert close_code(frames) == 1000
+
+
+@pytest.mark.parametrize("headers,status", [
+    ([("Sec-WebSocket-Version", "13")], 400),  # no key
+    ([("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "8")], 426),
+    ([("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")], 400),  # no version
+])
+def test_ws_bad_handshake_clean_error(server: StreamingServer, backend: HostBackend,
+                                      headers: list[tuple[str, str]], status: int) -> None:
+    req = exec_req(["echo", "after"])
+    url = server.get_exec(req).url
+    sock, code, hdrs, _, body = http_upgrade(
+        url, [("Connection", "Upgrade"), ("Upgrade", "websocket"),
+              ("Sec-WebSocket-Protocol", "v5.channel.k8s.io"), *headers], method="GET")
+    sock.close()
+    assert code == status and b"websocket handshake" in body, (code, body)
+    if status == 426:
+        assert hdrs["sec-websocket-version"] == ["13"]
+    assert backend.calls == []  # nothing was started
+    # The token survives a handshake that went nowhere.
+    assert ws_exec(url, req)[1] == b"after\n"
+
+
+def test_ws_post_upgrade_refused(server: StreamingServer, backend: HostBackend) -> None:
+    url = server.get_exec(exec_req(["true"])).url
+    sock, code, _, _, _ = http_upgrade(
+        url, [("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"),
+              ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")], method="POST")
+    sock.close()
+    assert code == 400 and backend.calls == []
+
+
+def test_ws_unknown_subprotocol_refused(server: StreamingServer, backend: HostBackend) -> None:
+    url = server.get_exec(exec_req(["true"])).url
+    sock, code, _, _, body = http_upgrade(
+        url, [("Connection", "Upgrade"), ("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"),
+              ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="),
+              ("Sec-WebSocket-Protocol", "v9.channel.k8s.io")], method="GET")
+    sock.close()
+    assert code == 403 and b"v9.channel.k8s.io" in body and backend.calls == []
+
+
+def test_ws_tty_stdin_and_several_resizes(server: StreamingServer) -> None:
+    """tty exec: typed input echoes back through the pty; every size change is seen."""
+    script = ('trap \'echo "winch=$(stty size)"\' WINCH; '
+              'for i in $(seq 100); do s=$(stty size); [ "$s" != "0 0" ] && break; sleep 0.05; done; '
+              'echo "size=$s"; read line; echo "got=$line"; '
+              'for i in $(seq 100); do [ "$(stty size)" = "50 132" ] && break; sleep 0.05; done; '
+              'echo "final=$(stty size)"; exit 3')
+    req = exec_req(["sh", "-c", script], stdin=True, stderr=False, tty=True)
+    ws, _ = ws_connect(server.get_exec(req).url, ["v5.channel.k8s.io"])
+    ws.send_message(b"\x04" + json.dumps({"Width": 80, "Height": 24}).encode())
+    got: dict[int, bytes] = {}
+
+    def until(ch: int, text: bytes) -> None:
+        while text not in got.get(ch, b""):
+            msg = ws.recv_message()
+            assert msg is not None, got
+            got[msg[1][0]] = got.get(msg[1][0], b"") + msg[1][1:]
+
+    until(1, b"size=24 80")
+    ws.send_message(b"\x00hello tty\r")
+    until(1, b"got=hello tty")
+    ws.send_message(b"\x04" + json.dumps({"Width": 132, "Height": 50}).encode())
+    until(1, b"final=50 132")
+    until(3, b"}")
+    status = json.loads(got[3])
+    assert status["details"]["causes"] == [{"reason": "ExitCode", "message": "3"}]
+    assert b"hello tty" in got[1].split(b"got=")[0]  # the pty echoed the input
+    assert ws.recv_message() is None  # the server closes after the status
+    ws.sock.close()
+
+
+def test_ws_v4_stdin_has_no_close_signal(server: StreamingServer) -> None:
+    """[255, 0] means stdin EOF only in v5; in v4 it is data for channel 255 and ignored."""
+    req = exec_req(["sh", "-c", "head -c 5; echo; echo done"], stdin=True)
+    got = ws_exec(server.get_exec(req).url, req, stdin_data=b"12345", protocol="v4.channel.k8s.io")
+    assert got[1] == b"12345\ndone\n"
+    assert json.loads(got[3])["status"] == "Success"
 
 
 # ---------------------------------------------------------------------------
@@ -1089,6 +1315,50 @@ def test_ws_port_forward(server: StreamingServer, echo: EchoServer, protocol: st
     assert got[0][2:] == payload
     ws.close()
     ws.sock.close()
+
+
+def test_ws_port_forward_pod_speaks_first(server: StreamingServer) -> None:
+    """Data both ways, starting from the pod: a greeting, then a request and its answer."""
+    pod = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = pod.accept()
+        with conn:
+            conn.sendall(b"220 hello from the pod\r\n")
+            line = b""
+            while not line.endswith(b"\n"):
+                chunk = conn.recv(100)
+                if not chunk:
+                    return
+                line += chunk
+            conn.sendall(line.upper() + bytes(200_000) + b"END")
+
+    threading.Thread(target=serve, daemon=True).start()
+    port = pod.getsockname()[1]
+    url = server.get_port_forward(api_pb2.PortForwardRequest(pod_sandbox_id="p", port=[port])).url
+    ws, chosen = ws_connect(f"{url}?port={port}", ["v4.channel.k8s.io"])
+    ch = wsstream.Channels(ws, chosen)
+    data = b""
+
+    def until(text: bytes) -> None:
+        nonlocal data
+        while text not in data:
+            msg = ch.recv()
+            assert msg is not None, data[:200]
+            if msg[0] == 0:
+                data += msg[1]
+            else:
+                assert msg[0] == 1 and msg[1] == struct.pack("<H", port), msg
+
+    until(b"hello from the pod")
+    assert data.startswith(struct.pack("<H", port) + b"220 ")
+    ch.send(0, b"quit now\n")
+    until(b"END")
+    assert data.endswith(b"QUIT NOW\n" + bytes(200_000) + b"END")
+    ws.close()
+    ws.sock.close()
+    pod.close()
+    _wait(lambda: server.active_connections == 0)
 
 
 def test_ws_spdy_tunnel_port_forward(server: StreamingServer, echo: EchoServer) -> None:
@@ -1307,6 +1577,50 @@ def test_crictl_exec_tty(cri: str, transport: str) -> None:
     proc.wait(10)
     os.close(master)
     assert b"size=33 111" in out, out
+
+
+@needs_crictl
+@pytest.mark.parametrize("transport", ["spdy", "websocket"])
+def test_crictl_exec_tty_interactive_resize(cri: str, transport: str) -> None:
+    """An interactive shell through crictl: typed input, a window resize in the
+    middle of the session, and the exit code at the end."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    proc = subprocess.Popen(with_ctty([CRICTL, "--runtime-endpoint", f"unix://{cri}", "exec", "-it",
+                                       "--transport", transport, "c1", "sh"]),
+                            stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+
+    def expect(text: bytes) -> None:
+        nonlocal out
+        deadline = time.monotonic() + 20
+        while text not in out:
+            assert time.monotonic() < deadline, out
+            r, _, _ = select.select([master], [], [], 0.5)
+            if r:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    chunk = b""
+                assert chunk, out
+                out += chunk
+
+    try:
+        os.write(master, b'echo "sz=$(stty size)"\r')
+        expect(b"sz=24 80")
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 132, 0, 0))
+        os.write(master, b'for i in $(seq 100); do [ "$(stty size)" = "50 132" ] && break; '
+                         b'sleep 0.05; done; echo "sz=$(stty size)"\r')
+        expect(b"sz=50 132")
+        os.write(master, b"exit 3\r")
+        expect(b"exit code 3")
+        assert proc.wait(10) != 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
 
 
 @needs_crictl

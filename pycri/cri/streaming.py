@@ -13,20 +13,13 @@ protocols on it. This module serves those URLs and hands the byte streams to a
 
 Protocols served (the same set kubelet negotiates):
 
-- exec/attach over SPDY: X-Stream-Protocol-Version v4.channel.k8s.io,
-  v3.channel.k8s.io, v2.channel.k8s.io, channel.k8s.io. The client opens one
-  stream per `streamType` (error, stdin, stdout, stderr, resize); the result goes
-  on the error stream (a JSON metav1.Status in v4, a plain message on failure
-  before that).
-- exec/attach over WebSocket: subprotocols v5.channel.k8s.io, v4.channel.k8s.io,
-  channel.k8s.io and the base64 variants; one byte (or digit) channel prefix
-  0 stdin, 1 stdout, 2 stderr, 3 error, 4 resize; v5's [255, ch] closes stdin.
-- port-forward over SPDY (portforward.k8s.io): stream pairs (data + error) keyed
-  by the requestID header, one pair per forwarded TCP connection.
-- port-forward over WebSocket: the channel protocol (per port i, data channel 2i
-  and error channel 2i+1, each opened by the port as 2 bytes little-endian), and
-  SPDY tunnelled in binary WebSocket messages (SPDY/3.1+portforward.k8s.io, what
-  client-go's WebSocket port-forward dialer speaks).
+- exec/attach over SPDY (v4, v3, v2 and the original channel.k8s.io) and
+  WebSocket (v5.channel.k8s.io, v4.channel.k8s.io, channel.k8s.io and the
+  base64 variants): remotecommand.py.
+- port-forward over SPDY (portforward.k8s.io), over the WebSocket channel
+  protocols, and SPDY tunnelled in WebSocket: portforward.py.
+
+The WebSocket protocol itself is wsproto's (see wsstream.py); SPDY/3.1 is spdy.py.
 
 Safety (SECURITY.md item 17): the server binds loopback addresses only; URLs
 carry a random single-use token that expires after `token_ttl` seconds, and at
@@ -38,92 +31,42 @@ fast sender is slowed by TCP, not by memory growth).
 
 from __future__ import annotations
 
-import contextlib
-import io
 import ipaddress
-import json
 import queue
 import secrets
 import select
 import socket
-import struct
 import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, Protocol
 
 from pycri.cri import spdy, wsstream
 from pycri.cri._gen import api_pb2
+from pycri.cri.portforward import (
+    PORTFORWARD_PROTOCOL,
+    WS_PORTFORWARD_PROTOCOLS,
+    WS_SPDY_TUNNEL_PROTOCOL,
+    PortForwarder,
+    WebSocketPipe,
+)
+from pycri.cri.remotecommand import (
+    REMOTECOMMAND_PROTOCOLS,
+    WS_REMOTECOMMAND_PROTOCOLS,
+    RemoteCommand,
+    ResizeQueue,
+)
 from pycri.errors import InvalidArgumentError, InvalidStateError, ResourceExhaustedError
 
 __all__ = ["PORTFORWARD_PROTOCOL", "REMOTECOMMAND_PROTOCOLS", "ResizeQueue", "StreamBackend",
            "StreamingServer"]
 
-REMOTECOMMAND_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io",
-                           "channel.k8s.io")
-PORTFORWARD_PROTOCOL = "portforward.k8s.io"
-WS_REMOTECOMMAND_PROTOCOLS = wsstream.BINARY_PROTOCOLS + wsstream.BASE64_PROTOCOLS
-WS_PORTFORWARD_PROTOCOLS = ("v4.channel.k8s.io", "v4.base64.channel.k8s.io",
-                            "channel.k8s.io", "base64.channel.k8s.io")
-WS_SPDY_TUNNEL_PROTOCOL = "SPDY/3.1+portforward.k8s.io"
 
 MAX_REQUEST_HEAD = 16 * 1024
 REQUEST_HEAD_TIMEOUT = 10.0
 LINGER = 2.0  # seconds to let the peer read our last frames before we drop the socket
-MAX_WS_PORTS = 16
-MAX_PENDING_PAIRS = 32
-
-STDIN, STDOUT, STDERR, ERROR, RESIZE = 0, 1, 2, 3, 4
-
-
-class ResizeQueue:
-    """Terminal size changes, (width, height), newest kept when the consumer lags.
-
-    Iterate it (ends when the stream closes) or call get(timeout).
-    """
-
-    def __init__(self, maxsize: int = 16) -> None:
-        self._q: queue.Queue[tuple[int, int] | None] = queue.Queue(maxsize + 1)
-        self._maxsize = maxsize
-        self._closed = False
-
-    def put(self, width: int, height: int) -> None:
-        if self._closed:
-            return
-        while self._q.qsize() >= self._maxsize:
-            try:
-                self._q.get_nowait()  # drop the oldest: only the latest size matters
-            except queue.Empty:
-                break
-        self._q.put((width, height))
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            try:
-                self._q.put_nowait(None)
-            except queue.Full:
-                pass
-
-    def get(self, timeout: float | None = None) -> tuple[int, int] | None:
-        """The next size; None once closed (or on timeout)."""
-        try:
-            item = self._q.get(timeout=timeout)
-        except queue.Empty:
-            return None
-        if item is None:
-            self._q.put(None)  # keep reporting closed
-        return item
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        while True:
-            item = self.get()
-            if item is None:
-                return
-            yield item
 
 
 class StreamBackend(Protocol):
@@ -161,41 +104,6 @@ class StreamBackend(Protocol):
         directions are done; the server closes sock afterwards.
         """
         ...
-
-
-# ---------------------------------------------------------------------------
-# File-object adapters the backend sees
-
-
-class _InputFile(io.RawIOBase):
-    """Client-to-backend bytes (stdin, port-forward data) as a readable raw file."""
-
-    def __init__(self, read: Any) -> None:
-        self._read = read
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        data = self._read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-
-class _OutputFile(io.RawIOBase):
-    """Backend-to-client bytes (stdout, stderr) as a writable raw file."""
-
-    def __init__(self, write: Any) -> None:
-        self._write = write
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        data = bytes(b)
-        if data:
-            self._write(data)
-        return len(data)
 
 
 # ---------------------------------------------------------------------------
@@ -267,6 +175,7 @@ class _HttpRequest:
     path: str
     query: dict[str, list[str]]
     headers: dict[str, list[str]]  # lowercased names
+    head: bytes  # the raw request line and headers, blank line included
     rest: bytes  # bytes read past the head
 
     def header(self, name: str) -> str:
@@ -312,7 +221,8 @@ def _read_request(sock: socket.socket) -> _HttpRequest:
             raise _HttpError(400, "Bad Request", "malformed header line")
         headers.setdefault(name.lower(), []).append(value.strip())
     url = urllib.parse.urlsplit(target)
-    return _HttpRequest(method, url.path, urllib.parse.parse_qs(url.query), headers, rest)
+    return _HttpRequest(method, url.path, urllib.parse.parse_qs(url.query), headers,
+                        head + b"\r\n\r\n", rest)
 
 
 def _send_response(sock: socket.socket, status: int, reason: str, body: str = "",
@@ -327,79 +237,16 @@ def _send_response(sock: socket.socket, status: int, reason: str, body: str = ""
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
 
 
+_REASONS = {400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+            426: "Upgrade Required", 431: "Request Header Fields Too Large"}
+
+
 def _negotiate(client: list[str], server: tuple[str, ...]) -> str | None:
     """The first protocol in the client's order that we speak."""
     for p in client:
         if p in server:
             return p
     return None
-
-
-# ---------------------------------------------------------------------------
-# Status messages on the error stream
-
-
-def _status_json(exit_code: int | None, error: str | None, cmd: list[str] | None) -> bytes:
-    if error is None and not exit_code:
-        status: dict[str, Any] = {"metadata": {}, "status": "Success"}
-    elif error is None:
-        status = {
-            "metadata": {}, "status": "Failure",
-            "message": f"command terminated with non-zero exit code: "
-                       f"command {cmd!r} exited with {exit_code}",
-            "reason": "NonZeroExitCode",
-            "details": {"causes": [{"reason": "ExitCode", "message": str(exit_code)}]},
-        }
-    else:
-        status = {"metadata": {}, "status": "Failure", "message": error,
-                  "reason": "InternalError", "code": 500,
-                  "details": {"causes": [{"message": error}]}}
-    return json.dumps(status, separators=(",", ":")).encode()
-
-
-def _status_message(exit_code: int | None, error: str | None, cmd: list[str] | None,
-                    v4: bool) -> bytes:
-    """What goes on the error stream: JSON status (v4+), else a message only on failure."""
-    if v4:
-        return _status_json(exit_code, error, cmd)
-    if error is not None:
-        return error.encode()
-    if exit_code:
-        return f"command terminated with non-zero exit code: exit status {exit_code}".encode()
-    return b""
-
-
-class _JsonSizes:
-    """Decodes back-to-back JSON objects {"Width":..,"Height":..} from a byte stream."""
-
-    def __init__(self, resize: ResizeQueue) -> None:
-        self.buf = ""
-        self.resize = resize
-        self.decoder = json.JSONDecoder()
-
-    def feed(self, data: bytes) -> None:
-        self.buf += data.decode("utf-8", "replace")
-        if len(self.buf) > 64 * 1024:
-            self.buf = ""  # garbage; a size never needs this much
-            return
-        while True:
-            s = self.buf.lstrip()
-            if not s:
-                self.buf = ""
-                return
-            try:
-                obj, end = self.decoder.raw_decode(s)
-            except ValueError:
-                self.buf = s
-                return
-            self.buf = s[end:]
-            if isinstance(obj, dict):
-                try:
-                    w, h = int(obj.get("Width", 0)), int(obj.get("Height", 0))
-                except (TypeError, ValueError):
-                    continue
-                if 0 <= w <= 0xFFFF and 0 <= h <= 0xFFFF:
-                    self.resize.put(w, h)
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +301,12 @@ class StreamingServer:
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
         self._stopping = threading.Event()
+        self._remotecommand = RemoteCommand(backend,
+                                            stream_creation_timeout=stream_creation_timeout,
+                                            buffer_size=buffer_size)
+        self._portforward = PortForwarder(backend, idle_timeout=idle_timeout,
+                                          stream_creation_timeout=stream_creation_timeout,
+                                          buffer_size=buffer_size)
 
     # lifecycle -------------------------------------------------------------
     def start(self) -> None:
@@ -618,13 +471,12 @@ class StreamingServer:
                 self._run_spdy(self._stream_transport(sock), req.rest, pending,
                                protocol or "channel.k8s.io")
             elif upgrade == "websocket":
-                if req.method != "GET":
-                    raise _HttpError(405, "Method Not Allowed", "websocket upgrade needs GET")
-                key = req.header("sec-websocket-key")
-                if req.header("sec-websocket-version") != "13" or not key:
-                    raise _HttpError(400, "Bad Request", "unsupported websocket handshake",
-                                     [("Sec-WebSocket-Version", "13")])
-                offered = req.tokens("sec-websocket-protocol")
+                try:
+                    handshake = wsstream.ServerHandshake(req.head)
+                except wsstream.HandshakeError as e:
+                    raise _HttpError(e.status, _REASONS.get(e.status, "Bad Request"), str(e),
+                                     e.headers) from None
+                offered = handshake.subprotocols
                 ws_protocols: tuple[str, ...] = WS_REMOTECOMMAND_PROTOCOLS
                 if kind == "portforward":
                     ws_protocols = (*WS_PORTFORWARD_PROTOCOLS, WS_SPDY_TUNNEL_PROTOCOL)
@@ -634,12 +486,8 @@ class StreamingServer:
                                      f"unable to upgrade: none of the websocket subprotocols "
                                      f"{offered} is supported")
                 pending = self._consume(kind, token)
-                headers = [("Upgrade", "websocket"), ("Connection", "Upgrade"),
-                           ("Sec-WebSocket-Accept", wsstream.accept_key(key))]
-                if protocol:
-                    headers.append(("Sec-WebSocket-Protocol", protocol))
-                _send_response(sock, 101, "Switching Protocols", headers=headers)
-                self._run_websocket(sock, req, pending, protocol or "channel.k8s.io")
+                sock.sendall(handshake.accept(protocol))
+                self._run_websocket(sock, handshake, req, pending, protocol or "channel.k8s.io")
             else:
                 raise _HttpError(400, "Bad Request",
                                  "unable to upgrade: expected Upgrade: SPDY/3.1 or websocket")
@@ -691,382 +539,50 @@ class StreamingServer:
             conn.start()
             reader.start()
             if pending.kind == "portforward":
-                self._spdy_port_forward(conn, arrivals, pending.request)
+                self._portforward.serve_spdy(conn, arrivals, pending.request)
             else:
-                self._spdy_remotecommand(conn, arrivals, pending, protocol, cancel)
+                self._remotecommand.serve_spdy(conn, arrivals, pending.kind, pending.request,
+                                              protocol, cancel)
         finally:
             self._linger(transport, conn.closed)
             conn.close()
             if reader.is_alive():
                 reader.join(5.0)
 
-    def _linger(self, transport: Any, closed: threading.Event | _ClosedFlag) -> None:
+    def _linger(self, transport: Any, closed: threading.Event) -> None:
         """Half-close and give the peer a moment to read what we sent and hang up.
 
         Closing a socket with unread input makes the kernel send RST, and the
         peer may then lose our final frames (the exit status)."""
+        deadline = time.monotonic() + LINGER
         try:
             transport.shutdown(socket.SHUT_WR)
         except OSError:
             return
-        closed.wait(LINGER)
-
-    def _spdy_remotecommand(self, conn: spdy.SpdyConnection,
-                            arrivals: queue.Queue[spdy.SpdyStream | None],
-                            pending: _Pending, protocol: str, cancel: threading.Event) -> None:
-        req = pending.request
-        expected = {"error"}
-        if req.stdin:
-            expected.add("stdin")
-        if req.stdout:
-            expected.add("stdout")
-        if req.stderr and not req.tty:
-            expected.add("stderr")
-        if req.tty and protocol in ("v4.channel.k8s.io", "v3.channel.k8s.io"):
-            expected.add("resize")
-        streams: dict[str, spdy.SpdyStream] = {}
-        deadline = time.monotonic() + self.stream_creation_timeout
-        while set(streams) != expected:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return  # kubelet gives up the same way: timed out waiting for streams
-            try:
-                st = arrivals.get(timeout=left)
-            except queue.Empty:
-                continue
-            if st is None:
-                return
-            stype = (st.header("streamtype") or "").lower()
-            if stype not in expected or stype in streams:
-                st.send_reset(spdy.REFUSED_STREAM)
-                continue
-            st.send_reply()
-            streams[stype] = st
-        resize = ResizeQueue()
-        pumps = []
-        if "resize" in streams:
-            pumps.append(_start(self._pump_resize, streams["resize"], resize))
-        else:
-            resize.close()
-        stdin = _InputFile(streams["stdin"].read) if "stdin" in streams else None
-        stdout = _OutputFile(streams["stdout"].write) if "stdout" in streams else None
-        stderr = _OutputFile(streams["stderr"].write) if "stderr" in streams else None
-        exit_code, error = self._call_backend(pending, stdin, stdout, stderr, resize, cancel)
-        resize.close()
-        for name in ("stdout", "stderr"):
-            if name in streams:
-                streams[name].close_write()
-        msg = _status_message(exit_code, error, list(getattr(req, "cmd", [])),
-                              protocol == "v4.channel.k8s.io")
-        err_stream = streams["error"]
-        try:
-            if msg:
-                err_stream.write(msg)
-        except OSError:
-            pass
-        err_stream.close_write()
-        for t in pumps:
-            t.join(0.1)
-
-    def _call_backend(self, pending: _Pending, stdin: Any, stdout: Any, stderr: Any,
-                      resize: ResizeQueue, cancel: threading.Event
-                      ) -> tuple[int | None, str | None]:
-        req = pending.request
-        try:
-            if pending.kind == "exec":
-                code = int(self.backend.exec(req.container_id, list(req.cmd), tty=req.tty,
-                                             stdin=stdin, stdout=stdout, stderr=stderr,
-                                             resize=resize, cancel=cancel))
-                # A process killed by signal N (Python reports -N) exits 128+N, as
-                # shells and runc report it; clients reject negative codes.
-                return (128 - code if code < 0 else code), None
-            self.backend.attach(req.container_id, tty=req.tty, stdin=stdin, stdout=stdout,
-                                stderr=stderr, resize=resize, cancel=cancel)
-            return 0, None
-        except Exception as e:  # noqa: BLE001 - any backend failure becomes the client's error status
-            what = "executing command in" if pending.kind == "exec" else "attaching to"
-            return None, f"error {what} container {req.container_id}: {e}"
-
-    @staticmethod
-    def _pump_resize(stream: spdy.SpdyStream, resize: ResizeQueue) -> None:
-        parser = _JsonSizes(resize)
-        while True:
-            data = stream.read(4096)
-            if not data:
-                break
-            parser.feed(data)
-        resize.close()
-
-    def _spdy_port_forward(self, conn: spdy.SpdyConnection,
-                           arrivals: queue.Queue[spdy.SpdyStream | None],
-                           req: api_pb2.PortForwardRequest) -> None:
-        allowed = set(req.port)
-        pairs: dict[str, dict[str, Any]] = {}
-        workers: list[threading.Thread] = []
-        while True:
-            try:
-                st = arrivals.get(timeout=1.0)
-            except queue.Empty:
-                st = None
-                if not conn.closed.is_set():
-                    self._expire_pairs(pairs)
-                    workers = [w for w in workers if w.is_alive()]
-                    continue
-            if st is None:
-                break
-            stype = (st.header("streamtype") or "").lower()
-            port_s = st.header("port") or ""
-            request_id = st.header("requestid")
-            if request_id is None:  # old clients: pair by stream id (data = error + 2)
-                request_id = str(st.id if stype == "error" else st.id - 2)
-            try:
-                port = int(port_s)
-            except ValueError:
-                port = 0
-            if stype not in ("data", "error") or not 0 < port <= 65535:
-                st.send_reset(spdy.PROTOCOL_ERROR)
-                continue
-            st.send_reply()
-            if allowed and port not in allowed:
-                if stype == "error":
-                    _write_and_close(st, f"port {port} was not requested for forwarding")
-                else:
-                    st.close_write()
-                continue
-            pair = pairs.get(request_id)
-            if pair is None:
-                if len(pairs) >= MAX_PENDING_PAIRS:
-                    st.send_reset(spdy.REFUSED_STREAM)
-                    continue
-                pair = pairs[request_id] = {"port": port, "created": time.monotonic()}
-            if stype in pair or pair["port"] != port:
-                st.send_reset(spdy.PROTOCOL_ERROR)
-                continue
-            pair[stype] = st
-            if "data" in pair and "error" in pair:
-                del pairs[request_id]
-                workers.append(_start(self._forward_pair, req.pod_sandbox_id, port,
-                                      pair["data"], pair["error"]))
-        for pair in pairs.values():
-            for key in ("data", "error"):
-                if key in pair:
-                    pair[key].send_reset(spdy.CANCEL)
-        for w in workers:
-            w.join(1.0)
-
-    def _expire_pairs(self, pairs: dict[str, dict[str, Any]]) -> None:
-        now = time.monotonic()
-        for rid in [r for r, p in pairs.items() if now - p["created"] > self.stream_creation_timeout]:
-            for key in ("data", "error"):
-                if key in pairs[rid]:
-                    pairs[rid][key].send_reset(spdy.CANCEL)
-            del pairs[rid]
-
-    def _forward_pair(self, sandbox_id: str, port: int, data: spdy.SpdyStream,
-                      error: spdy.SpdyStream) -> None:
-        err = self._forward(sandbox_id, port, data.read, data.write, data.close_write)
-        if err:
-            _write_and_close(error, f"error forwarding port {port} to pod {sandbox_id}: {err}")
-        else:
-            error.close_write()
-        data.close_write()
-
-    def _forward(self, sandbox_id: str, port: int, read: Any, write: Any, close_write: Any) -> str | None:
-        """Run backend.port_forward on one end of a socket pair and pump the other
-        end to/from a client stream. Returns an error message or None."""
-        ours, theirs = socket.socketpair()
-        ours.settimeout(None)
-
-        def client_to_pod() -> None:
-            try:
-                while True:
-                    chunk = read(65536)
-                    if not chunk:
-                        break
-                    ours.sendall(chunk)
-            except OSError:
-                pass
-            try:
-                ours.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-        def pod_to_client() -> None:
-            try:
-                while True:
-                    chunk = ours.recv(65536)
-                    if not chunk:
-                        break
-                    write(chunk)
-            except OSError:
-                # The client is gone: make the backend's reads and writes fail too.
-                with contextlib.suppress(OSError):
-                    ours.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                close_write()
-
-        up = _start(client_to_pod)
-        down = _start(pod_to_client)
-        error = None
-        try:
-            self.backend.port_forward(sandbox_id, port, theirs)
-        except Exception as e:  # noqa: BLE001 - reported to the client on the error stream
-            error = str(e) or type(e).__name__
-        finally:
-            try:
-                theirs.close()
-            except OSError:
-                pass
-        down.join(self.idle_timeout)
-        try:
-            ours.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        up.join(1.0)
-        ours.close()
-        return error
+        if closed.wait(LINGER) and isinstance(transport, _PolledSocket):
+            # Our reader has stopped (also after a protocol error, with the
+            # peer possibly still sending): read to its end of file.
+            transport.drain(deadline)
 
     # WebSocket -------------------------------------------------------------------
-    def _run_websocket(self, sock: socket.socket, req: _HttpRequest, pending: _Pending,
-                       protocol: str) -> None:
+    def _run_websocket(self, sock: socket.socket, handshake: wsstream.ServerHandshake,
+                       req: _HttpRequest, pending: _Pending, protocol: str) -> None:
         polled = self._stream_transport(sock)
-        ws = wsstream.WebSocket(polled, server=True, idle_timeout=self.idle_timeout,
+        ws = wsstream.WebSocket(polled, handshake.connection, idle_timeout=self.idle_timeout,
                                 initial=req.rest)
         if protocol == WS_SPDY_TUNNEL_PROTOCOL:
-            tunnel = _WebSocketTransport(ws)
-            self._run_spdy(tunnel, b"", pending, PORTFORWARD_PROTOCOL)
+            self._run_spdy(WebSocketPipe(ws), b"", pending, PORTFORWARD_PROTOCOL)
             return
-        codec = wsstream.ChannelCodec(protocol)
+        channels = wsstream.Channels(ws, protocol)
         try:
             if pending.kind == "portforward":
-                self._ws_port_forward(ws, codec, req, pending.request)
+                self._portforward.serve_websocket(channels, req.query.get("port", []),
+                                                  pending.request)
             else:
-                self._ws_remotecommand(ws, codec, pending)
+                self._remotecommand.serve_websocket(channels, pending.kind, pending.request)
         finally:
             ws.close()
-            self._linger(polled, _ClosedFlag(ws))
-
-    def _ws_send(self, ws: wsstream.WebSocket, codec: wsstream.ChannelCodec, channel: int,
-                 data: bytes) -> None:
-        view = memoryview(data)
-        while True:
-            body, text = codec.encode(channel, bytes(view[: spdy.SEND_CHUNK]))
-            ws.send_message(body, text)
-            view = view[spdy.SEND_CHUNK :]
-            if not view:
-                return
-
-    def _ws_remotecommand(self, ws: wsstream.WebSocket, codec: wsstream.ChannelCodec,
-                          pending: _Pending) -> None:
-        req = pending.request
-        stdin_box = spdy._Inbox(self.buffer_size) if req.stdin else None
-        resize = ResizeQueue()
-        sizes = _JsonSizes(resize)
-        cancel = threading.Event()
-        finished = threading.Event()
-
-        def reader() -> None:
-            while True:
-                msg = ws.recv_message()
-                if msg is None:
-                    break
-                try:
-                    ch, data = codec.decode(*msg)
-                except ValueError:
-                    break
-                if ch == STDIN and stdin_box is not None:
-                    accepted = not data or stdin_box.put(
-                        data, lambda: not ws.closed and not ws.idle())
-                    if not accepted and ws.idle():
-                        break  # stdin unread for the whole idle timeout: abandoned
-                elif ch == RESIZE and req.tty:
-                    sizes.feed(data)
-                elif (ch == wsstream.CHANNEL_CLOSE and codec.version >= 5
-                      and data[:1] == bytes([STDIN]) and stdin_box is not None):
-                    stdin_box.finish()
-            if stdin_box is not None:
-                stdin_box.finish()
-            resize.close()
-            if not finished.is_set():
-                cancel.set()  # the client left (or went idle) while the command ran
-
-        def read_stdin(n: int) -> bytes:
-            assert stdin_box is not None
-            return stdin_box.get(n, None) or b""
-
-        # Tell the client the streams are up (kubelet writes an empty message to
-        # the lowest channel the client reads).
-        first = STDOUT if req.stdout else STDERR if req.stderr and not req.tty else ERROR
-        self._ws_send(ws, codec, first, b"")
-        t = _start(reader)
-        stdin = _InputFile(read_stdin) if stdin_box is not None else None
-        stdout = (_OutputFile(lambda d: self._ws_send(ws, codec, STDOUT, d)) if req.stdout else None)
-        stderr = (_OutputFile(lambda d: self._ws_send(ws, codec, STDERR, d))
-                  if req.stderr and not req.tty else None)
-        if not req.tty:
-            resize.close()
-        exit_code, error = self._call_backend(pending, stdin, stdout, stderr, resize, cancel)
-        finished.set()
-        msg = _status_message(exit_code, error, list(getattr(req, "cmd", [])), codec.version >= 4)
-        try:
-            if msg:
-                self._ws_send(ws, codec, ERROR, msg)
-        except OSError:
-            pass
-        ws.close()
-        t.join(LINGER)
-
-    def _ws_port_forward(self, ws: wsstream.WebSocket, codec: wsstream.ChannelCodec,
-                         http_req: _HttpRequest, req: api_pb2.PortForwardRequest) -> None:
-        try:
-            ports = [int(p) for p in http_req.query.get("port", [])] or list(req.port)
-        except ValueError:
-            ports = []
-        if not ports or len(ports) > MAX_WS_PORTS or not all(0 < p <= 65535 for p in ports) or (
-                req.port and not set(ports) <= set(req.port)):
-            ws.close(wsstream.CLOSE_PROTOCOL_ERROR, "bad or unrequested ports")
-            return
-        boxes = [spdy._Inbox(self.buffer_size) for _ in ports]
-        for i, port in enumerate(ports):
-            prefix = struct.pack("<H", port)
-            self._ws_send(ws, codec, 2 * i, prefix)
-            self._ws_send(ws, codec, 2 * i + 1, prefix)
-
-        def reader() -> None:
-            while True:
-                msg = ws.recv_message()
-                if msg is None:
-                    break
-                try:
-                    ch, data = codec.decode(*msg)
-                except ValueError:
-                    break
-                if ch % 2 or ch // 2 >= len(boxes) or not data:
-                    continue  # error channels are server-to-client only
-                if not boxes[ch // 2].put(data, lambda: not ws.closed and not ws.idle()) \
-                        and ws.idle():
-                    break
-            for box in boxes:
-                box.finish()
-
-        def one(i: int, port: int) -> None:
-            box = boxes[i]
-            err = self._forward(req.pod_sandbox_id, port, lambda n: box.get(n, None) or b"",
-                                lambda d: self._ws_send(ws, codec, 2 * i, d), lambda: None)
-            if err:
-                try:
-                    self._ws_send(ws, codec, 2 * i + 1,
-                                  f"error forwarding port {port} to pod {req.pod_sandbox_id}: {err}".encode())
-                except OSError:
-                    pass
-
-        rt = _start(reader)
-        workers = [_start(one, i, p) for i, p in enumerate(ports)]
-        for w in workers:
-            w.join()
-        ws.close()
-        rt.join(LINGER)
-
+            self._linger(polled, ws.done)
 
 class _PolledSocket:
     """A socket whose recv() gives up after `poll` seconds (TimeoutError) so the
@@ -1083,6 +599,17 @@ class _PolledSocket:
             raise TimeoutError("no data yet")
         return self.sock.recv(n)
 
+    def drain(self, deadline: float) -> None:
+        """Read and drop input until end of file or the deadline."""
+        while time.monotonic() < deadline:
+            try:
+                if not self.recv(65536):
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
     def sendall(self, data: bytes) -> None:
         self.sock.sendall(data)
 
@@ -1093,66 +620,8 @@ class _PolledSocket:
         self.sock.close()
 
 
-class _ClosedFlag:
-    """Adapts a WebSocket's closed attribute to the Event.wait() the linger uses."""
-
-    def __init__(self, ws: wsstream.WebSocket) -> None:
-        self.ws = ws
-
-    def wait(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while not self.ws.closed and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return self.ws.closed
-
-
-class _WebSocketTransport:
-    """A byte pipe made of binary WebSocket messages (for SPDY tunnelled in WebSocket)."""
-
-    def __init__(self, ws: wsstream.WebSocket) -> None:
-        self.ws = ws
-        self._buf = b""
-
-    def recv(self, n: int) -> bytes:
-        while not self._buf:
-            msg = self.ws.recv_message()
-            if msg is None:
-                return b""
-            self._buf = msg[1]
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
-    def sendall(self, data: bytes) -> None:
-        self.ws.send_message(data)
-
-    def shutdown(self, how: int) -> None:
-        self.ws.close()
-        if how == socket.SHUT_RDWR:
-            try:
-                self.ws.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.ws.close()
-
-
 def _check_streams(req: Any) -> None:
     if not (req.stdin or req.stdout or req.stderr):
         raise InvalidArgumentError("one of stdin, stdout, or stderr must be set")
     if req.tty and req.stderr:
         raise InvalidArgumentError("tty and stderr cannot both be true")
-
-
-def _write_and_close(stream: spdy.SpdyStream, message: str) -> None:
-    try:
-        stream.write(message.encode())
-    except OSError:
-        pass
-    stream.close_write()
-
-
-def _start(fn: Any, *args: Any) -> threading.Thread:
-    t = threading.Thread(target=fn, args=args, daemon=True, name=f"cri-streaming-{fn.__name__}")
-    t.start()
-    return t
