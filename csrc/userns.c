@@ -148,13 +148,13 @@ static void close_layer_trees(struct layer_trees **lt) {
     free(*lt);
 }
 
-static int idmapped_overlay(const struct pycri_spawn_spec *s, int userns_fd,
-                            struct pycri_error *err) {
+static int idmapped_overlay(const char *lower, const char *upper, const char *work,
+                            const char *what, int userns_fd, struct pycri_error *err) {
     int fs cleanup_fd = sys_fsopen("overlay", FSOPEN_CLOEXEC);
     if (fs < 0)
         return pycri_fail(err, errno, "prepare: fsopen overlay");
     size_t layers = 1;
-    for (const char *c = s->overlay_lower; *c; c++)
+    for (const char *c = lower; *c; c++)
         layers += *c == ':';
     /* each layer tree stays open until the overlay exists: closing a detached
      * tree unmounts it, and the overlay takes its own private clone at create */
@@ -163,42 +163,42 @@ static int idmapped_overlay(const struct pycri_spawn_spec *s, int userns_fd,
     if (!lt)
         return pycri_fail(err, ENOMEM, "prepare: overlay layers");
     char buf[PATH_MAX];
-    const char *p = s->overlay_lower;
+    const char *p = lower;
     while (*p) {
         const char *end = strchrnul(p, ':');
         size_t len = (size_t)(end - p);
         if (len == 0 || len >= sizeof(buf))
-            return pycri_fail(err, EINVAL, "prepare: bad overlay layer in %s", s->overlay_lower);
+            return pycri_fail(err, EINVAL, "prepare: bad overlay layer in %s", lower);
         memcpy(buf, p, len);
         buf[len] = '\0';
         int t = clone_tree("image layer", buf, 0, userns_fd, PYCRI_IDMAP_REQUIRE, err);
         if (t < 0)
             return -1;
         lt->fd[lt->n++] = t;
-        /* "lowerdir+" appends one layer below those given before (kernel 6.8; by
-         * fd, which is what lets a detached id-mapped tree be a layer: 6.13) */
+        /* "lowerdir+" appends one layer below those given before; given by fd, a
+         * detached id-mapped tree can be a layer (a recent kernel: 6.18 here) */
         if (sys_fsconfig(fs, FSCONFIG_SET_FD, "lowerdir+", NULL, t) < 0)
-            return pycri_fail(err, errno, "prepare: overlay lowerdir+ %s (kernel 6.13 or later "
-                                          "is needed for id-mapped image layers)", buf);
+            return pycri_fail(err, errno, "prepare: overlay lowerdir+ %s by fd (this kernel's "
+                                          "overlayfs may not take layers by fd)", buf);
         p = *end ? end + 1 : end;
     }
-    if (s->overlay_upper) {
-        if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "upperdir", s->overlay_upper, 0) < 0)
-            return pycri_fail(err, errno, "prepare: overlay upperdir %s", s->overlay_upper);
-        if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "workdir", s->overlay_work ? s->overlay_work : "",
+    if (upper) {
+        if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "upperdir", upper, 0) < 0)
+            return pycri_fail(err, errno, "prepare: overlay upperdir %s", upper);
+        if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "workdir", work ? work : "",
                          0) < 0)
-            return pycri_fail(err, errno, "prepare: overlay workdir %s", s->overlay_work);
+            return pycri_fail(err, errno, "prepare: overlay workdir %s", work);
     }
     if (sys_fsconfig(fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0) {
         int e = errno;
         char log[256];
         fs_log(fs, log, sizeof(log));
-        return pycri_fail(err, e, "prepare: create the overlay for %s%s%s", s->rootfs,
+        return pycri_fail(err, e, "prepare: create the overlay for %s%s%s", what,
                           log[0] ? ": " : "", log);
     }
     int m = sys_fsmount(fs, FSMOUNT_CLOEXEC, 0);
     if (m < 0)
-        return pycri_fail(err, errno, "prepare: fsmount the overlay for %s", s->rootfs);
+        return pycri_fail(err, errno, "prepare: fsmount the overlay for %s", what);
     return m;
 }
 
@@ -223,7 +223,8 @@ int pycri__userns_prepare(const struct pycri_spawn_spec *s, struct pycri__plan *
         return pycri_fail(err, ENOMEM, "prepare: user namespace mounts");
     plan->um = um;
     if (s->overlay_lower)
-        um->rootfs = idmapped_overlay(s, ufd, err);
+        um->rootfs = idmapped_overlay(s->overlay_lower, s->overlay_upper, s->overlay_work,
+                                      s->rootfs, ufd, err);
     else
         um->rootfs = clone_tree("rootfs", s->rootfs, 1, ufd, PYCRI_IDMAP_AUTO, err);
     if (um->rootfs < 0)
@@ -241,6 +242,19 @@ int pycri__userns_prepare(const struct pycri_spawn_spec *s, struct pycri__plan *
     for (int i = 0; i < 3; i++)
         if (etc[i] && (um->etc[i] = clone_tree("file", etc[i], 0, ufd, PYCRI_IDMAP_NONE, err)) < 0)
             return -1;
+    return 0;
+}
+
+PYCRI_EXPORT int pycri_mount_overlay_idmapped(const char *target, const char *lower,
+                                              const char *userns_path, struct pycri_error *err) {
+    int ufd cleanup_fd = open(userns_path, O_RDONLY | O_CLOEXEC);
+    if (ufd < 0)
+        return pycri_fail(err, errno, "open %s", userns_path);
+    int m cleanup_fd = idmapped_overlay(lower, NULL, NULL, target, ufd, err);
+    if (m < 0)
+        return -1;
+    if (move_mount(m, "", AT_FDCWD, target, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+        return pycri_fail(err, errno, "attach the overlay at %s", target);
     return 0;
 }
 

@@ -468,6 +468,14 @@ def mount_overlay(target: str, lower: list[str], upper: str | None = None,
                                    os.fsencode(work) if work else ffi.NULL, err), err, target)
 
 
+def mount_overlay_idmapped(target: str, lower: list[str], userns_path: str) -> None:
+    """A read-only overlay of ``lower`` (top first) at target, every layer id-mapped to
+    the user namespace pinned at ``userns_path``."""
+    err = _new_err()
+    _check(lib.pycri_mount_overlay_idmapped(os.fsencode(target), os.fsencode(":".join(lower)),
+                                            os.fsencode(userns_path), err), err, target)
+
+
 def mount_unmount(target: str) -> None:
     """Lazily unmount target (MNT_DETACH, final symlink not followed)."""
     err = _new_err()

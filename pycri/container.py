@@ -506,8 +506,12 @@ class Container:
             raise InvalidArgumentError(
                 f"image volume {m.image!r}: sub_path {m.sub_path!r} does not exist in the image")
         target = store.makedirs(self._path(f"image-volume-{index}"), 0o755)
+        userns = self.runtime.sandbox(rec["sandbox_id"]).user_namespace()
         try:
-            _native.mount_overlay(target, layer_dirs)
+            if userns:  # the image's owners, as in the rootfs (csrc/userns.c)
+                _native.mount_overlay_idmapped(target, layer_dirs, userns)
+            else:
+                _native.mount_overlay(target, layer_dirs)
         except OSError as e:
             raise RuntimeFailure(f"image volume {m.image!r}: {e.strerror or e}",
                                  stage="mount") from e

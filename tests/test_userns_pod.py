@@ -166,7 +166,11 @@ def test_bind_mounts_are_id_mapped_and_need_no_path_for_the_mapped_root(env):
         c = start(sb, img, "b", mounts=(
             pycri.Mount("/share", src),
             pycri.Mount("/mapped", src, readonly=True, uid_mappings=(m,), gid_mappings=(m,)),
-            pycri.Mount("/procs", "/proc", readonly=True)))  # procfs cannot be id-mapped
+            pycri.Mount("/procs", "/proc", readonly=True),  # procfs cannot be id-mapped
+            pycri.Mount("/iv", image=img.id, readonly=True)))
+        # an image volume's layers are id-mapped like the rootfs's
+        assert sh(c, "stat -c '%u:%g' /iv/data/root-file /iv/data/app-file").split() == \
+            ["0:0", "1000:1000"]
         assert sh(c, "stat -c '%u:%g' /share/secret; cat /share/secret /mapped/secret") == \
             "0:0\nroot only\nroot only\n"
         sh(c, "echo written > /share/from-pod")
