@@ -51,7 +51,8 @@
  * ends with an F; a partial line is flushed as P after 200 ms of silence or at
  * the end. With --tty everything is "stdout".
  *
- * Exit file, written tmp + fsync + rename + dir fsync (retried until it works),
+ * Exit file, written tmp + rename (atomic, not fsynced: see write_file_atomic;
+ * retried until it works),
  * after the container is reaped and its output drained:
  *   {"pid":N,"exit_code":N,"signal":N,"exited_at_ns":N,"oom_killed":false}
  * exit_code is 128+signal when killed by a signal. oom_killed needs --oom-file

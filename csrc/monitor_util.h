@@ -86,8 +86,14 @@ static long parse_num(const char *s, const char *what, long lo, long hi) {
     return v;
 }
 
-/* Write path as tmp + fsync + rename + directory fsync: readers see all or nothing. */
+/* Write path as tmp + rename: readers see all or nothing. */
 static int write_file_atomic(const char *path, const char *data, size_t len, mode_t mode) {
+    /* tmp + rename: a reader sees the old file or the whole new one, never a torn
+     * one, whoever dies when. No fsync: what these files describe (a process and its
+     * exit) does not outlive a power loss either, and after a reboot the runtime
+     * settles containers without an exit file as "Unknown". conmon and containerd's
+     * shims keep exit codes no more durably. Skipping the two flushes takes ~0.5 ms
+     * off every container exit on a disk-backed /run. */
     char tmp[PATH_MAX];
     if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp)) {
         errno = ENAMETOOLONG;
@@ -96,7 +102,7 @@ static int write_file_atomic(const char *path, const char *data, size_t len, mod
     int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode);
     if (fd < 0)
         return -1;
-    if (write_all(fd, data, len) < 0 || fsync(fd) < 0) {
+    if (write_all(fd, data, len) < 0) {
         int e = errno;
         close(fd);
         unlink(tmp);
@@ -109,20 +115,6 @@ static int write_file_atomic(const char *path, const char *data, size_t len, mod
         unlink(tmp);
         errno = e;
         return -1;
-    }
-    char dir[PATH_MAX];
-    snprintf(dir, sizeof(dir), "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (slash == dir)
-        slash[1] = '\0';
-    else if (slash)
-        *slash = '\0';
-    else
-        snprintf(dir, sizeof(dir), ".");
-    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-        fsync(dfd);
-        close(dfd);
     }
     return 0;
 }

@@ -577,6 +577,21 @@ class Cgroup:
         st.pids_current = _to_int(opt("pids", "pids.current"))
         return st
 
+    def oom_kill_file(self) -> str | None:
+        """The file whose "oom_kill N" line counts this cgroup's OOM kills (v1
+        memory.oom_control, v2 memory.events), or None without a memory controller."""
+        d = self._dir_for("memory")
+        if d is None:
+            return None
+        return os.path.join(d, "memory.events" if self.v2 else "memory.oom_control")
+
+    def oom_kill_count(self) -> int:
+        name = "memory.events" if self.v2 else "memory.oom_control"
+        try:
+            return int(_kv(self.read("memory", name)).get("oom_kill", 0))
+        except (OSError, UnsupportedError):
+            return 0
+
     # -- teardown -----------------------------------------------------------------
 
     def kill(self, timeout: float = 10.0) -> int:
@@ -625,9 +640,24 @@ class Cgroup:
                 _native.cgroup_rmdir(sub, max(0.1, deadline - time.monotonic()))
 
     def destroy(self, timeout: float = 10.0) -> None:
-        """kill() then remove()."""
-        self.kill(timeout)
-        self.remove(timeout)
+        """Remove the cgroup, killing whatever still runs in it first.
+
+        The common case is a container that has exited: then one rmdir per hierarchy
+        is all it takes. Only where that fails (tasks or sub-cgroups left) does the
+        full kill() + remove() run."""
+        busy = False
+        for d in self.paths():
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                if e.errno not in (errno.EBUSY, errno.ENOTEMPTY):
+                    raise
+                busy = True
+        if busy:
+            self.kill(timeout)
+            self.remove(timeout)
 
 
 # --- policy: pods and containers ----------------------------------------------
@@ -684,7 +714,7 @@ class CgroupManager:
         try:
             try:
                 for key, d in sorted(cg.dirs.items()):
-                    self._mkdirs(key, d, created)
+                    self._mkdirs(key, d, created, devices)
                 cg.apply(res, devices=devices)
             except OSError as e:
                 raise RuntimeFailure(f"creating cgroup {cg.relpath}: {e}", "cgroup",
@@ -698,7 +728,20 @@ class CgroupManager:
                     pass
             raise
 
-    def _mkdirs(self, key: str, leaf: str, created: list[str]) -> None:
+    def _mkdirs(self, key: str, leaf: str, created: list[str], devices: bool = False) -> None:
+        if key != "unified":
+            # Fast path: the parent exists (a container under its pod), so one mkdir.
+            try:
+                os.mkdir(leaf, 0o755)
+            except FileNotFoundError:
+                pass                      # an ancestor is missing: the walk below
+            except FileExistsError:
+                raise AlreadyExistsError(f"cgroup {leaf} already exists") from None
+            else:
+                created.append(leaf)
+                if key == "cpuset":
+                    self._copy_cpuset(os.path.dirname(leaf), leaf, clone_children=not devices)
+                return
         if key == "unified":
             root = self.hierarchy.v2_root
         else:
@@ -735,17 +778,28 @@ class CgroupManager:
             os.close(fd)
 
     @staticmethod
-    def _copy_cpuset(parent: str, child: str) -> None:
+    def _copy_cpuset(parent: str, child: str, clone_children: bool = True) -> None:
         """v1 cpuset: a new cgroup starts with empty cpus/mems and then no task can
-        join it; inherit the parent's."""
-        pfd = _native.cgroup_open(parent)
+        join it; inherit the parent's. Each cgroup pycri makes also gets
+        cgroup.clone_children set, so the kernel fills in its children's at mkdir
+        and this finds nothing to copy for them."""
         cfd = _native.cgroup_open(child)
         try:
-            for name in ("cpuset.cpus", "cpuset.mems"):
-                if not _native.cgroup_read(cfd, name).strip():
-                    _native.cgroup_write(cfd, name, _native.cgroup_read(pfd, name).strip())
+            if not _native.cgroup_read(cfd, "cpuset.cpus").strip():
+                pfd = _native.cgroup_open(parent)
+                try:
+                    for name in ("cpuset.cpus", "cpuset.mems"):
+                        if not _native.cgroup_read(cfd, name).strip():
+                            _native.cgroup_write(cfd, name,
+                                                 _native.cgroup_read(pfd, name).strip())
+                finally:
+                    os.close(pfd)
+            if clone_children:
+                try:
+                    _native.cgroup_write(cfd, "cgroup.clone_children", "1")
+                except OSError:
+                    pass      # an old kernel without the flag: children copy instead
         finally:
-            os.close(pfd)
             os.close(cfd)
 
 

@@ -23,7 +23,6 @@ import contextlib
 import os
 import secrets
 import select
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -250,21 +249,28 @@ class Container:
         # (recovery settles them). Image content, by contrast, is fsynced.
         store.write_json(os.path.join(self.record_dir, "record.json"), rec, sync=False)
 
+    @property
+    def _exit_file(self) -> str:
+        # In the record dir (under root), not the state dir: the monitor's account of
+        # the exit outlives a reboot that clears /run, with no write from Python.
+        return os.path.join(self.record_dir, "exit.json")
+
     def record(self) -> dict[str, Any]:
-        """The record, brought up to date with the monitor's exit file."""
+        """The record, brought up to date (in memory) with the monitor's exit file.
+        Nothing is written: the exit file itself is the durable account of the exit."""
         rec = self._read()
-        if rec["state"] == RUNNING and os.path.exists(self._path("exit.json")):
-            with self._lock():
-                rec = self._read()
-                if self._refresh(rec):
-                    self._write(rec)
+        if rec["state"] == RUNNING and os.path.exists(self._exit_file):
+            self._refresh(rec)
         return rec
 
     def _refresh(self, rec: dict[str, Any]) -> bool:
         """Fold the exit file (or a vanished process) into rec; True if it changed."""
         if rec["state"] != RUNNING:
             return False
-        ex = _native.read_exit_file(self._path("exit.json"))
+        try:
+            ex = _native.read_exit_file(self._exit_file)
+        except ValueError:
+            ex = None       # cut short by a power loss: treated like a missing one
         if ex is None:
             if _alive(rec.get("pid", 0), rec.get("pid_start_time", 0)) or \
                     _alive(rec.get("monitor_pid", 0), 0):
@@ -275,7 +281,10 @@ class Container:
                        message="the container's monitor is gone and recorded no exit",
                        finished_at_ns=time.time_ns())
             return True
-        oom = ex.oom_killed or self._oom_seen(rec)
+        # The monitor compares the cgroup's oom_kill count at start and exit for a
+        # SIGKILLed init; a non-zero exit after an OOM kill of another process of the
+        # container is reported as OOMKilled too (as containerd does).
+        oom = ex.oom_killed or (ex.exit_code != 0 and self._oom_seen(rec))
         rec.update(state=EXITED, exit_code=ex.exit_code, finished_at_ns=ex.exited_at_ns,
                    reason="OOMKilled" if oom else ("Completed" if ex.exit_code == 0 else "Error"),
                    message="")
@@ -283,9 +292,8 @@ class Container:
 
     def _oom_seen(self, rec: dict[str, Any]) -> bool:
         try:
-            cg = self._cgroup(rec)
-            return cg.stats().oom_kill_count > rec.get("oom_kills_at_start", 0)
-        except (PycriError, OSError, AttributeError):
+            return self._cgroup(rec).oom_kill_count() > rec.get("oom_kills_at_start", 0)
+        except (PycriError, OSError, AttributeError, ValueError):
             return False
 
     @property
@@ -397,7 +405,7 @@ class Container:
 
         cg = rt.cgroups(rec["cgroup_parent"]).create_container(
             sandbox.id, self.id, config.resources)
-        rec["oom_kills_at_start"] = cg.stats().oom_kill_count
+        rec["oom_kills_at_start"] = 0     # a new cgroup
         namespaces: dict[str, str] = {"mnt": "new", "cgroup": "host"}
         for kind in ("net", "ipc", "uts"):
             namespaces[kind] = sandbox.ns_path(kind) if sb_rec.get(f"{kind}ns") else "host"
@@ -429,7 +437,9 @@ class Container:
             binds.append(_native.BindMount(source, m.container_path, readonly=m.readonly,
                                            recursive_readonly=m.recursive_readonly,
                                            propagation=m.propagation, idmap=idmaps[i]))
-        self._write(rec)
+        if "image_volumes" in rec:
+            # image GC must see the volume images' layers as in use from now on
+            self._write(rec)
         privileged = config.privileged
         masked = () if privileged else (DEFAULT_MASKED if config.masked_paths is None
                                         else config.masked_paths)
@@ -483,8 +493,8 @@ class Container:
                 start_wait=True,
             )
             monitor = _native.monitor_command(
-                self._path("exit.json"), rec["log_path"], for_launch=True,
-                attach_socket=self._sock("attach"), **mon_kw)
+                self._exit_file, rec["log_path"], for_launch=True,
+                attach_socket=self._sock("attach"), oom_file=cg.oom_kill_file(), **mon_kw)
             res = _native.launch(spec, self._sock("start"), monitor, stdio_parent)
         except OSError as e:
             stage = getattr(e, "stage", "")
@@ -680,7 +690,7 @@ class Container:
     def remove(self) -> None:
         """Stop if needed, then delete the container and all it holds. Idempotent."""
         try:
-            rec = self._read()
+            rec = self.record()
         except NotFoundError:
             return
         if rec["state"] != EXITED:
@@ -702,8 +712,9 @@ class Container:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._sock(kind))
         self._unmount_image_volumes()
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-        shutil.rmtree(self.record_dir, ignore_errors=True)
+        # the state dir first: the record dir going is what makes the container gone
+        self.runtime.state_trash.put(self.state_dir)
+        self.runtime.trash.put(self.record_dir)
 
     # -- exec, logs, stats, update ---------------------------------------------------
 

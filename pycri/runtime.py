@@ -85,6 +85,10 @@ class Runtime:
         for d in ("sandboxes", "containers", "sockets"):
             store.makedirs(os.path.join(self.state, d))
         self.images.layer_roots = self._layers_in_use
+        # removed containers' and pods' trees are renamed here and deleted in the
+        # background (and leftovers of a killed process now)
+        self.trash = store.Trash(self.root)
+        self.state_trash = store.Trash(self.state)
         sandbox.recover(self)
         container.recover(self)
 

@@ -12,27 +12,38 @@ Layout version 1::
       images/<config-hex>.json      image record: config digest, manifest digest,
                                     repo tags, repo digests, layer chain ids, size
       images/names.json             {"name:tag" or "name@digest": config-hex}
-      sandboxes/<id>/record.json    sandbox record (runtime issue)
-      containers/<id>/record.json   container record (runtime issue)
+      sandboxes/<id>/record.json    sandbox record
+      containers/<id>/record.json   container record (config, pids, state)
+      containers/<id>/exit.json     written once by the container's monitor at exit
+      containers/<id>/fs/           writable layer (upper, work) and rootfs mount point
       locks/                        flock files (images.lock, content.lock, <id>.lock)
+      trash/                        removed trees, deleted in the background (Trash)
     <state> (default /run/pycri; runtime state that should die with the boot)
-      sandboxes/<id>/, containers/<id>/   pinned namespaces, pids + start times,
-                                    exit status, rootfs mount points, sockets
+      sandboxes/<id>/, containers/<id>/   pinned namespaces, pod files, image volumes
+      sockets/                      monitors' start and attach sockets
+      trash/                        as above
 
-Rules: every record is written to a temp file in the same directory, fsynced,
-renamed over the old one, and the directory fsynced; a reader sees the old or
-the new record, never a torn one. Digests are validated (``validate_digest``)
+Rules: every record is written to a temp file in the same directory and renamed
+over the old one; a reader sees the old or the new record, never a torn one.
+Image content and image records are fsynced (with their directory) before the
+rename; container and sandbox records and exit files are not: they describe
+processes that do not outlive a power loss either, and recovery settles them. Digests are validated (``validate_digest``)
 before they become path components. Directories that hold state are 0700.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
+import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -120,3 +131,92 @@ def flock(path: str, shared: bool = False) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+
+class Trash:
+    """Directory trees deleted off the caller's path.
+
+    ``put`` renames a tree into ``<base>/trash/`` (one atomic rename: from then on
+    it is gone for every reader) and a background thread deletes it. Deleting a
+    container's writable layer and records costs a millisecond or more on a disk
+    that discards freed blocks synchronously; nobody needs to wait for that.
+    Trees left by a process that died before the thread finished are deleted by
+    the next Trash on the same base; at interpreter exit the queue is drained for
+    up to ``EXIT_DRAIN_S`` seconds. One thread serves every Trash of the process.
+    """
+
+    EXIT_DRAIN_S = 5.0
+
+    def __init__(self, base: str) -> None:
+        self.dir = makedirs(os.path.join(base, "trash"), 0o700)
+        leftovers = [os.path.join(self.dir, n) for n in os.listdir(self.dir)]
+        if leftovers:
+            _deleter.enqueue(leftovers)
+
+    def put(self, path: str) -> None:
+        """Take ``path`` (a directory on the base's filesystem) away now; delete it
+        soon. A missing path is fine; across filesystems it is deleted right here."""
+        dest = os.path.join(self.dir, f"{os.path.basename(path)}.{os.urandom(4).hex()}")
+        try:
+            os.rename(path, dest)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno.EXDEV:
+                raise
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        _deleter.enqueue([dest])
+
+    @staticmethod
+    def drain(timeout: float | None = None) -> bool:
+        """Wait until everything put so far (by any Trash) is deleted; False on timeout."""
+        return _deleter.drain(timeout)
+
+
+class _Deleter:
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._queue: list[str] = []
+        self._busy = False
+        self._thread: threading.Thread | None = None
+
+    def enqueue(self, paths: list[str]) -> None:
+        with self._cv:
+            self._queue.extend(paths)
+            if self._thread is None or not self._thread.is_alive():
+                # (a forked child inherits the flag but not the thread)
+                self._thread = threading.Thread(target=self._run, name="pycri-trash",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def drain(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cv:
+            while self._queue or self._busy:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+                while not self._queue:
+                    self._cv.wait()
+                path = self._queue.pop(0)
+                self._busy = True
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_deleter = _Deleter()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    _deleter.drain(Trash.EXIT_DRAIN_S)

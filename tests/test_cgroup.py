@@ -358,7 +358,7 @@ V2_FILES = {
 class FakeV2Manager(CgroupManager):
     """Files only: mkdir also lays down the files a cgroup2 dir would hold."""
 
-    def _mkdirs(self, key, leaf, created):  # type: ignore[no-untyped-def]
+    def _mkdirs(self, key, leaf, created, devices=False):  # type: ignore[no-untyped-def]
         root = self.hierarchy.v2_root
         cur = root
         for part in os.path.relpath(leaf, root).split("/"):

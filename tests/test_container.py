@@ -149,10 +149,15 @@ def test_lifecycle_exec_stop_remove(env):
     st = c.status()
     assert st.state == "exited" and st.exit_code == 137 and st.finished_at_ns >= st.started_at_ns
     assert rt.cgroups().container(sb.id, c.id).pids() == []
+    exit_file = os.path.join(c.record_dir, "exit.json")
+    assert os.path.exists(exit_file)    # the monitor's account, in the persistent root
     c.remove()
     c.remove()  # idempotent
     with pytest.raises(NotFoundError):
         rt.container(c.id)
+    assert not os.path.exists(c.record_dir) and not os.path.exists(c.state_dir)
+    assert rt.trash.drain(10) and rt.state_trash.drain(10)
+    assert os.listdir(rt.trash.dir) == [] and os.listdir(rt.state_trash.dir) == []
     sb.remove()
 
 
