@@ -314,7 +314,10 @@ static int setup_dev(const struct pycri__plan *plan, int rootfd, struct pycri__c
     int shm cleanup_fd = openat(dev, "shm", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (shm < 0)
         return fail_at(ce, PYCRI_STAGE_MOUNT, "open", "/dev/shm");
-    if (s->shm_path) {
+    if (plan->um && plan->um->shm >= 0) {
+        if (pycri__userns_attach(plan->um->shm, shm, 0, 0, PYCRI_PROP_PRIVATE) < 0)
+            return fail_at(ce, PYCRI_STAGE_MOUNT, "attach /dev/shm from", s->shm_path);
+    } else if (s->shm_path) {
         int src cleanup_fd = open(s->shm_path, O_PATH | O_DIRECTORY | O_CLOEXEC);
         if (src < 0 || bind_fd(src, shm, 0, 0, 0, 0, PYCRI_PROP_PRIVATE) < 0)
             return fail_at(ce, PYCRI_STAGE_MOUNT, "bind /dev/shm from", s->shm_path);
@@ -346,13 +349,14 @@ static int declared_under(const char *path, const char *dir) {
     return strncmp(path, dir, n) == 0 && (path[n] == '\0' || path[n] == '/');
 }
 
-static int do_bind(int rootfd, const char *source, const char *target, int ro, int rro,
+/* tree: a detached mount of source prepared before the clone (userns.c), or -1 */
+static int do_bind(int rootfd, const char *source, int tree, const char *target, int ro, int rro,
                    int nonrec, int prop, struct pycri__cerr *ce) {
-    int src cleanup_fd = open(source, O_PATH | O_CLOEXEC);
-    if (src < 0)
+    int src cleanup_fd = tree >= 0 ? -1 : open(source, O_PATH | O_CLOEXEC);
+    if (src < 0 && tree < 0)
         return fail_at(ce, PYCRI_STAGE_MOUNT, "open bind source", source);
     struct stat st;
-    if (fstat(src, &st) < 0)
+    if (fstat(tree >= 0 ? tree : src, &st) < 0)
         return fail_at(ce, PYCRI_STAGE_MOUNT, "fstat", source);
     int t cleanup_fd = inroot_target(rootfd, target, S_ISDIR(st.st_mode));
     if (t < 0)
@@ -366,6 +370,11 @@ static int do_bind(int rootfd, const char *source, const char *target, int ro, i
         !declared_under(target, "proc") && !declared_under(target, "sys")) {
         errno = EPERM;
         return fail_at(ce, PYCRI_STAGE_MOUNT, "bind target resolves into /proc or /sys:", target);
+    }
+    if (tree >= 0) {
+        if (pycri__userns_attach(tree, t, ro, rro, prop) < 0)
+            return fail_at(ce, PYCRI_STAGE_MOUNT, "bind mount onto", target);
+        return 0;
     }
     if (prop != PYCRI_PROP_RSHARED) {
         if (bind_fd(src, t, !nonrec, ro, rro, 0, prop) < 0)
@@ -448,7 +457,11 @@ int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls
         if (mount(NULL, plan->rootfs_parent, NULL, MS_PRIVATE, NULL) < 0)
             return fail_at(ce, PYCRI_STAGE_ROOTFS, "make private", plan->rootfs_parent);
     }
-    if (s->overlay_lower) {
+    int rootfd cleanup_fd = -1;
+    if (plan->um) {
+        if ((rootfd = pycri__userns_attach_rootfs(plan, ce)) < 0)
+            return -1;
+    } else if (s->overlay_lower) {
         if (mount("overlay", s->rootfs, "overlay", 0, plan->overlay_opts) < 0)
             return fail_at(ce, PYCRI_STAGE_ROOTFS, "mount overlay at", s->rootfs);
     } else if (mount(s->rootfs, s->rootfs, NULL, MS_BIND | MS_REC, NULL) < 0) {
@@ -457,7 +470,8 @@ int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls
     /* a self-bind of a shared mount joins its peer group: pivot_root refuses shared */
     if (plan->rootfs_parent[0] && mount(NULL, s->rootfs, NULL, MS_PRIVATE, NULL) < 0)
         return fail_at(ce, PYCRI_STAGE_ROOTFS, "make private", s->rootfs);
-    int rootfd cleanup_fd = open(s->rootfs, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (rootfd < 0)
+        rootfd = open(s->rootfs, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (rootfd < 0)
         return fail_at(ce, PYCRI_STAGE_ROOTFS, "open", s->rootfs);
 
@@ -500,15 +514,16 @@ int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls
 
     for (int i = 0; i < s->n_binds; i++) {
         const struct pycri_bind *b = &s->binds[i];
-        if (do_bind(rootfd, b->source, b->target, b->readonly, b->recursive_readonly,
-                    b->nonrecursive, b->propagation, ce) < 0)
+        if (do_bind(rootfd, b->source, plan->um ? plan->um->binds[i] : -1, b->target,
+                    b->readonly, b->recursive_readonly, b->nonrecursive, b->propagation, ce) < 0)
             return -1;
     }
     const char *etc_src[3] = {s->etc_hostname, s->etc_hosts, s->etc_resolv};
     static const char *const etc_dst[3] = {"/etc/hostname", "/etc/hosts", "/etc/resolv.conf"};
     for (int i = 0; i < 3; i++)
         if (etc_src[i] &&
-            do_bind(rootfd, etc_src[i], etc_dst[i], 0, 0, 1, PYCRI_PROP_PRIVATE, ce) < 0)
+            do_bind(rootfd, etc_src[i], plan->um ? plan->um->etc[i] : -1, etc_dst[i], 0, 0, 1,
+                    PYCRI_PROP_PRIVATE, ce) < 0)
             return -1;
 
     if (mask_paths(plan, rootfd, ce) < 0)

@@ -417,8 +417,9 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
  * held open here (its caller would wait for our exec to see its EOF). */
 static void close_unneeded_fds(const struct pycri__plan *plan) {
     const struct pycri_spawn_spec *s = plan->spec;
-    int keep[1024 + 16 + PYCRI_MAX_CGROUPS];
+    int keep[1024 + 16 + PYCRI_MAX_CGROUPS + 8 + PYCRI_USERNS_MAX_BINDS];
     int n = 0;
+    n += pycri__userns_keep_fds(plan, keep, 8 + PYCRI_USERNS_MAX_BINDS);
     keep[n++] = plan->sock;
     keep[n++] = plan->start_rd;
     keep[n++] = plan->devnull;
@@ -495,6 +496,8 @@ static __attribute__((noreturn)) void child_main(struct pycri__plan *plan, int t
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
         if (k != PYCRI_NS_USER && plan->ns_fd[k] >= 0 && setns(plan->ns_fd[k], ns_flag[k]) < 0)
             CFAIL(PYCRI_STAGE_NAMESPACE, "setns", ns_name[k]);
+    if (plan->um && pycri__userns_enter_rootfs(plan, &ce) < 0)
+        die(plan, &ce);
     if (plan->ns_fd[PYCRI_NS_USER] >= 0 &&
         setns(plan->ns_fd[PYCRI_NS_USER], ns_flag[PYCRI_NS_USER]) < 0)
         CFAIL(PYCRI_STAGE_NAMESPACE, "setns", ns_name[PYCRI_NS_USER]);
@@ -877,6 +880,7 @@ static void close_plan(struct pycri__plan *plan, char *sysctl_buf) {
             close(plan->ns_fd[k]);
     if (plan->devnull >= 0)
         close(plan->devnull);
+    pycri__userns_release(plan);
     free(sysctl_buf);
 }
 
@@ -981,6 +985,8 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
         rc = prepare_sysctls(s, &sysctl_buf, &plan.n_sysctl, err);
     if (rc == 0)
         place_cgroups(s, &plan);
+    if (rc == 0)
+        rc = pycri__userns_prepare(s, &plan, err);
     plan.sysctl_buf = sysctl_buf;
     int sv[2] = {-1, -1}, startp[2] = {-1, -1};
     if (rc == 0 && socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) < 0)

@@ -5,6 +5,17 @@
 #include "internal.h"
 
 #define PYCRI_MAX_CGROUPS 32
+#define PYCRI_USERNS_MAX_BINDS 256
+
+/* Detached mount trees prepared by the host's root for a container that joins a
+ * user namespace (userns.c); -1 where there is none. */
+struct pycri__userns_mounts {
+    int rootfs;                    /* the overlay (id-mapped layers) or the rootfs clone */
+    int shm;                       /* clone of spec->shm_path */
+    int etc[3];                    /* clones of etc_hostname, etc_hosts, etc_resolv */
+    int n_binds;
+    int binds[];                   /* clone of binds[i].source */
+};
 
 /* A failure in the child: sent to the parent as is. */
 struct pycri__cerr {
@@ -35,6 +46,7 @@ struct pycri__plan {
     int cg_tasks_fd[PYCRI_MAX_CGROUPS];
     char cg_by_parent[PYCRI_MAX_CGROUPS];
     int cg_v2_fd, cg_v2_index;
+    struct pycri__userns_mounts *um;  /* joining a user namespace with a rootfs, else NULL */
 };
 
 /* Child-side helpers (async-signal-safe). */
@@ -53,6 +65,15 @@ int pycri__inroot_mkdirs(int rootfd, const char *path, int mode);
  * *sysctls_done is set. 0 or -1 with ce set. */
 int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls_done,
                        struct pycri__cerr *ce);
+/* userns.c: host side (before clone) and child side of the prepared mounts. */
+int pycri__userns_prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
+                          struct pycri_error *err);
+void pycri__userns_release(struct pycri__plan *plan);
+int pycri__userns_keep_fds(const struct pycri__plan *plan, int *keep, int room);
+int pycri__userns_attach(int tree, int tfd, int ro, int rro, int prop);
+int pycri__userns_enter_rootfs(const struct pycri__plan *plan, struct pycri__cerr *ce);
+int pycri__userns_attach_rootfs(const struct pycri__plan *plan, struct pycri__cerr *ce);
+
 int pycri__write_sysctls(const struct pycri__plan *plan, int procfd, struct pycri__cerr *ce);
 
 #endif

@@ -194,6 +194,12 @@ class BindMount:
     recursive_readonly: bool = False
     recursive: bool = True
     propagation: str = "private"  # private | rslave | rshared
+    # joining a user namespace: "none", "auto" (id-mapped where the source's
+    # filesystem allows it) or "require"
+    idmap: str = "none"
+
+
+IDMAP = {"none": 0, "auto": 1, "require": 2}
 
 
 @dataclass
@@ -417,6 +423,7 @@ def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
         binds[i].recursive_readonly = int(m.recursive_readonly)
         binds[i].nonrecursive = int(not m.recursive)
         binds[i].propagation = PROPAGATION[m.propagation]
+        binds[i].idmap = IDMAP[m.idmap]
     c.binds, c.n_binds = binds, len(spec.binds)
     c.masked_paths = b.strv(spec.masked_paths)
     c.readonly_paths = b.strv(spec.readonly_paths)
@@ -461,6 +468,14 @@ def mount_overlay(target: str, lower: list[str], upper: str | None = None,
     _check(lib.pycri_mount_overlay(os.fsencode(target), os.fsencode(":".join(lower)),
                                    os.fsencode(upper) if upper else ffi.NULL,
                                    os.fsencode(work) if work else ffi.NULL, err), err, target)
+
+
+def mount_overlay_idmapped(target: str, lower: list[str], userns_path: str) -> None:
+    """A read-only overlay of ``lower`` (top first) at target, every layer id-mapped to
+    the user namespace pinned at ``userns_path``."""
+    err = _new_err()
+    _check(lib.pycri_mount_overlay_idmapped(os.fsencode(target), os.fsencode(":".join(lower)),
+                                            os.fsencode(userns_path), err), err, target)
 
 
 def mount_unmount(target: str) -> None:
@@ -687,8 +702,14 @@ PIN_UTS = 4
 
 
 def ns_pin(kinds: int, net: str | None, ipc: str | None, uts: str | None,
-           hostname: str = "", sysctls: dict[str, str] | None = None) -> None:
-    """Create and pin new namespaces onto the given (existing, empty) files."""
+           hostname: str = "", sysctls: dict[str, str] | None = None,
+           user: str | None = None,
+           idmap: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None) -> None:
+    """Create and pin new namespaces onto the given (existing, empty) files.
+
+    With ``user`` (a file) and ``idmap`` ((inside, outside, count) for uids, then
+    gids): a new user namespace is made and pinned first, and the other namespaces
+    are made inside it, so it owns them."""
     from pycri.config import sysctl_namespace
 
     err = _new_err()
@@ -700,8 +721,16 @@ def ns_pin(kinds: int, net: str | None, ipc: str | None, uts: str | None,
     def c(s: str | None):  # type: ignore[no-untyped-def]
         return s.encode() if s else ffi.NULL
 
-    _check(lib.pycri_ns_pin(kinds, c(net), c(ipc), c(uts), hostname.encode(),
-                            blob or ffi.NULL, len(items), err), err)
+    if user is None:
+        _check(lib.pycri_ns_pin(kinds, c(net), c(ipc), c(uts), hostname.encode(),
+                                blob or ffi.NULL, len(items), err), err)
+        return
+    if idmap is None:
+        raise ValueError("a pinned user namespace needs its id maps")
+    m = ffi.new("struct pycri_idmap *")
+    (m.uid_inside, m.uid_outside, m.uid_count), (m.gid_inside, m.gid_outside, m.gid_count) = idmap
+    _check(lib.pycri_ns_pin_userns(user.encode(), m, kinds, c(net), c(ipc), c(uts),
+                                   hostname.encode(), blob or ffi.NULL, len(items), err), err)
 
 
 def ns_unpin(path: str) -> None:
@@ -901,7 +930,8 @@ def _spec_from_struct(c) -> SpawnSpec:  # type: ignore[no-untyped-def]
         etc_hostname=s(c.etc_hostname), etc_hosts=s(c.etc_hosts), etc_resolv=s(c.etc_resolv),
         binds=[BindMount(s(b.source) or "", s(b.target) or "", readonly=bool(b.readonly),
                          recursive_readonly=bool(b.recursive_readonly),
-                         recursive=not b.nonrecursive, propagation=prop[b.propagation])
+                         recursive=not b.nonrecursive, propagation=prop[b.propagation],
+                         idmap={v: k for k, v in IDMAP.items()}.get(b.idmap, "none"))
                for b in (c.binds[i] for i in range(c.n_binds))],
         masked_paths=strv(c.masked_paths), readonly_paths=strv(c.readonly_paths),
         start_wait=bool(c.start_wait),

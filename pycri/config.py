@@ -166,8 +166,20 @@ class Mount:
     propagation: str = "private"
     image: str = ""
     sub_path: str = ""
+    # id-mapped mount (CRI Mount.uidMappings/gidMappings): both or neither, one mapping
+    # each, equal to the pod's user namespace. Without them a bind into a pod with a
+    # user namespace is id-mapped where the source's filesystem allows it.
+    uid_mappings: tuple[IDMapping, ...] = ()
+    gid_mappings: tuple[IDMapping, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.uid_mappings or self.gid_mappings:
+            try:  # the same rules as the pod's
+                UserNamespace(tuple(self.uid_mappings), tuple(self.gid_mappings))
+            except InvalidArgumentError as e:
+                raise _bad(f"id-mapped mount at {self.container_path!r}: {e}") from None
+            object.__setattr__(self, "uid_mappings", tuple(self.uid_mappings))
+            object.__setattr__(self, "gid_mappings", tuple(self.gid_mappings))
         cp = self.container_path
         if not isinstance(cp, str) or not cp.startswith("/") or "\0" in cp:
             raise _bad(f"mount target {cp!r} must be an absolute path")

@@ -23,7 +23,6 @@ import contextlib
 import os
 import secrets
 import select
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -381,10 +380,10 @@ class Container:
         layer_dirs = rt.images.layer_dirs(image)
         icfg = image.config
         store.makedirs(self.state_dir)
-        # The writable layer and the rootfs mount point live under <root> (0711 all the
-        # way down), so a container's mapped root in a user namespace can reach them.
-        os.chmod(self.record_dir, 0o711)
-        fs = store.makedirs(os.path.join(self.record_dir, "fs"), 0o711)
+        # The writable layer and the rootfs mount point. In a user namespace the host's
+        # root reaches them for the container (csrc/userns.c): no mode here has to let
+        # the mapped root through.
+        fs = store.makedirs(os.path.join(self.record_dir, "fs"), 0o700)
         upper = store.makedirs(os.path.join(fs, "upper"), 0o755)
         work = store.makedirs(os.path.join(fs, "work"), 0o700)
         rootfs = store.makedirs(os.path.join(fs, "rootfs"), 0o755)
@@ -419,23 +418,25 @@ class Container:
                     "the container wants the pod's pid namespace but the pod was created "
                     "without one (SandboxConfig.pid)")
             namespaces["pid"] = shared
-        uid_map = gid_map = None
+        idmaps: list[str] = ["none"] * len(config.mounts)
         if userns:
-            namespaces["user"] = "new"
+            namespaces["user"] = _userns_join(sandbox, sb_cfg, config, user)
             u, g = userns["uids"][0], userns["gids"][0]
-            uid_map = (u["container_id"], u["host_id"], u["length"])
-            gid_map = (g["container_id"], g["host_id"], g["length"])
-            # the container's root owns its writable layer
+            # The image layers are id-mapped to the pod's user namespace (csrc/userns.c);
+            # the writable layer is plain and owned by the mapped root, so what the
+            # container writes is stored on the host under the mapped ids.
             for d in (upper, work, rootfs):
                 os.chown(d, u["host_id"], g["host_id"])
-            _precreate_targets(upper, config)
+            idmaps = [_bind_idmap(m, userns) for m in config.mounts]
+        elif any(m.uid_mappings for m in config.mounts):
+            raise InvalidArgumentError("a mount with id mappings needs a pod with a user namespace")
 
         binds = []
         for i, m in enumerate(config.mounts):
             source = self._image_volume(rec, i, m) if m.image else m.host_path
             binds.append(_native.BindMount(source, m.container_path, readonly=m.readonly,
                                            recursive_readonly=m.recursive_readonly,
-                                           propagation=m.propagation))
+                                           propagation=m.propagation, idmap=idmaps[i]))
         if "image_volumes" in rec:
             # image GC must see the volume images' layers as in use from now on
             self._write(rec)
@@ -481,7 +482,7 @@ class Container:
                 seccomp_bpf=seccomp,
                 oom_score_adj=config.oom_score_adj if config.oom_score_adj > 0 else None,
                 stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd, tty_fd=tty_fd,
-                namespaces=namespaces, uid_map=uid_map, gid_map=gid_map,
+                namespaces=namespaces,
                 cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
                 overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
                 mount_sys=True, shm_path=sandbox.shm_path,
@@ -515,8 +516,12 @@ class Container:
             raise InvalidArgumentError(
                 f"image volume {m.image!r}: sub_path {m.sub_path!r} does not exist in the image")
         target = store.makedirs(self._path(f"image-volume-{index}"), 0o755)
+        userns = self.runtime.sandbox(rec["sandbox_id"]).user_namespace()
         try:
-            _native.mount_overlay(target, layer_dirs)
+            if userns:  # the image's owners, as in the rootfs (csrc/userns.c)
+                _native.mount_overlay_idmapped(target, layer_dirs, userns)
+            else:
+                _native.mount_overlay(target, layer_dirs)
         except OSError as e:
             raise RuntimeFailure(f"image volume {m.image!r}: {e.strerror or e}",
                                  stage="mount") from e
@@ -848,24 +853,39 @@ class Container:
 # -- helpers -------------------------------------------------------------------------
 
 
-def _precreate_targets(upper: str, config: ContainerConfig) -> None:
-    """In a user namespace the container's root cannot create mount points in image
-    directories it does not own, so make them in the writable layer beforehand
-    (an upper dir merges with the lower one of the same name)."""
-    dirs = ["proc", "sys", "dev", "etc"]
-    files = ["etc/hostname", "etc/hosts", "etc/resolv.conf"]
-    for m in config.mounts:
-        target = m.container_path.lstrip("/")
-        source_is_dir = bool(m.image) or os.path.isdir(m.host_path)
-        (dirs if source_is_dir else files).append(target)
-    for d in dirs:
-        os.makedirs(os.path.join(upper, d), 0o755, exist_ok=True)
-    for f in files:
-        path = os.path.join(upper, f)
-        os.makedirs(os.path.dirname(path), 0o755, exist_ok=True)
-        if not os.path.lexists(path):
-            with open(path, "w"):
-                pass
+def _userns_join(sandbox: Sandbox, sb_cfg: dict[str, Any], config: ContainerConfig,
+                 user: users.User) -> str:
+    """The pod's pinned user namespace for a new container, after checking that the
+    container's ids exist in it."""
+    path = sandbox.user_namespace()
+    if path is None:
+        raise InvalidStateError(
+            f"sandbox {sandbox.id[:12]} has a user namespace in its config but none pinned "
+            "(made by an older pycri?): recreate the pod")
+    userns = sb_cfg["user_namespace"]
+    users.check_mapped(user, userns["uids"][0]["length"], userns["gids"][0]["length"])
+    if any(m.propagation == "rshared" for m in config.mounts):
+        raise InvalidArgumentError(
+            "rshared (bidirectional) mount propagation cannot reach the host from a pod with a "
+            "user namespace")
+    return path
+
+
+def _bind_idmap(m: Any, userns: dict[str, Any]) -> str:
+    """How a bind into a user-namespace pod is id-mapped: as the mount asks (its
+    mappings must be the pod's), else wherever the source's filesystem allows it."""
+    if not m.uid_mappings:
+        return "auto"
+    for kind, maps in (("uid", m.uid_mappings), ("gid", m.gid_mappings)):
+        pod = userns[f"{kind}s"][0]
+        mine = maps[0]
+        if (mine.container_id, mine.host_id, mine.length) != \
+                (pod["container_id"], pod["host_id"], pod["length"]):
+            raise InvalidArgumentError(
+                f"mount {m.container_path}: its {kind} mapping {mine.container_id}:"
+                f"{mine.host_id}:{mine.length} differs from the pod's user namespace "
+                f"({pod['container_id']}:{pod['host_id']}:{pod['length']})")
+    return "require"
 
 
 def _image_dir_exists(layer_dirs: list[str], path: str) -> bool:

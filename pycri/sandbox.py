@@ -1,10 +1,18 @@
 """Sandboxes (pods): shared namespaces, a pod cgroup, network, hostname and DNS.
 
-A sandbox needs no infra process: its network, IPC and UTS namespaces are
-pinned to files in its state dir (csrc/ns.c) and containers join them. Its
-record lives in ``<root>/sandboxes/<id>/record.json``; the pins, CNI result and
-the hostname/hosts/resolv.conf files its containers mount live in
+A sandbox's network, IPC and UTS namespaces are pinned to files in its state
+dir (csrc/ns.c) and containers join them; only a pod whose containers share a
+pid namespace has a process, its pid 1 (pycri-pause). Its record lives in
+``<root>/sandboxes/<id>/record.json``; the pins, CNI result and the
+hostname/hosts/resolv.conf files its containers mount live in
 ``<state>/sandboxes/<id>/``.
+
+User namespace (SandboxConfig.user_namespace): the pod gets one, pinned like the
+others (``userns``) and made first, so it owns the pod's net, IPC and UTS
+namespaces and the pid namespace of pycri-pause, which starts inside it. Every
+container joins it, so they all share one mapping, and its root may mount /proc,
+sysfs and mqueue for the pod's namespaces. The pod's sysctls are written by that
+root; /dev/shm and the /etc files belong to the mapped root.
 
 Every verb takes the sandbox's lock, re-reads the record, acts, and writes the
 new state atomically. Stop and remove are idempotent. A sandbox left in
@@ -162,30 +170,31 @@ class Sandbox:
             kinds |= _native.PIN_NET | _native.PIN_UTS
         if config.ipc != NODE:
             kinds |= _native.PIN_IPC
-        paths: dict[str, str | None] = {"net": None, "ipc": None, "uts": None}
+        paths: dict[str, str | None] = {"net": None, "ipc": None, "uts": None, "user": None}
+        userns = config.user_namespace
         for kind, bit in (("net", _native.PIN_NET), ("ipc", _native.PIN_IPC),
-                          ("uts", _native.PIN_UTS)):
-            if kinds & bit:
+                          ("uts", _native.PIN_UTS), ("user", 0)):
+            if kinds & bit or (kind == "user" and userns):
                 p = self.ns_path(kind)
                 with open(p, "w"):
                     pass
                 paths[kind] = p
         hostname = config.hostname or (config.name if config.network != NODE else os.uname().nodename)
         hostname = hostname[:63]
-        if kinds:
+        if kinds or userns:
+            idmap = None
+            if userns:
+                u, g = userns.uids[0], userns.gids[0]
+                idmap = ((u.container_id, u.host_id, u.length),
+                         (g.container_id, g.host_id, g.length))
             try:
                 _native.ns_pin(kinds, paths["net"], paths["ipc"], paths["uts"], hostname,
-                               dict(config.sysctls))
+                               dict(config.sysctls), user=paths["user"], idmap=idmap)
             except OSError as e:
                 raise RuntimeFailure(f"sandbox namespaces: {e.strerror}", stage="namespaces",
                                      errno=e.errno or 0) from e
-        rec.update(netns=bool(paths["net"]), ipcns=bool(paths["ipc"]), utsns=bool(paths["uts"]))
-        if config.user_namespace:
-            # files the containers mount must be reachable by their mapped root: the
-            # state dir is 0700, so they go under the traversable root instead
-            os.chmod(self.record_dir, 0o711)
-            rec["files_dir"] = store.makedirs(os.path.join(self.record_dir, "files"), 0o711)
-            os.chmod(rec["files_dir"], 0o711)
+        rec.update(netns=bool(paths["net"]), ipcns=bool(paths["ipc"]), utsns=bool(paths["uts"]),
+                   userns=bool(paths["user"]))
         self._write(rec)
         if paths["ipc"]:
             # the pod's /dev/shm: one tmpfs its containers share, as they share IPC
@@ -195,6 +204,8 @@ class Sandbox:
             except OSError as e:
                 raise RuntimeFailure(f"sandbox /dev/shm: {e.strerror}", stage="shm") from e
             rec["shm"] = True
+            if userns:
+                os.chown(shm, *_mapped_root(config))
         self._write(rec)
         rt.cgroups(rec["cgroup_parent"]).create_pod(self.id)
         if config.pid == POD:
@@ -215,7 +226,7 @@ class Sandbox:
         of them: a tiny reaper (pycri-pause) in a new pid namespace."""
         pause = os.path.join(os.path.dirname(os.path.abspath(_native.__file__)), "pycri-pause")
         namespaces = {"pid": "new", "mnt": "host"}
-        for kind in ("net", "ipc", "uts"):
+        for kind in ("net", "ipc", "uts", "user"):
             namespaces[kind] = paths[kind] or "host"
         spec = _native.SpawnSpec(argv=["pycri-pause"], exec_path=pause, env=[], rootfs=None,
                                  mount_proc=False, mount_sys=False, mount_dev=False,
@@ -277,6 +288,14 @@ class Sandbox:
             except OSError:
                 resolv = b""
         store.atomic_write(os.path.join(d, "resolv.conf"), resolv, 0o644)
+        if config.user_namespace:
+            # root inside may edit them, as in a pod without a user namespace
+            for name in ("hostname", "hosts", "resolv.conf"):
+                os.chown(os.path.join(d, name), *_mapped_root(config))
+
+    def user_namespace(self) -> str | None:
+        """The pinned user namespace of the pod, if it has one."""
+        return self.ns_path("user") if self.record().get("userns") else None
 
     @property
     def files_dir(self) -> str:
@@ -341,7 +360,7 @@ class Sandbox:
             self._teardown_network(rec)
         except PycriError as e:
             errors.append(str(e))
-        for kind in ("net", "ipc", "uts"):
+        for kind in ("net", "ipc", "uts", "user"):
             try:
                 _native.ns_unpin(self.ns_path(kind))
             except OSError as e:
@@ -393,6 +412,12 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+def _mapped_root(config: SandboxConfig) -> tuple[int, int]:
+    """The host uid and gid of root in the pod's user namespace."""
+    assert config.user_namespace is not None
+    return config.user_namespace.uids[0].host_id, config.user_namespace.gids[0].host_id
 
 
 def recover(runtime: Runtime) -> None:

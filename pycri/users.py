@@ -130,3 +130,15 @@ def resolve(layer_dirs: list[str], user: str = "", uid: int | None = None,
                 if g != gid and g not in extra:
                     extra.append(g)
     return User(uid, gid, tuple(extra), pw[5] if pw and pw[5] else "/", name)
+
+
+def check_mapped(user: User, uid_count: int, gid_count: int) -> None:
+    """In a user namespace mapping ids 0..count-1, the process's uid, gid and groups
+    must be mapped (the kernel refuses setresuid/setgroups to unmapped ids)."""
+    if user.uid >= uid_count:
+        raise InvalidArgumentError(
+            f"user id {user.uid} is outside the pod's user namespace (uids 0-{uid_count - 1})")
+    for g in (user.gid, *user.groups):
+        if g >= gid_count:
+            raise InvalidArgumentError(
+                f"group id {g} is outside the pod's user namespace (gids 0-{gid_count - 1})")

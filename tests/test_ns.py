@@ -89,3 +89,59 @@ def test_connect_inside_a_pinned_netns(nsdir):
         _native.ns_connect(nsdir["net"], 7778)
     # the calling thread stayed in the host's network namespace
     assert _native.ns_inode("/proc/thread-self/ns/net") == host_net
+
+
+def _owner_ino(path):
+    """Inode of the user namespace that owns the namespace at path (NS_GET_USERNS)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        owner = fcntl.ioctl(fd, 0xB701)
+        try:
+            return os.fstat(owner).st_ino
+        finally:
+            os.close(owner)
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def usernsdir(nsdir, tmp_path):
+    nsdir["user"] = str(tmp_path / "user")
+    open(nsdir["user"], "w").close()
+    return nsdir
+
+
+MAP = ((0, 400000, 65536), (0, 400000, 65536))
+
+
+def test_pin_in_a_user_namespace_owns_the_others(usernsdir):
+    d = usernsdir
+    _native.ns_pin(_native.PIN_NET | _native.PIN_IPC | _native.PIN_UTS, d["net"], d["ipc"],
+                   d["uts"], "podhost", {"kernel.shmmni": "777", "kernel.domainname": "dom",
+                                         "net.ipv4.ip_unprivileged_port_start": "82"},
+                   user=d["user"], idmap=MAP)
+    user = _native.ns_inode(d["user"])
+    assert user != _native.ns_inode("/proc/self/ns/user")
+    for kind in ("net", "ipc", "uts"):
+        assert _owner_ino(d[kind]) == user, kind
+    out = subprocess.run(
+        ["nsenter", f"--user={d['user']}", f"--net={d['net']}", f"--ipc={d['ipc']}",
+         f"--uts={d['uts']}", "sh", "-c",
+         "cat /proc/self/uid_map /proc/self/gid_map; hostname; domainname; "
+         "cat /proc/sys/kernel/shmmni /proc/sys/net/ipv4/ip_unprivileged_port_start"],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "400000", "65536", "0", "400000", "65536", "podhost", "dom", "777", "82"]
+
+
+def test_pin_in_a_user_namespace_failure_leaves_no_pin(usernsdir):
+    d = usernsdir
+    with pytest.raises(OSError, match="sysctl"):
+        _native.ns_pin(_native.PIN_NET, d["net"], None, None, "",
+                       {"net.ipv4.no_such_knob": "1"}, user=d["user"], idmap=MAP)
+    assert not mounts_under(os.path.dirname(d["net"]))
+    with pytest.raises(OSError, match="id maps"):  # a host id range the kernel refuses
+        _native.ns_pin(_native.PIN_NET, d["net"], None, None, "", user=d["user"],
+                       idmap=((0, 2**32 - 10, 65536), (0, 400000, 65536)))
+    assert not mounts_under(os.path.dirname(d["net"]))

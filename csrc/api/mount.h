@@ -9,5 +9,10 @@
 int pycri_mount_overlay(const char *target, const char *lower, const char *upper,
                         const char *work, struct pycri_error *err);
 
+/* The same, read-only (no upper), with every layer id-mapped to the user namespace
+ * at userns_path (a pod's): what a user-namespaced pod mounts as an image volume. */
+int pycri_mount_overlay_idmapped(const char *target, const char *lower, const char *userns_path,
+                                 struct pycri_error *err);
+
 /* Lazily unmount target (MNT_DETACH, not following a final symlink). */
 int pycri_mount_unmount(const char *target, struct pycri_error *err);

@@ -13,6 +13,22 @@ int pycri_ns_pin(int kinds, const char *net_path, const char *ipc_path, const ch
                  const char *hostname, const char *sysctls, int nsysctls,
                  struct pycri_error *err);
 
+/* One uid and one gid mapping of a user namespace (inside, outside, count). */
+struct pycri_idmap {
+    unsigned int uid_inside, uid_outside, uid_count;
+    unsigned int gid_inside, gid_outside, gid_count;
+};
+
+/* Like pycri_ns_pin, but first a new user namespace with `map`, pinned at
+ * user_path; the other namespaces are created from inside it (so it owns them),
+ * and hostname, lo and the sysctls are set there by its root (uid 0 inside), so
+ * the kernel's rules for what that root may change apply. The parent writes the
+ * maps and makes the pins. On failure nothing stays pinned. */
+int pycri_ns_pin_userns(const char *user_path, const struct pycri_idmap *map, int kinds,
+                        const char *net_path, const char *ipc_path, const char *uts_path,
+                        const char *hostname, const char *sysctls, int nsysctls,
+                        struct pycri_error *err);
+
 /* Detach the mount that pins a namespace and remove the file; missing is not an error. */
 int pycri_ns_unpin(const char *path, struct pycri_error *err);
 

@@ -7,8 +7,9 @@
  * -1, is a process in all of the caller's namespaces, uid/gid 0, no
  * capabilities (bounding set empty) and stdio on /dev/null.
  *
- * Order in the child: enter the v1 cgroups, join namespaces (user first),
- * create the new ones (the cgroup namespace last, once every cgroup of
+ * Order in the child: enter the v1 cgroups, join namespaces (the user
+ * namespace last: the others are joined with the host's privileges), create
+ * the new ones (so a joined user namespace owns them) (the cgroup namespace last, once every cgroup of
  * cgroup_procs is entered and the parent has written the id maps), setresuid(0) in a user namespace, oom_score_adj,
  * mounts (rootfs, /proc, sysctls, /sys, /dev, binds, /etc files, masked and
  * read-only paths, pivot_root), hostname, new session, stdio and kept fds
@@ -22,6 +23,13 @@
  * give all three the same set for root. The process is not dumpable from clone
  * to execve (so not ptraceable and /proc/<pid>/ files stay root's). Signal
  * dispositions are reset to default and the mask cleared at execve.
+ *
+ * Joining a user namespace (a pod's) with a rootfs: the parent, as the host's
+ * root, first makes every mount the child needs as a detached tree (userns.c):
+ * the overlay with its lower layers id-mapped to that user namespace (upper and
+ * work as given: make them owned by the mapped root), the bind sources (id-mapped
+ * per pycri_bind.idmap), shm_path and the /etc files; the child attaches them.
+ * So sources need not be reachable by the mapped root. rshared is refused there.
  *
  * Exec into a running container: ns_mode JOIN with /proc/<pid>/ns/<kind> for
  * every kind (kinds already shared with the caller are skipped), cgroup_procs
@@ -72,6 +80,11 @@
 #define PYCRI_STAGE_EXEC 19
 #define PYCRI_STAGE_START 20
 
+/* pycri_bind.idmap: whether a bind into a joined user namespace is id-mapped to it. */
+#define PYCRI_IDMAP_NONE 0
+#define PYCRI_IDMAP_AUTO 1         /* where the source's filesystem allows it */
+#define PYCRI_IDMAP_REQUIRE 2      /* or fail */
+
 struct pycri_bind {
     const char *source;        /* host path; symlinks resolved on the host; must exist */
     const char *target;        /* path inside the rootfs, resolved in-root; created if missing */
@@ -79,6 +92,7 @@ struct pycri_bind {
     int recursive_readonly;    /* every submount read-only (mount_setattr AT_RECURSIVE) */
     int nonrecursive;          /* plain bind instead of rbind */
     int propagation;           /* PYCRI_PROP_* */
+    int idmap;                 /* PYCRI_IDMAP_*; only when joining a user namespace */
 };
 
 struct pycri_rlimit {

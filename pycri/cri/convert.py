@@ -196,10 +196,7 @@ def _user_namespace(opts: api_pb2.UserNamespace) -> UserNamespace | None:
     if opts.mode != api_pb2.POD:
         raise InvalidArgumentError("user namespace mode must be NODE or POD")
 
-    def maps(ms: Iterable[api_pb2.IDMapping]) -> tuple[IDMapping, ...]:
-        return tuple(IDMapping(m.container_id, m.host_id, m.length) for m in ms)
-
-    return UserNamespace(uids=maps(opts.uids), gids=maps(opts.gids))
+    return UserNamespace(uids=_idmaps(opts.uids), gids=_idmaps(opts.gids))
 
 
 def sandbox_config(cfg: api_pb2.PodSandboxConfig, runtime_handler: str = "") -> SandboxConfig:
@@ -332,9 +329,15 @@ def resources(r: api_pb2.LinuxContainerResources) -> Resources:
         unified=dict(r.unified))
 
 
+def _idmaps(ms: Iterable[api_pb2.IDMapping]) -> tuple[IDMapping, ...]:
+    return tuple(IDMapping(m.container_id, m.host_id, m.length) for m in ms)
+
+
 def mount(m: api_pb2.Mount) -> Mount:
-    if m.uidMappings or m.gidMappings:
-        raise InvalidArgumentError("id-mapped mounts are not supported")
+    """CRI Mount -> Mount. uidMappings/gidMappings ask for an id-mapped mount; kubelet
+    sends the pod's own mappings (checked against the pod when the container is made)."""
+    if m.image.image and (m.uidMappings or m.gidMappings):
+        raise InvalidArgumentError("an image volume cannot have id mappings")
     if m.propagation not in _PROPAGATION:
         raise InvalidArgumentError(f"mount propagation {m.propagation} is not known")
     if m.image.image:  # an image volume: the image's files, read-only
@@ -343,7 +346,8 @@ def mount(m: api_pb2.Mount) -> Mount:
                      propagation=_PROPAGATION[m.propagation])
     return Mount(container_path=m.container_path, host_path=m.host_path, readonly=m.readonly,
                  recursive_readonly=m.recursive_read_only,
-                 propagation=_PROPAGATION[m.propagation])
+                 propagation=_PROPAGATION[m.propagation],
+                 uid_mappings=_idmaps(m.uidMappings), gid_mappings=_idmaps(m.gidMappings))
 
 
 def _text(v: str | bytes, what: str) -> str:
@@ -412,6 +416,9 @@ def _mount_to_proto(m: Mount, image_ref: str = "") -> api_pb2.Mount:
     if m.image:
         out.image.CopyFrom(api_pb2.ImageSpec(image=m.image, image_ref=image_ref))
         out.image_sub_path = m.sub_path
+    for field, maps in (("uidMappings", m.uid_mappings), ("gidMappings", m.gid_mappings)):
+        getattr(out, field).extend(api_pb2.IDMapping(host_id=x.host_id, container_id=x.container_id,
+                                                     length=x.length) for x in maps)
     return out
 
 
