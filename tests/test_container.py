@@ -360,7 +360,7 @@ CRASH_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tree!r})
 import pycri
-from pycri import _native, container
+from pycri import _native, container, store
 phase = {phase!r}
 
 def die():
@@ -383,7 +383,7 @@ elif phase == "create-after-launch":
 elif phase == "start-after-release":
     wrap(_native, "launch_start")
 elif phase == "remove-after-cgroup":
-    wrap(container.shutil, "rmtree", before=True)  # the cgroup is gone, the files not yet
+    wrap(store.Trash, "put", before=True)  # the cgroup is gone, the files not yet
 rt = pycri.Runtime(root={root!r}, state={state!r}, cgroup_parent={parent!r})
 sb = rt.sandbox({sb!r})
 if phase.startswith("create"):
