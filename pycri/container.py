@@ -379,15 +379,15 @@ class Container:
         rt = self.runtime
         layer_dirs = rt.images.layer_dirs(image)
         icfg = image.config
-        store.makedirs(self.state_dir)
         # The writable layer and the rootfs mount point. In a user namespace the host's
         # root reaches them for the container (csrc/userns.c): no mode here has to let
         # the mapped root through.
-        fs = store.makedirs(os.path.join(self.record_dir, "fs"), 0o700)
-        upper = store.makedirs(os.path.join(fs, "upper"), 0o755)
-        work = store.makedirs(os.path.join(fs, "work"), 0o700)
-        rootfs = store.makedirs(os.path.join(fs, "rootfs"), 0o755)
-        os.makedirs(os.path.dirname(rec["log_path"]), exist_ok=True)
+        fs = os.path.join(self.record_dir, "fs")
+        upper, work, rootfs = (os.path.join(fs, d) for d in ("upper", "work", "rootfs"))
+        for d, mode in ((fs, 0o700), (upper, 0o755), (work, 0o700), (rootfs, 0o755)):
+            os.mkdir(d, mode)     # a fresh record dir: one mkdir each
+        if os.path.dirname(rec["log_path"]) != self.record_dir:
+            os.makedirs(os.path.dirname(rec["log_path"]), exist_ok=True)
         # The monitor opens the log only once started; the file exists from create on, so
         # a reader right after start (CRI clients do) finds it.
         os.close(os.open(rec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
@@ -485,9 +485,7 @@ class Container:
                 namespaces=namespaces,
                 cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
                 overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
-                mount_sys=True, shm_path=sandbox.shm_path,
-                etc_hostname=sandbox.etc_file("hostname"),
-                etc_hosts=sandbox.etc_file("hosts"), etc_resolv=sandbox.etc_file("resolv.conf"),
+                mount_sys=True, **sandbox.container_files(sb_rec),
                 binds=binds, masked_paths=list(masked), readonly_paths=list(readonly),
                 root_propagation=_root_propagation(config.mounts),
                 start_wait=True,
@@ -515,6 +513,7 @@ class Container:
                 and not _image_dir_exists(layer_dirs, m.sub_path):
             raise InvalidArgumentError(
                 f"image volume {m.image!r}: sub_path {m.sub_path!r} does not exist in the image")
+        store.makedirs(self.state_dir)       # (made only for image volumes)
         target = store.makedirs(self._path(f"image-volume-{index}"), 0o755)
         userns = self.runtime.sandbox(rec["sandbox_id"]).user_namespace()
         try:

@@ -301,16 +301,31 @@ class Sandbox:
     def files_dir(self) -> str:
         """Where the files the pod's containers mount live (hosts, resolv.conf, shm)."""
         try:
-            return str(self.record().get("files_dir") or self.state_dir)
+            return self._files_dir(self.record())
         except NotFoundError:
             return self.state_dir
+
+    def _files_dir(self, rec: dict[str, Any]) -> str:
+        return str(rec.get("files_dir") or self.state_dir)
 
     @property
     def shm_path(self) -> str:
         """What containers mount at /dev/shm: the pod's tmpfs, or the host's."""
-        if not os.path.exists(self.ns_path("ipc")) and not self.record().get("ipcns"):
+        return self._shm_path(self.record())
+
+    def _shm_path(self, rec: dict[str, Any]) -> str:
+        if not rec.get("ipcns") and not os.path.exists(self.ns_path("ipc")):
             return "/dev/shm"
-        return os.path.join(self.files_dir, "shm")
+        return os.path.join(self._files_dir(rec), "shm")
+
+    def container_files(self, rec: dict[str, Any] | None = None) -> dict[str, str]:
+        """What a container of this pod mounts from it (one record read): shm_path,
+        etc_hostname, etc_hosts, etc_resolv (SpawnSpec keywords)."""
+        rec = self.record() if rec is None else rec
+        d = self._files_dir(rec)
+        return {"shm_path": self._shm_path(rec), "etc_hostname": os.path.join(d, "hostname"),
+                "etc_hosts": os.path.join(d, "hosts"),
+                "etc_resolv": os.path.join(d, "resolv.conf")}
 
     def stats(self) -> Any:
         """Usage of the whole pod (its cgroup: every container in it)."""

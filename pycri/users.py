@@ -7,6 +7,7 @@ directories, never following a symlink). A name that is missing is an error.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -85,6 +86,21 @@ def _id(v: str, what: str) -> int:
 def resolve(layer_dirs: list[str], user: str = "", uid: int | None = None,
             username: str = "", gid: int | None = None,
             supplemental: tuple[int, ...] = (), strict: bool = False) -> User:
+    """As _resolve; answers are cached: layer directories are named by their content
+    (chain ids) and never change, so the same question gets the same answer."""
+    return _resolve_cached(tuple(layer_dirs), user, uid, username, gid, tuple(supplemental),
+                           strict)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_cached(layer_dirs: tuple[str, ...], user: str, uid: int | None, username: str,
+                    gid: int | None, supplemental: tuple[int, ...], strict: bool) -> User:
+    return _resolve(list(layer_dirs), user, uid, username, gid, supplemental, strict)
+
+
+def _resolve(layer_dirs: list[str], user: str = "", uid: int | None = None,
+             username: str = "", gid: int | None = None,
+             supplemental: tuple[int, ...] = (), strict: bool = False) -> User:
     """Work out uid, gid and groups. ``uid``/``username``/``gid`` (from the container
     config) win over ``user`` (the image's ``User``, "name[:group]" or "uid[:gid]").
     ``strict`` leaves out the groups the image's /etc/group gives the user (the CRI's
