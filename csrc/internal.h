@@ -40,5 +40,8 @@ static inline int pycri_steal_fd(int *fd) {
  * monitor's command line (monitor_argv + "--adopt" PID) and the monitor's fds at
  * the numbers it names; on any failure it reports and exits. */
 void pycri__launcher(int sock, char *title, int *argc, char ***argv);
+/* The launcher's hold on its container's mount namespace (or -1), which the monitor
+ * keeps open until it exits: see launch.c. */
+extern int pycri__held_mntns;
 
 #endif

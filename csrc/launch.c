@@ -54,6 +54,8 @@ struct launch_report {
     struct pycri_error err;
 };
 
+int pycri__held_mntns = -1;
+
 struct start_reply {
     int ok;
     struct pycri_error err;
@@ -284,12 +286,23 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
         rep.res.stage = sr.stage;
         launcher_fail(sock, &rep);
     }
+    /* Hold the container's mount namespace until this process (the monitor) exits.
+     * Then the container's own exit does not wait for its mounts to be torn down
+     * (~0.3 ms here: every mount, the overlay, an RCU grace period): the monitor
+     * reaps it and writes the exit file first, and the teardown happens as the
+     * monitor exits, after everyone waiting on the exit file has their answer. */
+    if (spec.ns_mode[PYCRI_NS_MNT] == PYCRI_NS_NEW) {
+        char nspath[64];
+        snprintf(nspath, sizeof(nspath), "/proc/%d/ns/mnt", (int)sr.pid);
+        pycri__held_mntns = open(nspath, O_RDONLY | O_CLOEXEC);
+    }
     /* the container's ends (stdio, pty slave, kept fds) are the container's now; the
      * pidfd stays, to notice a held container being killed before start */
-    int keep[MAX_MONITOR_FDS + 4] = {sock, sr.start_fd, sr.report_fd, sr.pidfd};
+    int keep[MAX_MONITOR_FDS + 5] = {sock, sr.start_fd, sr.report_fd, sr.pidfd,
+                                     pycri__held_mntns};
     for (int i = 0; i < req.n_monitor_fds; i++)
-        keep[4 + i] = req.monitor_local[i];
-    close_all_but(keep, 4 + req.n_monitor_fds);
+        keep[5 + i] = req.monitor_local[i];
+    close_all_but(keep, 5 + req.n_monitor_fds);
 
     int lsock = listen_start(start_sock, &rep.err);
     if (lsock < 0) {
@@ -362,6 +375,11 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
             high = req.monitor_local[i];
         if (req.monitor_orig[i] > high)
             high = req.monitor_orig[i];
+    }
+    if (pycri__held_mntns >= 0) { /* out of the way of the numbers below */
+        int moved = fcntl(pycri__held_mntns, F_DUPFD_CLOEXEC, high + MAX_MONITOR_FDS + 2);
+        close(pycri__held_mntns);
+        pycri__held_mntns = moved;
     }
     int lifted[MAX_MONITOR_FDS];
     for (int i = 0; i < req.n_monitor_fds; i++) {
@@ -655,3 +673,4 @@ PYCRI_EXPORT int pycri_launch_start(const char *start_sock, int timeout_ms,
     }
     return 0;
 }
+

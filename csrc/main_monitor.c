@@ -600,10 +600,11 @@ static int cmp_int(const void *a, const void *b) { return *(const int *)a - *(co
 /* Close every inherited fd >= 3 except the ones the command line names: a stray
  * copy of the container's pipe write end would keep us from ever seeing EOF. */
 static void close_stray_fds(void) {
-    int keep[6] = {opt.ready_fd, opt.stdout_fd, opt.stderr_fd, opt.stdin_fd, opt.pty_fd, INT_MAX};
-    qsort(keep, 6, sizeof(int), cmp_int);
+    int keep[7] = {opt.ready_fd, opt.stdout_fd, opt.stderr_fd, opt.stdin_fd, opt.pty_fd,
+                   pycri__held_mntns, INT_MAX};
+    qsort(keep, 7, sizeof(int), cmp_int);
     unsigned int from = 3;
-    for (int i = 0; i < 6; i++) {
+    for (int i = 0; i < 7; i++) {
         if (keep[i] < (int)from)
             continue;
         if (keep[i] > (int)from)

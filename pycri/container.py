@@ -592,11 +592,10 @@ class Container:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(f"container {self.id[:12]} still running")
-                wait_for = 0.05 if left is None else min(0.05, left)
                 if pidfd >= 0:
                     select.select([pidfd], [], [], min(0.5, left) if left is not None else 0.5)
                 else:
-                    time.sleep(wait_for)
+                    time.sleep(0.05 if left is None else min(0.05, left))
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
