@@ -485,8 +485,15 @@ static __attribute__((noreturn)) void child_main(struct pycri__plan *plan, int t
     prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
     if (!two_step) {
-        send_msg(plan->sock, MSG_SETUP, 0, NULL);
-        wait_go(plan);
+        /* the parent has something to do for us only with id maps to write or a
+         * cgroup it must put us in; otherwise skip the round trip */
+        int parent_work = plan->userns_new;
+        for (int i = 0; i < plan->n_cg; i++)
+            parent_work |= plan->cg_by_parent[i];
+        if (parent_work) {
+            send_msg(plan->sock, MSG_SETUP, 0, NULL);
+            wait_go(plan);
+        }
         child_finish(plan);
     }
     /* Joining: every other namespace first, while this process still has the
