@@ -729,19 +729,27 @@ class CgroupManager:
             raise
 
     def _mkdirs(self, key: str, leaf: str, created: list[str], devices: bool = False) -> None:
-        if key != "unified":
-            # Fast path: the parent exists (a container under its pod), so one mkdir.
-            try:
-                os.mkdir(leaf, 0o755)
-            except FileNotFoundError:
-                pass                      # an ancestor is missing: the walk below
-            except FileExistsError:
-                raise AlreadyExistsError(f"cgroup {leaf} already exists") from None
-            else:
-                created.append(leaf)
-                if key == "cpuset":
-                    self._copy_cpuset(os.path.dirname(leaf), leaf, clone_children=not devices)
-                return
+        if key == "unified" and not devices:
+            # a pod: the walk below, then its own subtree_control, so its containers
+            # get the controllers with a single mkdir (the fast path)
+            self._mkdirs_walk(key, leaf, created)
+            self._enable_v2(leaf)
+            return
+        # Fast path: the parent exists (a container under its pod), so one mkdir.
+        try:
+            os.mkdir(leaf, 0o755)
+        except FileNotFoundError:
+            pass                      # an ancestor is missing: the walk below
+        except FileExistsError:
+            raise AlreadyExistsError(f"cgroup {leaf} already exists") from None
+        else:
+            created.append(leaf)
+            if key == "cpuset":
+                self._copy_cpuset(os.path.dirname(leaf), leaf, clone_children=not devices)
+            return
+        self._mkdirs_walk(key, leaf, created)
+
+    def _mkdirs_walk(self, key: str, leaf: str, created: list[str]) -> None:
         if key == "unified":
             root = self.hierarchy.v2_root
         else:
