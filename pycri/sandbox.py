@@ -389,6 +389,7 @@ class Sandbox:
                     errors.append(str(e))
         parent = rec.get("cgroup_parent") or self.runtime.cgroup_parent
         try:
+            self.runtime.cgroups(parent).forget_spares(self.id)
             self.runtime.cgroups(parent).pod(self.id).destroy()
         except PycriError as e:
             errors.append(str(e))

@@ -258,8 +258,10 @@ def test_missing_executable_fails_create(env):
         assert ei.value.stage == "exec"
         assert sb.containers() == []
         assert rt.cgroups().pod(sb.id).exists()
+        # (a spare container cgroup, made ahead of need, may be there: nothing else)
         assert not [d for d in os.listdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}")
-                    if os.path.isdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{d}")]
+                    if os.path.isdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{d}")
+                    and not d.startswith(".spare-")]
 
 
 def test_update_resources_and_stats(env):
@@ -429,7 +431,8 @@ def test_kill9_during_operations_then_recover(env, phase):
         c.remove()
     assert rt2.containers(sandbox_id=sb.id) == []
     cg_dir = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}"
-    assert not [d for d in os.listdir(cg_dir) if os.path.isdir(os.path.join(cg_dir, d))]
+    assert not [d for d in os.listdir(cg_dir) if os.path.isdir(os.path.join(cg_dir, d))
+                and not d.startswith(".spare-")]
     time.sleep(0.2)  # the launcher of a held process exits when that process dies
     out = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout
     ours = [p for p in out.split() if os.path.exists(f"/proc/{p}/root")
@@ -536,3 +539,33 @@ def test_user_namespace_pod(env):
         assert p["ns"]["user"] != os.stat("/proc/self/ns/user").st_ino
         c.stop(timeout=0)
     shutil.rmtree(share)
+
+
+def test_spare_cgroups_are_used_and_go_with_the_pod(env):
+    """Container cgroups come from a spare made ahead of need (renamed into place);
+    the spare has the default device rules, and the pod's removal takes it along."""
+    rt, img = env
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="spares"))
+    pod_dir = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}"
+    spares = []
+    for i in range(3):
+        c = sb.create_container(pycri.ContainerConfig(name=f"s{i}", image=img.id,
+                                                      command=("true",)))
+        deadline = time.monotonic() + 5
+        while not (spares := [d for d in os.listdir(pod_dir) if d.startswith(".spare-")]):
+            assert time.monotonic() < deadline, "no spare cgroup was made"
+            time.sleep(0.01)
+        dev = f"/sys/fs/cgroup/devices/{rt.cgroup_parent}/{sb.id}/{c.id}/devices.list"
+        rules = open(dev).read().split("\n")
+        assert "a *:* rwm" not in rules and "c 1:3 rwm" in rules   # /dev/null, not all
+        c.start()
+        assert c.wait(10) == 0
+        c.remove()
+    assert len(spares) == 1
+    # the container got the previous spare's cgroup: it was renamed, not copied
+    taken = spares[0]
+    c = sb.create_container(pycri.ContainerConfig(name="last", image=img.id, command=("true",)))
+    assert not os.path.exists(os.path.join(pod_dir, taken))
+    sb.remove()
+    for ctl in ("memory", "devices", "cpu", "pids", "freezer"):
+        assert not os.path.exists(f"/sys/fs/cgroup/{ctl}/{rt.cgroup_parent}/{sb.id}")
