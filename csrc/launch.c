@@ -203,12 +203,47 @@ static int recv_fds(int sock, int n) {
     return 0;
 }
 
+static int child_exited(int pidfd, pid_t pid) {
+    if (pidfd >= 0) {
+        struct pollfd p = {.fd = pidfd, .events = POLLIN};
+        return poll(&p, 1, 0) > 0;
+    }
+    siginfo_t si;
+    memset(&si, 0, sizeof(si));
+    return waitid(P_PID, (id_t)pid, &si, WEXITED | WNOHANG | WNOWAIT) == 0 && si.si_pid == pid;
+}
+
+/* Whether (unreaped) pid still has the name spawn.c gives a held process. */
+static int held_name(pid_t pid) {
+    char path[64], comm[32] = {0};
+    snprintf(path, sizeof(path), "/proc/%d/comm", (int)pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 1;
+    ssize_t n = read(fd, comm, sizeof(comm) - 1);
+    close(fd);
+    return n > 0 && !strncmp(comm, "pycri:held\n", 11);
+}
+
 void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
     struct launch_report rep;
     memset(&rep, 0, sizeof(rep));
     rep.res.stage = PYCRI_STAGE_PREPARE;
     /* the monitor ignores SIGPIPE too; the container gets default dispositions */
     signal(SIGPIPE, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
+    /* The signals the monitor reads from its signalfd (SIGUSR1: reopen the log,
+     * SIGTERM...: forwarded) are blocked from here on, so one sent early - right
+     * after a start, before this process has turned into the monitor - waits for
+     * it instead of killing it. The container's mask is cleared before execve. */
+    sigset_t early;
+    sigemptyset(&early);
+    sigaddset(&early, SIGCHLD);
+    sigaddset(&early, SIGUSR1);
+    sigaddset(&early, SIGTERM);
+    sigaddset(&early, SIGINT);
+    sigaddset(&early, SIGQUIT);
+    sigprocmask(SIG_BLOCK, &early, NULL);
     /* a session of our own, then fork: the launcher is nobody's child but init's
      * (or a subreaper's), and the caller reaps this first process at once */
     setsid();
@@ -316,20 +351,63 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
     rep.res.monitor_pid = getpid();
     rep.res.pid = sr.pid;
     rep.res.start_time = sr.start_time;
-    send(sock, &rep, sizeof(rep), MSG_NOSIGNAL);
+    rep.res.start_fd = rep.res.report_fd = -1;
+    /* The caller gets the container's start and report sockets too: while it lives
+     * it starts the container itself (pycri_spawn_start), two process hops fewer
+     * than through the start socket and this launcher. */
+    {
+        int pass[2] = {sr.start_fd, sr.report_fd};
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(pass))];
+        } cm;
+        memset(&cm, 0, sizeof(cm));
+        struct iovec iov = {&rep, sizeof(rep)};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                            .msg_controllen = sizeof(cm.buf)};
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(pass));
+        memcpy(CMSG_DATA(c), pass, sizeof(pass));
+        sendmsg(sock, &mh, MSG_NOSIGNAL);
+    }
     close(sock);
 
     for (;;) {
-        /* Wait for a start request, or for the held container to die (killed by a
-         * remove whose caller never knew this launcher's pid): then go too. */
-        struct pollfd pfds[2] = {{.fd = lsock, .events = POLLIN}, {.fd = sr.pidfd, .events = POLLIN}};
-        int np = sr.pidfd >= 0 ? 2 : 1;
+        /* Wait for a start request; for the held container to die (killed by a
+         * remove whose caller never knew this launcher's pid): then go too; or for
+         * its report socket to hang up: the caller started it directly, and it has
+         * exec'd (alive) or failed (dead: the caller heard why). */
+        struct pollfd pfds[3] = {{.fd = lsock, .events = POLLIN},
+                                 {.fd = sr.report_fd, .events = 0},
+                                 {.fd = sr.pidfd, .events = POLLIN}};
+        int np = sr.pidfd >= 0 ? 3 : 2;
         if (poll(pfds, (nfds_t)np, -1) < 0) {
             if (errno == EINTR)
                 continue;
             _exit(1);
         }
-        if (np == 2 && (pfds[1].revents & POLLIN)) {
+        int hup = (pfds[1].revents & (POLLHUP | POLLERR)) != 0;
+        int dead = np == 3 && (pfds[2].revents & POLLIN);
+        if (hup || dead) {
+            /* The child's report end closed (exec, or death) or it died. Did it reach
+             * execve? Alive: yes. Dead: only if it no longer bears the name it was
+             * held under (execve renames a process). A process that exec'd goes on
+             * to this monitor, which records its exit; one that never did means a
+             * failed start (the starter heard why) or a kill while held: go. */
+            int execd = !dead && !child_exited(sr.pidfd, sr.pid);
+            if (!execd)
+                execd = !held_name(sr.pid);
+            if (execd) {
+                close(lsock);
+                if (sr.pidfd >= 0)
+                    close(sr.pidfd);
+                close(sr.start_fd);
+                close(sr.report_fd);
+                unlink(start_sock);
+                break;
+            }
             waitpid(sr.pid, NULL, 0);
             unlink(start_sock);
             _exit(1);
@@ -513,6 +591,39 @@ PYCRI_EXPORT int pycri_launcher_new(const char *path, int *sock_out, struct pycr
     return 0;
 }
 
+/* The launcher's report, and the two fds it may carry (else -1). */
+static ssize_t recv_report(int sock, struct launch_report *rep, int fds[2]) {
+    size_t got = 0;
+    while (got < sizeof(*rep)) {
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(int) * 4)];
+        } cm;
+        struct iovec iov = {(char *)rep + got, sizeof(*rep) - got};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                            .msg_controllen = sizeof(cm.buf)};
+        ssize_t r = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0)
+            break;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            int *in = (int *)CMSG_DATA(c);
+            for (int i = 0; i < k; i++) {
+                if (i < 2 && fds[i] < 0)
+                    fds[i] = in[i];
+                else
+                    close(in[i]);
+            }
+        }
+        got += (size_t)r;
+    }
+    return (ssize_t)got;
+}
+
 /* Send n fds in one-byte messages of up to FDS_PER_MSG each. */
 static int send_fds(int sock, const int *fds, int n) {
     for (int off = 0; off < n; off += FDS_PER_MSG) {
@@ -547,6 +658,7 @@ PYCRI_EXPORT int pycri_launch(int launcher, const struct pycri_spawn_spec *spec,
                               int n_monitor_fds, struct pycri_launch_result *res,
                               struct pycri_error *err) {
     memset(res, 0, sizeof(*res));
+    res->start_fd = res->report_fd = -1;
     res->stage = PYCRI_STAGE_PREPARE;
     if (!spec->start_wait)
         return pycri_fail(err, EINVAL, "launch: the spec must use start_wait");
@@ -632,11 +744,23 @@ PYCRI_EXPORT int pycri_launch(int launcher, const struct pycri_spawn_spec *spec,
         send_full(launcher, iov, (int)(2 + req.argc));
     }
     struct launch_report rep;
-    ssize_t n = read_full(launcher, &rep, sizeof(rep));
+    int passed[2] = {-1, -1};
+    ssize_t n = recv_report(launcher, &rep, passed);
+    if (n != (ssize_t)sizeof(rep)) {
+        for (int i = 0; i < 2; i++)
+            if (passed[i] >= 0)
+                close(passed[i]);
+    }
     if (n != (ssize_t)sizeof(rep))
         return pycri_fail(err, EPIPE, "launch: the launcher died before reporting");
     *res = rep.res;
+    res->start_fd = passed[0];
+    res->report_fd = passed[1];
     if (!rep.ok) {
+        for (int i = 0; i < 2; i++)
+            if (passed[i] >= 0)
+                close(passed[i]);
+        res->start_fd = res->report_fd = -1;
         *err = rep.err;
         return -(rep.err.code ? rep.err.code : EINVAL);
     }

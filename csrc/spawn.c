@@ -397,6 +397,9 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     umask(022);
     send_msg(plan->sock, MSG_READY, 0, NULL);
     if (plan->start_rd >= 0) {
+        /* held: named so (ps shows it, and a launcher that finds this process dead
+         * knows it never reached execve, which renames it) */
+        prctl(PR_SET_NAME, "pycri:held", 0, 0, 0);
         char c;
         ssize_t n;
         do

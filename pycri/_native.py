@@ -752,6 +752,16 @@ class LaunchResult(NamedTuple):
     monitor_pid: int
     pid: int
     start_time: int
+    start_fd: int = -1      # the held container's start and report sockets (see
+    report_fd: int = -1     # api/launch.h): start it with start_direct, or close them
+
+
+def start_direct(start_fd: int, report_fd: int) -> None:
+    """Start a launched container through its start and report sockets (closes
+    both); raises OSError (with ``.stage``) if its execve failed."""
+    err = _new_err()
+    if lib.pycri_spawn_start(start_fd, report_fd, err) < 0:
+        raise _spawn_error(err, lib.PYCRI_STAGE_EXEC)
 
 
 def launcher_new(path: str) -> int:
@@ -851,7 +861,7 @@ def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
             os.close(launcher)
     if rc < 0:
         raise _spawn_error(err, res.stage)
-    return LaunchResult(res.monitor_pid, res.pid, res.start_time)
+    return LaunchResult(res.monitor_pid, res.pid, res.start_time, res.start_fd, res.report_fd)
 
 
 def encode_spec(spec: SpawnSpec) -> bytes:

@@ -24,6 +24,7 @@ import os
 import secrets
 import select
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -515,6 +516,8 @@ class Container:
         finally:
             for fd in stdio_parent + child_fds:
                 os.close(fd)
+        if res.start_fd >= 0:
+            _direct.put(self.id, res.start_fd, res.report_fd)
         rec.update(pid=res.pid, pid_start_time=res.start_time, monitor_pid=res.monitor_pid)
         self._write(rec)
 
@@ -567,7 +570,12 @@ class Container:
             if rec["state"] != CREATED:
                 raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not created")
             try:
-                _native.launch_start(self._sock("start"))
+                fds = _direct.take(self.id)
+                if fds is not None:
+                    # this process made it: straight to the held process
+                    _native.start_direct(*fds)
+                else:
+                    _native.launch_start(self._sock("start"))
             except OSError as e:
                 rec.update(state=EXITED, exit_code=128, reason="StartError",
                            message=e.strerror or str(e), finished_at_ns=time.time_ns())
@@ -690,6 +698,7 @@ class Container:
 
     def _kill_launcher(self, rec: dict[str, Any]) -> None:
         """A created container: its launcher and held process go away."""
+        _direct.drop(self.id)
         for key in ("pid", "monitor_pid"):
             pid = rec.get(key, 0)
             start = rec.get("pid_start_time", 0) if key == "pid" else 0
@@ -713,6 +722,7 @@ class Container:
             self._destroy(rec)
 
     def _destroy(self, rec: dict[str, Any]) -> None:
+        _direct.drop(self.id)
         if rec["state"] == CREATED:
             self._kill_launcher(rec)
         cg = self._cgroup(rec)
@@ -1075,6 +1085,47 @@ def run_to_completion(container: Container, timeout: float | None) -> RunResult:
             target += b"\n"
     return RunResult(st.exit_code, bytes(out), bytes(err), st.reason == "OOMKilled", timed_out)
 
+
+
+class _DirectStarts:
+    """The start and report sockets of containers this process created and has not
+    started yet (container id -> fds). A forked child drops its copies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fds: dict[str, tuple[int, int]] = {}
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def put(self, cid: str, start_fd: int, report_fd: int) -> None:
+        with self._lock:
+            old = self._fds.pop(cid, None)
+            self._fds[cid] = (start_fd, report_fd)
+        if old:
+            _close_all(old)
+
+    def take(self, cid: str) -> tuple[int, int] | None:
+        with self._lock:
+            return self._fds.pop(cid, None)
+
+    def drop(self, cid: str) -> None:
+        fds = self.take(cid)
+        if fds:
+            _close_all(fds)
+
+    def _after_fork(self) -> None:
+        for fds in self._fds.values():
+            _close_all(fds)
+        self._lock = threading.Lock()
+        self._fds = {}
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+_direct = _DirectStarts()
 
 
 def _read_started(path: str) -> int | None:

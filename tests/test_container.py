@@ -569,3 +569,21 @@ def test_spare_cgroups_are_used_and_go_with_the_pod(env):
     sb.remove()
     for ctl in ("memory", "devices", "cpu", "pids", "freezer"):
         assert not os.path.exists(f"/sys/fs/cgroup/{ctl}/{rt.cgroup_parent}/{sb.id}")
+
+
+def test_reopen_log_right_after_start_keeps_the_monitor(env):
+    """A start returns as soon as the process has exec'd, which may be before its
+    launcher has turned into the monitor; a log reopen (SIGUSR1) sent then must wait
+    for the monitor, not kill it (then the container's exit would be lost)."""
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="early-signal")) as sb:
+        for i in range(5):
+            c = sb.create_container(pycri.ContainerConfig(
+                name=f"e{i}", image=img.id, command=("sh", "-c", "sleep 0.2; echo done; exit 5")))
+            c.start()
+            c.reopen_log()
+            assert c.wait(10) == 5
+            st = c.status()
+            assert st.reason == "Error" and st.exit_code == 5, st
+            assert any(r.content == b"done" for r in c.logs())
+            c.remove()

@@ -24,6 +24,11 @@ struct pycri_launch_result {
     int pid;                      /* the container process */
     unsigned long long start_time; /* of the container, from /proc/<pid>/stat */
     int stage;                    /* PYCRI_STAGE_* on failure */
+    /* On success, the held container's start and report sockets (CLOEXEC), or -1:
+     * the caller may start it with pycri_spawn_start (which closes both) instead of
+     * pycri_launch_start; either way the launcher goes on as the monitor. The caller
+     * closes them if it does not start the container itself. */
+    int start_fd, report_fd;
 };
 
 /* A launcher waiting for a request on *sock_out (CLOEXEC); path is pycri-monitor. */
