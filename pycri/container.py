@@ -604,6 +604,17 @@ class Container:
         if rec["state"] == CREATED:
             raise InvalidStateError(f"container {self.id[:12]} was never started")
         pidfd = _native.pidfd_open(rec.get("monitor_pid", 0)) if rec["state"] == RUNNING else -1
+        # The container's own exit comes first: the monitor writes the exit file right
+        # after reaping it, and only then exits (tearing the container's mounts down,
+        # which takes a while). So watch the process, then look for the file in short
+        # steps, with the monitor's end as the backstop.
+        ctr_fd = -1
+        if pidfd >= 0:
+            ctr_fd = _native.pidfd_open(rec.get("pid", 0))
+            if ctr_fd >= 0 and not _alive(rec["pid"], rec.get("pid_start_time", 0)):
+                os.close(ctr_fd)    # (that pid is no longer the container)
+                ctr_fd = -1
+        step = 0.5
         try:
             while True:
                 rec = self.record()
@@ -613,12 +624,21 @@ class Container:
                 if left is not None and left <= 0:
                     raise TimeoutError(f"container {self.id[:12]} still running")
                 if pidfd >= 0:
-                    select.select([pidfd], [], [], min(0.5, left) if left is not None else 0.5)
+                    fds = [pidfd] if ctr_fd < 0 else [pidfd, ctr_fd]
+                    ready, _, _ = select.select(fds, [], [], step if left is None
+                                                else min(step, left))
+                    if ctr_fd in ready:
+                        os.close(ctr_fd)
+                        ctr_fd = -1
+                        step = 0.0001
+                    elif step < 0.5:
+                        step = min(0.5, step * 2)
                 else:
                     time.sleep(0.05 if left is None else min(0.05, left))
         finally:
-            if pidfd >= 0:
-                os.close(pidfd)
+            for fd in (pidfd, ctr_fd):
+                if fd >= 0:
+                    os.close(fd)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop signal, up to ``timeout`` seconds' grace, then SIGKILL to every process
