@@ -181,7 +181,8 @@ void pycri__launcher(int sock, const char *start_sock, int *argc_out, char ***ar
         launcher_fail(sock, &rep);
     }
     /* argv: exactly argc NUL-terminated strings */
-    char **argv = malloc(sizeof(char *) * (req.argc + 3));
+    /* room for "--adopt PID [--pty-master-fd N]" and the NULL */
+    char **argv = malloc(sizeof(char *) * (req.argc + 5));
     uint32_t found = 0;
     if (argv && args[req.argv_len - 1] == '\0') {
         for (char *a = args; a < args + req.argv_len && found <= req.argc; a += strlen(a) + 1)
@@ -203,10 +204,10 @@ void pycri__launcher(int sock, const char *start_sock, int *argc_out, char ***ar
     }
     /* the container's ends (stdio, pty slave, kept fds) are the container's now; the
      * pidfd stays, to notice a held container being killed before start */
-    int keep[MAX_MONITOR_FDS + 4] = {sock, sr.start_fd, sr.report_fd, sr.pidfd};
+    int keep[MAX_MONITOR_FDS + 5] = {sock, sr.start_fd, sr.report_fd, sr.pidfd, sr.tty_master};
     for (int i = 0; i < req.n_monitor_fds; i++)
-        keep[4 + i] = req.monitor_local[i];
-    close_all_but(keep, 4 + req.n_monitor_fds);
+        keep[5 + i] = req.monitor_local[i];
+    close_all_but(keep, 5 + req.n_monitor_fds);
 
     int lsock = listen_start(start_sock, &rep.err);
     if (lsock < 0) {
@@ -280,6 +281,14 @@ void pycri__launcher(int sock, const char *start_sock, int *argc_out, char ***ar
         if (req.monitor_orig[i] > high)
             high = req.monitor_orig[i];
     }
+    /* the container's own pty (tty_new) goes to the monitor too, above them all */
+    int tty_master = -1;
+    if (sr.tty_master >= 0) {
+        tty_master = fcntl(sr.tty_master, F_DUPFD_CLOEXEC, high + 1);
+        close(sr.tty_master);
+        if (tty_master > high)
+            high = tty_master;
+    }
     int lifted[MAX_MONITOR_FDS];
     for (int i = 0; i < req.n_monitor_fds; i++) {
         lifted[i] = fcntl(req.monitor_local[i], F_DUPFD_CLOEXEC, high + 1);
@@ -291,13 +300,19 @@ void pycri__launcher(int sock, const char *start_sock, int *argc_out, char ***ar
             close(lifted[i]);
         }
     }
-    static char pidbuf[24];
+    static char pidbuf[24], ttybuf[24];
     snprintf(pidbuf, sizeof(pidbuf), "%d", sr.pid);
-    argv[req.argc] = "--adopt";
-    argv[req.argc + 1] = pidbuf;
-    argv[req.argc + 2] = NULL;
+    int argc = (int)req.argc;
+    argv[argc++] = "--adopt";
+    argv[argc++] = pidbuf;
+    if (tty_master >= 0) {
+        snprintf(ttybuf, sizeof(ttybuf), "%d", tty_master);
+        argv[argc++] = "--pty-master-fd";
+        argv[argc++] = ttybuf;
+    }
+    argv[argc] = NULL;
     free(specbuf);
-    *argc_out = (int)req.argc + 2;
+    *argc_out = argc;
     *argv_out = argv;
 }
 

@@ -12,7 +12,9 @@
  * from this or any later process - connects to that socket; the launcher
  * releases the container, answers whether execve succeeded, puts monitor_fds
  * back at their original numbers and continues, in the same process, as the
- * monitor: monitor_argv + "--adopt" PID, with the container as its child.
+ * monitor: monitor_argv + "--adopt" PID, with the container as its child. With
+ * spec->tty_new the container's pty master (made in its own devpts) is the
+ * monitor's too: "--pty-master-fd" N is appended after the pid.
  */
 
 struct pycri_launch_result {
