@@ -299,7 +299,8 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
         memset(title + n, 0, room - n);
     }
     /* argv: exactly argc NUL-terminated strings */
-    char **argv = malloc(sizeof(char *) * (req.argc + 3));
+    /* room for "--adopt PID [--pty-master-fd N]" and the NULL */
+    char **argv = malloc(sizeof(char *) * (req.argc + 5));
     uint32_t found = 0;
     if (argv && args[req.argv_len - 1] == '\0') {
         for (char *a = args; a < args + req.argv_len && found <= req.argc; a += strlen(a) + 1)
@@ -333,11 +334,11 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
     }
     /* the container's ends (stdio, pty slave, kept fds) are the container's now; the
      * pidfd stays, to notice a held container being killed before start */
-    int keep[MAX_MONITOR_FDS + 5] = {sock, sr.start_fd, sr.report_fd, sr.pidfd,
+    int keep[MAX_MONITOR_FDS + 6] = {sock, sr.start_fd, sr.report_fd, sr.pidfd, sr.tty_master,
                                      pycri__held_mntns};
     for (int i = 0; i < req.n_monitor_fds; i++)
-        keep[5 + i] = req.monitor_local[i];
-    close_all_but(keep, 5 + req.n_monitor_fds);
+        keep[6 + i] = req.monitor_local[i];
+    close_all_but(keep, 6 + req.n_monitor_fds);
 
     int lsock = listen_start(start_sock, &rep.err);
     if (lsock < 0) {
@@ -454,6 +455,14 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
         if (req.monitor_orig[i] > high)
             high = req.monitor_orig[i];
     }
+    /* the container's own pty (tty_new) goes to the monitor too, above them all */
+    int tty_master = -1;
+    if (sr.tty_master >= 0) {
+        tty_master = fcntl(sr.tty_master, F_DUPFD_CLOEXEC, high + 1);
+        close(sr.tty_master);
+        if (tty_master > high)
+            high = tty_master;
+    }
     if (pycri__held_mntns >= 0) { /* out of the way of the numbers below */
         int moved = fcntl(pycri__held_mntns, F_DUPFD_CLOEXEC, high + MAX_MONITOR_FDS + 2);
         close(pycri__held_mntns);
@@ -470,13 +479,19 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
             close(lifted[i]);
         }
     }
-    static char pidbuf[24];
+    static char pidbuf[24], ttybuf[24];
     snprintf(pidbuf, sizeof(pidbuf), "%d", sr.pid);
-    argv[req.argc] = "--adopt";
-    argv[req.argc + 1] = pidbuf;
-    argv[req.argc + 2] = NULL;
+    int argc = (int)req.argc;
+    argv[argc++] = "--adopt";
+    argv[argc++] = pidbuf;
+    if (tty_master >= 0) {
+        snprintf(ttybuf, sizeof(ttybuf), "%d", tty_master);
+        argv[argc++] = "--pty-master-fd";
+        argv[argc++] = ttybuf;
+    }
+    argv[argc] = NULL;
     free(specbuf);
-    *argc_out = (int)req.argc + 2;
+    *argc_out = argc;
     *argv_out = argv;
 }
 

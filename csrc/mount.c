@@ -244,6 +244,106 @@ static int fail_at(struct pycri__cerr *ce, int stage, const char *what, const ch
     return -1;
 }
 
+/* --- privileged: the host's device nodes --------------------------------------- */
+
+struct kdirent64 {
+    unsigned long long ino;
+    long long off;
+    unsigned short reclen;
+    unsigned char type;
+    char name[];
+};
+
+/* Make a node like the host's (st) at name in dir: mknod with the host's mode
+ * and owner, or, where mknod is refused (a user namespace), an empty file with
+ * the host's node bound onto it. EEXIST means the name is the container's own
+ * (null, tty, ptmx, ...): it stays. */
+static int host_node(const struct pycri__plan *plan, int hostdir, int dir, const char *name,
+                     const struct stat *st, struct pycri__cerr *ce) {
+    if (mknodat(dir, name, st->st_mode, st->st_rdev) == 0) {
+        if (!plan->userns_any && fchownat(dir, name, st->st_uid, st->st_gid, AT_SYMLINK_NOFOLLOW) < 0)
+            return fail_at(ce, PYCRI_STAGE_MOUNT, "chown /dev node", name);
+        return 0;
+    }
+    if (errno == EEXIST)
+        return 0;
+    if (errno != EPERM)
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "mknod /dev node", name);
+    int src cleanup_fd = openat(hostdir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (src < 0)
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "open host /dev node", name);
+    int f = openat(dir, name, O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+    if (f < 0)
+        return errno == EEXIST ? 0 : fail_at(ce, PYCRI_STAGE_MOUNT, "create /dev node", name);
+    close(f);
+    int t cleanup_fd = openat(dir, name, O_PATH | O_NOFOLLOW | O_CLOEXEC);
+    if (t < 0 || bind_fd(src, t, 0, 0, 0, 0, -1) < 0)
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "bind host /dev node", name);
+    return 0;
+}
+
+/* Every char and block node under hostdir (host /dev or a directory below it,
+ * all on filesystem fsdev) recreated at the same place under dir (the
+ * container's /dev), as privileged containers get them. Subdirectories on
+ * another filesystem (/dev/pts, /dev/shm, /dev/mqueue, /dev/hugepages),
+ * directories the container's /dev already has, symlinks, sockets and FIFOs are
+ * skipped, and so is /dev/console (its handling is the same as unprivileged). */
+static int copy_host_devices(const struct pycri__plan *plan, int hostdir, int dir, dev_t fsdev,
+                             int depth, struct pycri__cerr *ce) {
+    char buf[4096] __attribute__((aligned(8)));
+    for (;;) {
+        long n = syscall(SYS_getdents64, hostdir, buf, sizeof(buf));
+        if (n < 0)
+            return fail_at(ce, PYCRI_STAGE_MOUNT, "getdents64", "host /dev");
+        if (n == 0)
+            return 0;
+        for (long off = 0; off < n;) {
+            const struct kdirent64 *e = (const struct kdirent64 *)(buf + off);
+            off += e->reclen;
+            const char *name = e->name;
+            if (!strcmp(name, ".") || !strcmp(name, "..") ||
+                (depth == 0 && !strcmp(name, "console")))
+                continue;
+            struct stat st;
+            if (fstatat(hostdir, name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+                if (errno == ENOENT)
+                    continue; /* removed meanwhile */
+                return fail_at(ce, PYCRI_STAGE_MOUNT, "fstatat host /dev entry", name);
+            }
+            if (S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode)) {
+                if (host_node(plan, hostdir, dir, name, &st, ce) < 0)
+                    return -1;
+                continue;
+            }
+            if (!S_ISDIR(st.st_mode) || st.st_dev != fsdev || depth >= 8)
+                continue;
+            if (mkdirat(dir, name, st.st_mode & 07777) < 0) {
+                if (errno == EEXIST)
+                    continue; /* the container's own: pts, shm, mqueue */
+                return fail_at(ce, PYCRI_STAGE_MOUNT, "mkdir /dev dir", name);
+            }
+            if (!plan->userns_any)
+                fchownat(dir, name, st.st_uid, st.st_gid, AT_SYMLINK_NOFOLLOW);
+            int hsub cleanup_fd =
+                openat(hostdir, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            int csub cleanup_fd = openat(dir, name, O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+            if (hsub < 0 || csub < 0)
+                return fail_at(ce, PYCRI_STAGE_MOUNT, "open /dev dir", name);
+            if (copy_host_devices(plan, hsub, csub, fsdev, depth + 1, ce) < 0)
+                return -1;
+        }
+    }
+}
+
+static int add_host_devices(const struct pycri__plan *plan, int dev, struct pycri__cerr *ce) {
+    /* still the host's /dev: this runs before pivot_root */
+    int host cleanup_fd = open("/dev", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    struct stat st;
+    if (host < 0 || fstat(host, &st) < 0)
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "open host", "/dev");
+    return copy_host_devices(plan, host, dev, st.st_dev, 0, ce);
+}
+
 struct devnode {
     const char *name;
     unsigned int major, minor;
@@ -338,6 +438,8 @@ static int setup_dev(const struct pycri__plan *plan, int rootfd, struct pycri__c
         if (!(s->ns_mode[PYCRI_NS_USER] == PYCRI_NS_NEW && (errno == EPERM || errno == EACCES)))
             return fail_at(ce, PYCRI_STAGE_MOUNT, "mount mqueue", "/dev/mqueue");
     }
+    if (s->host_devices && add_host_devices(plan, dev, ce) < 0)
+        return -1;
     return 0;
 }
 
@@ -492,19 +594,21 @@ int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls
         int t cleanup_fd = std_target(rootfd, "sys", ce);
         if (t < 0)
             return -1;
-        unsigned long fl = MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC;
+        int ro = !s->sys_writable;
+        unsigned long fl = (ro ? MS_RDONLY : 0) | MS_NOSUID | MS_NODEV | MS_NOEXEC;
         /* A fresh sysfs needs a net ns this mount's user ns owns: not so for the
          * host's, nor for a pod's (made by the host) seen from a new user ns. */
         int own_sysfs = s->ns_mode[PYCRI_NS_NET] != PYCRI_NS_HOST &&
                         !(s->ns_mode[PYCRI_NS_USER] == PYCRI_NS_NEW &&
                           s->ns_mode[PYCRI_NS_NET] == PYCRI_NS_JOIN);
         if (!own_sysfs) {
-            /* sysfs shows the mounter's net ns: with the host's, share its view read-only */
+            /* sysfs shows the mounter's net ns: with the host's, share its view
+             * (read-only unless privileged) */
             int src cleanup_fd = open("/sys", O_PATH | O_DIRECTORY | O_CLOEXEC);
             if (src < 0 ||
-                bind_fd(src, t, 1, 1, 1, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+                bind_fd(src, t, 1, ro, ro, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
                         PYCRI_PROP_PRIVATE) < 0)
-                return fail_at(ce, PYCRI_STAGE_MOUNT, "ro rbind", "/sys");
+                return fail_at(ce, PYCRI_STAGE_MOUNT, "rbind", "/sys");
         } else if (mount_at(t, "sysfs", "sysfs", fl, NULL) < 0) {
             return fail_at(ce, PYCRI_STAGE_MOUNT, "mount sysfs", "/sys");
         }

@@ -5,8 +5,9 @@
  *
  * Parent and child talk over a SOCK_SEQPACKET socketpair (CLOEXEC). The child
  * sends SETUP (and waits for GO), PID (when an intermediate process forked the
- * real one), READY (right before waiting for start / execve) or ERROR with
- * (stage, errno, text). EOF after READY means execve succeeded.
+ * real one), TTY (tty_new: the pty master as SCM_RIGHTS), READY (right before
+ * waiting for start / execve) or ERROR with (stage, errno, text). EOF after
+ * READY means execve succeeded.
  *
  * After clone the child runs only syscalls and string copies on memory the
  * parent prepared: it is a copy of a possibly multi-threaded Python process.
@@ -30,6 +31,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <linux/magic.h>
@@ -39,6 +41,10 @@
 #include <unistd.h>
 
 #include "spawn_child.h"
+
+#ifndef TIOCGPTPEER
+#define TIOCGPTPEER _IO('T', 0x41)
+#endif
 
 #ifndef CLONE_INTO_CGROUP
 #define CLONE_INTO_CGROUP 0x200000000ULL
@@ -53,7 +59,7 @@ struct clone_args_k {
     uint64_t set_tid, set_tid_size, cgroup;
 };
 
-enum { MSG_SETUP = 1, MSG_GO, MSG_PID, MSG_READY, MSG_ERROR };
+enum { MSG_SETUP = 1, MSG_GO, MSG_PID, MSG_READY, MSG_ERROR, MSG_TTY };
 
 struct msg {
     int kind;
@@ -151,7 +157,8 @@ static int arrange_fds(const struct pycri__plan *plan, int *ttyfd_out) {
         errno = EMFILE;
         return -1;
     }
-    int deflt = s->tty_fd >= 0 ? s->tty_fd : plan->devnull;
+    int tty = plan->tty_fd;
+    int deflt = tty >= 0 ? tty : plan->devnull;
     for (int i = 0; i < need; i++) {
         int from = i < 3 ? (s->stdio[i] >= 0 ? s->stdio[i] : deflt) : s->keep_fds[i - 3];
         /* lift every source above the targets first so no dup2 clobbers another */
@@ -162,12 +169,12 @@ static int arrange_fds(const struct pycri__plan *plan, int *ttyfd_out) {
     for (int i = 0; i < need; i++)
         if (dup3(src[i], i, 0) < 0)
             return -1;
-    if (s->tty_fd >= 0) {
+    if (tty >= 0) {
         /* a stdio slot that got the tty, or a private CLOEXEC copy of it */
         *ttyfd_out = s->stdio[0] < 0   ? 0
                      : s->stdio[1] < 0 ? 1
                      : s->stdio[2] < 0 ? 2
-                                       : fcntl(s->tty_fd, F_DUPFD_CLOEXEC, need);
+                                       : fcntl(tty, F_DUPFD_CLOEXEC, need);
         if (*ttyfd_out < 0)
             return -1;
     }
@@ -289,6 +296,74 @@ int pycri__write_sysctls(const struct pycri__plan *plan, int procfd, struct pycr
     return 0;
 }
 
+/* Send a message carrying one fd (SCM_RIGHTS). */
+static int send_fd_msg(int sock, int kind, int fd) {
+    struct msg m;
+    memset(&m, 0, sizeof(m));
+    m.kind = kind;
+    struct iovec iov = {&m, sizeof(m)};
+    union {
+        char buf[CMSG_SPACE(sizeof(int))];
+        struct cmsghdr align;
+    } u;
+    memset(&u, 0, sizeof(u));
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                        .msg_controllen = sizeof(u.buf)};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(c), &fd, sizeof(int));
+    ssize_t n;
+    do
+        n = sendmsg(sock, &mh, MSG_NOSIGNAL);
+    while (n < 0 && errno == EINTR);
+    return n == (ssize_t)sizeof(m) ? 0 : -1;
+}
+
+/* tty_new: a pty of the container's own devpts instance (setup_dev mounted it
+ * with newinstance), so the terminal is /dev/pts/N of the container's /dev and
+ * numbered from 0 there. Runs after pivot_root. The slave becomes the tty; the
+ * master goes to the parent (the launcher), which hands it to the monitor. */
+static int open_own_pty(struct pycri__plan *plan, struct pycri__cerr *ce) {
+    const struct pycri_spawn_spec *s = plan->spec;
+    int master = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_NOFOLLOW | O_CLOEXEC);
+    if (master < 0) {
+        pycri__cfail(ce, PYCRI_STAGE_TTY, errno, "open", "/dev/pts/ptmx");
+        return -1;
+    }
+    struct statfs sf;
+    int unlock = 0, slave = -1;
+    const char *what = NULL;
+    if (fstatfs(master, &sf) < 0) {
+        what = "fstatfs /dev/pts/ptmx";
+    } else if (sf.f_type != DEVPTS_SUPER_MAGIC) {
+        /* a bind mount over /dev/pts put something else there */
+        errno = ENOTTY;
+        what = "/dev/pts/ptmx is not on the container's devpts";
+    } else if (ioctl(master, TIOCSPTLCK, &unlock) < 0) {
+        what = "ioctl TIOCSPTLCK";
+    } else if ((slave = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) {
+        what = "ioctl TIOCGPTPEER";
+    } else if (fchown(slave, s->uid, (gid_t)-1) < 0) {
+        /* the program's user owns its terminal, as after a login; the group
+         * stays the devpts one (tty) */
+        what = "fchown the pty slave";
+    } else if (send_fd_msg(plan->sock, MSG_TTY, master) < 0) {
+        what = "send the pty master to the parent";
+    }
+    if (what) {
+        pycri__cfail(ce, PYCRI_STAGE_TTY, errno, what, NULL);
+        close(master);
+        if (slave >= 0)
+            close(slave);
+        return -1;
+    }
+    close(master);
+    plan->tty_fd = slave;
+    return 0;
+}
+
 /* glibc's set*id wrappers signal every thread the parent had (setxid
  * broadcast) and would wait forever in the single-threaded child: use the
  * system calls themselves. */
@@ -332,6 +407,8 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
         if (pycri__write_sysctls(plan, procfd, &ce) < 0)
             die(plan, &ce);
     }
+    if (s->tty_new && open_own_pty(plan, &ce) < 0)
+        die(plan, &ce);
     /* a session of its own: Ctrl-C on the caller's terminal is not the container's */
     if (setsid() < 0)
         CFAIL(PYCRI_STAGE_TTY, "setsid", NULL);
@@ -587,7 +664,38 @@ static int set_err_from_child(struct pycri_error *err, const struct pycri__cerr 
 struct parent_state {
     int first_pid, final_pid, first_pidfd;
     int two_step;
+    int tty_master;            /* from MSG_TTY, -1 */
 };
+
+/* recv one report message; an fd passed with it (SCM_RIGHTS) lands in *fd (CLOEXEC),
+ * any further ones are closed. */
+static ssize_t recv_report(int sock, struct msg *m, int *fd) {
+    struct iovec iov = {m, sizeof(*m)};
+    union {
+        char buf[CMSG_SPACE(sizeof(int) * 4)];
+        struct cmsghdr align;
+    } u;
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
+                        .msg_controllen = sizeof(u.buf)};
+    *fd = -1;
+    ssize_t n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+    if (n < 0)
+        return n;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (size_t i = 0; i < count; i++) {
+            int got;
+            memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+            if (*fd < 0)
+                *fd = got;
+            else
+                close(got);
+        }
+    }
+    return n;
+}
 
 static void reap(struct parent_state *st, int kill_final) {
     if (st->final_pid > 0 && kill_final) {
@@ -815,6 +923,9 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
         return pycri_fail(err, EINVAL, "prepare: hostname needs a new uts namespace");
     if (s->rootfs && s->ns_mode[PYCRI_NS_MNT] != PYCRI_NS_NEW)
         return pycri_fail(err, EINVAL, "prepare: a rootfs needs a new mount namespace");
+    if (s->tty_new && (s->tty_fd >= 0 || !s->rootfs || !s->mount_dev))
+        return pycri_fail(err, EINVAL, "prepare: tty_new needs a rootfs with mount_dev and no "
+                          "tty_fd");
     if (s->n_keep_fds < 0 || s->n_keep_fds > 1024 || (s->n_keep_fds && !s->keep_fds))
         return pycri_fail(err, EINVAL, "prepare: bad keep_fds");
     if (s->seccomp_bpf && (s->seccomp_len == 0 || s->seccomp_len > 4096))
@@ -902,9 +1013,14 @@ static int converse(const struct pycri_spawn_spec *s, const struct pycri__plan *
     int failed = 0, ready = 0;
     for (;;) {
         struct msg m;
-        ssize_t n = recv(sock, &m, sizeof(m), 0);
+        int passed = -1;
+        ssize_t n = recv_report(sock, &m, &passed);
         if (n < 0 && errno == EINTR)
             continue;
+        if (passed >= 0 && n == (ssize_t)sizeof(m) && m.kind == MSG_TTY && st->tty_master < 0)
+            st->tty_master = passed;
+        else if (passed >= 0)
+            close(passed);
         if (n == 0)
             break;
         if (n != (ssize_t)sizeof(m)) {
@@ -985,7 +1101,8 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
         plan.ns_fd[k] = -1;
     plan.devnull = plan.sock = plan.start_rd = plan.cg_v2_fd = -1;
-    res->pid = res->pidfd = res->start_fd = res->report_fd = -1;
+    plan.tty_fd = s->tty_fd;
+    res->pid = res->pidfd = res->start_fd = res->report_fd = res->tty_master = -1;
     res->stage = PYCRI_STAGE_PREPARE;
     res->start_time = 0;
 
@@ -1025,7 +1142,7 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
             flags |= ns_flag[k];
     }
     struct parent_state st = {.first_pid = -1, .final_pid = -1, .first_pidfd = -1,
-                              .two_step = two_step};
+                              .two_step = two_step, .tty_master = -1};
 
     sigset_t all, old;
     sigfillset(&all);
@@ -1059,8 +1176,14 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
 
     int stage = PYCRI_STAGE_NONE;
     rc = converse(s, &plan, sv[0], &st, s->start_wait, &stage, err);
+    if (rc == 0 && s->tty_new && st.tty_master < 0) {
+        stage = PYCRI_STAGE_TTY;
+        rc = pycri_fail(err, EPROTO, "tty: the container process sent no pty master");
+    }
     close_plan(&plan, sysctl_buf);
     if (rc < 0) {
+        if (st.tty_master >= 0)
+            close(st.tty_master);
         reap(&st, 1);
         if (st.first_pidfd >= 0)
             close(st.first_pidfd);
@@ -1075,6 +1198,7 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     res->pidfd = st.final_pid == st.first_pid ? pidfd
                                               : (int)syscall(SYS_pidfd_open, st.final_pid, 0);
     read_start_time(st.final_pid, &res->start_time);
+    res->tty_master = st.tty_master;
     res->stage = PYCRI_STAGE_NONE;
     if (s->start_wait) {
         res->start_fd = startp[1];

@@ -33,6 +33,7 @@ struct pycri__plan {
     int sock;                      /* child's end of the report socket */
     int start_rd;                  /* read end of the start pipe, -1 */
     int devnull;                   /* O_RDWR /dev/null of the host */
+    int tty_fd;                    /* the tty slave: spec->tty_fd, or the own pty's (tty_new) */
     int cap_last;
     char overlay_opts[4096];
     char rootfs_parent[4096];      /* rshared root only: mount point holding the rootfs dir */

@@ -236,6 +236,7 @@ class SpawnSpec:
     stdout: int = -1
     stderr: int = -1
     tty_fd: int = -1
+    tty_new: bool = False  # a pty of the container's own devpts instead; master in the result
     keep_fds: list[int] = field(default_factory=list)  # become 3, 4, ... in the container
     namespaces: dict[str, str] = field(default_factory=dict)  # kind -> "new" | path | "pidfd"
     join_pidfd: int = -1  # for kinds set to "pidfd": the namespaces of this pidfd's process
@@ -250,7 +251,9 @@ class SpawnSpec:
     root_propagation: str = "private"
     mount_proc: bool = True
     mount_sys: bool = True
+    sys_writable: bool = False  # /sys read-write (privileged)
     mount_dev: bool = True
+    host_devices: bool = False  # the host's device nodes in /dev too (privileged)
     shm_path: str | None = None
     shm_size: int = 0
     etc_hostname: str | None = None
@@ -272,6 +275,7 @@ class SpawnResult:
     start_time: int
     start_fd: int = -1
     report_fd: int = -1
+    tty_master: int = -1  # tty_new: the pty master (CLOEXEC), the caller's to close
 
 
 def namespaces_of(pid: int) -> dict[str, str]:
@@ -382,6 +386,7 @@ def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
     c.parent_death_signal = spec.parent_death_signal
     c.stdio = [spec.stdin, spec.stdout, spec.stderr]
     c.tty_fd = spec.tty_fd
+    c.tty_new = int(spec.tty_new)
     c.join_pidfd = spec.join_pidfd
     keep = ffi.new("int[]", max(1, len(spec.keep_fds)))
     for i, fd in enumerate(spec.keep_fds):
@@ -412,6 +417,7 @@ def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
     c.rootfs_readonly = int(spec.rootfs_readonly)
     c.root_propagation = PROPAGATION[spec.root_propagation]
     c.mount_proc, c.mount_sys, c.mount_dev = spec.mount_proc, spec.mount_sys, spec.mount_dev
+    c.sys_writable, c.host_devices = int(spec.sys_writable), int(spec.host_devices)
     c.shm_path, c.shm_size = b.s(spec.shm_path), spec.shm_size
     c.etc_hostname, c.etc_hosts = b.s(spec.etc_hostname), b.s(spec.etc_hosts)
     c.etc_resolv = b.s(spec.etc_resolv)
@@ -443,7 +449,8 @@ def spawn(spec: SpawnSpec) -> SpawnResult:
     if lib.pycri_spawn(c, res, err) < 0:
         raise _spawn_error(err, res.stage)
     return SpawnResult(pid=res.pid, pidfd=res.pidfd, start_time=res.start_time,
-                       start_fd=res.start_fd, report_fd=res.report_fd)
+                       start_fd=res.start_fd, report_fd=res.report_fd,
+                       tty_master=res.tty_master)
 
 
 def spawn_start(result: SpawnResult) -> None:
@@ -584,7 +591,8 @@ def monitor_command(exit_file: str, log: str, *, argv: Sequence[str] | None = No
                     pty_master_fd: int | None = None, oom_file: str | None = None,
                     for_launch: bool = False) -> list[str]:
     """The argv that runs a monitor; exactly one of ``argv`` / ``adopt``, or neither
-    with ``for_launch`` (launch() appends ``--adopt PID`` once the container exists)."""
+    with ``for_launch`` (launch() appends ``--adopt PID`` once the container exists,
+    and ``--pty-master-fd N`` when the spec has ``tty_new``)."""
     if for_launch:
         if argv is not None or adopt is not None:
             raise ValueError("for_launch takes neither argv nor adopt")
@@ -925,6 +933,7 @@ def _spec_from_struct(c) -> SpawnSpec:  # type: ignore[no-untyped-def]
         sysctls=dict(x.split("=", 1) for x in strv(c.sysctls)),
         parent_death_signal=c.parent_death_signal,
         stdin=c.stdio[0], stdout=c.stdio[1], stderr=c.stdio[2], tty_fd=c.tty_fd,
+        tty_new=bool(c.tty_new),
         keep_fds=[c.keep_fds[i] for i in range(c.n_keep_fds)],
         namespaces=namespaces, join_pidfd=c.join_pidfd,
         uid_map=(c.uid_map_inside, c.uid_map_outside, c.uid_map_count)
@@ -936,7 +945,8 @@ def _spec_from_struct(c) -> SpawnSpec:  # type: ignore[no-untyped-def]
         overlay_upper=s(c.overlay_upper), overlay_work=s(c.overlay_work),
         rootfs_readonly=bool(c.rootfs_readonly), root_propagation=prop[c.root_propagation],
         mount_proc=bool(c.mount_proc), mount_sys=bool(c.mount_sys),
-        mount_dev=bool(c.mount_dev), shm_path=s(c.shm_path), shm_size=c.shm_size,
+        mount_dev=bool(c.mount_dev), sys_writable=bool(c.sys_writable),
+        host_devices=bool(c.host_devices), shm_path=s(c.shm_path), shm_size=c.shm_size,
         etc_hostname=s(c.etc_hostname), etc_hosts=s(c.etc_hosts), etc_resolv=s(c.etc_resolv),
         binds=[BindMount(s(b.source) or "", s(b.target) or "", readonly=bool(b.readonly),
                          recursive_readonly=bool(b.recursive_readonly),

@@ -181,6 +181,38 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (like 256m or 1g)") from None
 
 
+def _ulimit(text: str) -> tuple[str, tuple[int, int]]:
+    """'nofile=1024:2048', 'nofile=4096' (soft = hard), 'core=unlimited' -> (name, (soft, hard))."""
+    from pycri.config import RLIM_UNLIMITED, rlimit_name
+    from pycri.errors import InvalidArgumentError
+
+    name, sep, values = text.partition("=")
+    try:
+        if not sep or not values:
+            raise ValueError
+        key = rlimit_name(name.strip())
+        parts = values.split(":")
+        if len(parts) > 2:
+            raise ValueError
+        nums = [RLIM_UNLIMITED if v.strip() in ("unlimited", "-1") else int(v) for v in parts]
+        if any(n < RLIM_UNLIMITED for n in nums):
+            raise ValueError
+    except InvalidArgumentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a ulimit: {text!r} (like nofile=1024:2048, nofile=4096 or core=unlimited)"
+        ) from None
+    return key, (nums[0], nums[-1])
+
+
+def _sysctl(text: str) -> tuple[str, str]:
+    k, sep, v = text.partition("=")
+    if not sep or not k:
+        raise argparse.ArgumentTypeError(f"not a sysctl: {text!r} (like net.ipv4.ip_forward=1)")
+    return k.strip(), v
+
+
 def _image_for(rt: Any, ref: str, quiet: bool) -> Any:
     from pycri.errors import NotFoundError
 
@@ -234,13 +266,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpu_quota=int(args.cpus * 100_000) if args.cpus else 0,
         pids_limit=args.pids or 0)
     name = args.name or "run-" + secrets.token_hex(4)
+    # the whole config first: a bad one leaves no pod behind
+    cfg = pycri.ContainerConfig(
+        name=name, image=img.id, command=tuple(args.command), tty=args.tty,
+        stdin=args.interactive, env=tuple(_kv(e) for e in args.env or ()),
+        resources=res, labels={RUN_LABEL: "run"}, privileged=args.privileged,
+        rlimits=dict(args.ulimit or ()), sysctls=dict(args.sysctl or ()))
     sb = rt.run_sandbox(pycri.SandboxConfig(name=name, hostname=args.hostname or "",
-                                            labels={RUN_LABEL: "run"}))
+                                            labels={RUN_LABEL: "run"},
+                                            privileged=args.privileged))
     try:
-        c = sb.create_container(pycri.ContainerConfig(
-            name=name, image=img.id, command=tuple(args.command), tty=args.tty,
-            stdin=args.interactive, env=tuple(_kv(e) for e in args.env or ()),
-            resources=res, labels={RUN_LABEL: "run"}))
+        try:
+            c = sb.create_container(cfg)
+        except BaseException:
+            sb.remove()  # the pod was made for this container only
+            raise
         c.start()
         if args.detach:
             print(c.id)
@@ -464,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--memory", type=_size, help="memory limit, like 256m")
     s.add_argument("--cpus", type=float, help="CPU limit, like 0.5")
     s.add_argument("--pids", type=int, help="process count limit")
+    s.add_argument("--privileged", action="store_true",
+                   help="all capabilities, no seccomp, host devices, writable /sys")
+    s.add_argument("--ulimit", action="append", type=_ulimit, metavar="NAME=SOFT[:HARD]",
+                   help="a resource limit, like nofile=1024:2048 (repeatable)")
+    s.add_argument("--sysctl", action="append", type=_sysctl, metavar="KEY=VALUE",
+                   help="a namespaced sysctl, like net.ipv4.ip_forward=1 (repeatable)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.add_argument("image")
     s.add_argument("command", nargs=argparse.REMAINDER)

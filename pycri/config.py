@@ -109,15 +109,68 @@ def sysctl_namespace(name: str) -> str:
 
 def validate_sysctls(sysctls: _Mapping[str, str], network: str, ipc: str) -> None:
     """Refuse host-wide sysctls, values that could smuggle extra writes, and sysctls
-    aimed at a namespace the pod shares with the host (SECURITY.md 12)."""
+    aimed at a namespace the pod shares with the host (SECURITY.md 12). The UTS
+    namespace goes with the network one: a pod on the host network has the host's."""
+    if not isinstance(sysctls, _Mapping):
+        raise _bad("sysctls must be a mapping of name to value")
     for name, value in sysctls.items():
+        if not isinstance(name, str):
+            raise _bad(f"sysctl name {name!r} must be a string")
         ns = sysctl_namespace(name)
         if not isinstance(value, str) or any(c in value for c in "+=\n\r\0") or len(value) > 4096:
             raise _bad(f"sysctl {name}: value {value!r} contains '+', '=', a newline or NUL")
         if ns == "net" and network == NODE:
             raise _bad(f"sysctl {name}: the pod uses the host network namespace")
+        if ns == "uts" and network == NODE:
+            raise _bad(f"sysctl {name}: the pod uses the host UTS namespace (host network)")
         if ns == "ipc" and ipc == NODE:
             raise _bad(f"sysctl {name}: the pod uses the host IPC namespace")
+
+
+# Resource limits by name (setrlimit(2)); values are Linux's generic numbers, used
+# where Python's resource module lacks the constant.
+RLIMITS = {"CPU": 0, "FSIZE": 1, "DATA": 2, "STACK": 3, "CORE": 4, "RSS": 5, "NPROC": 6,
+           "NOFILE": 7, "MEMLOCK": 8, "AS": 9, "LOCKS": 10, "SIGPENDING": 11, "MSGQUEUE": 12,
+           "NICE": 13, "RTPRIO": 14, "RTTIME": 15}
+RLIM_UNLIMITED = -1
+
+
+def rlimit_name(name: object) -> str:
+    """The canonical name ("RLIMIT_NOFILE") of "nofile", "NOFILE", "rlimit_nofile" ..."""
+    if not isinstance(name, str):
+        raise _bad(f"rlimit name {name!r} must be a string")
+    key = name.upper().removeprefix("RLIMIT_")
+    if key not in RLIMITS:
+        raise _bad(f"unknown rlimit {name!r}: use one of "
+                   f"{', '.join(k.lower() for k in RLIMITS)} (or RLIMIT_<NAME>)")
+    return "RLIMIT_" + key
+
+
+def _rlimit_value(name: str, what: str, v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not (v == RLIM_UNLIMITED or 0 <= v < 2**63):
+        raise _bad(f"rlimit {name}: {what} limit {v!r} must be an integer >= 0, "
+                   "or -1 for unlimited")
+    return v
+
+
+def validate_rlimits(rlimits: _Mapping[str, object]) -> dict[str, tuple[int, int]]:
+    """{name: (soft, hard)} with canonical names; soft may not exceed hard."""
+    if not isinstance(rlimits, _Mapping):
+        raise _bad("rlimits must be a mapping of name to (soft, hard)")
+    out: dict[str, tuple[int, int]] = {}
+    for name, pair in rlimits.items():
+        key = rlimit_name(name)
+        if key in out:
+            raise _bad(f"rlimit {key} given twice")
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise _bad(f"rlimit {key}: expected (soft, hard), got {pair!r}")
+        soft = _rlimit_value(key, "soft", pair[0])
+        hard = _rlimit_value(key, "hard", pair[1])
+        if hard != RLIM_UNLIMITED and (soft == RLIM_UNLIMITED or soft > hard):
+            shown = "unlimited" if soft == RLIM_UNLIMITED else soft
+            raise _bad(f"rlimit {key}: soft limit {shown} is above the hard limit {hard}")
+        out[key] = (soft, hard)
+    return out
 
 
 def validate_cgroup_parent(parent: str) -> str:
@@ -311,6 +364,12 @@ class ContainerConfig:
     seccomp: str = "RuntimeDefault"                 # "RuntimeDefault", "Unconfined" or a file path
     pid: str = ""                                   # "" follows the sandbox; CONTAINER/POD/NODE
     oom_score_adj: int = 0
+    # setrlimit(2) limits by name ("RLIMIT_NOFILE" or "nofile") -> (soft, hard), -1 =
+    # unlimited; they replace the defaults (see pycri.container.default_rlimits)
+    rlimits: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # namespaced sysctls only (the allowlist of SandboxConfig.sysctls); they are written
+    # into the pod's namespaces, so every container of the pod sees them
+    sysctls: dict[str, str] = field(default_factory=dict)
     attempt: int = 0                                # restart count: (name, attempt) is unique
 
     def __post_init__(self) -> None:
@@ -350,6 +409,10 @@ class ContainerConfig:
             raise _bad("container resources must be a Resources")
         if self.stdin_once and not self.stdin:
             raise _bad("stdin_once requires stdin")
+        object.__setattr__(self, "rlimits", validate_rlimits(self.rlimits))
+        # the pod's namespace modes are checked at create, against the sandbox
+        validate_sysctls(self.sysctls, POD, POD)
+        object.__setattr__(self, "sysctls", dict(self.sysctls))
 
 
 # ---------------------------------------------------------------------------

@@ -30,6 +30,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pycri import _native, logs, store, users
+from pycri.process import (  # noqa: F401 - CAPS, DEFAULT_* and cap_mask are public here too
+    CAPS,
+    DEFAULT_CAPS,
+    DEFAULT_MASKED,
+    DEFAULT_READONLY,
+    cap_mask,
+    capabilities,
+    cgroup_resources,
+    check_in_sandbox,
+    masked_and_readonly,
+    rlimits_for,
+    seccomp_for,
+)
 from pycri.config import NODE, POD, ContainerConfig, from_json, to_json
 from pycri.errors import (
     AlreadyExistsError,
@@ -49,60 +62,8 @@ CREATED = "created"
 RUNNING = "running"
 EXITED = "exited"
 
-CAPS = (
-    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
-    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
-    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
-    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
-    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
-    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
-)
-# The usual default set of container runtimes.
-DEFAULT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID",
-                "SETUID", "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL",
-                "AUDIT_WRITE")
-DEFAULT_MASKED = ("/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
-                  "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                  "/proc/sched_debug", "/proc/scsi", "/sys/firmware",
-                  "/sys/devices/virtual/powercap")
-DEFAULT_READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXEC_OUTPUT_LIMIT = 16 << 20
-
-
-def _host_bounding() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("CapBnd:"):
-                return int(line.split()[1], 16)
-    return (1 << len(CAPS)) - 1
-
-
-def cap_mask(names: tuple[str, ...] | list[str]) -> int:
-    mask = 0
-    for n in names:
-        n = n.upper().removeprefix("CAP_")
-        if n == "ALL":
-            mask |= (1 << len(CAPS)) - 1
-            continue
-        if n not in CAPS:
-            raise InvalidArgumentError(f"unknown capability {n!r}")
-        mask |= 1 << CAPS.index(n)
-    return mask
-
-
-def capabilities(config: ContainerConfig) -> int:
-    """The capability set of the container process (bounding, effective, permitted)."""
-    if config.privileged:
-        caps = (1 << len(CAPS)) - 1
-    else:
-        caps = cap_mask(DEFAULT_CAPS)
-        drop = [c.upper().removeprefix("CAP_") for c in config.cap_drop]
-        if "ALL" in drop:
-            caps = 0
-        caps |= cap_mask(config.cap_add)
-        caps &= ~cap_mask([c for c in drop if c != "ALL"])
-    return caps & _host_bounding()
 
 
 @dataclass(frozen=True)
@@ -356,6 +317,8 @@ class Container:
         sb_rec = sandbox.record()
         if sb_rec["state"] != "ready":
             raise InvalidStateError(f"sandbox {sandbox.id} is {sb_rec['state']}, not ready")
+        check_in_sandbox(config, sb_rec["config"])
+        rlimits_for(config)  # refuses limits above what pycri may grant, early
         image = runtime.images.get(config.image)
         ctr = cls(runtime, secrets.token_hex(32))
         with ctr._lock():
@@ -419,7 +382,7 @@ class Container:
         caps = capabilities(config)
 
         cg = rt.cgroups(rec["cgroup_parent"]).create_container(
-            sandbox.id, self.id, config.resources)
+            sandbox.id, self.id, cgroup_resources(config))
         rec["oom_kills_at_start"] = 0     # a new cgroup
         namespaces: dict[str, str] = {"mnt": "new", "cgroup": "host"}
         for kind in ("net", "ipc", "uts"):
@@ -456,23 +419,17 @@ class Container:
             # image GC must see the volume images' layers as in use from now on
             self._write(rec)
         privileged = config.privileged
-        masked = () if privileged else (DEFAULT_MASKED if config.masked_paths is None
-                                        else config.masked_paths)
-        readonly = () if privileged else (DEFAULT_READONLY if config.readonly_paths is None
-                                          else config.readonly_paths)
-        seccomp = _seccomp_for(config, caps)
+        masked, readonly = masked_and_readonly(config)
+        seccomp = seccomp_for(config, caps)
 
         stdio_parent: list[int] = []
         child_fds: list[int] = []
         mon_kw: dict[str, Any] = {}
-        tty_fd = -1
         stdin_fd = stdout_fd = stderr_fd = -1
         if config.tty:
-            master, slave = os.openpty()
-            stdio_parent.append(master)
-            child_fds.append(slave)
-            tty_fd = slave
-            mon_kw.update(tty=True, pty_master_fd=master)
+            # the pty comes from the container's own devpts (tty_new): the child makes
+            # it and the launcher hands the master to the monitor (--pty-master-fd)
+            mon_kw.update(tty=True)
         else:
             out_r, out_w = os.pipe()
             err_r, err_w = os.pipe()
@@ -496,11 +453,13 @@ class Container:
                 no_new_privs=config.no_new_privs or bool(seccomp and user.uid != 0),
                 seccomp_bpf=seccomp,
                 oom_score_adj=config.oom_score_adj if config.oom_score_adj > 0 else None,
-                stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd, tty_fd=tty_fd,
+                stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd, tty_new=config.tty,
+                rlimits=rlimits_for(config), sysctls=dict(config.sysctls),
                 namespaces=namespaces,
                 cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
                 overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
-                mount_sys=True, **sandbox.container_files(sb_rec),
+                mount_sys=True, sys_writable=privileged, host_devices=privileged,
+                **sandbox.container_files(sb_rec),
                 binds=binds, masked_paths=list(masked), readonly_paths=list(readonly),
                 root_propagation=_root_propagation(config.mounts),
                 start_wait=True,
@@ -773,7 +732,7 @@ class Container:
                              cfg.supplemental_groups,
                              strict=cfg.supplemental_groups_policy == "Strict")
         caps = capabilities(cfg)
-        seccomp = _seccomp_for(cfg, caps)
+        seccomp = seccomp_for(cfg, caps)
         pid = rec["pid"]
         namespaces = {k: f"/proc/{pid}/ns/{k}" for k in ("mnt", "pid", "net", "ipc", "uts")}
         if os.stat(f"/proc/{pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino:
@@ -785,6 +744,7 @@ class Container:
             gid=user.gid, groups=_groups(user), cap_bounding=caps, cap_effective=caps,
             cap_permitted=caps, seccomp_bpf=seccomp,
             no_new_privs=cfg.no_new_privs or bool(seccomp and user.uid != 0),
+            rlimits=rlimits_for(cfg),
             stdin=stdin, stdout=stdout, stderr=stderr, tty_fd=tty_fd,
             namespaces=namespaces, cgroup_procs=cg.procs_files(), rootfs=None,
             mount_proc=False, mount_sys=False, mount_dev=False)
@@ -945,15 +905,6 @@ def _image_dir_exists(layer_dirs: list[str], path: str) -> bool:
         else:
             return True
     return False
-
-
-def _seccomp_for(config: ContainerConfig, caps: int) -> bytes | None:
-    """The seccomp program of a container's processes (none when privileged)."""
-    if config.privileged:
-        return None
-    from pycri import seccomp
-
-    return seccomp.profile_bpf(config.seccomp, caps)
 
 
 def _groups(user: users.User) -> list[int]:

@@ -16,7 +16,9 @@
  * execve succeeded, puts monitor_fds back at their original numbers and
  * continues, in the same process, as the monitor: monitor_argv + "--adopt" PID,
  * with the container as its child. The caller closes the launcher socket after
- * pycri_launch returns, whatever it returned.
+ * pycri_launch returns, whatever it returned. With spec->tty_new the container's
+ * pty master (made in its own devpts) is the monitor's too: "--pty-master-fd" N
+ * is appended after the pid.
  */
 
 struct pycri_launch_result {

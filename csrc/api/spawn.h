@@ -12,8 +12,8 @@
  * the new ones (so a joined user namespace owns them) (the cgroup namespace last, once every cgroup of
  * cgroup_procs is entered and the parent has written the id maps), setresuid(0) in a user namespace, oom_score_adj,
  * mounts (rootfs, /proc, sysctls, /sys, /dev, binds, /etc files, masked and
- * read-only paths, pivot_root), hostname, new session, stdio and kept fds
- * (everything else CLOEXEC), tty, working dir, read-only rootfs, rlimits,
+ * read-only paths, pivot_root), hostname, the own pty (tty_new), new session,
+ * stdio and kept fds (everything else CLOEXEC), tty, working dir, read-only rootfs, rlimits,
  * seccomp (here when no_new_privs is off), groups/gid, bounding set, uid,
  * capsets, ambient, no_new_privs, seccomp (here when it is on), $PATH lookup,
  * then (start_wait) the wait for start, then execve.
@@ -131,6 +131,10 @@ struct pycri_spawn_spec {
     /* --- stdio and fds --- */
     int stdio[3];              /* fds for 0,1,2 in the caller; -1 = /dev/null */
     int tty_fd;                /* pty slave: new session, controlling tty, and 0/1/2 where stdio is -1; -1 = none */
+    int tty_new;               /* instead of tty_fd: a pty of the container's own devpts (needs
+                                * rootfs and mount_dev); the child opens /dev/pts/ptmx after
+                                * pivot_root, keeps the slave as its tty (as tty_fd would be)
+                                * and passes the master back: pycri_spawn_result.tty_master */
     const int *keep_fds;       /* passed to the container as 3, 4, ... in this order */
     int n_keep_fds;
 
@@ -158,7 +162,11 @@ struct pycri_spawn_spec {
     int root_propagation;      /* PYCRI_PROP_*: what "/" becomes first */
     int mount_proc;            /* /proc */
     int mount_sys;             /* /sys read-only (ro rbind of host /sys when the net ns is the host's) */
+    int sys_writable;          /* /sys read-write instead (privileged) */
     int mount_dev;             /* /dev tmpfs, nodes, pts, shm, mqueue, links */
+    int host_devices;          /* with mount_dev: every char and block node of the host's /dev
+                                * too, at the same path (privileged); names the container's /dev
+                                * has already, console, and other filesystems under /dev are skipped */
     const char *shm_path;      /* bind this host dir at /dev/shm instead of a fresh tmpfs */
     unsigned long long shm_size; /* bytes for a fresh /dev/shm; 0 = 64 MiB */
     const char *etc_hostname;  /* host files bind-mounted at /etc/hostname, /etc/hosts, /etc/resolv.conf */
@@ -185,6 +193,7 @@ struct pycri_spawn_result {
     unsigned long long start_time;  /* field 22 of /proc/<pid>/stat (clock ticks since boot) */
     int start_fd;              /* start_wait only: the start socket (CLOEXEC), else -1 */
     int report_fd;             /* start_wait only: the report socket (CLOEXEC), else -1 */
+    int tty_master;            /* tty_new only: the pty master (CLOEXEC), else -1 */
 };
 
 /* Create the process. On failure nothing is left behind: the child (if any) is
