@@ -429,13 +429,12 @@ def read_cgroup(cg: Cgroup, recursive: bool = False) -> CgroupSample | None:
             p = _psi(f.read("psi", f"{kind}.pressure"))
             if p is not None:
                 s.psi[kind] = p
-        procs_dir = f.dir("pids") or f.dir("cpu") or f.dir("memory")
+        ctl = next((c for c in ("pids", "cpu", "memory") if f.dir(c)), "pids")
         if recursive:
-            s.pids, s.threads = _procs_below(procs_dir)
+            s.pids, s.threads = _procs_below(f.dir(ctl))
         else:
-            s.pids = [int(x) for x in (f.read("pids", "cgroup.procs", _PROCS_CAP)
-                                       or f.read("cpu", "cgroup.procs", _PROCS_CAP) or "").split()]
-            s.threads = len((f.read("pids", "cgroup.threads" if cg.v2 else "tasks", _PROCS_CAP)
+            s.pids = [int(x) for x in (f.read(ctl, "cgroup.procs", _PROCS_CAP) or "").split()]
+            s.threads = len((f.read(ctl, "cgroup.threads" if cg.v2 else "tasks", _PROCS_CAP)
                              or "").split())
         return s
     finally:
