@@ -507,8 +507,10 @@ def _read_v2(f: _CgroupFiles, s: CgroupSample) -> None:
         s.cpu_quota_us = 0 if cpu_max[0] == "max" else _int(cpu_max[0])
         s.cpu_period_us = _int(cpu_max[1])
     weight = _int(f.read("cpu", "cpu.weight"))
-    if weight is not None:  # back to shares: the inverse of cgroup.shares_to_weight
-        s.cpu_shares = 2 + ((weight - 1) * 262142) // 9999
+    if weight is not None:
+        # back to shares: the smallest that cgroup.shares_to_weight maps to this weight
+        # (the map is many-to-one, so 1024 shares come back as 999)
+        s.cpu_shares = 2 + -(-(weight - 1) * 262142 // 9999)
 
     s.memory_usage = _int(f.read("memory", "memory.current"))
     s.memory_max_usage = _int(f.read("memory", "memory.peak"))
