@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pycri import _native, store
-from pycri.config import NODE, POD, ContainerConfig, SandboxConfig, from_json, to_json
+from pycri.config import NODE, POD, ContainerConfig, Resources, SandboxConfig, from_json, to_json
 from pycri.container import Container, RunResult, run_to_completion
-from pycri.errors import AlreadyExistsError, NotFoundError, PycriError, RuntimeFailure
+from pycri.errors import (AlreadyExistsError, InvalidArgumentError, InvalidStateError,
+                          NotFoundError, PycriError, RuntimeFailure)
 
 if TYPE_CHECKING:
     from pycri.image import Image
@@ -428,6 +429,28 @@ class Sandbox:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+    # -- resizing the pod ------------------------------------------------------------
+
+    def update_resources(self, resources: Resources | None) -> None:
+        """Apply pod-level limits (cpu, memory, hugepages, ...) to the pod's cgroup, all
+        or nothing (a value the kernel refuses puts back every value already written).
+        The pod's containers keep their own limits; the pod's caps them all. None
+        changes nothing. The applied resources are kept in the record."""
+        if resources is None:
+            return
+        if not isinstance(resources, Resources):
+            raise InvalidArgumentError("pod resources must be a pycri.Resources")
+        with self._lock():
+            rec = self.record()
+            if rec["state"] == CREATING:
+                raise InvalidStateError(f"sandbox {self.id[:12]} is still being created")
+            cg = self.runtime.cgroups(rec["cgroup_parent"]).pod(self.id)
+            if not cg.exists():
+                raise InvalidStateError(f"sandbox {self.id[:12]} has no cgroup any more")
+            cg.update(resources)
+            rec["resources"] = to_json(resources)
+            self._write(rec)
 
 
 def _mapped_root(config: SandboxConfig) -> tuple[int, int]:

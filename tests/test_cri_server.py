@@ -319,8 +319,7 @@ def test_image_fs_info(cri):
     assert list(resp.container_filesystems) == [fs]
 
 
-UNIMPLEMENTED = ["CheckpointContainer", "UpdatePodSandboxResources", "ListMetricDescriptors",
-                 "ListPodSandboxMetrics", "StreamPodSandboxMetrics"]
+UNIMPLEMENTED = ["CheckpointContainer"]
 
 
 @pytest.mark.parametrize("name", UNIMPLEMENTED)

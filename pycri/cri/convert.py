@@ -33,6 +33,7 @@ from pycri.config import (
 from pycri.container import CREATED, EXITED, RUNNING, ContainerStatus, ExecResult
 from pycri.sandbox import NOTREADY, READY, SandboxStatus
 from pycri.cri._gen import api_pb2
+from pycri.cgroup import SHARES_MAX
 from pycri.errors import InvalidArgumentError
 from pycri.image import FsInfo, Image
 
@@ -470,38 +471,133 @@ def _u64(v: int) -> api_pb2.UInt64Value:
     return api_pb2.UInt64Value(value=max(0, int(v)))
 
 
-def container_stats(st: ContainerStatus, s: Any, fs_mount: str) -> api_pb2.ContainerStats:
-    """A container's attributes and its library ContainerStats as CRI ContainerStats."""
+def _opt_u64(v: int | None) -> api_pb2.UInt64Value | None:
+    return None if v is None else _u64(v)
+
+
+def _psi(p: Any) -> api_pb2.PsiStats | None:
+    """A pressure file's figures (metrics.Psi, totals in microseconds) as PsiStats."""
+    if p is None:
+        return None
+    return api_pb2.PsiStats(
+        Some=api_pb2.PsiData(Total=p.some_us * 1000, Avg10=p.some_avg[0], Avg60=p.some_avg[1],
+                             Avg300=p.some_avg[2]),
+        Full=api_pb2.PsiData(Total=p.full_us * 1000, Avg10=p.full_avg[0], Avg60=p.full_avg[1],
+                             Avg300=p.full_avg[2]))
+
+
+def cpu_usage(s: Any, nano_cores: int | None) -> api_pb2.CpuUsage:
+    """A cgroup sample (metrics.CgroupSample) as CpuUsage; ``nano_cores`` is the rate
+    over the last window, None when there is no earlier sample yet."""
+    msg = api_pb2.CpuUsage(timestamp=s.wall_ns, usage_core_nano_seconds=_u64(s.cpu_ns),
+                           usage_nano_cores=_opt_u64(nano_cores), psi=_psi(s.psi.get("cpu")))
+    return msg
+
+
+def memory_usage(s: Any) -> api_pb2.MemoryUsage:
+    """A cgroup sample as MemoryUsage. available_bytes only when there is a limit."""
+    return api_pb2.MemoryUsage(
+        timestamp=s.wall_ns, working_set_bytes=_u64(s.memory_working_set or 0),
+        usage_bytes=_u64(s.memory_usage or 0), available_bytes=_opt_u64(s.memory_available),
+        rss_bytes=_opt_u64(s.memory_rss), page_faults=_opt_u64(s.pgfault),
+        major_page_faults=_opt_u64(s.pgmajfault), psi=_psi(s.psi.get("memory")))
+
+
+def _io_usage(s: Any) -> api_pb2.IoUsage | None:
+    p = s.psi.get("io")
+    return None if p is None else api_pb2.IoUsage(timestamp=s.wall_ns, psi=_psi(p))
+
+
+def container_stats(st: ContainerStatus, s: Any, layer_bytes: int, layer_inodes: int,
+                    fs_mount: str, nano_cores: int | None = None) -> api_pb2.ContainerStats:
+    """A container's attributes, a sample of its cgroup (metrics.CgroupSample) and its
+    writable layer's usage as CRI ContainerStats."""
     cfg = st.config
-    ts = s.timestamp_ns
-    return api_pb2.ContainerStats(
+    ts = s.wall_ns
+    out = api_pb2.ContainerStats(
         attributes=api_pb2.ContainerAttributes(id=st.id, metadata=_container_metadata(cfg),
                                                labels=cfg.labels, annotations=cfg.annotations),
-        cpu=api_pb2.CpuUsage(timestamp=ts, usage_core_nano_seconds=_u64(s.cpu_usage_ns)),
-        memory=api_pb2.MemoryUsage(timestamp=ts, working_set_bytes=_u64(s.memory_working_set_bytes),
-                                   usage_bytes=_u64(s.memory_usage_bytes)),
+        cpu=cpu_usage(s, nano_cores), memory=memory_usage(s),
         writable_layer=api_pb2.FilesystemUsage(
             timestamp=ts, fs_id=api_pb2.FilesystemIdentifier(mountpoint=fs_mount),
-            used_bytes=_u64(s.writable_layer_bytes), inodes_used=_u64(s.writable_layer_inodes)))
+            used_bytes=_u64(layer_bytes), inodes_used=_u64(layer_inodes)),
+        io=_io_usage(s))
+    if s.memory_swap is not None:
+        out.swap.CopyFrom(api_pb2.SwapUsage(timestamp=ts, swap_usage_bytes=_u64(s.memory_swap),
+                                            swap_available_bytes=_opt_u64(s.swap_available)))
+    return out
 
 
-def sandbox_stats(st: SandboxStatus, s: Any, timestamp_ns: int,
-                  containers: list[api_pb2.ContainerStats]) -> api_pb2.PodSandboxStats:
-    """A pod's attributes, its cgroup's usage (cgroup Stats or None) and its containers'."""
+def network_usage(timestamp_ns: int, devs: Any) -> api_pb2.NetworkUsage:
+    """The pod's interfaces (metrics.NetDev, loopback left out): eth0 is the default
+    interface, as kubelet expects; without eth0 the first one is."""
+    ifaces = [api_pb2.NetworkInterfaceUsage(name=d.name, rx_bytes=_u64(d.rx_bytes),
+                                            rx_errors=_u64(d.rx_errors), tx_bytes=_u64(d.tx_bytes),
+                                            tx_errors=_u64(d.tx_errors)) for d in devs]
+    ifaces.sort(key=lambda i: (i.name != "eth0", i.name))
+    out = api_pb2.NetworkUsage(timestamp=timestamp_ns, interfaces=ifaces[1:])
+    if ifaces:
+        out.default_interface.CopyFrom(ifaces[0])
+    return out
+
+
+def sandbox_stats(st: SandboxStatus, s: Any, net: Any, timestamp_ns: int,
+                  containers: list[api_pb2.ContainerStats],
+                  nano_cores: int | None = None) -> api_pb2.PodSandboxStats:
+    """A pod's attributes, a sample of its cgroup (or None), its interfaces (or None)
+    and its containers' stats as CRI PodSandboxStats."""
     cfg = st.config
     linux = api_pb2.LinuxPodSandboxStats(containers=containers)
     if s is not None:
-        linux.cpu.CopyFrom(api_pb2.CpuUsage(timestamp=timestamp_ns,
-                                            usage_core_nano_seconds=_u64(s.cpu_usage_ns)))
-        linux.memory.CopyFrom(api_pb2.MemoryUsage(
-            timestamp=timestamp_ns, working_set_bytes=_u64(s.memory_working_set_bytes),
-            usage_bytes=_u64(s.memory_usage_bytes)))
-        linux.process.CopyFrom(api_pb2.ProcessUsage(timestamp=timestamp_ns,
-                                                    process_count=_u64(s.pids_current)))
+        linux.cpu.CopyFrom(cpu_usage(s, nano_cores))
+        linux.memory.CopyFrom(memory_usage(s))
+        linux.process.CopyFrom(api_pb2.ProcessUsage(timestamp=s.wall_ns,
+                                                    process_count=_u64(len(s.pids))))
+        io = _io_usage(s)
+        if io is not None:
+            linux.io.CopyFrom(io)
+    if net:  # no interface but loopback: nothing kubelet could use
+        linux.network.CopyFrom(network_usage(timestamp_ns, net))
     return api_pb2.PodSandboxStats(
         attributes=api_pb2.PodSandboxAttributes(id=st.id, metadata=_sandbox_metadata(cfg),
                                                 labels=cfg.labels, annotations=cfg.annotations),
         linux=linux)
+
+
+DEFAULT_CFS_PERIOD = 100_000  # microseconds: the kernel's period when none is set
+
+
+def sandbox_resources(overhead: api_pb2.LinuxContainerResources | None,
+                      total: api_pb2.LinuxContainerResources | None) -> Resources | None:
+    """UpdatePodSandboxResources: the pod cgroup's limits are the sum of its containers'
+    (``total``) plus the pod's ``overhead``. A limit the total leaves unset stays
+    unset (overhead alone does not cap a pod); cpuset and unified come from the total.
+    None when the request carries neither."""
+    if total is None and overhead is None:
+        return None
+    t = total if total is not None else api_pb2.LinuxContainerResources()
+    o = overhead if overhead is not None else api_pb2.LinuxContainerResources()
+
+    def plus(a: int, b: int) -> int:
+        return a + b if a > 0 and b > 0 else a
+
+    quota = t.cpu_quota
+    if quota > 0 and o.cpu_quota > 0:
+        # the overhead's quota, rescaled to the total's period when they differ
+        period = t.cpu_period or DEFAULT_CFS_PERIOD
+        quota += o.cpu_quota * period // (o.cpu_period or DEFAULT_CFS_PERIOD)
+    hugepages = {h.page_size: h.limit for h in t.hugepage_limits}
+    for h in o.hugepage_limits:
+        if hugepages.get(h.page_size, 0) > 0:
+            hugepages[h.page_size] += h.limit
+    return Resources(
+        cpu_shares=min(SHARES_MAX, plus(t.cpu_shares, o.cpu_shares)), cpu_quota=quota,
+        cpu_period=t.cpu_period,
+        cpuset_cpus=t.cpuset_cpus, cpuset_mems=t.cpuset_mems,
+        memory_limit_in_bytes=plus(t.memory_limit_in_bytes, o.memory_limit_in_bytes),
+        memory_swap_limit_in_bytes=plus(t.memory_swap_limit_in_bytes,
+                                        o.memory_swap_limit_in_bytes),
+        hugepage_limits=hugepages, unified=dict(t.unified))
 
 
 def exec_sync(r: ExecResult) -> api_pb2.ExecSyncResponse:

@@ -43,7 +43,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import grpc  # noqa: E402
 
 import pycri  # noqa: E402
-from pycri.cri import convert
+from pycri.cri import convert, metrics
 from pycri.cri._gen import api_pb2, api_pb2_grpc
 from pycri.config import to_json
 from pycri.container import EXITED, RUNNING
@@ -177,6 +177,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         self.options = options
         self.streaming = streaming or StreamingServer(RuntimeBackend(runtime))
         self.events = EventHub(runtime)
+        self.metrics = metrics.Collector(runtime)
 
     # implemented ---------------------------------------------------------------------
 
@@ -291,7 +292,10 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
 
     @rpc
     def UpdatePodSandboxResources(self, request: Any, context: Any) -> Any:
-        raise UnsupportedError("UpdatePodSandboxResources: pycri does not resize pods")
+        self._sandbox(request.pod_sandbox_id).update_resources(convert.sandbox_resources(
+            request.overhead if request.HasField("overhead") else None,
+            request.resources if request.HasField("resources") else None))
+        return api_pb2.UpdatePodSandboxResourcesResponse()
 
     # containers -------------------------------------------------------------------------
 
@@ -441,8 +445,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     # stats and metrics --------------------------------------------------------------------
 
     def _container_stats(self, c: pycri.Container) -> api_pb2.ContainerStats:
-        st = c.status()
-        return convert.container_stats(st, c.stats(), self.rt.root)
+        return self.metrics.container_stats(c)
 
     def _all_container_stats(self, f: Any) -> list[api_pb2.ContainerStats]:
         flt = api_pb2.ContainerFilter(id=f.id, pod_sandbox_id=f.pod_sandbox_id,
@@ -470,15 +473,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
             yield api_pb2.StreamContainerStatsResponse(container_stats=items[i:i + STREAM_CHUNK])
 
     def _sandbox_stats(self, sb: pycri.Sandbox) -> api_pb2.PodSandboxStats:
-        st = sb.status()
-        usage = None
-        with contextlib.suppress(PycriError, OSError):
-            usage = sb.stats()
-        containers = []
-        for c in sb.containers():
-            with contextlib.suppress(NotFoundError, PycriError, OSError):
-                containers.append(self._container_stats(c))
-        return convert.sandbox_stats(st, usage, time.time_ns(), containers)
+        return self.metrics.sandbox_stats(sb)
 
     def _all_sandbox_stats(self, f: Any) -> list[api_pb2.PodSandboxStats]:
         want = {"id": f.id, "labels": dict(f.label_selector)} if f is not None else {}
@@ -505,21 +500,20 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         for i in range(0, len(items), STREAM_CHUNK):
             yield api_pb2.StreamPodSandboxStatsResponse(pod_sandbox_stats=items[i:i + STREAM_CHUNK])
 
-    # CRI metrics (ListMetricDescriptors and friends) are the cAdvisor set; an empty but
-    # "successful" answer tells kubelet and critest that pycri serves them, and both
-    # then want every descriptor. Until it does, say so: clients skip or fall back.
+    # CRI metrics: the cAdvisor-named series (pycri.cri.metrics), read live.
     @rpc
     def ListMetricDescriptors(self, request: Any, context: Any) -> Any:
-        raise UnsupportedError("ListMetricDescriptors: pycri serves no CRI metrics yet")
+        return api_pb2.ListMetricDescriptorsResponse(descriptors=metrics.descriptors())
 
     @rpc
     def ListPodSandboxMetrics(self, request: Any, context: Any) -> Any:
-        raise UnsupportedError("ListPodSandboxMetrics: pycri serves no CRI metrics yet")
+        return api_pb2.ListPodSandboxMetricsResponse(pod_metrics=self.metrics.all_pod_metrics())
 
     @rpc
     def StreamPodSandboxMetrics(self, request: Any, context: Any) -> Iterator[Any]:
-        raise UnsupportedError("StreamPodSandboxMetrics: pycri serves no CRI metrics yet")
-        yield  # a generator, like the other Stream* RPCs
+        items = self.metrics.all_pod_metrics()
+        for i in range(0, len(items), STREAM_CHUNK):
+            yield api_pb2.StreamPodSandboxMetricsResponse(pod_sandbox_metrics=items[i:i + STREAM_CHUNK])
 
 
 def _state_or(c: pycri.Container, default: str) -> str:
