@@ -20,6 +20,7 @@ import secrets
 import shutil
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +28,15 @@ from pycri import _native, store
 from pycri.config import NODE, POD, ContainerConfig, SandboxConfig, from_json, to_json
 from pycri.container import Container, RunResult, run_to_completion
 from pycri.errors import AlreadyExistsError, NotFoundError, PycriError, RuntimeFailure
+from pycri.network import NetworkResult
 
 if TYPE_CHECKING:
     from pycri.image import Image
     from pycri.runtime import Runtime
 
 SHM_SIZE = 64 << 20
+# CNI ADDs of pods being created, each beside the rest of its pod's setup
+_NETWORK_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pycri-cni")
 CREATING = "creating"
 READY = "ready"
 NOTREADY = "notready"
@@ -197,15 +201,24 @@ class Sandbox:
             rec["shm"] = True
         self._write(rec)
         rt.cgroups(rec["cgroup_parent"]).create_pod(self.id)
-        if config.pid == POD:
-            self._start_infra(rec, paths)
-        ips: tuple[str, ...] = ()
+        # CNI ADD (plugin processes, milliseconds of kernel work) runs beside the rest:
+        # nothing else here touches the network namespace's contents.
+        network: Future[NetworkResult] | None = None
         if rec["network"] == "cni":
             assert rt.cni is not None and paths["net"]
-            res = rt.cni.setup(self.id, paths["net"], os.path.join(self.state_dir, "cni.json"),
-                               name=config.name, namespace=config.namespace, uid=config.uid,
-                               ports=config.port_mappings)
-            ips = res.ips
+            network = _NETWORK_POOL.submit(
+                rt.cni.setup, self.id, paths["net"], os.path.join(self.state_dir, "cni.json"),
+                name=config.name, namespace=config.namespace, uid=config.uid,
+                ports=config.port_mappings)
+        try:
+            if config.pid == POD:
+                self._start_infra(rec, paths)
+        except BaseException:
+            if network is not None:  # let it finish: the teardown then undoes it
+                with contextlib.suppress(BaseException):
+                    network.result()
+            raise
+        ips: tuple[str, ...] = network.result().ips if network is not None else ()
         self._write_etc(hostname, ips, config)
         rec.update(state=READY, ip=ips[0] if ips else "", ips=list(ips), hostname=hostname)
         self._write(rec)
@@ -255,14 +268,18 @@ class Sandbox:
                 os.waitpid(pid, 0)  # ours to reap when this process made the pod
 
     def _write_etc(self, hostname: str, ips: tuple[str, ...], config: SandboxConfig) -> None:
+        # Not fsynced (sync=False), like the record: made anew for every pod, and of no
+        # use after a boot, which ends the pod.
         d = self.files_dir
-        store.atomic_write(os.path.join(d, "hostname"), hostname.encode() + b"\n", 0o644)
+        store.atomic_write(os.path.join(d, "hostname"), hostname.encode() + b"\n", 0o644,
+                           sync=False)
         hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
         if ips:
             hosts.append(f"{ips[0]}\t{hostname}")
         else:
             hosts[0] += f" {hostname}"
-        store.atomic_write(os.path.join(d, "hosts"), ("\n".join(hosts) + "\n").encode(), 0o644)
+        store.atomic_write(os.path.join(d, "hosts"), ("\n".join(hosts) + "\n").encode(), 0o644,
+                           sync=False)
         if config.dns and (config.dns.servers or config.dns.searches or config.dns.options):
             lines = [f"nameserver {s}" for s in config.dns.servers]
             if config.dns.searches:
@@ -276,7 +293,7 @@ class Sandbox:
                     resolv = f.read(64 << 10)
             except OSError:
                 resolv = b""
-        store.atomic_write(os.path.join(d, "resolv.conf"), resolv, 0o644)
+        store.atomic_write(os.path.join(d, "resolv.conf"), resolv, 0o644, sync=False)
 
     @property
     def files_dir(self) -> str:
