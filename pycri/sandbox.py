@@ -184,6 +184,31 @@ class Sandbox:
                 raise RuntimeFailure(f"sandbox namespaces: {e.strerror}", stage="namespaces",
                                      errno=e.errno or 0) from e
         rec.update(netns=bool(paths["net"]), ipcns=bool(paths["ipc"]), utsns=bool(paths["uts"]))
+        # CNI ADD (plugin processes, milliseconds of kernel work) runs beside the rest of
+        # the setup, which never touches what is inside the network namespace.
+        network: Future[NetworkResult] | None = None
+        if rec["network"] == "cni":
+            assert rt.cni is not None and paths["net"]
+            network = _NETWORK_POOL.submit(
+                rt.cni.setup, self.id, paths["net"], os.path.join(self.state_dir, "cni.json"),
+                name=config.name, namespace=config.namespace, uid=config.uid,
+                ports=config.port_mappings)
+        try:
+            self._setup_rest(rec, config, paths)
+        except BaseException:
+            if network is not None:  # let it finish: the caller's teardown then undoes it
+                with contextlib.suppress(BaseException):
+                    network.result()
+            raise
+        ips: tuple[str, ...] = network.result().ips if network is not None else ()
+        self._write_etc(hostname, ips, config)
+        rec.update(state=READY, ip=ips[0] if ips else "", ips=list(ips), hostname=hostname)
+        self._write(rec)
+
+    def _setup_rest(self, rec: dict[str, Any], config: SandboxConfig,
+                    paths: dict[str, str | None]) -> None:
+        """What _setup does while the pod's network is being set up."""
+        rt = self.runtime
         if config.user_namespace:
             # files the containers mount must be reachable by their mapped root: the
             # state dir is 0700, so they go under the traversable root instead
@@ -201,27 +226,8 @@ class Sandbox:
             rec["shm"] = True
         self._write(rec)
         rt.cgroups(rec["cgroup_parent"]).create_pod(self.id)
-        # CNI ADD (plugin processes, milliseconds of kernel work) runs beside the rest:
-        # nothing else here touches the network namespace's contents.
-        network: Future[NetworkResult] | None = None
-        if rec["network"] == "cni":
-            assert rt.cni is not None and paths["net"]
-            network = _NETWORK_POOL.submit(
-                rt.cni.setup, self.id, paths["net"], os.path.join(self.state_dir, "cni.json"),
-                name=config.name, namespace=config.namespace, uid=config.uid,
-                ports=config.port_mappings)
-        try:
-            if config.pid == POD:
-                self._start_infra(rec, paths)
-        except BaseException:
-            if network is not None:  # let it finish: the teardown then undoes it
-                with contextlib.suppress(BaseException):
-                    network.result()
-            raise
-        ips: tuple[str, ...] = network.result().ips if network is not None else ()
-        self._write_etc(hostname, ips, config)
-        rec.update(state=READY, ip=ips[0] if ips else "", ips=list(ips), hostname=hostname)
-        self._write(rec)
+        if config.pid == POD:
+            self._start_infra(rec, paths)
 
     def _start_infra(self, rec: dict[str, Any], paths: dict[str, str | None]) -> None:
         """Containers sharing the pod's pid namespace need a pid 1 that outlives each
