@@ -15,6 +15,7 @@ import builtins
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -107,6 +108,27 @@ class FsInfo:
     timestamp_ns: int
 
 
+@dataclass(frozen=True)
+class _Names:
+    """names.json as read once: the map, and each image's (tags, repo digests)."""
+
+    key: tuple[int, ...]
+    names: dict[str, str]
+    by_id: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+
+
+_NO_NAMES = _Names((), {}, {})
+
+
+def _file_key(file: int | str) -> tuple[int, ...]:
+    """Identifies one version of a file that is only ever replaced by rename: a
+    rewrite is a new inode (and a new ctime), so an unchanged key means unchanged bytes.
+    A cache hit needs only a stat of the path; what is cached was read through an fd
+    whose key was taken from that same fd."""
+    st = os.stat(file)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 # Layers being fetched by this process, keyed by (root, chain id): concurrent
 # pulls that need the same layer wait for one download instead of starting two.
 _inflight_lock = threading.Lock()
@@ -136,6 +158,10 @@ class ImageStore:
         self._gc_lock = threading.Lock()
         self._gc_pending = False
         self._registry_lock = threading.Lock()
+        # Parsed names.json and image records, reused while their file is the same
+        # version (_file_key): queries stat instead of re-reading and re-parsing.
+        self._names_cache: _Names = _NO_NAMES
+        self._image_cache: dict[str, tuple[tuple[int, ...], tuple[int, ...], Image]] = {}
         for d in ("blobs/sha256", "ingest", "images", "locks"):
             store.makedirs(os.path.join(self.root, d))
         # layer dirs are overlay lower dirs: a container's mapped root must reach them
@@ -181,20 +207,61 @@ class ImageStore:
             return {}
         return {str(k): str(v) for k, v in names.items()}
 
+    def _names(self) -> _Names:
+        """names.json for queries: shared and read-only (writers use _read_names)."""
+        cached = self._names_cache
+        try:
+            if cached.key and _file_key(self._names_path) == cached.key:
+                return cached
+            f = open(self._names_path, "rb")
+        except FileNotFoundError:
+            return _NO_NAMES
+        with f:
+            key = _file_key(f.fileno())
+            data = f.read()
+        names = {str(k): str(v) for k, v in json.loads(data).items()}
+        mine: dict[str, builtins.list[str]] = {}
+        for n in sorted(names):
+            mine.setdefault(names[n], []).append(n)
+        state = _Names(key, names, {
+            i: (tuple(n for n in ns if "@" not in n), tuple(n for n in ns if "@" in n))
+            for i, ns in mine.items()})
+        self._names_cache = state
+        return state
+
+    def _image_of(self, image_id: str, names: _Names) -> Image:
+        """_image through the cache: the record file's version and the names' version
+        decide whether the Image made last time still holds."""
+        path = self._record_path(image_id)
+        hit = self._image_cache.get(image_id)
+        try:
+            if hit is not None and hit[1] == names.key and hit[0] == _file_key(path):
+                return hit[2]
+            f = open(path, "rb")
+        except FileNotFoundError:
+            self._image_cache.pop(image_id, None)
+            raise NotFoundError(f"image {image_id} not found") from None
+        with f:
+            key = _file_key(f.fileno())
+            rec = json.loads(f.read())
+        tags, digests = names.by_id.get(image_id, ((), ()))
+        img = self._image_from(image_id, rec, tags, digests)
+        self._image_cache[image_id] = (key, names.key, img)
+        return img
+
     def _read_record(self, image_id: str) -> dict[str, Any]:
         try:
             return store.read_json(self._record_path(image_id))  # type: ignore[no-any-return]
         except FileNotFoundError:
             raise NotFoundError(f"image {image_id} not found") from None
 
-    def _image(self, image_id: str, names: dict[str, str]) -> Image:
-        rec = self._read_record(image_id)
+    def _image_from(self, image_id: str, rec: dict[str, Any], tags: tuple[str, ...],
+                    digests: tuple[str, ...]) -> Image:
         config = _config(self.blob_path(image_id))
-        mine = sorted(n for n, i in names.items() if i == image_id)
         return Image(
             id=image_id,
-            repo_tags=tuple(n for n in mine if "@" not in n),
-            repo_digests=tuple(n for n in mine if "@" in n),
+            repo_tags=tags,
+            repo_digests=digests,
             size=int(rec["size"]),
             config=config,
             manifest_digest=rec["manifest_digest"],
@@ -231,9 +298,11 @@ class ImageStore:
     # -- queries ---------------------------------------------------------------
 
     def get(self, ref: str) -> Image:
-        """The image named by tag, digest reference, id or unique id prefix."""
-        names = self._read_names()
-        return self._image(self._resolve_id(ref, names), names)
+        """The image named by tag, digest reference, id or unique id prefix.
+
+        Images are snapshots shared between callers: treat them as read-only."""
+        names = self._names()
+        return self._image_of(self._resolve_id(ref, names.names), names)
 
     def status(self, ref: str) -> Image | None:
         """Like get(), but None when the image does not exist."""
@@ -243,11 +312,11 @@ class ImageStore:
             return None
 
     def list(self) -> builtins.list[Image]:
-        names = self._read_names()
+        names = self._names()
         out = []
-        for image_id in sorted(set(names.values())):
+        for image_id in sorted(names.by_id):
             with contextlib.suppress(NotFoundError, FileNotFoundError):
-                out.append(self._image(image_id, names))
+                out.append(self._image_of(image_id, names))
         return out
 
     def layer_dirs(self, image: Image) -> builtins.list[str]:

@@ -6,6 +6,15 @@ ADD runs every plugin of the list in order, feeding each the previous result;
 DEL runs them in reverse with the result cached at ADD time. Plugins are found
 in the bin dirs; they run with a timeout and their errors come back as
 RuntimeFailure with the plugin's own message.
+
+Two things keep a pod's network setup and teardown cheap without changing what
+they do. A parsed config is reused while the conf dir and its file are unchanged
+(same names, inode, size and mtime). And a chained plugin whose only input is a
+runtime capability the pod does not use is not executed: the reference
+``portmap`` plugin, given no ``runtimeConfig.portMappings``, answers ADD with
+its prevResult unchanged and DEL with nothing (every release since v0.9; older
+ones made no rules for such a pod either), so running it costs a process start
+and changes nothing. ``NOOP_WITHOUT`` names such plugins and the key.
 """
 
 from __future__ import annotations
@@ -14,7 +23,11 @@ import contextlib
 import ipaddress
 import json
 import os
+import selectors
+import signal
 import subprocess
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +52,11 @@ BUILTIN_NETWORK = {
         {"type": "portmap", "capabilities": {"portMappings": True}},
     ],
 }
+
+# Chained plugins that do nothing unless the runtime hands them this runtimeConfig
+# key (see the module docstring): plugin type -> runtimeConfig key.
+NOOP_WITHOUT = {"portmap": "portMappings"}
+_PIPE_READ = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -76,13 +94,33 @@ class CNI:
                  bin_dirs: tuple[str, ...] = DEFAULT_BIN_DIRS) -> None:
         self.conf_dir = conf_dir
         self.bin_dirs = tuple(bin_dirs)
+        self._cache_lock = threading.Lock()
+        self._cached: tuple[tuple[Any, ...], dict[str, Any]] | None = None
 
     def network(self) -> dict[str, Any]:
-        """The network config in use: the first file in conf_dir, else the built-in bridge."""
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            for name in sorted(os.listdir(self.conf_dir)):
-                if name.endswith((".conflist", ".conf", ".json")):
-                    return _load_conf(os.path.join(self.conf_dir, name))
+        """The network config in use: the first file in conf_dir, else the built-in bridge.
+
+        The parse is kept while the file keeps its name, inode, size and mtime; an
+        edit in place or a new file that sorts first is seen by the next call."""
+        try:
+            names = sorted(n for n in os.listdir(self.conf_dir)
+                           if n.endswith((".conflist", ".conf", ".json")))
+        except (FileNotFoundError, NotADirectoryError):
+            return BUILTIN_NETWORK
+        for name in names:
+            path = os.path.join(self.conf_dir, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue  # removed since the listing
+            key = (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            with self._cache_lock:
+                if self._cached is not None and self._cached[0] == key:
+                    return self._cached[1]
+            conf = _load_conf(path)
+            with self._cache_lock:
+                self._cached = (key, conf)
+            return conf
         return BUILTIN_NETWORK
 
     def status(self) -> tuple[bool, str]:
@@ -118,15 +156,14 @@ class CNI:
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
         }
         try:
-            proc = subprocess.run([path], input=json.dumps(plugin_conf).encode(), env=env,
-                                  capture_output=True, timeout=PLUGIN_TIMEOUT, close_fds=True)
+            rc, stdout, stderr = _run(path, json.dumps(plugin_conf).encode(), env, PLUGIN_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise RuntimeFailure(f"CNI plugin {kind} {command} timed out", stage="network") from None
         out: Any = None
         with contextlib.suppress(ValueError):
-            out = json.loads(proc.stdout or b"null")
-        if proc.returncode != 0:
-            msg = proc.stderr.decode(errors="replace").strip()
+            out = json.loads(stdout or b"null")
+        if rc != 0:
+            msg = stderr.decode(errors="replace").strip()
             if isinstance(out, dict) and out.get("msg"):
                 msg = f"{out['msg']}" + (f": {out['details']}" if out.get("details") else "")
             raise RuntimeFailure(f"CNI plugin {kind} {command} failed: {msg}", stage="network")
@@ -163,6 +200,8 @@ class CNI:
         try:
             for p in net["plugins"]:
                 conf = self._plugin_conf(net, p, prev, ports)
+                if prev is not None and _noop(conf):
+                    continue  # it would hand prev back unchanged
                 prev = self._exec("ADD", conf, net, container_id, netns, ifname, args)
                 done.append(p)
         except BaseException:
@@ -173,8 +212,11 @@ class CNI:
                                netns, ifname, args)
             raise
         result = prev or {}
+        # Not fsynced, like the sandbox record: the rename is atomic, so a killed
+        # process never leaves a torn cache, and the state dir does not outlive a boot.
         store.write_json(cache_file, {"network": net, "result": result, "ifname": ifname,
-                                      "args": args, "ports": [m.__dict__ for m in ports]})
+                                      "args": args, "ports": [m.__dict__ for m in ports]},
+                         sync=False)
         return NetworkResult(_ips(result), result)
 
     def teardown(self, container_id: str, netns: str, cache_file: str) -> None:
@@ -186,9 +228,12 @@ class CNI:
         net, result = cached["network"], cached.get("result")
         ports = tuple(PortMapping(**m) for m in cached.get("ports", []))
         errors = []
-        for p in reversed(net["plugins"]):
+        for i, p in reversed(list(enumerate(net["plugins"]))):
+            conf = self._plugin_conf(net, p, result, ports)
+            if i > 0 and _noop(conf):
+                continue  # skipped at ADD for the same reason: it made nothing
             try:
-                self._exec("DEL", self._plugin_conf(net, p, result, ports), net, container_id,
+                self._exec("DEL", conf, net, container_id,
                            netns, cached.get("ifname", "eth0"), cached.get("args", ""))
             except RuntimeFailure as e:
                 errors.append(str(e))
@@ -196,6 +241,85 @@ class CNI:
             raise RuntimeFailure("; ".join(errors), stage="network")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cache_file)
+
+
+def _noop(conf: dict[str, Any]) -> bool:
+    """Whether a chained plugin's conf leaves it nothing to do (see NOOP_WITHOUT)."""
+    key = NOOP_WITHOUT.get(conf["type"])
+    if key is None:
+        return False
+    rc = conf.get("runtimeConfig")
+    return not (isinstance(rc, dict) and rc.get(key))
+
+
+def _run(path: str, stdin: bytes, env: dict[str, str], timeout: float) -> tuple[int, bytes, bytes]:
+    """Run one plugin: feed it stdin, collect stdout and stderr, reap it. (rc, out, err).
+
+    subprocess.run would do, but once the pipes close it waits for the exit by
+    polling with sleeps of 0.5 ms and up; a pidfd wakes us the moment the plugin
+    is gone. A plugin still running (or holding its pipes) after ``timeout``
+    seconds is killed and TimeoutExpired raised."""
+    proc = subprocess.Popen([path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, close_fds=True)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    in_fd, out_fd, err_fd = proc.stdin.fileno(), proc.stdout.fileno(), proc.stderr.fileno()
+    chunks: dict[int, list[bytes]] = {out_fd: [], err_fd: []}
+    pidfd = -1
+    sel = selectors.DefaultSelector()
+    done = False
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+        sel.register(pidfd, selectors.EVENT_READ)
+        sel.register(out_fd, selectors.EVENT_READ)
+        sel.register(err_fd, selectors.EVENT_READ)
+        pending = memoryview(stdin)
+        if pending:
+            os.set_blocking(in_fd, False)
+            sel.register(in_fd, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        deadline = time.monotonic() + timeout
+        open_pipes = 2
+        exited = False
+        while open_pipes or not exited:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired([path], timeout)
+            for key, _ in sel.select(left):
+                fd = key.fd
+                if fd == pidfd:
+                    exited = True
+                    sel.unregister(pidfd)
+                elif fd == in_fd:
+                    try:
+                        pending = pending[os.write(in_fd, pending):]
+                    except BlockingIOError:
+                        continue
+                    except BrokenPipeError:
+                        pending = pending[:0]  # it stopped reading; its answer says why
+                    if not pending:
+                        sel.unregister(in_fd)
+                        proc.stdin.close()
+                else:
+                    data = os.read(fd, _PIPE_READ)
+                    if data:
+                        chunks[fd].append(data)
+                    else:
+                        sel.unregister(fd)
+                        open_pipes -= 1
+        done = True
+    finally:
+        sel.close()
+        if pidfd >= 0:
+            os.close(pidfd)
+        if not done and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGKILL)
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            with contextlib.suppress(OSError):
+                f.close()
+        rc = proc.wait()  # exited (or killed just now): no wait to speak of
+    return rc, b"".join(chunks[out_fd]), b"".join(chunks[err_fd])
 
 
 def _ips(result: dict[str, Any]) -> tuple[str, ...]:

@@ -28,6 +28,7 @@ import secrets
 import shutil
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,12 +37,15 @@ from pycri.config import NODE, POD, ContainerConfig, Resources, SandboxConfig, f
 from pycri.container import Container, RunResult, run_to_completion
 from pycri.errors import (AlreadyExistsError, InvalidArgumentError, InvalidStateError,
                           NotFoundError, PycriError, RuntimeFailure)
+from pycri.network import NetworkResult
 
 if TYPE_CHECKING:
     from pycri.image import Image
     from pycri.runtime import Runtime
 
 SHM_SIZE = 64 << 20
+# CNI ADDs of pods being created, each beside the rest of its pod's setup
+_NETWORK_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pycri-cni")
 CREATING = "creating"
 READY = "ready"
 NOTREADY = "notready"
@@ -196,6 +200,32 @@ class Sandbox:
                                      errno=e.errno or 0) from e
         rec.update(netns=bool(paths["net"]), ipcns=bool(paths["ipc"]), utsns=bool(paths["uts"]),
                    userns=bool(paths["user"]))
+        # CNI ADD (plugin processes, milliseconds of kernel work) runs beside the rest of
+        # the setup, which never touches what is inside the network namespace.
+        network: Future[NetworkResult] | None = None
+        if rec["network"] == "cni":
+            assert rt.cni is not None and paths["net"]
+            network = _NETWORK_POOL.submit(
+                rt.cni.setup, self.id, paths["net"], os.path.join(self.state_dir, "cni.json"),
+                name=config.name, namespace=config.namespace, uid=config.uid,
+                ports=config.port_mappings)
+        try:
+            self._setup_rest(rec, config, paths)
+        except BaseException:
+            if network is not None:  # let it finish: the caller's teardown then undoes it
+                with contextlib.suppress(BaseException):
+                    network.result()
+            raise
+        ips: tuple[str, ...] = network.result().ips if network is not None else ()
+        self._write_etc(hostname, ips, config)
+        rec.update(state=READY, ip=ips[0] if ips else "", ips=list(ips), hostname=hostname)
+        self._write(rec)
+
+    def _setup_rest(self, rec: dict[str, Any], config: SandboxConfig,
+                    paths: dict[str, str | None]) -> None:
+        """What _setup does while the pod's network is being set up."""
+        rt = self.runtime
+        userns = config.user_namespace
         self._write(rec)
         if paths["ipc"]:
             # the pod's /dev/shm: one tmpfs its containers share, as they share IPC
@@ -211,16 +241,6 @@ class Sandbox:
         rt.cgroups(rec["cgroup_parent"]).create_pod(self.id)
         if config.pid == POD:
             self._start_infra(rec, paths)
-        ips: tuple[str, ...] = ()
-        if rec["network"] == "cni":
-            assert rt.cni is not None and paths["net"]
-            res = rt.cni.setup(self.id, paths["net"], os.path.join(self.state_dir, "cni.json"),
-                               name=config.name, namespace=config.namespace, uid=config.uid,
-                               ports=config.port_mappings)
-            ips = res.ips
-        self._write_etc(hostname, ips, config)
-        rec.update(state=READY, ip=ips[0] if ips else "", ips=list(ips), hostname=hostname)
-        self._write(rec)
 
     def _start_infra(self, rec: dict[str, Any], paths: dict[str, str | None]) -> None:
         """Containers sharing the pod's pid namespace need a pid 1 that outlives each
@@ -267,14 +287,18 @@ class Sandbox:
                 os.waitpid(pid, 0)  # ours to reap when this process made the pod
 
     def _write_etc(self, hostname: str, ips: tuple[str, ...], config: SandboxConfig) -> None:
+        # Not fsynced (sync=False), like the record: made anew for every pod, and of no
+        # use after a boot, which ends the pod.
         d = self.files_dir
-        store.atomic_write(os.path.join(d, "hostname"), hostname.encode() + b"\n", 0o644)
+        store.atomic_write(os.path.join(d, "hostname"), hostname.encode() + b"\n", 0o644,
+                           sync=False)
         hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
         if ips:
             hosts.append(f"{ips[0]}\t{hostname}")
         else:
             hosts[0] += f" {hostname}"
-        store.atomic_write(os.path.join(d, "hosts"), ("\n".join(hosts) + "\n").encode(), 0o644)
+        store.atomic_write(os.path.join(d, "hosts"), ("\n".join(hosts) + "\n").encode(), 0o644,
+                           sync=False)
         if config.dns and (config.dns.servers or config.dns.searches or config.dns.options):
             lines = [f"nameserver {s}" for s in config.dns.servers]
             if config.dns.searches:
@@ -288,7 +312,7 @@ class Sandbox:
                     resolv = f.read(64 << 10)
             except OSError:
                 resolv = b""
-        store.atomic_write(os.path.join(d, "resolv.conf"), resolv, 0o644)
+        store.atomic_write(os.path.join(d, "resolv.conf"), resolv, 0o644, sync=False)
         if config.user_namespace:
             # root inside may edit them, as in a pod without a user namespace
             for name in ("hostname", "hosts", "resolv.conf"):

@@ -145,7 +145,13 @@ rt.run_sandbox(pycri.SandboxConfig(name="doomed"))
 """
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     deadline = time.monotonic() + 30
-    while not marker.exists():
+
+    def made() -> bool:  # the plugin runs while the rest of the pod is being made
+        sdir = os.path.join(root, "sandboxes")
+        sids = os.listdir(sdir) if os.path.isdir(sdir) else []
+        return marker.exists() and bool(sids) and bool(cgroup_dirs(cg_parent, sids[0]))
+
+    while not made():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)

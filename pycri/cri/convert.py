@@ -89,18 +89,23 @@ def image_info(img: Image) -> dict[str, str]:
     return {"info": json.dumps(img.to_json(), sort_keys=True)}
 
 
-def is_pinned(img: Image, pinned_refs: Iterable[str]) -> bool:
-    """Whether ``img`` carries one of ``pinned_refs`` (normalised) as a tag or digest name."""
-    names = set(img.repo_tags) | set(img.repo_digests)
+def pinned_names(pinned_refs: Iterable[str]) -> frozenset[str]:
+    """``pinned_refs`` normalised as image names are stored (unparsable ones dropped)."""
+    out = set()
     for ref in pinned_refs:
         try:
             parsed = reference.parse(ref)
         except InvalidArgumentError:
             continue
-        key = f"{parsed.name}@{parsed.digest}" if parsed.digest else str(parsed)
-        if key in names:
-            return True
-    return False
+        out.add(f"{parsed.name}@{parsed.digest}" if parsed.digest else str(parsed))
+    return frozenset(out)
+
+
+def is_pinned(img: Image, pinned_refs: Iterable[str]) -> bool:
+    """Whether ``img`` carries one of ``pinned_refs`` (normalised) as a tag or digest name.
+    (``pinned_refs`` may be a pinned_names() set, already normalised.)"""
+    names = pinned_refs if isinstance(pinned_refs, frozenset) else pinned_names(pinned_refs)
+    return any(n in names for n in img.repo_tags) or any(n in names for n in img.repo_digests)
 
 
 def fs_usage(fs: FsInfo) -> api_pb2.FilesystemUsage:

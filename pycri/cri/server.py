@@ -106,9 +106,10 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
     def __init__(self, runtime: pycri.Runtime, options: ServerOptions) -> None:
         self.rt = runtime
         self.pinned_refs = (options.sandbox_image,) if options.sandbox_image else ()
+        self._pinned = convert.pinned_names(self.pinned_refs)
 
     def _to_proto(self, img: pycri.Image) -> api_pb2.Image:
-        return convert.image_to_proto(img, pinned=convert.is_pinned(img, self.pinned_refs))
+        return convert.image_to_proto(img, pinned=convert.is_pinned(img, self._pinned))
 
     def _listed(self, spec: api_pb2.ImageSpec) -> list[api_pb2.Image]:
         # A filter names one image (tag, digest reference, id or id prefix).
@@ -233,11 +234,15 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
             raise InvalidArgumentError("pod_sandbox_id must not be empty")
         return self.rt.sandbox(sandbox_id)
 
+    # The lifecycle RPCs read the states their events report only while someone
+    # listens (GetContainerEvents): without subscribers that is work for nobody.
+
     @rpc
     def StopPodSandbox(self, request: Any, context: Any) -> Any:
         with contextlib.suppress(NotFoundError):  # CRI: stopping a missing pod is OK
             sb = self._sandbox(request.pod_sandbox_id)
-            running = [c for c in sb.containers() if _state_or(c, "") == RUNNING]
+            running = [c for c in sb.containers() if _state_or(c, "") == RUNNING] \
+                if self.events.active else []
             sb.stop()
             for c in running:
                 self.events.container(c, api_pb2.CONTAINER_STOPPED_EVENT)
@@ -247,7 +252,8 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     def RemovePodSandbox(self, request: Any, context: Any) -> Any:
         with contextlib.suppress(NotFoundError):  # CRI: removing a missing pod is OK
             sb = self._sandbox(request.pod_sandbox_id)
-            gone = [(c.id, _status_or_none(c)) for c in sb.containers()]
+            gone = [(c.id, _status_or_none(c)) for c in sb.containers()] \
+                if self.events.active else []
             sb.remove()
             for cid, st in gone:
                 self.events.deleted(cid, st, sb)
@@ -257,15 +263,17 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     def PodSandboxStatus(self, request: Any, context: Any) -> Any:
         sb = self._sandbox(request.pod_sandbox_id)
         st = sb.status()
+        containers = sb.containers()
         info = None
         if request.verbose:
             info = {"config": to_json(st.config), "netns": st.netns_path,
-                    "containers": [c.id for c in sb.containers()]}
+                    "containers": [c.id for c in containers]}
         reply = convert.sandbox_status(st, info)
         # the pod's containers too, as evented PLEG wants them
-        reply.containers_statuses.extend(
-            convert.container_status(cs) for cs in
-            (_status_or_none(c) for c in sb.containers()) if cs is not None)
+        for c in containers:
+            cs = _status_or_none(c)
+            if cs is not None:
+                reply.containers_statuses.append(convert.container_status(cs))
         reply.timestamp = time.time_ns()
         return reply
 
@@ -327,7 +335,7 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     def StopContainer(self, request: Any, context: Any) -> Any:
         with contextlib.suppress(NotFoundError):  # CRI: stopping a missing container is OK
             c = self._container(request.container_id)
-            was = _state_or(c, "")
+            was = _state_or(c, "") if self.events.active else EXITED
             c.stop(timeout=max(0, request.timeout))
             if was != EXITED:
                 self.events.container(c, api_pb2.CONTAINER_STOPPED_EVENT)
@@ -337,6 +345,9 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
     def RemoveContainer(self, request: Any, context: Any) -> Any:
         with contextlib.suppress(NotFoundError):  # CRI: removing a missing container is OK
             c = self._container(request.container_id)
+            if not self.events.active:
+                c.remove()
+                return api_pb2.RemoveContainerResponse()
             st = _status_or_none(c)
             c.remove()
             self.events.deleted(c.id, st, None)
@@ -542,6 +553,11 @@ class EventHub:
         self._lock = threading.Lock()
         self._subscribers: list[queue.Queue[Any]] = []
 
+    @property
+    def active(self) -> bool:
+        """Whether anyone listens now (a subscriber arriving later sees later events)."""
+        return bool(self._subscribers)
+
     @contextlib.contextmanager
     def subscribe(self) -> Iterator[queue.Queue[Any]]:
         q: queue.Queue[Any] = queue.Queue(self.depth)
@@ -574,9 +590,8 @@ class EventHub:
             return None
 
     def container(self, c: pycri.Container, kind: Any) -> None:
-        with self._lock:
-            if not self._subscribers:
-                return
+        if not self._subscribers:
+            return
         st = _status_or_none(c)
         if st is None:
             return
@@ -586,6 +601,8 @@ class EventHub:
         self._emit(c.id, kind, st, sb)
 
     def deleted(self, container_id: str, st: Any, sb: pycri.Sandbox | None) -> None:
+        if not self._subscribers:
+            return
         if sb is None and st is not None:
             with contextlib.suppress(NotFoundError, InvalidArgumentError):
                 sb = self.rt.sandbox(st.sandbox_id)
