@@ -882,12 +882,16 @@ class _SpareCgroups:
     are plain empty cgroups, removed with their pod."""
 
     def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        # (also in a forked child: the parent's spares and thread are not its own)
         self._cv = threading.Condition()
         self._ready: dict[str, str] = {}              # pod relpath -> spare name
         self._wanted: dict[str, CgroupManager] = {}   # pod relpath -> its manager
         self._making: str | None = None
         self._thread: threading.Thread | None = None
-        os.register_at_fork(after_in_child=self.__init__)
 
     def take(self, pod_rel: str) -> str | None:
         with self._cv:

@@ -24,13 +24,18 @@ import os
 import secrets
 import select
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pycri.procinfo import (_alive, _catches, _direct, _pty_in,  # noqa: F401 (_alive: sandbox.py)
+                             _read_started, _start_time)
 from pycri import _native, logs, store, users
 from pycri.process import (  # noqa: F401 - CAPS, DEFAULT_* and cap_mask are public here too
+    DEFAULT_PATH,
+    _argv,
+    _env,
+    _groups,
     CAPS,
     DEFAULT_CAPS,
     DEFAULT_MASKED,
@@ -62,7 +67,6 @@ CREATED = "created"
 RUNNING = "running"
 EXITED = "exited"
 
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXEC_OUTPUT_LIMIT = 16 << 20
 
 
@@ -445,6 +449,7 @@ class Container:
                 mon_kw.update(stdin_fd=in_w)
         if config.stdin:
             mon_kw["stdin"] = True
+        files = sandbox.container_files(sb_rec)
         try:
             spec = _native.SpawnSpec(
                 argv=argv, env=env, cwd=config.working_dir or icfg.working_dir or "/",
@@ -459,7 +464,8 @@ class Container:
                 cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
                 overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
                 mount_sys=True, sys_writable=privileged, host_devices=privileged,
-                **sandbox.container_files(sb_rec),
+                shm_path=files["shm_path"], etc_hostname=files["etc_hostname"],
+                etc_hosts=files["etc_hosts"], etc_resolv=files["etc_resolv"],
                 binds=binds, masked_paths=list(masked), readonly_paths=list(readonly),
                 root_propagation=_root_propagation(config.mounts),
                 start_wait=True,
@@ -907,34 +913,6 @@ def _image_dir_exists(layer_dirs: list[str], path: str) -> bool:
     return False
 
 
-def _groups(user: users.User) -> list[int]:
-    """The process's group list: its primary group first, then the others."""
-    return [user.gid] + [g for g in user.groups if g != user.gid]
-
-
-def _argv(config: ContainerConfig, entrypoint: tuple[str, ...], cmd: tuple[str, ...]) -> list[str]:
-    """CRI rules: command replaces the entrypoint, args replace the image's cmd."""
-    if config.command:
-        argv = list(config.command) + list(config.args)
-    else:
-        argv = list(entrypoint) + list(config.args or cmd)
-    if not argv:
-        raise InvalidArgumentError("no command: the config and the image give none")
-    return argv
-
-
-def _env(image_env: tuple[str, ...], env: tuple[tuple[str, str], ...], user: users.User) -> list[str]:
-    merged: dict[str, str] = {}
-    for e in image_env:
-        k, _, v = e.partition("=")
-        merged[k] = v
-    for k, v in env:
-        merged[k] = v
-    merged.setdefault("PATH", DEFAULT_PATH)
-    merged.setdefault("HOME", user.home or "/")
-    return [f"{k}={v}" for k, v in merged.items()]
-
-
 def _stop_signal(runtime: Runtime, rec: dict[str, Any], cfg: Any) -> int:
     name = ""
     with contextlib.suppress(PycriError):
@@ -949,66 +927,11 @@ def _stop_signal(runtime: Runtime, rec: dict[str, Any], cfg: Any) -> int:
         return signal.SIGTERM
 
 
-def _pty_in(pid: int) -> tuple[int, int]:
-    """A pty pair from the container's own devpts (so ``tty`` inside names it), or
-    from the host's when the container's /dev/ptmx cannot be opened."""
-    import fcntl
-
-    try:
-        master = os.open(f"/proc/{pid}/root/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return os.openpty()
-    try:
-        fcntl.ioctl(master, 0x40045431, b"\0\0\0\0")  # TIOCSPTLCK: unlock
-        slave = fcntl.ioctl(master, 0x5441, os.O_RDWR | os.O_NOCTTY)  # TIOCGPTPEER
-    except OSError:
-        os.close(master)
-        return os.openpty()
-    return master, slave
-
-
 def _root_propagation(mounts: tuple[Any, ...]) -> str:
     """The container's "/" must pass host mounts on for an rslave bind (and both ways
     for rshared); otherwise it stays private."""
     props = {m.propagation for m in mounts}
     return "rshared" if "rshared" in props else ("rslave" if "rslave" in props else "private")
-
-
-def _catches(pid: int, sig: int) -> bool:
-    """Whether ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status); True when
-    unknown, so nothing is resent blindly."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
-    except (OSError, ValueError):
-        pass
-    return True
-
-
-def _start_time(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return -1
-    return int(data[data.rindex(b")") + 2:].split()[19])
-
-
-def _alive(pid: int, start_time: int) -> bool:
-    """Is ``pid`` still the process we started (not a reused pid, not a zombie)?"""
-    if pid <= 0:
-        return False
-    st = _start_time(pid)
-    if st < 0 or (start_time and st != start_time):
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return data[data.rindex(b")") + 2:data.rindex(b")") + 3] != b"Z"
-    except OSError:
-        return False
 
 
 def _collect(pid: int, out_r: int, err_r: int, timeout: float | None,
@@ -1056,62 +979,6 @@ def run_to_completion(container: Container, timeout: float | None) -> RunResult:
             target += b"\n"
     return RunResult(st.exit_code, bytes(out), bytes(err), st.reason == "OOMKilled", timed_out)
 
-
-
-class _DirectStarts:
-    """The start and report sockets of containers this process created and has not
-    started yet (container id -> fds). A forked child drops its copies."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._fds: dict[str, tuple[int, int]] = {}
-        os.register_at_fork(after_in_child=self._after_fork)
-
-    def put(self, cid: str, start_fd: int, report_fd: int) -> None:
-        with self._lock:
-            old = self._fds.pop(cid, None)
-            self._fds[cid] = (start_fd, report_fd)
-        if old:
-            _close_all(old)
-
-    def take(self, cid: str) -> tuple[int, int] | None:
-        with self._lock:
-            return self._fds.pop(cid, None)
-
-    def drop(self, cid: str) -> None:
-        fds = self.take(cid)
-        if fds:
-            _close_all(fds)
-
-    def _after_fork(self) -> None:
-        for fds in self._fds.values():
-            _close_all(fds)
-        self._lock = threading.Lock()
-        self._fds = {}
-
-
-def _close_all(fds: tuple[int, ...]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-_direct = _DirectStarts()
-
-
-def _read_started(path: str) -> int | None:
-    """The start time in a "started" file, None without one. A file cut short by a
-    crash (created, not yet written) still means started: its mtime says when."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(32)
-            st = os.fstat(f.fileno())
-    except FileNotFoundError:
-        return None
-    try:
-        return int(data)
-    except ValueError:
-        return st.st_mtime_ns
 
 
 def recover(runtime: Runtime) -> None:

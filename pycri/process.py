@@ -23,6 +23,7 @@ import resource
 from collections.abc import Mapping
 from typing import Any
 
+from pycri import users
 from pycri.cgroup import DeviceRule, Resources
 from pycri.config import RLIM_UNLIMITED, RLIMITS, ContainerConfig, validate_sysctls
 from pycri.errors import InvalidArgumentError
@@ -209,3 +210,34 @@ def check_in_sandbox(config: ContainerConfig, sandbox_config: Mapping[str, Any])
 __all__ = ["CAPS", "DEFAULT_CAPS", "DEFAULT_MASKED", "DEFAULT_NOFILE", "DEFAULT_READONLY",
            "cap_mask", "capabilities", "cgroup_resources", "check_in_sandbox",
            "default_rlimits", "masked_and_readonly", "rlimits_for", "seccomp_for"]
+
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _groups(user: users.User) -> list[int]:
+    """The process's group list: its primary group first, then the others."""
+    return [user.gid] + [g for g in user.groups if g != user.gid]
+
+
+def _argv(config: ContainerConfig, entrypoint: tuple[str, ...], cmd: tuple[str, ...]) -> list[str]:
+    """CRI rules: command replaces the entrypoint, args replace the image's cmd."""
+    if config.command:
+        argv = list(config.command) + list(config.args)
+    else:
+        argv = list(entrypoint) + list(config.args or cmd)
+    if not argv:
+        raise InvalidArgumentError("no command: the config and the image give none")
+    return argv
+
+
+def _env(image_env: tuple[str, ...], env: tuple[tuple[str, str], ...], user: users.User) -> list[str]:
+    merged: dict[str, str] = {}
+    for e in image_env:
+        k, _, v = e.partition("=")
+        merged[k] = v
+    for k, v in env:
+        merged[k] = v
+    merged.setdefault("PATH", DEFAULT_PATH)
+    merged.setdefault("HOME", user.home or "/")
+    return [f"{k}={v}" for k, v in merged.items()]

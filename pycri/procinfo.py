@@ -1,0 +1,121 @@
+"""Facts about processes read from /proc (alive, start time, caught signals, a
+pty), and the start sockets of containers this process created (a start through
+them skips the launcher: see csrc/api/launch.h)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+
+
+def _pty_in(pid: int) -> tuple[int, int]:
+    """A pty pair from the container's own devpts (so ``tty`` inside names it), or
+    from the host's when the container's /dev/ptmx cannot be opened."""
+    import fcntl
+
+    try:
+        master = os.open(f"/proc/{pid}/root/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return os.openpty()
+    try:
+        fcntl.ioctl(master, 0x40045431, b"\0\0\0\0")  # TIOCSPTLCK: unlock
+        slave = fcntl.ioctl(master, 0x5441, os.O_RDWR | os.O_NOCTTY)  # TIOCGPTPEER
+    except OSError:
+        os.close(master)
+        return os.openpty()
+    return master, slave
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether ``pid`` has a handler for ``sig`` (SigCgt in /proc/PID/status); True when
+    unknown, so nothing is resent blindly."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) & (1 << (sig - 1)))
+    except (OSError, ValueError):
+        pass
+    return True
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return -1
+    return int(data[data.rindex(b")") + 2:].split()[19])
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    """Is ``pid`` still the process we started (not a reused pid, not a zombie)?"""
+    if pid <= 0:
+        return False
+    st = _start_time(pid)
+    if st < 0 or (start_time and st != start_time):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        return data[data.rindex(b")") + 2:data.rindex(b")") + 3] != b"Z"
+    except OSError:
+        return False
+
+
+class _DirectStarts:
+    """The start and report sockets of containers this process created and has not
+    started yet (container id -> fds). A forked child drops its copies."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fds: dict[str, tuple[int, int]] = {}
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def put(self, cid: str, start_fd: int, report_fd: int) -> None:
+        with self._lock:
+            old = self._fds.pop(cid, None)
+            self._fds[cid] = (start_fd, report_fd)
+        if old:
+            _close_all(old)
+
+    def take(self, cid: str) -> tuple[int, int] | None:
+        with self._lock:
+            return self._fds.pop(cid, None)
+
+    def drop(self, cid: str) -> None:
+        fds = self.take(cid)
+        if fds:
+            _close_all(fds)
+
+    def _after_fork(self) -> None:
+        for fds in self._fds.values():
+            _close_all(fds)
+        self._lock = threading.Lock()
+        self._fds = {}
+
+
+def _close_all(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+_direct = _DirectStarts()
+
+
+def _read_started(path: str) -> int | None:
+    """The start time in a "started" file, None without one. A file cut short by a
+    crash (created, not yet written) still means started: its mtime says when."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(32)
+            st = os.fstat(f.fileno())
+    except FileNotFoundError:
+        return None
+    try:
+        return int(data)
+    except ValueError:
+        return st.st_mtime_ns
