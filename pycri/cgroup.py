@@ -636,6 +636,7 @@ class Cgroup:
         """rmdir this cgroup (and any sub-cgroups, deepest first) in every hierarchy,
         retrying while exiting tasks still hold it."""
         deadline = time.monotonic() + timeout
+        _spares.forget(self.relpath)   # (a pod: no spare is being made in it any more)
         for d in self.paths():
             if not os.path.isdir(d):
                 continue
@@ -649,6 +650,7 @@ class Cgroup:
         is all it takes. Only where that fails (tasks or sub-cgroups left) does the
         full kill() + remove() run."""
         busy = False
+        _spares.forget(self.relpath)
         for d in self.paths():
             try:
                 os.rmdir(d)
