@@ -245,18 +245,25 @@ class Sandbox:
     def _start_infra(self, rec: dict[str, Any], paths: dict[str, str | None]) -> None:
         """Containers sharing the pod's pid namespace need a pid 1 that outlives each
         of them: a tiny reaper (pycri-pause) in a new pid namespace."""
+        # exec'd through /proc/self/fd: in a pod with a user namespace the mapped
+        # root may not traverse the directories pycri is installed in
         pause = os.path.join(os.path.dirname(os.path.abspath(_native.__file__)), "pycri-pause")
         namespaces = {"pid": "new", "mnt": "host"}
         for kind in ("net", "ipc", "uts", "user"):
             namespaces[kind] = paths[kind] or "host"
-        spec = _native.SpawnSpec(argv=["pycri-pause"], exec_path=pause, env=[], rootfs=None,
-                                 mount_proc=False, mount_sys=False, mount_dev=False,
-                                 namespaces=namespaces, no_new_privs=True)
+        pause_fd = os.open(pause, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            res = _native.spawn(spec)
-        except OSError as e:
-            raise RuntimeFailure(f"sandbox pid namespace holder: {e.strerror or e}",
-                                 stage="infra") from e
+            spec = _native.SpawnSpec(argv=["pycri-pause"], exec_path="/proc/self/fd/3",
+                                     keep_fds=[pause_fd], env=[], rootfs=None,
+                                     mount_proc=False, mount_sys=False, mount_dev=False,
+                                     namespaces=namespaces, no_new_privs=True)
+            try:
+                res = _native.spawn(spec)
+            except OSError as e:
+                raise RuntimeFailure(f"sandbox pid namespace holder: {e.strerror or e}",
+                                     stage="infra") from e
+        finally:
+            os.close(pause_fd)
         if res.pidfd >= 0:
             os.close(res.pidfd)
         rec.update(infra_pid=res.pid, infra_start_time=res.start_time)

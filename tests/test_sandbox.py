@@ -162,3 +162,18 @@ rt.run_sandbox(pycri.SandboxConfig(name="doomed"))
     assert rt.sandboxes() == []
     assert not mounts_under(state)
     assert not cgroup_dirs(cg_parent, sid)
+
+
+
+def test_pid_holder_is_execd_by_fd(rt, tmp_path):
+    """pycri-pause is exec'd through /proc/self/fd, so the mapped root of a
+    user-namespaced pod needs no way through the directories pycri is installed in."""
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="pidholder", pid="pod"))
+    try:
+        pid = sb.record()["infra_pid"]
+        exe = os.readlink(f"/proc/{pid}/exe")
+        assert exe == os.path.join(os.path.dirname(os.path.abspath(pycri.__file__)),
+                                   "pycri-pause")
+        assert open(f"/proc/{pid}/cmdline", "rb").read() == b"pycri-pause\0"
+    finally:
+        sb.remove()
