@@ -350,6 +350,13 @@ def test_stats_fill_what_kubelet_reads(cri, busybox_ref):
         # asked again within the window: the same rate, from the same samples
         assert cstats().cpu.usage_nano_cores.value == st.cpu.usage_nano_cores.value
         mem = st.memory
+        # the kernel flushes a memory cgroup's per-CPU counters (memory.stat) lazily,
+        # every 2 s or so: a young container's rss and page faults may still read 0
+        deadline = time.monotonic() + 6
+        while not (mem.rss_bytes.value and mem.page_faults.value) \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
+            mem = cstats().memory
         assert mem.timestamp > 0 and mem.usage_bytes.value >= mem.working_set_bytes.value > 0
         assert mem.available_bytes.value == (64 << 20) - mem.working_set_bytes.value
         assert mem.HasField("rss_bytes") and mem.rss_bytes.value > 0
