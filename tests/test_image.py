@@ -389,3 +389,24 @@ def test_remove_with_background_gc(rt, registry):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert not os.path.exists(rt.images.blob_path(img.id))
+
+
+def test_queries_see_other_writers_at_once(tmp_root, busybox):
+    """Parsed names and records are reused between queries; a store on the same root
+    (another process, in effect) that tags, re-pulls or removes is seen by the next query."""
+    root, state = tmp_root
+    ref, _ = busybox
+    reader = pycri.Runtime(root=root, state=state).images
+    writer = pycri.Runtime(root=root, state=state).images
+    assert reader.list() == []
+    img = writer.pull(ref)
+    assert [i.id for i in reader.list()] == [img.id]
+    first = reader.get(ref)
+    assert reader.get(ref) is first  # unchanged files: the same snapshot
+    writer.tag(ref, "example.test/again:2")
+    assert reader.get(img.id).repo_tags == tuple(sorted((ref, "example.test/again:2")))
+    assert reader.status("example.test/again:2").id == img.id
+    again = writer.pull(ref)  # the record is written anew (new pull time)
+    assert reader.get(ref).pulled_at == again.pulled_at != first.pulled_at
+    writer.remove(img.id)
+    assert reader.status(ref) is None and reader.list() == []

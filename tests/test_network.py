@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -103,3 +104,93 @@ def test_plugin_error_is_reported_and_undone(tmp_path, netns, bridge):
         cni.setup("sb2", netns, str(tmp_path / "c.json"))
     assert "eth0" not in in_ns(netns, "ip", "-o", "link")
     assert not os.path.exists(tmp_path / "c.json")
+
+
+def fake_plugins(tmp_path, log):
+    """A main plugin answering with a fixed result and a 'portmap' that only logs:
+    real processes, so the test sees exactly which plugin ran with what."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    result = {"cniVersion": "1.0.0", "ips": [{"address": "10.9.8.7/24"}]}
+    (bindir / "first").write_text(
+        "#!/bin/sh\n"
+        f"echo \"first $CNI_COMMAND\" >> {log}\n"
+        f"cat > /dev/null; echo '{json.dumps(result)}'\n")
+    (bindir / "portmap").write_text(
+        "#!/bin/sh\n"
+        f"cat > {tmp_path}/portmap-in.json\n"
+        f"echo \"portmap $CNI_COMMAND\" >> {log}\n"
+        f"python3 -c 'import json,sys; print(json.dumps(json.load(open(sys.argv[1]))[\"prevResult\"]))' "
+        f"{tmp_path}/portmap-in.json\n")
+    for p in bindir.iterdir():
+        p.chmod(0o755)
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    (conf_dir / "10.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "fake",
+        "plugins": [{"type": "first"},
+                    {"type": "portmap", "capabilities": {"portMappings": True}}]}))
+    return CNI(str(conf_dir), (str(bindir),))
+
+
+def test_portmap_runs_only_for_pods_with_ports(tmp_path, netns):
+    from pycri.config import PortMapping
+
+    log = tmp_path / "calls"
+    cni = fake_plugins(tmp_path, log)
+    cache = str(tmp_path / "c.json")
+    res = cni.setup("sb", netns, cache)
+    assert res.ips == ("10.9.8.7",)
+    cni.teardown("sb", netns, cache)
+    assert log.read_text().split("\n")[:-1] == ["first ADD", "first DEL"]
+    log.write_text("")
+    ports = (PortMapping(container_port=80, host_port=18080),)
+    res = cni.setup("sb", netns, cache, ports=ports)
+    assert res.ips == ("10.9.8.7",)
+    sent = json.loads((tmp_path / "portmap-in.json").read_text())
+    assert sent["runtimeConfig"]["portMappings"][0]["hostPort"] == 18080
+    cni.teardown("sb", netns, cache)
+    assert log.read_text().split("\n")[:-1] == ["first ADD", "portmap ADD", "portmap DEL",
+                                                "first DEL"]
+
+
+def test_config_reread_when_changed(tmp_path):
+    conf_dir = tmp_path / "net.d"
+    conf_dir.mkdir()
+    cni = CNI(str(conf_dir), (PLUGINS,))
+    assert cni.network()["name"] == "pycri"  # built-in while the dir is empty
+    f = conf_dir / "20-b.conf"
+    f.write_text(json.dumps({"cniVersion": "1.0.0", "name": "b", "type": "bridge"}))
+    assert cni.network()["name"] == "b"
+    assert cni.network() is cni.network()  # parsed once while unchanged
+    f.write_text(json.dumps({"cniVersion": "1.0.0", "name": "b2", "type": "bridge"}))
+    assert cni.network()["name"] == "b2"  # edited in place
+    (conf_dir / "10-a.conflist").write_text(json.dumps({
+        "cniVersion": "1.0.0", "name": "a", "plugins": [{"type": "bridge"}]}))
+    assert cni.network()["name"] == "a"  # a new file that sorts first
+    (conf_dir / "10-a.conflist").unlink()
+    assert cni.network()["name"] == "b2"
+
+
+def test_plugin_io_timeout_and_errors(tmp_path, monkeypatch):
+    from pycri import network
+
+    big = tmp_path / "big"  # reads a large config, answers with a large result
+    big.write_text("#!/bin/sh\nwc -c >&2\nhead -c 300000 /dev/zero | tr '\\0' x\n")
+    big.chmod(0o755)
+    stdin = b"y" * 500000  # both well past a pipe's 64 KiB
+    rc, out, err = network._run(str(big), stdin, {"PATH": "/usr/bin:/bin"}, 10)
+    assert rc == 0 and out == b"x" * 300000 and err.strip() == b"500000"
+    deaf = tmp_path / "deaf"  # exits without reading what it is sent
+    deaf.write_text("#!/bin/sh\necho nope >&2\nexit 3\n")
+    deaf.chmod(0o755)
+    assert network._run(str(deaf), stdin, {}, 10) == (3, b"", b"nope\n")
+    hang = tmp_path / "hang"
+    hang.write_text(f"#!/bin/sh\necho $$ > {tmp_path}/pid\nexec sleep 600\n")
+    hang.chmod(0o755)
+    t0 = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        network._run(str(hang), b"{}", {}, 0.5)
+    assert time.monotonic() - t0 < 5
+    pid = int((tmp_path / "pid").read_text())
+    assert not os.path.exists(f"/proc/{pid}")  # killed and reaped
