@@ -154,6 +154,25 @@ static int listen_start(const char *path, struct pycri_error *err) {
     return s;
 }
 
+/* The fds a received message carries (SCM_RIGHTS), up to room of them into out;
+ * the rest are closed. Returns how many were stored. */
+static int take_fds(struct msghdr *mh, int *out, int room) {
+    int stored = 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+            continue;
+        int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int *fds = (int *)CMSG_DATA(c);
+        for (int i = 0; i < k; i++) {
+            if (stored < room)
+                out[stored++] = fds[i];
+            else
+                close(fds[i]);
+        }
+    }
+    return stored;
+}
+
 /* Receive n fds (one-byte messages carrying SCM_RIGHTS) and put them at
  * LAUNCHER_SOCK_FD + 1 + i. */
 static int recv_fds(int sock, int n) {
@@ -173,19 +192,7 @@ static int recv_fds(int sock, int n) {
             continue;
         if (r != 1 || (mh.msg_flags & MSG_CTRUNC))
             return -1;
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-                continue;
-            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            int *fds = (int *)CMSG_DATA(c);
-            for (int i = 0; i < k; i++) {
-                if (have == n) {
-                    close(fds[i]);
-                    continue;
-                }
-                got[have++] = fds[i];
-            }
-        }
+        have += take_fds(&mh, got + have, n - have);
     }
     /* above every target first, so no dup2 clobbers one still to be placed */
     for (int i = 0; i < n; i++) {
@@ -622,18 +629,7 @@ static ssize_t recv_report(int sock, struct launch_report *rep, int fds[2]) {
             continue;
         if (r <= 0)
             break;
-        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-                continue;
-            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            int *in = (int *)CMSG_DATA(c);
-            for (int i = 0; i < k; i++) {
-                if (i < 2 && fds[i] < 0)
-                    fds[i] = in[i];
-                else
-                    close(in[i]);
-            }
-        }
+        take_fds(&mh, fds, fds[0] < 0 ? 2 : 0); /* (only the first carries any) */
         got += (size_t)r;
     }
     return (ssize_t)got;

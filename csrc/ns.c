@@ -144,15 +144,24 @@ static int pin_child(void *arg) {
     return 0;
 }
 
-PYCRI_EXPORT int pycri_ns_pin(int kinds, const char *net_path, const char *ipc_path,
-                              const char *uts_path, const char *hostname, const char *sysctls,
-                              int nsysctls, struct pycri_error *err) {
+/* The job for pinning the namespaces kinds names (PYCRI_PIN_*) at those paths. */
+static struct pin_job pin_job_for(int kinds, const char *net_path, const char *ipc_path,
+                                  const char *uts_path, const char *hostname,
+                                  const char *sysctls, int nsysctls) {
     struct pin_job j = {.kinds = kinds, .nsysctls = nsysctls, .net_path = net_path,
                         .ipc_path = ipc_path, .uts_path = uts_path, .hostname = hostname,
                         .sysctls = sysctls};
     if (kinds & PYCRI_PIN_NET) j.flags |= CLONE_NEWNET;
     if (kinds & PYCRI_PIN_IPC) j.flags |= CLONE_NEWIPC;
     if (kinds & PYCRI_PIN_UTS) j.flags |= CLONE_NEWUTS;
+    return j;
+}
+
+PYCRI_EXPORT int pycri_ns_pin(int kinds, const char *net_path, const char *ipc_path,
+                              const char *uts_path, const char *hostname, const char *sysctls,
+                              int nsysctls, struct pycri_error *err) {
+    struct pin_job j = pin_job_for(kinds, net_path, ipc_path, uts_path, hostname, sysctls,
+                                   nsysctls);
     /* A vfork-style child: no copy of the (large, threaded) caller's address space
      * and no fork handlers run (gRPC's, for one); signals stay blocked in it. */
     const size_t stack_size = 64 << 10;
@@ -287,12 +296,8 @@ PYCRI_EXPORT int pycri_ns_pin_userns(const char *user_path, const struct pycri_i
                                      struct pycri_error *err) {
     if (!user_path || !map || !map->uid_count || !map->gid_count)
         return pycri_fail(err, EINVAL, "pin user namespace: a path and both id maps are needed");
-    struct pin_job j = {.kinds = kinds, .nsysctls = nsysctls, .net_path = net_path,
-                        .ipc_path = ipc_path, .uts_path = uts_path, .hostname = hostname,
-                        .sysctls = sysctls};
-    if (kinds & PYCRI_PIN_NET) j.flags |= CLONE_NEWNET;
-    if (kinds & PYCRI_PIN_IPC) j.flags |= CLONE_NEWIPC;
-    if (kinds & PYCRI_PIN_UTS) j.flags |= CLONE_NEWUTS;
+    struct pin_job j = pin_job_for(kinds, net_path, ipc_path, uts_path, hostname, sysctls,
+                                   nsysctls);
     int to_child[2], from_child[2];
     if (pipe2(to_child, O_CLOEXEC) < 0)
         return pycri_fail(err, errno, "pin user namespace: pipe");

@@ -458,11 +458,9 @@ def spawn_start(result: SpawnResult) -> None:
     execve failed. Consumes start_fd and report_fd; the caller still reaps pid."""
     if result.start_fd < 0:
         raise ValueError("process was not created with start_wait")
-    err = _new_err()
-    rc = lib.pycri_spawn_start(result.start_fd, result.report_fd, err)
+    fds = (result.start_fd, result.report_fd)
     result.start_fd = result.report_fd = -1
-    if rc < 0:
-        raise _spawn_error(err)
+    start_direct(*fds)
 
 
 # --- mounts (csrc/mount.c) --------------------------------------------------
@@ -765,11 +763,12 @@ class LaunchResult(NamedTuple):
 
 
 def start_direct(start_fd: int, report_fd: int) -> None:
-    """Start a launched container through its start and report sockets (closes
-    both); raises OSError (with ``.stage``) if its execve failed."""
+    """Let a held process (start_wait) run to execve through its start and report
+    sockets (closes both); raises OSError (with ``.stage``, from the child's
+    message) if execve failed."""
     err = _new_err()
     if lib.pycri_spawn_start(start_fd, report_fd, err) < 0:
-        raise _spawn_error(err, lib.PYCRI_STAGE_EXEC)
+        raise _spawn_error(err)
 
 
 def launcher_new(path: str) -> int:
