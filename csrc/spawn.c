@@ -625,7 +625,7 @@ static int write_file(const char *path, const char *data) {
     return rc;
 }
 
-static int read_start_time(int pid, unsigned long long *out) {
+int pycri__read_start_time(int pid, unsigned long long *out) {
     char path[64], buf[1024];
     snprintf(path, sizeof(path), "/proc/%d/stat", pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -1093,6 +1093,8 @@ static int converse(const struct pycri_spawn_spec *s, const struct pycri__plan *
     return 0;
 }
 
+void (*pycri__after_clone)(int pid);
+
 PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spawn_result *res,
                              struct pycri_error *err) {
     struct pycri__plan plan;
@@ -1173,6 +1175,9 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     /* without a pid namespace to enter, the first process is the container */
     if (!two_step || s->ns_mode[PYCRI_NS_PID] == PYCRI_NS_HOST)
         st.final_pid = (int)pid;
+    /* the caller's chance to work beside the child's setup, pid known */
+    if (st.final_pid > 0 && pycri__after_clone)
+        pycri__after_clone(st.final_pid);
 
     int stage = PYCRI_STAGE_NONE;
     rc = converse(s, &plan, sv[0], &st, s->start_wait, &stage, err);
@@ -1197,7 +1202,7 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     res->pid = st.final_pid;
     res->pidfd = st.final_pid == st.first_pid ? pidfd
                                               : (int)syscall(SYS_pidfd_open, st.final_pid, 0);
-    read_start_time(st.final_pid, &res->start_time);
+    pycri__read_start_time(st.final_pid, &res->start_time);
     res->tty_master = st.tty_master;
     res->stage = PYCRI_STAGE_NONE;
     if (s->start_wait) {

@@ -14,7 +14,7 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn, Self
 
@@ -846,10 +846,14 @@ _spares = _SpareLaunchers()
 
 
 def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
-           monitor_fds: Sequence[int], spare: bool = True) -> LaunchResult:
+           monitor_fds: Sequence[int], spare: bool = True,
+           on_pid: Callable[[LaunchResult], None] | None = None) -> LaunchResult:
     """Create a container held before execve by a detached launcher that becomes
     its monitor on start (see csrc/api/launch.h). Raises OSError with ``.stage``.
-    ``spare``: use (and then replace) a launcher made ahead of need."""
+    ``spare``: use (and then replace) a launcher made ahead of need. ``on_pid`` is
+    called with the pids (no fds) as soon as the container process exists, while
+    it still sets itself up (not for every launch: then only the result has them);
+    what it raises is raised once the launch is over, with its fds closed."""
     if not spec.start_wait:
         raise ValueError("launch needs start_wait=True")
     c, b = _spec_struct(spec)
@@ -859,16 +863,35 @@ def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
         fds[i] = fd
     res = ffi.new("struct pycri_launch_result *")
     err = _new_err()
+    sock = ffi.new("int *", -1)
     launcher = _spares.take(monitor_argv[0]) if spare else -1
+    failed: BaseException | None = None
     try:
-        rc = lib.pycri_launch(launcher, c, start_sock.encode(), argv, fds, len(monitor_fds),
-                              res, err)
+        rc = lib.pycri_launch_send(launcher, c, start_sock.encode(), argv, fds,
+                                   len(monitor_fds), sock, err)
+        if sock[0] >= 0:
+            launcher = sock[0]      # (the spare, or a new launcher made for this)
+        while rc == 0 or rc == 1:
+            rc = lib.pycri_launch_wait(launcher, res, err)
+            if rc != 1:
+                break
+            if on_pid is not None and failed is None:
+                try:
+                    on_pid(LaunchResult(res.monitor_pid, res.pid, res.start_time))
+                except BaseException as e:  # noqa: BLE001 - raised below
+                    failed = e
     finally:
         if launcher >= 0:
             os.close(launcher)
     if rc < 0:
         raise _spawn_error(err, res.stage)
-    return LaunchResult(res.monitor_pid, res.pid, res.start_time, res.start_fd, res.report_fd)
+    out = LaunchResult(res.monitor_pid, res.pid, res.start_time, res.start_fd, res.report_fd)
+    if failed is not None:
+        for fd in (out.start_fd, out.report_fd):
+            if fd >= 0:
+                os.close(fd)
+        raise failed
+    return out
 
 
 def encode_spec(spec: SpawnSpec) -> bytes:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pycri.procinfo import (_alive, _catches, _direct, _pty_in,  # noqa: F401 (_alive: sandbox.py)
                              _read_started, _start_time)
-from pycri import _native, logs, store, users
+from pycri import _native, logs, slots, store, users
 from pycri.process import (  # noqa: F401 - CAPS, DEFAULT_* and cap_mask are public here too
     DEFAULT_PATH,
     _argv,
@@ -324,32 +324,49 @@ class Container:
         check_in_sandbox(config, sb_rec["config"])
         rlimits_for(config)  # refuses limits above what pycri may grant, early
         image = runtime.images.get(config.image)
-        ctr = cls(runtime, secrets.token_hex(32))
+        # an id, record dir and cgroup made ahead by this process (pycri/slots.py)
+        slot = slots.take(runtime, sandbox.id, sb_rec["cgroup_parent"])
+        ctr = cls(runtime, slot.id if slot else secrets.token_hex(32))
         with ctr._lock():
-            with store.flock(os.path.join(runtime.root, "locks", "containers.lock")):
-                for other in sandbox.containers():
-                    with contextlib.suppress(NotFoundError):
-                        o = other._read()["config"]
-                        if (o["name"], o.get("attempt", 0)) == (config.name, config.attempt):
-                            raise AlreadyExistsError(
-                                f"container {config.name!r} (attempt {config.attempt}) already "
-                                f"exists in sandbox {sandbox.id[:12]} as {other.id}")
-                store.makedirs(ctr.record_dir)
-                log_path = config.log_path or os.path.join(ctr.record_dir, "container.log")
-                if config.log_path and sb_rec["config"].get("log_directory") and \
-                        not os.path.isabs(config.log_path):
-                    log_path = os.path.join(sb_rec["config"]["log_directory"], config.log_path)
-                rec: dict[str, Any] = {
-                    "id": ctr.id, "sandbox_id": sandbox.id, "state": CREATED,
-                    "created_at_ns": time.time_ns(), "config": to_json(config),
-                    "image_id": image.id,
-                    "image_ref": (image.repo_tags or image.repo_digests or (image.id,))[0],
-                    "log_path": log_path, "cgroup_parent": sb_rec["cgroup_parent"],
-                    "layers": list(image.chain_ids),
-                }
-                ctr._write(rec)
+            placed = False
             try:
-                ctr._launch(rec, sandbox, sb_rec, image, config)
+                with store.flock(os.path.join(runtime.root, "locks", "containers.lock")):
+                    for other in sandbox.containers():
+                        with contextlib.suppress(NotFoundError):
+                            o = other._read()["config"]
+                            if (o["name"], o.get("attempt", 0)) == (config.name, config.attempt):
+                                raise AlreadyExistsError(
+                                    f"container {config.name!r} (attempt {config.attempt}) "
+                                    f"already exists in sandbox {sandbox.id[:12]} as {other.id}")
+                    if slot:
+                        os.rename(slot.dir, ctr.record_dir)
+                    else:
+                        slots.make_record_dir(ctr.record_dir)
+                    placed = True
+                    log_path = config.log_path or os.path.join(ctr.record_dir, "container.log")
+                    if config.log_path and sb_rec["config"].get("log_directory") and \
+                            not os.path.isabs(config.log_path):
+                        log_path = os.path.join(sb_rec["config"]["log_directory"],
+                                                config.log_path)
+                    rec: dict[str, Any] = {
+                        "id": ctr.id, "sandbox_id": sandbox.id, "state": CREATED,
+                        "created_at_ns": time.time_ns(), "config": to_json(config),
+                        "image_id": image.id,
+                        "image_ref": (image.repo_tags or image.repo_digests or (image.id,))[0],
+                        "log_path": log_path, "cgroup_parent": sb_rec["cgroup_parent"],
+                        "layers": list(image.chain_ids),
+                    }
+                    ctr._write(rec)
+            except BaseException:
+                if slot:    # its cgroup and directory, wherever the latter is now
+                    slots.discard(runtime, slots.Slot(
+                        slot.id, ctr.record_dir if placed else slot.dir, slot.pod_id,
+                        slot.cgroup_parent))
+                elif placed:
+                    runtime.trash.put(ctr.record_dir)
+                raise
+            try:
+                ctr._launch(rec, sandbox, sb_rec, image, config, slot is not None)
             except BaseException:
                 with contextlib.suppress(Exception):
                     ctr._destroy(rec)
@@ -357,17 +374,15 @@ class Container:
         return ctr
 
     def _launch(self, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str, Any],
-                image: Image, config: ContainerConfig) -> None:
+                image: Image, config: ContainerConfig, cgroup_made: bool) -> None:
         rt = self.runtime
         layer_dirs = rt.images.layer_dirs(image)
         icfg = image.config
         # The writable layer and the rootfs mount point. In a user namespace the host's
         # root reaches them for the container (csrc/userns.c): no mode here has to let
-        # the mapped root through.
+        # the mapped root through. (Made with the record dir: slots.make_record_dir.)
         fs = os.path.join(self.record_dir, "fs")
         upper, work, rootfs = (os.path.join(fs, d) for d in ("upper", "work", "rootfs"))
-        for d, mode in ((fs, 0o700), (upper, 0o755), (work, 0o700), (rootfs, 0o755)):
-            os.mkdir(d, mode)     # a fresh record dir: one mkdir each
         if os.path.dirname(rec["log_path"]) != self.record_dir:
             os.makedirs(os.path.dirname(rec["log_path"]), exist_ok=True)
         # The monitor opens the log only once started; the file exists from create on, so
@@ -385,7 +400,8 @@ class Container:
         userns = sb_cfg.get("user_namespace")
         caps = capabilities(config)
 
-        cg = rt.cgroups(rec["cgroup_parent"]).create_container(
+        cgm = rt.cgroups(rec["cgroup_parent"])
+        cg = (cgm.configure_container if cgroup_made else cgm.create_container)(
             sandbox.id, self.id, cgroup_resources(config))
         rec["oom_kills_at_start"] = 0     # a new cgroup
         namespaces: dict[str, str] = {"mnt": "new", "cgroup": "host"}
@@ -473,7 +489,14 @@ class Container:
             monitor = _native.monitor_command(
                 self._exit_file, rec["log_path"], for_launch=True,
                 attach_socket=self._sock("attach"), oom_file=cg.oom_kill_file(), **mon_kw)
-            res = _native.launch(spec, self._sock("start"), monitor, stdio_parent)
+            def record_pids(r: _native.LaunchResult) -> None:
+                # while the container process mounts its root: the record with its
+                # pids (a crash from here on leaves a record recovery can settle)
+                rec.update(pid=r.pid, pid_start_time=r.start_time, monitor_pid=r.monitor_pid)
+                self._write(rec)
+
+            res = _native.launch(spec, self._sock("start"), monitor, stdio_parent,
+                                 on_pid=record_pids)
         except OSError as e:
             stage = getattr(e, "stage", "")
             raise RuntimeFailure(f"create container {config.name}: {e.strerror or e}",
@@ -483,8 +506,9 @@ class Container:
                 os.close(fd)
         if res.start_fd >= 0:
             _direct.put(self.id, res.start_fd, res.report_fd)
-        rec.update(pid=res.pid, pid_start_time=res.start_time, monitor_pid=res.monitor_pid)
-        self._write(rec)
+        if rec.get("pid") != res.pid:   # (no early report from this launch)
+            rec.update(pid=res.pid, pid_start_time=res.start_time, monitor_pid=res.monitor_pid)
+            self._write(rec)
 
     def _image_volume(self, rec: dict[str, Any], index: int, m: Any) -> str:
         """Mount image ``m.image`` read-only (an overlay of its layers, no upper dir) in
@@ -701,7 +725,7 @@ class Container:
             self.stop(timeout=0)
         with self._lock():
             try:
-                rec = self._read()
+                rec = self.record()     # (the exit folded in: _destroy looks at state)
             except NotFoundError:
                 return
             self._destroy(rec)
@@ -711,8 +735,12 @@ class Container:
         if rec["state"] == CREATED:
             self._kill_launcher(rec)
         cg = self._cgroup(rec)
-        with contextlib.suppress(NotFoundError):
-            cg.destroy()
+        if rec["state"] == EXITED and _nothing_runs_in(cg):
+            # an empty cgroup: its rmdirs (one per hierarchy) need not hold up remove
+            self.runtime.trash.later(cg.destroy)
+        else:
+            with contextlib.suppress(NotFoundError):
+                cg.destroy()
         for kind in ("start", "attach"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._sock(kind))
@@ -979,6 +1007,17 @@ def run_to_completion(container: Container, timeout: float | None) -> RunResult:
             target += b"\n"
     return RunResult(st.exit_code, bytes(out), bytes(err), st.reason == "OOMKilled", timed_out)
 
+
+
+def _nothing_runs_in(cg: Any) -> bool:
+    """True if the cgroup holds no process (or is gone); a process that could still
+    be in it makes this False."""
+    try:
+        return not cg.pids()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def recover(runtime: Runtime) -> None:

@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pycri import _native, store
+from pycri import _native, slots, store
 from pycri.config import NODE, POD, ContainerConfig, Resources, SandboxConfig, from_json, to_json
 from pycri.container import Container, RunResult, run_to_completion
 from pycri.errors import (AlreadyExistsError, InvalidArgumentError, InvalidStateError,
@@ -421,7 +421,7 @@ class Sandbox:
                     errors.append(str(e))
         parent = rec.get("cgroup_parent") or self.runtime.cgroup_parent
         try:
-            self.runtime.cgroups(parent).forget_spares(self.id)
+            slots.forget(self.runtime, self.id)
             self.runtime.cgroups(parent).pod(self.id).destroy()
         except PycriError as e:
             errors.append(str(e))

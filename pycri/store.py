@@ -44,7 +44,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from pycri.errors import InvalidArgumentError
@@ -170,6 +170,12 @@ class Trash:
         _deleter.enqueue([dest])
 
     @staticmethod
+    def later(job: Callable[[], object]) -> None:
+        """Run ``job`` on the deleting thread, before any tree still queued (it is
+        small: an rmdir of an empty cgroup, say). Its errors are dropped."""
+        _deleter.enqueue_job(job)
+
+    @staticmethod
     def drain(timeout: float | None = None) -> bool:
         """Wait until everything put so far (by any Trash) is deleted; False on timeout."""
         return _deleter.drain(timeout)
@@ -179,12 +185,19 @@ class _Deleter:
     def __init__(self) -> None:
         self._cv = threading.Condition()
         self._queue: list[str] = []
+        self._jobs: list[Callable[[], object]] = []
         self._busy = False
         self._thread: threading.Thread | None = None
 
     def enqueue(self, paths: list[str]) -> None:
+        self._add(lambda: self._queue.extend(paths))
+
+    def enqueue_job(self, job: Callable[[], object]) -> None:
+        self._add(lambda: self._jobs.append(job))
+
+    def _add(self, put: Callable[[], None]) -> None:
         with self._cv:
-            self._queue.extend(paths)
+            put()
             if self._thread is None or not self._thread.is_alive():
                 # (a forked child inherits the flag but not the thread)
                 self._thread = threading.Thread(target=self._run, name="pycri-trash",
@@ -195,7 +208,7 @@ class _Deleter:
     def drain(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while self._queue or self._busy:
+            while self._queue or self._jobs or self._busy:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -207,11 +220,16 @@ class _Deleter:
             with self._cv:
                 self._busy = False
                 self._cv.notify_all()
-                while not self._queue:
+                while not self._queue and not self._jobs:
                     self._cv.wait()
-                path = self._queue.pop(0)
+                job = self._jobs.pop(0) if self._jobs else None
+                path = self._queue.pop(0) if job is None else ""
                 self._busy = True
-            shutil.rmtree(path, ignore_errors=True)
+            if job is not None:
+                with contextlib.suppress(Exception):
+                    job()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 _deleter = _Deleter()

@@ -258,10 +258,8 @@ def test_missing_executable_fails_create(env):
         assert ei.value.stage == "exec"
         assert sb.containers() == []
         assert rt.cgroups().pod(sb.id).exists()
-        # (a spare container cgroup, made ahead of need, may be there: nothing else)
-        assert not [d for d in os.listdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}")
-                    if os.path.isdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{d}")
-                    and not d.startswith(".spare-")]
+        # (a slot's cgroup, made ahead of need, may be there: nothing else)
+        assert _container_cgroups(rt, sb) <= _slot_ids(rt)
 
 
 def test_update_resources_and_stats(env):
@@ -382,6 +380,13 @@ if phase == "create-before-launch":
     wrap(container.Container, "_launch", before=True)
 elif phase == "create-after-launch":
     wrap(_native, "launch")
+elif phase == "create-at-pid":   # the pids recorded, the process still setting up
+    real_write = container.Container._write
+    def write_then_die(self, rec):
+        real_write(self, rec)
+        if "pid" in rec:
+            die()
+    container.Container._write = write_then_die
 elif phase == "start-after-release":
     wrap(_native, "launch_start")
 elif phase == "remove-after-cgroup":
@@ -400,7 +405,8 @@ else:
 """
 
 
-@pytest.mark.parametrize("phase", ["create-before-launch", "create-after-launch",
+@pytest.mark.parametrize("phase", ["create-before-launch", "create-at-pid",
+                                   "create-after-launch",
                                    "start-after-release", "remove-after-cgroup"])
 def test_kill9_during_operations_then_recover(env, phase):
     """SIGKILL the Python process in the middle of an operation; a new Runtime shows a
@@ -422,17 +428,23 @@ def test_kill9_during_operations_then_recover(env, phase):
     cs = rt2.containers(sandbox_id=sb.id)
     if phase == "create-before-launch":
         assert cs == []  # nothing was made that needs keeping
-    elif phase == "create-after-launch":
-        assert cs == []  # the half-made container and its held process are gone
+    elif phase in ("create-at-pid", "create-after-launch"):
+        # the record had the process's pids before the creator died: the container
+        # is created, held before execve, and a new Runtime can start it
+        assert [c.state for c in cs] == ["created"]
+        cs[0].start()
+        assert cs[0].exec_sync(["echo", "alive"]).stdout == b"alive\n"
     elif phase == "start-after-release":
         assert [c.state for c in cs] == ["running"]
         assert cs[0].exec_sync(["echo", "alive"]).stdout == b"alive\n"
     for c in cs:
         c.remove()
     assert rt2.containers(sandbox_id=sb.id) == []
-    cg_dir = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}"
-    assert not [d for d in os.listdir(cg_dir) if os.path.isdir(os.path.join(cg_dir, d))
-                and not d.startswith(".spare-")]
+    # the crashed process's slot went with it (rt2 deleted it); ours may be there;
+    # an exited container's empty cgroup goes just after its remove returns
+    assert pycri.store.Trash.drain(5)
+    assert _container_cgroups(rt, sb) <= _slot_ids(rt)
+    assert all(n.startswith(f"{os.getpid()}.") for n in _slot_names(rt))
     time.sleep(0.2)  # the launcher of a held process exits when that process dies
     out = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout
     ours = [p for p in out.split() if os.path.exists(f"/proc/{p}/root")
@@ -541,34 +553,106 @@ def test_user_namespace_pod(env):
     shutil.rmtree(share)
 
 
-def test_spare_cgroups_are_used_and_go_with_the_pod(env):
-    """Container cgroups come from a spare made ahead of need (renamed into place);
-    the spare has the default device rules, and the pod's removal takes it along."""
-    rt, img = env
-    sb = rt.run_sandbox(pycri.SandboxConfig(name="spares"))
+def _slot_names(rt):
+    d = f"{rt.root}/slots"
+    return os.listdir(d) if os.path.isdir(d) else []
+
+
+def _slot_ids(rt):
+    """Container ids of the slots on rt's root (pycri/slots.py), any owner."""
+    return {n.split(".")[3] for n in _slot_names(rt)}
+
+
+def _container_cgroups(rt, sb):
     pod_dir = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}"
-    spares = []
+    return {d for d in os.listdir(pod_dir) if os.path.isdir(os.path.join(pod_dir, d))}
+
+
+def _wait_slot(rt, sb):
+    deadline = time.monotonic() + 5
+    while True:
+        mine = [n for n in _slot_names(rt) if n.split(".")[2] == sb.id]
+        if mine:
+            return mine
+        assert time.monotonic() < deadline, "no slot was made"
+        time.sleep(0.01)
+
+
+def test_slots_are_used_and_go_with_the_pod(env):
+    """A container's id, record dir and cgroup come from a slot made ahead of need
+    (renamed into place); the slot's cgroup has the default device rules, and the
+    pod's removal takes the slot along."""
+    rt, img = env
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="slots"))
+    pod_dir = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}"
+    made = []
     for i in range(3):
         c = sb.create_container(pycri.ContainerConfig(name=f"s{i}", image=img.id,
                                                       command=("true",)))
-        deadline = time.monotonic() + 5
-        while not (spares := [d for d in os.listdir(pod_dir) if d.startswith(".spare-")]):
-            assert time.monotonic() < deadline, "no spare cgroup was made"
-            time.sleep(0.01)
+        if made:    # this container is the slot made after the previous create
+            assert c.id == made[-1].split(".")[3]
+            assert not os.path.exists(f"{rt.root}/slots/{made[-1]}")
+        slot = _wait_slot(rt, sb)
+        assert len(slot) == 1 and slot[0].startswith(f"{os.getpid()}.")
+        made.append(slot[0])
+        sid = slot[0].split(".")[3]
+        assert sorted(os.listdir(f"{rt.root}/slots/{slot[0]}/fs")) == ["rootfs", "upper", "work"]
+        assert os.path.isdir(os.path.join(pod_dir, sid))
         dev = f"/sys/fs/cgroup/devices/{rt.cgroup_parent}/{sb.id}/{c.id}/devices.list"
         rules = open(dev).read().split("\n")
         assert "a *:* rwm" not in rules and "c 1:3 rwm" in rules   # /dev/null, not all
         c.start()
         assert c.wait(10) == 0
         c.remove()
-    assert len(spares) == 1
-    # the container got the previous spare's cgroup: it was renamed, not copied
-    taken = spares[0]
-    c = sb.create_container(pycri.ContainerConfig(name="last", image=img.id, command=("true",)))
-    assert not os.path.exists(os.path.join(pod_dir, taken))
+        # an exited container's empty cgroup is removed just after remove returns
+        assert pycri.store.Trash.drain(5)
+        assert not os.path.exists(os.path.join(pod_dir, c.id))
+    assert _container_cgroups(rt, sb) == {made[-1].split(".")[3]}
     sb.remove()
+    assert not os.path.exists(f"{rt.root}/slots/{made[-1]}")
     for ctl in ("memory", "devices", "cpu", "pids", "freezer"):
         assert not os.path.exists(f"/sys/fs/cgroup/{ctl}/{rt.cgroup_parent}/{sb.id}")
+
+
+def test_slot_of_a_dead_process_is_deleted(env):
+    """A process that made a slot and died (SIGKILL) leaves a record dir and a
+    cgroup nobody uses; the next Runtime on the root deletes both, and leaves the
+    slots of live processes alone."""
+    rt, img = env
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="deadslot"))
+    script = f"""
+import sys, os, signal, time; sys.path.insert(0, {TREE!r})
+import pycri
+rt = pycri.Runtime(root={rt.root!r}, state={rt.state!r}, cgroup_parent={rt.cgroup_parent!r})
+sb = rt.sandbox({sb.id!r})
+c = sb.create_container(pycri.ContainerConfig(name="x", image={img.id!r}, command=("true",)))
+c.remove()
+deadline = time.monotonic() + 5
+while not [n for n in os.listdir(rt.root + "/slots") if n.startswith(f"{{os.getpid()}}.")]:
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()
+    dead = [n for n in os.listdir(f"{rt.root}/slots") if not n.startswith(f"{os.getpid()}.")]
+    assert len(dead) == 1
+    dead_id = dead[0].split(".")[3]
+    assert os.path.isdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{dead_id}")
+    # a slot of ours, alive
+    sb.create_container(pycri.ContainerConfig(name="y", image=img.id, command=("true",)))
+    deadline = time.monotonic() + 5
+    while not (ours := [n for n in os.listdir(f"{rt.root}/slots")
+                        if n.startswith(f"{os.getpid()}.")]):
+        assert time.monotonic() < deadline, "no slot of ours was made"
+        time.sleep(0.01)
+    pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
+    assert not os.path.exists(f"{rt.root}/slots/{dead[0]}")
+    assert not os.path.exists(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{dead_id}")
+    for n in ours:
+        assert os.path.exists(f"{rt.root}/slots/{n}")
+    assert rt.containers(sandbox_id=sb.id)[0].name == "y"
+    sb.remove()
 
 
 def test_reopen_log_right_after_start_keeps_the_monitor(env):

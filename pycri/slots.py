@@ -1,0 +1,177 @@
+"""Container slots: the part of a container create that does not depend on its
+config, made ahead of need by a background thread.
+
+A slot is a fresh container id whose record directory is already laid out
+(``fs/upper``, ``fs/work``, ``fs/rootfs``) under ``<root>/slots/`` and whose cgroup
+already exists in the pod (default limits and device rules). A create takes the
+pod's slot, renames the directory into ``<root>/containers/`` and applies the
+config's limits: one rename instead of five mkdirs on the record disk and a
+mkdir per cgroup hierarchy (nine on a v1 host), all off the caller's path.
+
+A slot belongs to the process that made it, and its directory name says so:
+``<pid>.<start time>.<pod id>.<container id>``. Nothing lists slots as
+containers. One left by a process that is gone (killed, or exited between the
+making and the use) is deleted, directory and cgroup, by the next Runtime on the
+same root (``cleanup``); a pod's removal deletes the remover's own slot of it
+(``forget``) and its cgroup removal takes anyone else's with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pycri import store
+from pycri.errors import PycriError
+from pycri.procinfo import _start_time
+
+if TYPE_CHECKING:
+    from pycri.runtime import Runtime
+
+# the record dir's layout for a container's writable layer (mode of each)
+FS_DIRS = (("fs", 0o700), ("fs/upper", 0o755), ("fs/work", 0o700), ("fs/rootfs", 0o755))
+
+
+@dataclass(frozen=True)
+class Slot:
+    id: str             # the container id it was made for
+    dir: str            # <root>/slots/<pid>.<start>.<pod>.<id>: the record dir to be
+    pod_id: str
+    cgroup_parent: str
+
+
+def make_record_dir(path: str) -> None:
+    """A container's record dir with its writable-layer dirs, none there before."""
+    os.mkdir(path, 0o700)
+    for name, mode in FS_DIRS:
+        os.mkdir(os.path.join(path, name), mode)
+
+
+def _owner_tag() -> str:
+    pid = os.getpid()
+    return f"{pid}.{_start_time(pid)}"
+
+
+class _Slots:
+    """At most one ready slot per (root, pod) for this process, and one thread
+    that makes them."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        # (also in a forked child: the parent's slots and thread are not its own)
+        self._cv = threading.Condition()
+        self._ready: dict[tuple[str, str], Slot] = {}
+        self._wanted: dict[tuple[str, str], tuple[Runtime, str]] = {}
+        self._making: tuple[str, str] | None = None
+        self._thread: threading.Thread | None = None
+        self._tag = ""
+
+    def take(self, runtime: Runtime, pod_id: str, cgroup_parent: str) -> Slot | None:
+        """This process's slot for the pod (None if none is ready yet); the next one
+        is made in the background from now on."""
+        key = (runtime.root, pod_id)
+        with self._cv:
+            slot = self._ready.pop(key, None)
+            if slot is not None and slot.cgroup_parent != cgroup_parent:
+                self._discard_later(runtime, slot)
+                slot = None
+            self._wanted[key] = (runtime, cgroup_parent)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pycri-slots",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+            return slot
+
+    def forget(self, runtime: Runtime, pod_id: str) -> None:
+        """Before a pod goes: make no more slots for it, and delete the one made."""
+        key = (runtime.root, pod_id)
+        with self._cv:
+            self._wanted.pop(key, None)
+            while self._making == key:
+                self._cv.wait()
+            slot = self._ready.pop(key, None)
+        if slot is not None:
+            discard(runtime, slot)
+
+    def _discard_later(self, runtime: Runtime, slot: Slot) -> None:
+        threading.Thread(target=discard, args=(runtime, slot), daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._wanted:
+                    self._cv.wait()
+                key, (runtime, parent) = self._wanted.popitem()
+                self._making = key
+                if not self._tag:
+                    self._tag = _owner_tag()
+                tag = self._tag
+            slot = None
+            try:
+                slot = _make(runtime, key[1], parent, tag)
+            except (OSError, PycriError):
+                pass        # the pod went, or the disk is full: creates do it themselves
+            with self._cv:
+                self._making = None
+                if slot is not None:
+                    self._ready[key] = slot
+                self._cv.notify_all()
+
+
+def _make(runtime: Runtime, pod_id: str, parent: str, tag: str) -> Slot | None:
+    mgr = runtime.cgroups(parent)
+    if not mgr.pod(pod_id).exists():
+        return None
+    cid = secrets.token_hex(32)
+    base = store.makedirs(os.path.join(runtime.root, "slots"), 0o700)
+    slot = Slot(cid, os.path.join(base, f"{tag}.{pod_id}.{cid}"), pod_id, parent)
+    make_record_dir(slot.dir)
+    try:
+        mgr.create_container(pod_id, cid)
+    except BaseException:
+        runtime.trash.put(slot.dir)
+        raise
+    return slot
+
+
+def discard(runtime: Runtime, slot: Slot) -> None:
+    """Delete an unused slot: its cgroup and its directory."""
+    with contextlib.suppress(OSError, PycriError):
+        runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).destroy(1.0)
+    with contextlib.suppress(OSError):
+        runtime.trash.put(slot.dir)
+
+
+def cleanup(runtime: Runtime) -> None:
+    """Delete the slots of processes that are gone."""
+    base = os.path.join(runtime.root, "slots")
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return
+    for name in names:
+        parts = name.split(".")
+        if len(parts) != 4 or not parts[0].isdigit() or not parts[1].lstrip("-").isdigit():
+            runtime.trash.put(os.path.join(base, name))     # not ours to keep
+            continue
+        pid, start, pod_id, cid = int(parts[0]), int(parts[1]), parts[2], parts[3]
+        if _start_time(pid) == start:
+            continue    # its owner lives (and may take it any moment)
+        parent = runtime.cgroup_parent
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            parent = store.read_json(os.path.join(runtime.root, "sandboxes", pod_id,
+                                                  "record.json"))["cgroup_parent"]
+        discard(runtime, Slot(cid, os.path.join(base, name), pod_id, parent))
+
+
+_slots = _Slots()
+take = _slots.take
+forget = _slots.forget
