@@ -510,6 +510,7 @@ static void close_unneeded_fds(const struct pycri__plan *plan) {
     for (int i = 0; i < 3; i++)
         keep[n++] = s->stdio[i];
     keep[n++] = s->tty_fd;
+    keep[n++] = s->rootfs_premounted ? s->rootfs_mount_fd : -1;
     for (int i = 0; i < s->n_keep_fds && n < (int)(sizeof(keep) / sizeof(keep[0])); i++)
         keep[n++] = s->keep_fds[i];
     for (int i = 1; i < n; i++) /* insertion sort: n is small */
@@ -931,6 +932,10 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
     if (s->seccomp_bpf && (s->seccomp_len == 0 || s->seccomp_len > 4096))
         return pycri_fail(err, EINVAL, "prepare: seccomp program of %u instructions",
                           s->seccomp_len);
+    if (s->rootfs_premounted && (!s->rootfs || s->rootfs_mount_fd < 0 ||
+                                 s->ns_mode[PYCRI_NS_USER] != PYCRI_NS_HOST))
+        return pycri_fail(err, EINVAL, "prepare: a premounted rootfs needs a rootfs path, its "
+                                       "fd, and no user namespace");
     if (s->rootfs && s->overlay_lower) {
         const char *parts[3] = {s->overlay_lower, s->overlay_upper, s->overlay_work};
         for (int i = 0; i < 3; i++)

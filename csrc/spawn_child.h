@@ -60,6 +60,8 @@ void pycri__fdpath(char *buf, int fd);   /* "/proc/self/fd/<fd>" into buf[32] */
 int pycri__inroot_open(int rootfd, const char *path, int flags, unsigned long long extra);
 /* mkdir -p inside the root; returns an O_PATH fd of the dir. */
 int pycri__inroot_mkdirs(int rootfd, const char *path, int mode);
+/* path opened (O_PATH) in-root, made first (a dir, or an empty file) if missing */
+int pycri__inroot_target(int rootfd, const char *path, int is_dir);
 
 /* The whole mount namespace setup, ending in pivot_root; the sysctls are written
  * as soon as /proc is mounted (before read-only paths cover /proc/sys), and then

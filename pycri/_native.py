@@ -247,6 +247,7 @@ class SpawnSpec:
     overlay_lower: list[str] = field(default_factory=list)  # top first; empty = bind rootfs
     overlay_upper: str | None = None
     overlay_work: str | None = None
+    rootfs_mount_fd: int = -1  # an overlay_premount fd to attach at rootfs (not mounted again)
     rootfs_readonly: bool = False
     root_propagation: str = "private"
     mount_proc: bool = True
@@ -414,6 +415,9 @@ def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
         c.overlay_lower = b.s(":".join(spec.overlay_lower))
         c.overlay_upper = b.s(spec.overlay_upper)
         c.overlay_work = b.s(spec.overlay_work)
+    if spec.rootfs_mount_fd >= 0:
+        c.rootfs_premounted = 1
+        c.rootfs_mount_fd = spec.rootfs_mount_fd
     c.rootfs_readonly = int(spec.rootfs_readonly)
     c.root_propagation = PROPAGATION[spec.root_propagation]
     c.mount_proc, c.mount_sys, c.mount_dev = spec.mount_proc, spec.mount_sys, spec.mount_dev
@@ -894,6 +898,20 @@ def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
     return out
 
 
+def overlay_premount(lower: Sequence[str], upper: str, work: str,
+                     dirs: Sequence[str] = (), files: Sequence[str] = ()) -> int:
+    """An overlay of ``lower`` (top first) + upper + work as a detached mount, with the
+    mount points ``dirs`` and ``files`` made in it where missing (csrc/api/mount.h).
+    Returns its fd (CLOEXEC): SpawnSpec.rootfs_mount_fd; closing it unmounts it."""
+    b = _Builder()
+    out = ffi.new("int *", -1)
+    err = _new_err()
+    _check(lib.pycri_overlay_premount(b.s(":".join(lower)), b.s(upper), b.s(work),
+                                      b.strv(list(dirs)), b.strv(list(files)), out, err),
+           err, upper)
+    return out[0]
+
+
 def encode_spec(spec: SpawnSpec) -> bytes:
     """The flat buffer pycri_launch sends its launcher for ``spec`` (csrc/specbuf.c)."""
     c, _keep = _spec_struct(spec)
@@ -965,6 +983,7 @@ def _spec_from_struct(c) -> SpawnSpec:  # type: ignore[no-untyped-def]
         cgroup_procs=strv(c.cgroup_procs), rootfs=s(c.rootfs),
         overlay_lower=lower.split(":") if lower else [],
         overlay_upper=s(c.overlay_upper), overlay_work=s(c.overlay_work),
+        rootfs_mount_fd=c.rootfs_mount_fd if c.rootfs_premounted else -1,
         rootfs_readonly=bool(c.rootfs_readonly), root_propagation=prop[c.root_propagation],
         mount_proc=bool(c.mount_proc), mount_sys=bool(c.mount_sys),
         mount_dev=bool(c.mount_dev), sys_writable=bool(c.sys_writable),

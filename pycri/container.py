@@ -325,7 +325,10 @@ class Container:
         rlimits_for(config)  # refuses limits above what pycri may grant, early
         image = runtime.images.get(config.image)
         # an id, record dir and cgroup made ahead by this process (pycri/slots.py)
-        slot = slots.take(runtime, sandbox.id, sb_rec["cgroup_parent"])
+        # (and, for a pod without a user namespace, its rootfs: the image's overlay)
+        layer_dirs = runtime.images.layer_dirs(image)
+        slot = slots.take(runtime, sandbox.id, sb_rec["cgroup_parent"], image.id,
+                          None if sb_rec["config"].get("user_namespace") else layer_dirs)
         ctr = cls(runtime, slot.id if slot else secrets.token_hex(32))
         with ctr._lock():
             placed = False
@@ -366,7 +369,7 @@ class Container:
                     runtime.trash.put(ctr.record_dir)
                 raise
             try:
-                ctr._launch(rec, sandbox, sb_rec, image, config, slot is not None)
+                ctr._launch(rec, sandbox, sb_rec, image, config, slot)
             except BaseException:
                 with contextlib.suppress(Exception):
                     ctr._destroy(rec)
@@ -374,7 +377,15 @@ class Container:
         return ctr
 
     def _launch(self, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str, Any],
-                image: Image, config: ContainerConfig, cgroup_made: bool) -> None:
+                image: Image, config: ContainerConfig, slot: slots.Slot | None) -> None:
+        try:
+            self._launch_in(rec, sandbox, sb_rec, image, config, slot)
+        finally:
+            if slot is not None and slot.rootfs_fd >= 0:
+                os.close(slot.rootfs_fd)    # (the child has its own, or it failed)
+
+    def _launch_in(self, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str, Any],
+                   image: Image, config: ContainerConfig, slot: slots.Slot | None) -> None:
         rt = self.runtime
         layer_dirs = rt.images.layer_dirs(image)
         icfg = image.config
@@ -401,7 +412,7 @@ class Container:
         caps = capabilities(config)
 
         cgm = rt.cgroups(rec["cgroup_parent"])
-        cg = (cgm.configure_container if cgroup_made else cgm.create_container)(
+        cg = (cgm.configure_container if slot else cgm.create_container)(
             sandbox.id, self.id, cgroup_resources(config))
         rec["oom_kills_at_start"] = 0     # a new cgroup
         namespaces: dict[str, str] = {"mnt": "new", "cgroup": "host"}
@@ -479,6 +490,7 @@ class Container:
                 namespaces=namespaces,
                 cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
                 overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
+                rootfs_mount_fd=slot.rootfs_fd if slot else -1,
                 mount_sys=True, sys_writable=privileged, host_devices=privileged,
                 shm_path=files["shm_path"], etc_hostname=files["etc_hostname"],
                 etc_hosts=files["etc_hosts"], etc_resolv=files["etc_resolv"],
@@ -721,13 +733,19 @@ class Container:
             rec = self.record()
         except NotFoundError:
             return
-        if rec["state"] != EXITED:
+        exited = rec["state"] == EXITED
+        if not exited:
             self.stop(timeout=0)
         with self._lock():
-            try:
-                rec = self.record()     # (the exit folded in: _destroy looks at state)
-            except NotFoundError:
-                return
+            if exited:
+                # an end is final: only whether someone removed it meanwhile matters
+                if not os.path.exists(os.path.join(self.record_dir, "record.json")):
+                    return
+            else:
+                try:
+                    rec = self.record()     # (the exit folded in: _destroy looks at state)
+                except NotFoundError:
+                    return
             self._destroy(rec)
 
     def _destroy(self, rec: dict[str, Any]) -> None:

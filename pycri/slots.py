@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pycri import store
+from pycri import _native, store
 from pycri.errors import PycriError
 from pycri.procinfo import _start_time
 
@@ -36,12 +36,41 @@ if TYPE_CHECKING:
 FS_DIRS = (("fs", 0o700), ("fs/upper", 0o755), ("fs/work", 0o700), ("fs/rootfs", 0o755))
 
 
+# What a container's setup mounts on or binds to in its rootfs: made in a premounted
+# overlay ahead, where the image lacks them (csrc/api/mount.h)
+MOUNT_DIRS = ("proc", "sys", "dev")
+MOUNT_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
+
+
 @dataclass(frozen=True)
 class Slot:
     id: str             # the container id it was made for
     dir: str            # <root>/slots/<pid>.<start>.<pod>.<id>: the record dir to be
     pod_id: str
     cgroup_parent: str
+    # The overlay rootfs, mounted ahead (detached) for the image the pod's last
+    # create used, and what its lower dirs were (device, inode) then; or -1.
+    image_id: str = ""
+    rootfs_fd: int = -1
+    lowers: tuple[tuple[int, int], ...] = ()
+
+    def fits(self, image_id: str, layer_dirs: list[str]) -> bool:
+        """Whether the premounted rootfs is this image's, on the same layer dirs (an
+        image removed and pulled again has new ones)."""
+        if self.image_id != image_id:
+            return False
+        try:
+            return self.lowers == _dir_ids(layer_dirs)
+        except OSError:
+            return False
+
+
+def _dir_ids(dirs: list[str]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for d in dirs:
+        st = os.stat(d)
+        out.append((st.st_dev, st.st_ino))
+    return tuple(out)
 
 
 def make_record_dir(path: str) -> None:
@@ -62,33 +91,53 @@ class _Slots:
 
     def __init__(self) -> None:
         self._reset()
-        os.register_at_fork(after_in_child=self._reset)
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        for slot in self._ready.values():
+            if slot.rootfs_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(slot.rootfs_fd)
+        self._reset()
 
     def _reset(self) -> None:
         # (also in a forked child: the parent's slots and thread are not its own)
         self._cv = threading.Condition()
         self._ready: dict[tuple[str, str], Slot] = {}
-        self._wanted: dict[tuple[str, str], tuple[Runtime, str]] = {}
+        # what to make next per (root, pod): its Runtime, cgroup parent, and the
+        # image to premount a rootfs of ("" and no layers: none)
+        self._wanted: dict[tuple[str, str], tuple[Runtime, str, str, list[str]]] = {}
         self._making: tuple[str, str] | None = None
         self._thread: threading.Thread | None = None
         self._tag = ""
 
-    def take(self, runtime: Runtime, pod_id: str, cgroup_parent: str) -> Slot | None:
+    def take(self, runtime: Runtime, pod_id: str, cgroup_parent: str, image_id: str = "",
+             layer_dirs: list[str] | None = None) -> Slot | None:
         """This process's slot for the pod (None if none is ready yet); the next one
-        is made in the background from now on."""
+        is made in the background from now on, with a rootfs of the image given by
+        ``image_id`` and its ``layer_dirs`` premounted (none when they are not given).
+        A slot with another image's rootfs is not used: its writable layer may have
+        that image's directories copied up."""
         key = (runtime.root, pod_id)
         with self._cv:
             slot = self._ready.pop(key, None)
-            if slot is not None and slot.cgroup_parent != cgroup_parent:
+            if slot is not None and (slot.cgroup_parent != cgroup_parent or (
+                    slot.rootfs_fd >= 0 and not slot.fits(image_id, layer_dirs or []))):
                 self._discard_later(runtime, slot)
                 slot = None
-            self._wanted[key] = (runtime, cgroup_parent)
+            self._wanted[key] = (runtime, cgroup_parent, image_id if layer_dirs else "",
+                                 list(layer_dirs or []))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="pycri-slots",
                                                 daemon=True)
                 self._thread.start()
             self._cv.notify_all()
             return slot
+
+    def peek(self, runtime: Runtime, pod_id: str) -> Slot | None:
+        """The slot a create in the pod would take now (it stays)."""
+        with self._cv:
+            return self._ready.get((runtime.root, pod_id))
 
     def forget(self, runtime: Runtime, pod_id: str) -> None:
         """Before a pod goes: make no more slots for it, and delete the one made."""
@@ -109,14 +158,14 @@ class _Slots:
             with self._cv:
                 while not self._wanted:
                     self._cv.wait()
-                key, (runtime, parent) = self._wanted.popitem()
+                key, (runtime, parent, image_id, layers) = self._wanted.popitem()
                 self._making = key
                 if not self._tag:
                     self._tag = _owner_tag()
                 tag = self._tag
             slot = None
             try:
-                slot = _make(runtime, key[1], parent, tag)
+                slot = _make(runtime, key[1], parent, tag, image_id, layers)
             except (OSError, PycriError):
                 pass        # the pod went, or the disk is full: creates do it themselves
             with self._cv:
@@ -126,24 +175,38 @@ class _Slots:
                 self._cv.notify_all()
 
 
-def _make(runtime: Runtime, pod_id: str, parent: str, tag: str) -> Slot | None:
+def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
+          layers: list[str]) -> Slot | None:
     mgr = runtime.cgroups(parent)
     if not mgr.pod(pod_id).exists():
         return None
     cid = secrets.token_hex(32)
     base = store.makedirs(os.path.join(runtime.root, "slots"), 0o700)
-    slot = Slot(cid, os.path.join(base, f"{tag}.{pod_id}.{cid}"), pod_id, parent)
-    make_record_dir(slot.dir)
+    path = os.path.join(base, f"{tag}.{pod_id}.{cid}")
+    make_record_dir(path)
     try:
         mgr.create_container(pod_id, cid)
     except BaseException:
-        runtime.trash.put(slot.dir)
+        runtime.trash.put(path)
         raise
+    slot = Slot(cid, path, pod_id, parent)
+    if layers:
+        try:
+            lowers = _dir_ids(layers)
+            fd = _native.overlay_premount(layers, os.path.join(path, "fs", "upper"),
+                                          os.path.join(path, "fs", "work"),
+                                          MOUNT_DIRS, MOUNT_FILES)
+        except OSError:
+            return slot     # (the image went meanwhile: a slot without a rootfs)
+        slot = Slot(cid, path, pod_id, parent, image_id, fd, lowers)
     return slot
 
 
 def discard(runtime: Runtime, slot: Slot) -> None:
-    """Delete an unused slot: its cgroup and its directory."""
+    """Delete an unused slot: its rootfs mount, cgroup and directory."""
+    if slot.rootfs_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(slot.rootfs_fd)    # (the last reference: the overlay goes)
     with contextlib.suppress(OSError, PycriError):
         runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).destroy(1.0)
     with contextlib.suppress(OSError):
@@ -174,4 +237,5 @@ def cleanup(runtime: Runtime) -> None:
 
 _slots = _Slots()
 take = _slots.take
+peek = _slots.peek
 forget = _slots.forget

@@ -37,11 +37,11 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,17 +84,26 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_tmp_seq = itertools.count()
+
+
 def atomic_write(path: str, data: bytes, mode: int = 0o600, sync: bool = True) -> None:
     """Replace ``path`` with ``data`` so that readers see old or new, never partial."""
     d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    # a name no other writer (thread or process) uses at the same time
+    tmp = os.path.join(d, f".tmp-{os.getpid()}-{threading.get_ident()}-{next(_tmp_seq)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if mode != 0o600:
+                os.fchmod(fd, mode)
             if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

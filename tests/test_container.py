@@ -569,13 +569,12 @@ def _container_cgroups(rt, sb):
 
 
 def _wait_slot(rt, sb):
+    """The names of sb's slots once this process has one ready (the next create's)."""
     deadline = time.monotonic() + 5
-    while True:
-        mine = [n for n in _slot_names(rt) if n.split(".")[2] == sb.id]
-        if mine:
-            return mine
+    while pycri.slots.peek(rt, sb.id) is None:
         assert time.monotonic() < deadline, "no slot was made"
         time.sleep(0.01)
+    return [n for n in _slot_names(rt) if n.split(".")[2] == sb.id]
 
 
 def test_slots_are_used_and_go_with_the_pod(env):
@@ -614,6 +613,43 @@ def test_slots_are_used_and_go_with_the_pod(env):
         assert not os.path.exists(f"/sys/fs/cgroup/{ctl}/{rt.cgroup_parent}/{sb.id}")
 
 
+def test_premounted_rootfs_follows_the_image(env, registry):
+    """A slot carries the overlay of the image the pod's last create used, mounted
+    ahead with the mount points made in it; the next create of that image runs on
+    it. A create of another image, or of the same image removed and pulled again
+    (new layer dirs), does not use it and sees exactly its own image."""
+    rt, img = env
+    other = ib.build_image([ib.busybox_layer(), ib.layer_tar([ib.File("marker", b"other\n")])],
+                           config={"Env": ["PATH=/bin"]})
+    ib.push(registry.host, "test/other", "v1", other)
+    img2 = rt.images.pull(f"{registry.host}/test/other:v1")
+    with rt.run_sandbox(pycri.SandboxConfig(name="premount", hostname="pm")) as sb:
+        assert sb.run(img, ["true"]).exit_code == 0      # then a slot with img's rootfs
+        slot = _wait_slot(rt, sb)[0]
+        upper = f"{rt.root}/slots/{slot}/fs/upper"
+        # the image has no /etc/hosts or /etc/hostname: made ahead in the writable layer
+        assert os.path.isfile(f"{upper}/etc/hosts") and os.path.isfile(f"{upper}/etc/hostname")
+        c = sb.create_container(pycri.ContainerConfig(
+            name="on-slot", image=img.id,
+            command=("sh", "-c", "cat /etc/hostname; ls /bin/probe; grep ' / / ' /proc/self/mountinfo")))
+        assert c.id == slot.split(".")[3]
+        c.start()
+        assert c.wait(10) == 0
+        out = b"".join(r.content + b"\n" for r in c.logs()).decode()
+        assert out.startswith("pm\n/bin/probe\n") and " - overlay " in out, out
+        c.remove()
+        # another image: img's premounted slot is not used
+        _wait_slot(rt, sb)
+        r = sb.run(img2, ["sh", "-c", "cat /marker; ls /bin/probe"])
+        assert r.stdout == b"other\n" and r.exit_code != 0      # no probe in img2
+        # the slot now made is img2's; remove img2 and pull it again: new layer dirs
+        _wait_slot(rt, sb)
+        rt.images.remove(img2.id)
+        img2 = rt.images.pull(f"{registry.host}/test/other:v1")
+        r = sb.run(img2, ["cat", "/marker"])
+        assert (r.exit_code, r.stdout) == (0, b"other\n")
+
+
 def test_slot_of_a_dead_process_is_deleted(env):
     """A process that made a slot and died (SIGKILL) leaves a record dir and a
     cgroup nobody uses; the next Runtime on the root deletes both, and leaves the
@@ -628,7 +664,7 @@ sb = rt.sandbox({sb.id!r})
 c = sb.create_container(pycri.ContainerConfig(name="x", image={img.id!r}, command=("true",)))
 c.remove()
 deadline = time.monotonic() + 5
-while not [n for n in os.listdir(rt.root + "/slots") if n.startswith(f"{{os.getpid()}}.")]:
+while pycri.slots.peek(rt, sb.id) is None:
     assert time.monotonic() < deadline
     time.sleep(0.01)
 os.kill(os.getpid(), signal.SIGKILL)
@@ -641,11 +677,8 @@ os.kill(os.getpid(), signal.SIGKILL)
     assert os.path.isdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{dead_id}")
     # a slot of ours, alive
     sb.create_container(pycri.ContainerConfig(name="y", image=img.id, command=("true",)))
-    deadline = time.monotonic() + 5
-    while not (ours := [n for n in os.listdir(f"{rt.root}/slots")
-                        if n.startswith(f"{os.getpid()}.")]):
-        assert time.monotonic() < deadline, "no slot of ours was made"
-        time.sleep(0.01)
+    ours = [n for n in _wait_slot(rt, sb) if n.startswith(f"{os.getpid()}.")]
+    assert len(ours) == 1
     pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
     assert not os.path.exists(f"{rt.root}/slots/{dead[0]}")
     assert not os.path.exists(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{dead_id}")
