@@ -394,8 +394,8 @@ static int exit_code(void) {
 static void record_exit(void) {
     char json[256];
     int sig = WIFSIGNALED(child_status) ? WTERMSIG(child_status) : 0;
-    long long oom_now = read_oom_kills();
-    int oom = sig == SIGKILL && oom_at_start >= 0 && oom_now > oom_at_start;
+    /* (only a SIGKILL can be the OOM killer's: no cgroup read on other exits) */
+    int oom = sig == SIGKILL && oom_at_start >= 0 && read_oom_kills() > oom_at_start;
     int n = snprintf(json, sizeof(json),
                      "{\"pid\":%d,\"exit_code\":%d,\"signal\":%d,\"exited_at_ns\":%lld,"
                      "\"oom_killed\":%s}\n",

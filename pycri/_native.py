@@ -536,10 +536,14 @@ def cgroup_write_batch(dirfd: int, pairs: list[tuple[str, str]]) -> None:
         raise e
 
 
+# buffers the C side fills: not zeroed first (ffi.new would clear every byte of cap)
+_new_unzeroed = ffi.new_allocator(should_clear_after_alloc=False)
+
+
 def cgroup_read(dirfd: int, name: str, cap: int = 1 << 16) -> str:
     """The text of the file name beneath dirfd (EFBIG past cap bytes)."""
     err = _new_err()
-    buf = ffi.new("char[]", cap)
+    buf = _new_unzeroed("char[]", cap)
     n = _check(lib.pycri_cgroup_read(dirfd, name.encode(), buf, cap, err), err, name)
     return bytes(ffi.buffer(buf, n)).decode("utf-8", "replace")
 

@@ -401,6 +401,15 @@ class Cgroup:
             os.close(fd)
         return [int(x) for x in text.split()]
 
+    def has_processes(self) -> bool:
+        """Whether any process is in the cgroup (FileNotFoundError if it is gone)."""
+        d = self._dir_for("freezer") or self._dir_for("pids") or self.paths()[0]
+        fd = os.open(os.path.join(d, "cgroup.procs"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return bool(os.read(fd, 16).strip())
+        finally:
+            os.close(fd)
+
     def _dir_for(self, controller: str) -> str | None:
         if self.v2:
             return self.dirs["unified"]

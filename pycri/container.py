@@ -506,6 +506,9 @@ class Container:
                 # pids (a crash from here on leaves a record recovery can settle)
                 rec.update(pid=r.pid, pid_start_time=r.start_time, monitor_pid=r.monitor_pid)
                 self._write(rec)
+                # ... and the next create's slot (it would wait through this anyway)
+                slots.make(rt, sandbox.id, rec["cgroup_parent"], image.id,
+                           None if userns else layer_dirs)
 
             res = _native.launch(spec, self._sock("start"), monitor, stdio_parent,
                                  on_pid=record_pids)
@@ -618,7 +621,6 @@ class Container:
         step = 0.5
         try:
             while True:
-                rec = self.record()
                 if rec["state"] == EXITED:
                     return int(rec["exit_code"])
                 left = None if deadline is None else deadline - time.monotonic()
@@ -634,8 +636,15 @@ class Container:
                         step = 0.0001
                     elif step < 0.5:
                         step = min(0.5, step * 2)
+                    # the record changes only by the exit file (or by a stop or a
+                    # remove, which the monitor's end shows too): read it again then
+                    if pidfd not in ready:
+                        if os.path.exists(self._exit_file):
+                            self._refresh(rec)      # (fold it into the record in hand)
+                        continue
                 else:
                     time.sleep(0.05 if left is None else min(0.05, left))
+                rec = self.record()
         finally:
             for fd in (pidfd, ctr_fd):
                 if fd >= 0:
@@ -1031,7 +1040,7 @@ def _nothing_runs_in(cg: Any) -> bool:
     """True if the cgroup holds no process (or is gone); a process that could still
     be in it makes this False."""
     try:
-        return not cg.pids()
+        return not cg.has_processes()
     except FileNotFoundError:
         return True
     except OSError:

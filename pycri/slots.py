@@ -14,16 +14,20 @@ containers. One left by a process that is gone (killed, or exited between the
 making and the use) is deleted, directory and cgroup, by the next Runtime on the
 same root (``cleanup``); a pod's removal deletes the remover's own slot of it
 (``forget``) and its cgroup removal takes anyone else's with it.
+
+Slots are made by the creating thread while its container sets itself up
+(``make``, from Container._launch), for the next create in the same pod.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pycri import _native, store
 from pycri.errors import PycriError
@@ -86,8 +90,13 @@ def _owner_tag() -> str:
 
 
 class _Slots:
-    """At most one ready slot per (root, pod) for this process, and one thread
-    that makes them."""
+    """At most one ready slot per (root, pod) for this process, made by one thread.
+
+    A create asks for the next slot once its container process exists and sets
+    itself up (Container._launch): the caller then waits in C, without the GIL,
+    so the slot's making competes least with it. (Made by the caller itself in
+    that window, a create took ~1 ms longer; asked for at the start of the
+    create, the making competed with the create's own Python work.)"""
 
     def __init__(self) -> None:
         self._reset()
@@ -101,38 +110,68 @@ class _Slots:
         self._reset()
 
     def _reset(self) -> None:
-        # (also in a forked child: the parent's slots and thread are not its own)
+        # (also in a forked child: the parent's slots are not its own)
         self._cv = threading.Condition()
         self._ready: dict[tuple[str, str], Slot] = {}
-        # what to make next per (root, pod): its Runtime, cgroup parent, and the
-        # image to premount a rootfs of ("" and no layers: none)
-        self._wanted: dict[tuple[str, str], tuple[Runtime, str, str, list[str]]] = {}
-        self._making: tuple[str, str] | None = None
+        self._making: set[tuple[str, str]] = set()     # asked for, not ready yet
+        self._queue: list[tuple[Any, ...]] = []
         self._thread: threading.Thread | None = None
         self._tag = ""
 
     def take(self, runtime: Runtime, pod_id: str, cgroup_parent: str, image_id: str = "",
              layer_dirs: list[str] | None = None) -> Slot | None:
-        """This process's slot for the pod (None if none is ready yet); the next one
-        is made in the background from now on, with a rootfs of the image given by
-        ``image_id`` and its ``layer_dirs`` premounted (none when they are not given).
-        A slot with another image's rootfs is not used: its writable layer may have
-        that image's directories copied up."""
+        """This process's slot for the pod, or None. A slot with another image's
+        rootfs is not used (its writable layer may have that image's directories
+        copied up): it is deleted off the caller's path."""
+        with self._cv:
+            slot = self._ready.pop((runtime.root, pod_id), None)
+        if slot is not None and (slot.cgroup_parent != cgroup_parent or (
+                slot.rootfs_fd >= 0 and not slot.fits(image_id, layer_dirs or []))):
+            runtime.trash.later(functools.partial(discard, runtime, slot))
+            slot = None
+        return slot
+
+    def make(self, runtime: Runtime, pod_id: str, cgroup_parent: str, image_id: str = "",
+             layer_dirs: list[str] | None = None) -> None:
+        """Have the pod's next slot made, with the rootfs of ``image_id`` premounted
+        when its ``layer_dirs`` are given, unless one is ready or being made."""
         key = (runtime.root, pod_id)
         with self._cv:
-            slot = self._ready.pop(key, None)
-            if slot is not None and (slot.cgroup_parent != cgroup_parent or (
-                    slot.rootfs_fd >= 0 and not slot.fits(image_id, layer_dirs or []))):
-                self._discard_later(runtime, slot)
-                slot = None
-            self._wanted[key] = (runtime, cgroup_parent, image_id if layer_dirs else "",
-                                 list(layer_dirs or []))
+            if key in self._ready or key in self._making:
+                return
+            self._making.add(key)
+            if not self._tag:
+                self._tag = _owner_tag()
+            tag = self._tag
+            self._queue.append((key, runtime, pod_id, cgroup_parent, tag, image_id, layer_dirs))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="pycri-slots",
                                                 daemon=True)
                 self._thread.start()
             self._cv.notify_all()
-            return slot
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                job = self._queue.pop(0)
+            self._make(*job)
+
+    def _make(self, key: tuple[str, str], runtime: Runtime, pod_id: str, cgroup_parent: str,
+              tag: str, image_id: str, layer_dirs: list[str] | None) -> None:
+        slot = None
+        try:
+            slot = _make(runtime, pod_id, cgroup_parent, tag, image_id if layer_dirs else "",
+                         list(layer_dirs or []))
+        except (OSError, PycriError):
+            pass        # the pod went, or the disk is full
+        finally:
+            with self._cv:
+                self._making.discard(key)
+                if slot is not None:
+                    self._ready[key] = slot
+                self._cv.notify_all()
 
     def peek(self, runtime: Runtime, pod_id: str) -> Slot | None:
         """The slot a create in the pod would take now (it stays)."""
@@ -140,39 +179,18 @@ class _Slots:
             return self._ready.get((runtime.root, pod_id))
 
     def forget(self, runtime: Runtime, pod_id: str) -> None:
-        """Before a pod goes: make no more slots for it, and delete the one made."""
+        """Before a pod goes: delete this process's slot of it (once made)."""
         key = (runtime.root, pod_id)
         with self._cv:
-            self._wanted.pop(key, None)
-            while self._making == key:
+            queued = [j for j in self._queue if j[0] == key]
+            for job in queued:
+                self._queue.remove(job)
+                self._making.discard(key)
+            while key in self._making:
                 self._cv.wait()
             slot = self._ready.pop(key, None)
         if slot is not None:
             discard(runtime, slot)
-
-    def _discard_later(self, runtime: Runtime, slot: Slot) -> None:
-        threading.Thread(target=discard, args=(runtime, slot), daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._wanted:
-                    self._cv.wait()
-                key, (runtime, parent, image_id, layers) = self._wanted.popitem()
-                self._making = key
-                if not self._tag:
-                    self._tag = _owner_tag()
-                tag = self._tag
-            slot = None
-            try:
-                slot = _make(runtime, key[1], parent, tag, image_id, layers)
-            except (OSError, PycriError):
-                pass        # the pod went, or the disk is full: creates do it themselves
-            with self._cv:
-                self._making = None
-                if slot is not None:
-                    self._ready[key] = slot
-                self._cv.notify_all()
 
 
 def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
@@ -237,5 +255,6 @@ def cleanup(runtime: Runtime) -> None:
 
 _slots = _Slots()
 take = _slots.take
+make = _slots.make
 peek = _slots.peek
 forget = _slots.forget
