@@ -23,6 +23,7 @@
 #include <sys/wait.h>
 
 #include "internal.h"
+#include "spawn_child.h"
 
 #define LAUNCH_MAGIC 0x70636c61u /* "pcla" */
 #define MAX_MONITOR_FDS 16
@@ -275,7 +276,10 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
     struct launch_report rep;
     memset(&rep, 0, sizeof(rep));
     rep.res.stage = PYCRI_STAGE_PREPARE;
-    /* the monitor ignores SIGPIPE too; the container gets default dispositions */
+    /* Every disposition the caller passed on (ignored ones survive execve) back to
+     * default, now, before any request: the container's process then has only the
+     * two below to reset (spawn_child.c). The monitor ignores SIGPIPE and SIGHUP. */
+    pycri__default_all_signals();
     signal(SIGPIPE, SIG_IGN);
     signal(SIGHUP, SIG_IGN);
     /* The signals the monitor reads from its signalfd (SIGUSR1: reopen the log,

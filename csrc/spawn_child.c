@@ -43,6 +43,24 @@
 #endif
 
 
+/* The kernel's struct sigaction, for rt_sigaction itself: glibc's sigaction()
+ * refuses its internal signals (32 and 33), which posix_spawn leaves ignored. */
+struct ksigaction {
+    void (*handler)(int);
+    unsigned long flags;
+    void (*restorer)(void);
+    unsigned long mask;
+};
+
+void pycri__default_all_signals(void) {
+    struct ksigaction dfl;
+    memset(&dfl, 0, sizeof(dfl));
+    dfl.handler = SIG_DFL;
+    for (int sig = 1; sig < _NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            syscall(SYS_rt_sigaction, sig, &dfl, NULL, sizeof(dfl.mask));
+}
+
 static void send_msg(int sock, int kind, int pid, const struct pycri__cerr *ce) {
     struct msg m;
     memset(&m, 0, sizeof(m));
@@ -498,12 +516,16 @@ void pycri__child_main(struct pycri__plan *plan, int two_step) {
     umask(0);
     /* signals stay blocked (the parent blocked them around clone); reset the
      * dispositions so the program does not inherit the caller's SIG_IGNs */
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof(dfl));
-    dfl.sa_handler = SIG_DFL;
-    for (int sig = 1; sig < _NSIG; sig++)
-        if (sig != SIGKILL && sig != SIGSTOP)
-            sigaction(sig, &dfl, NULL);
+    if (s->join_in_caller) {
+        /* the launcher set every other one to default while it waited (launch.c) */
+        struct sigaction dfl;
+        memset(&dfl, 0, sizeof(dfl));
+        dfl.sa_handler = SIG_DFL;
+        sigaction(SIGPIPE, &dfl, NULL);
+        sigaction(SIGHUP, &dfl, NULL);
+    } else {
+        pycri__default_all_signals();
+    }
     if (s->parent_death_signal)
         prctl(PR_SET_PDEATHSIG, s->parent_death_signal, 0, 0, 0);
     /* not dumpable, so not ptraceable and /proc/<pid> stays root's, until execve */

@@ -93,6 +93,10 @@ struct msg {
 extern const int pycri__ns_flag[PYCRI_NS_COUNT];
 extern const char *const pycri__ns_name[PYCRI_NS_COUNT];
 
+/* Every signal's disposition (but KILL's and STOP's) back to default, glibc's
+ * internal ones included (spawn_child.c). */
+void pycri__default_all_signals(void);
+
 /* The child, from the clone on (spawn_child.c): never returns. */
 __attribute__((noreturn)) void pycri__child_main(struct pycri__plan *plan, int two_step);
 

@@ -674,6 +674,9 @@ class Cgroup:
 # --- policy: pods and containers ----------------------------------------------
 
 
+_NO_LIMITS = Resources()
+
+
 class CgroupManager:
     """Creates pod and container cgroups under ``parent`` (default "pycri")."""
 
@@ -709,6 +712,8 @@ class CgroupManager:
         (pycri/slots.py): apply ``resources``, all or nothing as ``update`` is."""
         cg = self.container(pod_id, ctr_id)
         res = resources if resources is not None else Resources()
+        if res == _NO_LIMITS:
+            return cg       # (what it was made with)
         cg.update(res)
         if res.devices and not cg.v2 and "devices" in cg.dirs:
             with _Dirs() as fds:

@@ -200,7 +200,11 @@ class Container:
         return os.path.join(self.runtime.state, "sockets", f"{self.id[:20]}.{kind}")
 
     def _lock(self) -> contextlib.AbstractContextManager[None]:
-        return store.flock(os.path.join(self.runtime.root, "locks", f"container-{self.id}.lock"))
+        return store.flock(self._lock_path)
+
+    @property
+    def _lock_path(self) -> str:
+        return os.path.join(self.runtime.root, "locks", f"container-{self.id}.lock")
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -330,7 +334,7 @@ class Container:
         slot = slots.take(runtime, sandbox.id, sb_rec["cgroup_parent"], image.id,
                           None if sb_rec["config"].get("user_namespace") else layer_dirs)
         ctr = cls(runtime, slot.id if slot else secrets.token_hex(32))
-        with ctr._lock():
+        with contextlib.ExitStack() as held:
             placed = False
             try:
                 with store.flock(os.path.join(runtime.root, "locks", "containers.lock")):
@@ -346,6 +350,10 @@ class Container:
                     else:
                         slots.make_record_dir(ctr.record_dir)
                     placed = True
+                    # The container's lock only now that its dir exists (a new
+                    # Runtime's sweep of lock files spares it), held from before
+                    # its first record to the end of the create.
+                    held.enter_context(ctr._lock())
                     log_path = config.log_path or os.path.join(ctr.record_dir, "container.log")
                     if config.log_path and sb_rec["config"].get("log_directory") and \
                             not os.path.isabs(config.log_path):
@@ -367,6 +375,8 @@ class Container:
                         slot.cgroup_parent))
                 elif placed:
                     runtime.trash.put(ctr.record_dir)
+                if placed:
+                    store.drop_lock_file(ctr._lock_path)
                 raise
             try:
                 ctr._launch(rec, sandbox, sb_rec, image, config, slot)
@@ -775,6 +785,7 @@ class Container:
         # the state dir first: the record dir going is what makes the container gone
         self.runtime.state_trash.put(self.state_dir)
         self.runtime.trash.put(self.record_dir)
+        store.drop_lock_file(self._lock_path)
 
     # -- exec, logs, stats, update ---------------------------------------------------
 

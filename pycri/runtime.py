@@ -92,6 +92,7 @@ class Runtime:
         sandbox.recover(self)
         container.recover(self)
         slots.cleanup(self)
+        store.sweep_lock_files(self.root)
 
     # -- cgroups -------------------------------------------------------------------
 

@@ -92,7 +92,11 @@ class Sandbox:
         return os.path.join(self.state_dir, f"{kind}ns")
 
     def _lock(self) -> contextlib.AbstractContextManager[None]:
-        return store.flock(os.path.join(self.runtime.root, "locks", f"sandbox-{self.id}.lock"))
+        return store.flock(self._lock_path)
+
+    @property
+    def _lock_path(self) -> str:
+        return os.path.join(self.runtime.root, "locks", f"sandbox-{self.id}.lock")
 
     def record(self) -> dict[str, Any]:
         try:
@@ -430,6 +434,7 @@ class Sandbox:
         shutil.rmtree(self.state_dir, ignore_errors=True)
         if remove:
             shutil.rmtree(self.record_dir, ignore_errors=True)
+            store.drop_lock_file(self._lock_path)
 
     # -- containers ------------------------------------------------------------------
 

@@ -127,6 +127,26 @@ def makedirs(path: str, mode: int = 0o700) -> str:
     return path
 
 
+def drop_lock_file(path: str) -> None:
+    """Unlink the lock file of an object just deleted, while its lock is held. One
+    who opened it before and waits gets the lock on the unlinked file and finds the
+    object gone (every locked operation reads the record first): no harm done."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def sweep_lock_files(root: str) -> None:
+    """Unlink the lock files of containers and sandboxes that no longer exist
+    (left by a process killed in a remove, or by an older pycri)."""
+    locks = os.path.join(root, "locks")
+    for name in os.listdir(locks):
+        for kind, d in (("container-", "containers"), ("sandbox-", "sandboxes")):
+            if name.startswith(kind) and name.endswith(".lock"):
+                oid = name[len(kind):-len(".lock")]
+                if not os.path.exists(os.path.join(root, d, oid)):
+                    drop_lock_file(os.path.join(locks, name))
+
+
 @contextlib.contextmanager
 def flock(path: str, shared: bool = False) -> Iterator[None]:
     """Hold an flock on ``path`` (created if missing) for the ``with`` body.

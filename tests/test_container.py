@@ -650,6 +650,54 @@ def test_premounted_rootfs_follows_the_image(env, registry):
         assert (r.exit_code, r.stdout) == (0, b"other\n")
 
 
+def test_container_process_ignores_no_signal(env):
+    """The caller (Python ignores SIGPIPE and SIGXFSZ; posix_spawn leaves glibc's
+    internal signals 32 and 33 ignored) and the launcher (it ignores SIGPIPE and
+    SIGHUP) pass no ignored signal on to the container's processes."""
+    import signal as sig
+    rt, img = env
+    old = sig.signal(sig.SIGUSR2, sig.SIG_IGN)     # one more for a new launcher to inherit
+    try:
+        with rt.run_sandbox(pycri.SandboxConfig(name="sigign")) as sb:
+            for i in range(3):      # (a spare launcher made before, and ones made after)
+                r = sb.run(img, ["cat", "/proc/self/status"])
+                line = [x for x in r.stdout.decode().splitlines() if x.startswith("SigIgn:")]
+                assert line == ["SigIgn:\t0000000000000000"], line
+            c = sb.create_container(pycri.ContainerConfig(name="x", image=img.id,
+                                                          command=("sleep", "30")))
+            c.start()
+            out = c.exec_sync(["cat", "/proc/self/status"]).stdout.decode()    # (an exec)
+            assert [x for x in out.splitlines() if x.startswith("SigIgn:")] == \
+                ["SigIgn:\t0000000000000000"]
+            c.stop(0)
+    finally:
+        sig.signal(sig.SIGUSR2, old)
+
+
+def test_lock_files_go_with_their_objects(env):
+    """Each container and pod has a lock file while it exists; removing it removes
+    the file (the locks dir does not grow without bound), and a new Runtime sweeps
+    those left by a process killed in a remove, keeping live objects' files."""
+    rt, img = env
+    locks = f"{rt.root}/locks"
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="locks"))
+    c = sb.create_container(pycri.ContainerConfig(name="l", image=img.id, command=("true",)))
+    keep = sb.create_container(pycri.ContainerConfig(name="k", image=img.id, command=("true",)))
+    assert {f"container-{c.id}.lock", f"container-{keep.id}.lock",
+            f"sandbox-{sb.id}.lock"} <= set(os.listdir(locks))
+    c.remove()
+    assert f"container-{c.id}.lock" not in os.listdir(locks)
+    stale = [f"container-{uuid.uuid4().hex * 2}.lock", f"sandbox-{uuid.uuid4().hex * 2}.lock"]
+    for name in stale:
+        open(os.path.join(locks, name), "w").close()
+    pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
+    left = set(os.listdir(locks))
+    assert not left & set(stale)
+    assert {f"container-{keep.id}.lock", f"sandbox-{sb.id}.lock"} <= left
+    sb.remove()
+    assert not [n for n in os.listdir(locks) if keep.id in n or sb.id in n]
+
+
 def test_slot_of_a_dead_process_is_deleted(env):
     """A process that made a slot and died (SIGKILL) leaves a record dir and a
     cgroup nobody uses; the next Runtime on the root deletes both, and leaves the
