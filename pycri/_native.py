@@ -595,7 +595,7 @@ def monitor_command(exit_file: str, log: str, *, argv: Sequence[str] | None = No
                     detach: bool = False, stdout_fd: int | None = None,
                     stderr_fd: int | None = None, stdin_fd: int | None = None,
                     pty_master_fd: int | None = None, oom_file: str | None = None,
-                    for_launch: bool = False) -> list[str]:
+                    done_fd: int | None = None, for_launch: bool = False) -> list[str]:
     """The argv that runs a monitor; exactly one of ``argv`` / ``adopt``, or neither
     with ``for_launch`` (launch() appends ``--adopt PID`` once the container exists,
     and ``--pty-master-fd N`` when the spec has ``tty_new``)."""
@@ -615,7 +615,7 @@ def monitor_command(exit_file: str, log: str, *, argv: Sequence[str] | None = No
                       ("--pid-file", pid_file), ("--log-max-line", log_max_line),
                       ("--stdout-fd", stdout_fd), ("--stderr-fd", stderr_fd),
                       ("--stdin-fd", stdin_fd), ("--pty-master-fd", pty_master_fd),
-                      ("--oom-file", oom_file)):
+                      ("--oom-file", oom_file), ("--done-fd", done_fd)):
         if val is not None:
             cmd += [flag, str(val)]
     if for_launch:

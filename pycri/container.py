@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pycri.procinfo import (_alive, _catches, _direct, _pty_in,  # noqa: F401 (_alive: sandbox.py)
+from pycri.procinfo import (_alive, _catches, _direct, _exits, _pty_in,  # noqa: F401 (_alive: sandbox.py)
                              _read_started, _start_time)
 from pycri import _native, logs, slots, store, users
 from pycri.process import (  # noqa: F401 - CAPS, DEFAULT_* and cap_mask are public here too
@@ -243,8 +243,9 @@ class Container:
         """The record, brought up to date (in memory) with the monitor's exit file.
         Nothing is written: the exit file itself is the durable account of the exit."""
         rec = self._read()
-        if rec["state"] == RUNNING and os.path.exists(self._exit_file):
-            self._refresh(rec)
+        if rec["state"] == RUNNING and (os.path.exists(self._exit_file) or
+                                        not _alive(rec.get("monitor_pid", 0), 0)):
+            self._refresh(rec)      # (a killed monitor: the end is Unknown once it came)
         return rec
 
     def _refresh(self, rec: dict[str, Any]) -> bool:
@@ -486,6 +487,11 @@ class Container:
                 mon_kw.update(stdin_fd=in_w)
         if config.stdin:
             mon_kw["stdin"] = True
+        # the monitor closes done_w once the exit is on disk: this process's wait
+        # wakes on that instead of polling for the exit file
+        done_r, done_w = os.pipe()
+        stdio_parent.append(done_w)
+        mon_kw["done_fd"] = done_w
         files = sandbox.container_files(sb_rec)
         try:
             spec = _native.SpawnSpec(
@@ -523,12 +529,18 @@ class Container:
             res = _native.launch(spec, self._sock("start"), monitor, stdio_parent,
                                  on_pid=record_pids)
         except OSError as e:
+            os.close(done_r)
             stage = getattr(e, "stage", "")
             raise RuntimeFailure(f"create container {config.name}: {e.strerror or e}",
                                  stage=stage, errno=e.errno or 0) from e
+        except BaseException:
+            os.close(done_r)
+            raise
         finally:
             for fd in stdio_parent + child_fds:
                 os.close(fd)
+        if not _exits.put(self.id, done_r):
+            os.close(done_r)    # (holding enough: waits on this one poll instead)
         if res.start_fd >= 0:
             _direct.put(self.id, res.start_fd, res.report_fd)
         if rec.get("pid") != res.pid:   # (no early report from this launch)
@@ -617,6 +629,8 @@ class Container:
         rec = self.record()
         if rec["state"] == CREATED:
             raise InvalidStateError(f"container {self.id[:12]} was never started")
+        if rec["state"] == RUNNING and self._wait_done(rec, deadline):
+            return int(rec["exit_code"])
         pidfd = _native.pidfd_open(rec.get("monitor_pid", 0)) if rec["state"] == RUNNING else -1
         # The container's own exit comes first: the monitor writes the exit file right
         # after reaping it, and only then exits (tearing the container's mounts down,
@@ -654,11 +668,34 @@ class Container:
                         continue
                 else:
                     time.sleep(0.05 if left is None else min(0.05, left))
-                rec = self.record()
+                rec = self.record()     # (folds in an exit, or both processes gone)
         finally:
             for fd in (pidfd, ctr_fd):
                 if fd >= 0:
                     os.close(fd)
+
+    def _wait_done(self, rec: dict[str, Any], deadline: float | None) -> bool:
+        """For a container this process created: wait on the pipe its monitor closes
+        once the exit file is written (or as it dies), then fold the file into rec.
+        True when rec says exited; False: no pipe here, or no exit file after all."""
+        held = _exits.take(self.id)
+        if held is None:
+            return False
+        done = held[0]
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    _exits.put(self.id, done)   # (for the next wait)
+                    done = -1
+                    raise TimeoutError(f"container {self.id[:12]} still running")
+                if select.select([done], [], [], left)[0]:
+                    break
+        finally:
+            if done >= 0:
+                os.close(done)
+        self._refresh(rec)
+        return rec["state"] == EXITED
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop signal, up to ``timeout`` seconds' grace, then SIGKILL to every process
@@ -769,6 +806,7 @@ class Container:
 
     def _destroy(self, rec: dict[str, Any]) -> None:
         _direct.drop(self.id)
+        _exits.drop(self.id)
         if rec["state"] == CREATED:
             self._kill_launcher(rec)
         cg = self._cgroup(rec)

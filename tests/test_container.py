@@ -674,6 +674,33 @@ def test_container_process_ignores_no_signal(env):
         sig.signal(sig.SIGUSR2, old)
 
 
+def test_creator_waits_on_the_monitors_pipe(env):
+    """The creating process holds a pipe its container's monitor closes once the
+    exit file is written; wait() wakes on it and lets it go. A monitor killed
+    before that closes it too: wait() then falls back to watching the processes
+    and reports the end as Unknown (255) once the container is gone."""
+    from pycri.procinfo import _exits
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="donepipe")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(
+            name="a", image=img.id, command=("sh", "-c", "sleep 0.2; exit 3")))
+        held = _exits.take(c.id)
+        assert held is not None and len(held) == 1
+        assert _exits.put(c.id, *held)
+        c.start()
+        assert c.wait(10) == 3
+        assert _exits.take(c.id) is None     # used and closed
+        assert c.status().exit_code == 3
+        c.remove()
+        d = sb.create_container(pycri.ContainerConfig(
+            name="b", image=img.id, command=("sh", "-c", "sleep 0.5")))
+        d.start()
+        os.kill(d._read()["monitor_pid"], signal.SIGKILL)
+        assert d.wait(10) == 255
+        assert d.status().reason == "Unknown"
+        d.remove()
+
+
 def test_lock_files_go_with_their_objects(env):
     """Each container and pod has a lock file while it exists; removing it removes
     the file (the locks dir does not grow without bound), and a new Runtime sweeps
