@@ -1044,16 +1044,23 @@ class H2Server:
     def alive(self, conn: int, stream: int) -> bool:
         return bool(lib.pycri_h2_alive(self._srv, conn, stream))
 
+    def _live(self) -> None:
+        if self._srv == ffi.NULL:
+            raise ValueError("H2Server is closed")
+
     def wake(self) -> None:
+        self._live()
         err = _new_err()
         _check(lib.pycri_h2_wake(self._srv, err), err)
 
     def shutdown(self, hard: bool = False) -> None:
         """Stop accepting and send GOAWAY; with hard, close every connection too."""
+        self._live()
         err = _new_err()
         _check(lib.pycri_h2_shutdown(self._srv, int(hard), err), err)
 
     def stats(self) -> dict[str, int]:
+        self._live()
         s = ffi.new("struct pycri_h2_stats *")
         lib.pycri_h2_stats(self._srv, s)
         return {k: getattr(s, k) for k in ("connections", "streams", "accepted", "requests",

@@ -126,6 +126,7 @@ class H2Transport:
         self._thread: threading.Thread | None = None
         self._inflight = 0
         self._idle = threading.Condition()
+        self._stopping = False
         self._stopped = False  # the polling thread has ended: the last call may free
         self._freed = False
 
@@ -204,6 +205,9 @@ class H2Transport:
         except _Abort as a:
             h2.respond(ctx.conn, ctx.stream, None, a.code, a.details)
         except Exception as exc:  # noqa: BLE001 - a servicer bug must not kill the loop
+            if ctx._code:  # set_code() then raise, as grpc's generated base methods do
+                h2.respond(ctx.conn, ctx.stream, None, ctx._code, ctx._details or str(exc))
+                return
             log.error("%s failed: %s", m.name, exc, exc_info=exc)
             h2.respond(ctx.conn, ctx.stream, None, _INTERNAL,
                        f"internal error: {type(exc).__name__}: {exc}")
@@ -212,7 +216,12 @@ class H2Transport:
 
     def stop(self, grace: float | None) -> None:
         """GOAWAY to every client, then up to ``grace`` seconds for the calls under way;
-        the rest lose their connection (their handlers run to their end unheard)."""
+        the rest lose their connection (their handlers run to their end unheard).
+        A second stop does nothing."""
+        with self._idle:
+            if self._stopping:
+                return
+            self._stopping = True
         self.h2.shutdown()
         deadline = time.monotonic() + (grace or 0.0)
         with self._idle:
