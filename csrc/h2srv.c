@@ -40,6 +40,7 @@
 #define CONN_WINDOW (4 << 20)
 #define SLOT_BITS 16
 #define MAX_BUFFERED ((size_t)512 << 20)  /* all connections' request + answer bytes */
+#define STREAM_BACKLOG ((size_t)4 << 20)  /* a streaming answer's unsent bytes before send says wait */
 #define TAG_WAKE 0ULL                 /* epoll data: 0 = eventfd, 1..8 = listener */
 
 /* gRPC status codes the transport answers by itself. */
@@ -799,6 +800,13 @@ static int answer(struct pycri_h2 *srv, unsigned long long conn, int stream,
 
 PYCRI_EXPORT int pycri_h2_send(struct pycri_h2 *srv, unsigned long long conn, int stream,
                                const unsigned char *msg, size_t len, struct pycri_error *err) {
+    pthread_mutex_lock(&srv->mu);
+    struct h2_conn *c = conn_lookup(srv, conn);
+    struct h2_stream *st = c ? stream_lookup(c, stream) : NULL;
+    int backlogged = st && st->out.len - st->out_off > STREAM_BACKLOG;
+    pthread_mutex_unlock(&srv->mu);
+    if (backlogged)
+        return 2;   /* the client is not reading: the producer waits, as on flow control */
     return answer(srv, conn, stream, msg, len, 1, 0, 0, NULL);
 }
 

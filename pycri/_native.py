@@ -1037,9 +1037,10 @@ class H2Server:
                                       status, text.encode("utf-8", "replace"), ffi.NULL)
         return rc == 0
 
-    def send(self, conn: int, stream: int, message: bytes) -> bool:
-        """One more message of a server-streaming answer; False if the stream is gone."""
-        return lib.pycri_h2_send(self._srv, conn, stream, message, len(message), ffi.NULL) == 0
+    def send(self, conn: int, stream: int, message: bytes) -> int:
+        """One more message of a server-streaming answer: 0 taken, 1 the stream is gone,
+        2 not taken because the client is not reading what it was sent (wait, retry)."""
+        return int(lib.pycri_h2_send(self._srv, conn, stream, message, len(message), ffi.NULL))
 
     def alive(self, conn: int, stream: int) -> bool:
         return bool(lib.pycri_h2_alive(self._srv, conn, stream))

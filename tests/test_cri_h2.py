@@ -49,6 +49,8 @@ class Probe(api_pb2_grpc.RuntimeServiceServicer):
         self.started = threading.Event()
         self.finished: list[str] = []
         self.events_done = threading.Event()
+        self.slow = False  # GetContainerEvents: 500 events at once, or one per 50 ms forever
+        self.produced = 0
 
     @rpc
     def Version(self, request, context):
@@ -71,15 +73,26 @@ class Probe(api_pb2_grpc.RuntimeServiceServicer):
         return api_pb2.ExecSyncResponse(stdout=request.container_id.encode())
 
     @rpc
+    def StreamContainers(self, request, context):  # big messages for as long as wanted
+        self.produced = 0
+        try:
+            while context.is_active():
+                yield api_pb2.StreamContainersResponse(containers=[api_pb2.Container(
+                    id=str(self.produced), labels={"pad": "p" * 100_000})])
+                self.produced += 1
+        finally:
+            self.events_done.set()
+
+    @rpc
     def GetContainerEvents(self, request, context):
         try:
             i = 0
             while context.is_active():
                 yield api_pb2.ContainerEventResponse(container_id=f"c{i}", created_at=i)
                 i += 1
-                if i == 500:
+                if i == 500 and not self.slow:
                     return
-                if i >= 3:
+                if self.slow:
                     time.sleep(0.05)
         finally:
             self.events_done.set()
@@ -452,10 +465,13 @@ def test_real_get_container_events_streams_published_events(dirs):
 
 def test_client_cancel_mid_stream_frees_the_worker_and_stream(probe):
     t, servicer, address = probe
+    servicer.slow = True
     ch, rt = stub(address)
-    servicer_gen_slow = rt.GetContainerEvents(api_pb2.GetEventsRequest(), timeout=60)
-    assert next(servicer_gen_slow).container_id == "c0"
-    servicer_gen_slow.cancel()
+    events = rt.GetContainerEvents(api_pb2.GetEventsRequest(), timeout=60)
+    assert next(events).container_id == "c0"
+    assert next(events).container_id == "c1"
+    assert not servicer.events_done.is_set()
+    events.cancel()
     assert servicer.events_done.wait(5)  # the generator saw is_active() go false
     st = settled(t)
     assert st["buffered"] == 0
@@ -550,8 +566,8 @@ def test_huge_header_blocks_are_refused_without_holding_them(probe):
     raw.close()
     # 256 KiB in CONTINUATION frames: nghttp2 gives up on the connection
     raw = Raw(address)
-    raw.headers(1, end=True, extra=[(f"x-junk-{i}", "j" * 4000) for i in range(64)])
     try:
+        raw.headers(1, end=True, extra=[(f"x-junk-{i}", "j" * 4000) for i in range(64)])
         got = raw.answer(1)
         assert got["reset"] is not None or got["headers"].get("grpc-status") == "8", got
     except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -598,3 +614,21 @@ def test_streams_past_the_limit_are_refused(probe):
     assert t.h2.stats()["streams"] <= h2server.MAX_STREAMS
     raw.close()
     wait_until(lambda: t.h2.stats()["streams"] == 0 and t.h2.stats()["connections"] == 0)
+
+
+def test_a_stream_nobody_reads_stops_its_producer(probe):
+    t, servicer, address = probe
+    raw = Raw(address)
+    raw.headers(1, path="/runtime.v1.RuntimeService/StreamContainers")
+    raw.data(1, grpc_frame(b""))
+    time.sleep(1.5)  # never reads: the HTTP/2 window (64 KiB) fills, then the backlog
+    produced = servicer.produced
+    held = t.h2.stats()["buffered"]
+    assert 40 <= produced <= 60, produced  # ~4 MiB of 100 kB messages, then it waits
+    assert held < (5 << 20), held
+    time.sleep(0.5)
+    assert servicer.produced == produced  # still waiting
+    raw.close()
+    assert servicer.events_done.wait(5)  # the producer ended with the connection
+    wait_until(lambda: t._inflight == 0)
+    wait_until(lambda: t.h2.stats()["connections"] == 0 and t.h2.stats()["buffered"] == 0)

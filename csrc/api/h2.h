@@ -52,8 +52,10 @@ int pycri_h2_add_listener(struct pycri_h2 *srv, int fd, struct pycri_error *err)
  * to cap requests. Returns how many (0 on timeout or wake-up). */
 int pycri_h2_poll(struct pycri_h2 *srv, struct pycri_h2_request *reqs, int cap,
                   int timeout_ms, struct pycri_error *err);
-/* Append one message to a stream's answer (server streaming). Returns 0, or 1
- * when the stream or its connection is gone (the caller stops producing). */
+/* Append one message to a stream's answer (server streaming). Returns 0; 1 when
+ * the stream or its connection is gone (the caller stops producing); 2 when the
+ * stream already holds more unsent bytes than it may (the client is not reading):
+ * nothing was taken, try again later. */
 int pycri_h2_send(struct pycri_h2 *srv, unsigned long long conn, int stream,
                   const unsigned char *msg, size_t len, struct pycri_error *err);
 /* End a stream's answer: an optional last message (has_msg), then the status.

@@ -42,6 +42,7 @@ MAX_STREAMS = 128         # concurrent streams per connection
 MAX_HEADER_BYTES = 16384  # a request's header names + values (+32 each, as HPACK counts)
 MAX_CONNECTIONS = 1024
 POLL_MS = 500
+BACKLOG_WAIT = 0.005  # seconds between tries to hand a streaming message to a slow client
 
 _INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 _UNIMPLEMENTED = grpc.StatusCode.UNIMPLEMENTED.value[0]
@@ -195,7 +196,10 @@ class H2Transport:
             if m.streaming:
                 with contextlib.closing(m.handler(request, ctx)) as replies:
                     for reply in replies:
-                        if not h2.send(ctx.conn, ctx.stream, reply.SerializeToString()):
+                        data = reply.SerializeToString()
+                        while (rc := h2.send(ctx.conn, ctx.stream, data)) == 2:
+                            time.sleep(BACKLOG_WAIT)  # the client reads slowly: so do we
+                        if rc:
                             return  # the client went away: closing() ends the generator
                 h2.respond(ctx.conn, ctx.stream, None, ctx._code or 0, ctx._details)
             else:
