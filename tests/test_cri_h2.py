@@ -66,6 +66,9 @@ class Probe(api_pb2_grpc.RuntimeServiceServicer):
             raise e.InvalidArgumentError("50% done\nnaïve\tok")
         if v == "bug":
             raise ZeroDivisionError("division by zero")
+        if v.startswith("slow:"):
+            self.started.set()
+            time.sleep(float(v[5:]))
         if v.startswith("big:"):
             return api_pb2.VersionResponse(version="x" * int(v[4:]))
         return api_pb2.VersionResponse(version=v, runtime_name="probe")
@@ -436,6 +439,26 @@ def test_many_concurrent_calls_from_several_threads(probe):
     st = settled(t)
     assert st["requests"] >= 8 * 156 and st["buffered"] == 0
     shared.close()
+
+
+def test_an_inline_method_that_turns_slow_moves_off_the_polling_thread(probe):
+    t, servicer, address = probe
+    ch, rt = stub(address)
+    assert rt.Version(api_pb2.VersionRequest(version="slow:0.05"), timeout=10)  # inline
+    servicer.started.clear()
+    pool = futures.ThreadPoolExecutor(1)
+    slow = pool.submit(rt.Version, api_pb2.VersionRequest(version="slow:1.5"), timeout=10)
+    assert servicer.started.wait(5)
+    t0 = time.monotonic()
+    assert rt.Version(api_pb2.VersionRequest(version="quick"), timeout=10).version == "quick"
+    assert time.monotonic() - t0 < 1.0  # not queued behind the slow call
+    assert not slow.done()
+    assert slow.result(10).version.startswith("slow:")
+    # quick again: back on the polling thread
+    rt.Version(api_pb2.VersionRequest(version="q"), timeout=10)
+    wait_until(lambda: t._cost["Version"] < h2server.INLINE_BUDGET)
+    ch.close()
+    pool.shutdown()
 
 
 def test_server_streaming_in_order_through_flow_control(probe):

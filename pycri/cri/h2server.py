@@ -6,7 +6,10 @@ event-engine threads, ~0.2 ms per call before a handler runs. Here one thread
 polls the C server (the GIL released while it waits and parses HTTP/2), gets
 whole requests, and
 
-* runs the quick read-only RPCs (INLINE) itself, answering in one C call;
+* runs the quick read-only RPCs (INLINE) itself, answering in one C call, as
+  long as the method's last call took under INLINE_BUDGET (a ListContainers
+  over thousands of containers, or a slow disk, moves it to the pool until it
+  is quick again: the polling thread must not stall everyone else's calls);
 * hands everything that may block (create, stop, pull, exec, stats walks,
   GetContainerEvents...) to a thread pool.
 
@@ -38,6 +41,7 @@ INLINE = frozenset({
     "Version", "Status", "RuntimeConfig", "ListImages", "ImageStatus",
     "PodSandboxStatus", "ContainerStatus", "ListPodSandbox", "ListContainers",
 })
+INLINE_BUDGET = 0.002  # seconds
 MAX_STREAMS = 128         # concurrent streams per connection
 MAX_HEADER_BYTES = 16384  # a request's header names + values (+32 each, as HPACK counts)
 MAX_CONNECTIONS = 1024
@@ -130,6 +134,7 @@ class H2Transport:
         self._stopping = False
         self._stopped = False  # the polling thread has ended: the last call may free
         self._freed = False
+        self._cost: dict[str, float] = {}  # method -> seconds its last call took
 
     def add_listener(self, fd: int) -> None:
         self.h2.add_listener(fd)
@@ -164,7 +169,7 @@ class H2Transport:
                                f"cannot parse {m.request.__name__}: {e}")
                     continue
                 ctx = Context(h2, r.conn, r.stream, r.timeout_us)
-                if m.inline:
+                if m.inline and self._cost.get(m.name, 0.0) < INLINE_BUDGET:
                     self._call(m, request, ctx)
                 else:
                     with self._idle:
@@ -191,6 +196,14 @@ class H2Transport:
                     self._free()
 
     def _call(self, m: _Method, request: Any, ctx: Context) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._answer(m, request, ctx)
+        finally:
+            if m.inline:
+                self._cost[m.name] = time.perf_counter() - t0
+
+    def _answer(self, m: _Method, request: Any, ctx: Context) -> None:
         h2 = self.h2
         try:
             if m.streaming:
