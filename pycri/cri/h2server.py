@@ -156,30 +156,36 @@ class H2Transport:
                 time.sleep(0.1)
                 continue
             for r in batch:
-                m = methods.get(r.path)
-                if m is None:
-                    h2.respond(r.conn, r.stream, None, _UNIMPLEMENTED,
-                               f"unknown method {r.path.decode('ascii', 'replace')}")
-                    continue
-                request = m.request()
                 try:
-                    request.ParseFromString(r.body)
-                except DecodeError as e:
-                    h2.respond(r.conn, r.stream, None, _INTERNAL,
-                               f"cannot parse {m.request.__name__}: {e}")
-                    continue
-                ctx = Context(h2, r.conn, r.stream, r.timeout_us)
-                if m.inline and self._cost.get(m.name, 0.0) < INLINE_BUDGET:
-                    self._call(m, request, ctx)
-                else:
-                    with self._idle:
-                        self._inflight += 1
-                    try:
-                        self._pool.submit(self._pooled, m, request, ctx)
-                    except RuntimeError:  # the pool is shut down: we are stopping
-                        self._done()
-                        h2.respond(r.conn, r.stream, None,
-                                   grpc.StatusCode.UNAVAILABLE.value[0], "server stopping")
+                    self._dispatch(methods.get(r.path), r)
+                except Exception as exc:  # noqa: BLE001 - the loop must outlive any one call
+                    log.error("dispatching %r failed: %s", r.path, exc, exc_info=exc)
+                    h2.respond(r.conn, r.stream, None, _INTERNAL, f"internal error: {exc}")
+
+    def _dispatch(self, m: _Method | None, r: _native.H2Request) -> None:
+        h2 = self.h2
+        if m is None:
+            h2.respond(r.conn, r.stream, None, _UNIMPLEMENTED,
+                       f"unknown method {r.path.decode('ascii', 'replace')}")
+            return
+        request = m.request()
+        try:
+            request.ParseFromString(r.body)
+        except DecodeError as e:
+            h2.respond(r.conn, r.stream, None, _INTERNAL,
+                       f"cannot parse {m.request.__name__}: {e}")
+            return
+        ctx = Context(h2, r.conn, r.stream, r.timeout_us)
+        if m.inline and self._cost.get(m.name, 0.0) < INLINE_BUDGET:
+            self._call(m, request, ctx)
+            return
+        with self._idle:
+            self._inflight += 1
+        try:
+            self._pool.submit(self._pooled, m, request, ctx)
+        except BaseException:
+            self._done()
+            raise
 
     def _pooled(self, m: _Method, request: Any, ctx: Context) -> None:
         try:
