@@ -700,6 +700,8 @@ PYCRI_EXPORT int pycri_h2_add_listener(struct pycri_h2 *srv, int fd, struct pycr
     srv->listeners[srv->nlisteners++] = fd;
 out:
     pthread_mutex_unlock(&srv->mu);
+    if (rc < 0)
+        close(fd);                      /* ours either way, as the header says */
     return rc;
 }
 

@@ -46,7 +46,7 @@ int pycri_h2_new(struct pycri_h2 **out, size_t max_message, unsigned max_streams
                  unsigned max_header_bytes, unsigned max_connections,
                  struct pycri_error *err);
 /* Serve a listening socket (already bound and listening; made non-blocking
- * here). The server owns it from now on and closes it. */
+ * here). The server owns it from now on and closes it, at once on failure. */
 int pycri_h2_add_listener(struct pycri_h2 *srv, int fd, struct pycri_error *err);
 /* Wait up to timeout_ms (-1: forever) for work, run the protocol, and fill up
  * to cap requests. Returns how many (0 on timeout or wake-up). */
