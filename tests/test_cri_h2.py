@@ -660,3 +660,72 @@ def test_a_stream_nobody_reads_stops_its_producer(probe):
     assert servicer.events_done.wait(5)  # the producer ended with the connection
     wait_until(lambda: t._inflight == 0)
     wait_until(lambda: t.h2.stats()["connections"] == 0 and t.h2.stats()["buffered"] == 0)
+
+
+# frame type -> the payload length it must have (SETTINGS: a multiple of 6)
+_CONTROL_SIZES = {2: 5, 3: 4, 4: 6, 6: 8, 7: 8, 8: 4, 9: 5, 0x42: 3}
+
+
+def _random_frames(rnd, enc: hpack.Encoder) -> bytes:
+    """A burst of frames, mostly plausible, some not: request headers on fresh
+    streams, gRPC messages with odd flags and lengths on them, control frames with
+    random contents (and now and then the wrong size or stream), unknown types."""
+    out = []
+    opened: list[int] = []
+    for i in range(rnd.randint(1, 30)):
+        kind = 0 if i == 0 else rnd.randrange(10)
+        flags = rnd.randrange(256)
+        if kind < 4:
+            sid = 2 * len(opened) + 1 if rnd.random() < 0.95 else rnd.choice([0, 2])
+            opened.append(sid)
+            payload = enc.encode([(":method", "POST"), (":scheme", "http"),
+                                  (":path", rnd.choice([VERSION, VERSION, "/x", "/" + "a" * 200])),
+                                  (":authority", "x"), ("content-type", "application/grpc"),
+                                  ("grpc-timeout", rnd.choice(["1S", "99999999n", "x"]))])
+            ftype, flags = 1, rnd.choice([4, 4, 5, flags & ~0x08])
+        elif kind < 8:
+            sid = rnd.choice(opened)
+            msg = api_pb2.VersionRequest(version="f" * rnd.randrange(20)).SerializeToString()
+            length = rnd.choice([len(msg), len(msg), len(msg), len(msg) + 1, 0, 2**31])
+            payload = bytes([rnd.choice([0, 0, 0, 0, 1, 7])]) + length.to_bytes(4, "big") + msg
+            payload = payload[:rnd.choice([len(payload)] * 4 + [3])]
+            ftype, flags = 0, rnd.choice([1, 1, 1, 0, flags & ~0x08])
+        else:
+            ftype = rnd.choice(list(_CONTROL_SIZES))
+            size = _CONTROL_SIZES[ftype] * (rnd.randrange(3) if ftype == 4 else 1)
+            sid = 0 if ftype in (4, 6, 7) else rnd.choice(opened)
+            if rnd.random() < 0.15:  # wrong on purpose
+                size, sid = rnd.choice([0, 1, 7, 40]), rnd.choice([0, 1, 2, 2**31 - 1])
+            payload = rnd.randbytes(size)
+            flags = 0 if rnd.random() < 0.8 else flags
+        head = len(payload).to_bytes(3, "big") + bytes([ftype, flags]) + sid.to_bytes(4, "big")
+        out.append(head + payload)
+    return b"".join(out)
+
+
+def test_random_frames_never_hurt_the_server(probe):
+    import random
+
+    t, _, address = probe
+    for seed in range(300):
+        rnd = random.Random(seed)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(address[len("unix://"):])
+        try:
+            s.sendall(PREFACE + hf.SettingsFrame(0).serialize() +
+                      _random_frames(rnd, hpack.Encoder()))
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(65536):
+                pass  # whatever the server answers, until it closes
+        except (ConnectionResetError, BrokenPipeError, TimeoutError):
+            pass
+        finally:
+            s.close()
+    wait_until(lambda: t.h2.stats()["connections"] == 0)
+    st = t.h2.stats()
+    assert (st["streams"], st["buffered"]) == (0, 0)
+    assert st["requests"] >= 5 and st["rejected"] >= 100  # bursts got past the framing
+    ch, rt = stub(address)
+    assert rt.Version(api_pb2.VersionRequest(version="alive"), timeout=10).version == "alive"
+    ch.close()
