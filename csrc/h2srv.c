@@ -14,8 +14,11 @@
  * max_message (+5 for the prefix) per stream and streams per connection at
  * max_streams (SETTINGS and nghttp2's own enforcement); header bytes are
  * counted per stream; a connection whose answers the peer does not read stops
- * being read until they drain; nghttp2 itself limits queued control frames,
- * SETTINGS entries, CONTINUATION frames and resets.
+ * being read until they drain, and a streaming answer it does not read makes
+ * pycri_h2_send say "wait" past STREAM_BACKLOG; nghttp2 itself limits queued
+ * control frames, SETTINGS entries, CONTINUATION frames and resets. Not
+ * bounded: how long a connection may sit idle (max_connections bounds how
+ * many; the unix socket is 0660, so only the node's privileged clients come).
  */
 #include <errno.h>
 #include <pthread.h>
