@@ -1028,3 +1028,92 @@ def ns_connect(netns_path: str, port: int, udp: bool = False) -> int:
     """An fd connected to localhost:port inside the pinned network namespace."""
     err = _new_err()
     return _check(lib.pycri_ns_connect(netns_path.encode(), port, int(udp), err), err)
+
+
+# --- gRPC transport (csrc/h2srv.c) --------------------------------------------
+
+
+class H2Request(NamedTuple):
+    conn: int
+    stream: int
+    path: bytes
+    timeout_us: int               # -1: the client set no deadline
+    body: memoryview              # valid until the next H2Server.poll; copy to keep
+
+
+class H2Server:
+    """The C HTTP/2 + gRPC framing server. One thread calls poll(); answers may come
+    from any thread. close() frees it: no call may run then or later."""
+
+    def __init__(self, max_message: int, max_streams: int, max_header_bytes: int,
+                 max_connections: int, batch: int = 64) -> None:
+        self._err = _new_err()
+        p = ffi.new("struct pycri_h2 **")
+        _check(lib.pycri_h2_new(p, max_message, max_streams, max_header_bytes,
+                                max_connections, self._err), self._err)
+        self._srv = p[0]
+        self._batch = batch
+        self._reqs = ffi.new("struct pycri_h2_request[]", batch)
+
+    def add_listener(self, fd: int) -> None:
+        """Serve the listening socket fd; the server owns (and closes) it from now on."""
+        err = _new_err()
+        _check(lib.pycri_h2_add_listener(self._srv, fd, err), err)
+
+    def poll(self, timeout_ms: int) -> list[H2Request]:
+        """Wait up to timeout_ms for requests; run the protocol meanwhile."""
+        n = _check(lib.pycri_h2_poll(self._srv, self._reqs, self._batch, timeout_ms,
+                                     self._err), self._err)
+        out = []
+        for i in range(n):
+            r = self._reqs[i]
+            out.append(H2Request(r.conn, r.stream, ffi.string(r.path), r.timeout_us,
+                                 memoryview(ffi.buffer(r.body, r.body_len))))
+        return out
+
+    def respond(self, conn: int, stream: int, message: bytes | None, status: int = 0,
+                text: str = "") -> bool:
+        """End the answer: the last message (if any), then the status. False if the
+        stream is gone (client cancelled, connection closed)."""
+        if message is None:
+            rc = lib.pycri_h2_respond(self._srv, conn, stream, ffi.NULL, 0, 0, status,
+                                      text.encode("utf-8", "replace"), ffi.NULL)
+        else:
+            rc = lib.pycri_h2_respond(self._srv, conn, stream, message, len(message), 1,
+                                      status, text.encode("utf-8", "replace"), ffi.NULL)
+        return rc == 0
+
+    def send(self, conn: int, stream: int, message: bytes) -> int:
+        """One more message of a server-streaming answer: 0 taken, 1 the stream is gone,
+        2 not taken because the client is not reading what it was sent (wait, retry)."""
+        return int(lib.pycri_h2_send(self._srv, conn, stream, message, len(message), ffi.NULL))
+
+    def alive(self, conn: int, stream: int) -> bool:
+        return bool(lib.pycri_h2_alive(self._srv, conn, stream))
+
+    def _live(self) -> None:
+        if self._srv == ffi.NULL:
+            raise ValueError("H2Server is closed")
+
+    def wake(self) -> None:
+        self._live()
+        err = _new_err()
+        _check(lib.pycri_h2_wake(self._srv, err), err)
+
+    def shutdown(self, hard: bool = False) -> None:
+        """Stop accepting and send GOAWAY; with hard, close every connection too."""
+        self._live()
+        err = _new_err()
+        _check(lib.pycri_h2_shutdown(self._srv, int(hard), err), err)
+
+    def stats(self) -> dict[str, int]:
+        self._live()
+        s = ffi.new("struct pycri_h2_stats *")
+        lib.pycri_h2_stats(self._srv, s)
+        return {k: getattr(s, k) for k in ("connections", "streams", "accepted", "requests",
+                                           "rejected", "buffered")}
+
+    def close(self) -> None:
+        if self._srv != ffi.NULL:
+            lib.pycri_h2_free(self._srv)
+            self._srv = ffi.NULL
