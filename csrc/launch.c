@@ -33,7 +33,7 @@
 
 #define LAUNCH_TITLE_MAX 108 /* room in argv[3] for the start socket path (sun_path) */
 #define FDS_PER_MSG 200       /* SCM_RIGHTS carries at most 253 per message */
-#define MAX_LAUNCH_FDS (MAX_MONITOR_FDS + 6 + 1024)
+#define MAX_LAUNCH_FDS (MAX_MONITOR_FDS + 7 + 1024)
 
 /* What the caller sends first on the launcher's socket; then n_fds fds, in
  * messages of one byte each carrying up to FDS_PER_MSG of them (SCM_RIGHTS), which
@@ -735,7 +735,7 @@ PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *
         return pycri_fail(err, ENAMETOOLONG, "start socket path %s", start_sock);
 
     /* the spec as the launcher will see it: fds renumbered */
-    int cap = 6 + spec->n_keep_fds + n_monitor_fds;
+    int cap = 7 + spec->n_keep_fds + n_monitor_fds;
     cleanup_free int *src = malloc(sizeof(int) * (size_t)cap);
     cleanup_free int *keep = malloc(sizeof(int) * (size_t)(spec->n_keep_fds + 1));
     if (!src || !keep)
@@ -748,6 +748,8 @@ PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *
     local.join_pidfd = map_fd(&m, spec->join_pidfd);
     if (spec->rootfs_premounted)
         local.rootfs_mount_fd = map_fd(&m, spec->rootfs_mount_fd);
+    if (spec->dev_premounted)
+        local.dev_mount_fd = map_fd(&m, spec->dev_mount_fd);
     for (int i = 0; i < spec->n_keep_fds; i++)
         keep[i] = map_fd(&m, spec->keep_fds[i]);
     local.keep_fds = spec->n_keep_fds ? keep : NULL;

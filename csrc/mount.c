@@ -353,23 +353,20 @@ static const struct devnode devnodes[] = {
     {"random", 1, 8}, {"urandom", 1, 9}, {"tty", 5, 0},
 };
 
-static int setup_dev(const struct pycri__plan *plan, int rootfd, struct pycri__cerr *ce) {
-    const struct pycri_spawn_spec *s = plan->spec;
-    int t cleanup_fd = std_target(rootfd, "dev", ce);
-    if (t < 0)
-        return -1;
-    if (mount_at(t, "tmpfs", "tmpfs", MS_NOSUID | MS_STRICTATIME, "mode=755,size=65536k") < 0)
-        return fail_at(ce, PYCRI_STAGE_MOUNT, "mount tmpfs", "/dev");
-    int dev cleanup_fd = pycri__inroot_open(rootfd, "dev", O_PATH | O_DIRECTORY, RESOLVE_NO_SYMLINKS);
-    if (dev < 0)
-        return fail_at(ce, PYCRI_STAGE_MOUNT, "openat2", "/dev");
-
+/* A fresh /dev's own content: the standard nodes (created; or, where mknod is
+ * refused - a user namespace - the host's bound), links, and the mount point
+ * dirs. dev is the tmpfs's root. */
+static int populate_dev(int dev, int bind_nodes, struct pycri__cerr *ce) {
     /* The tmpfs is fresh and ours: names inside it need no in-root care. */
     for (size_t i = 0; i < sizeof(devnodes) / sizeof(devnodes[0]); i++) {
         const struct devnode *d = &devnodes[i];
-        if (!plan->userns_any &&
-            mknodat(dev, d->name, S_IFCHR | 0666, makedev(d->major, d->minor)) == 0)
+        if (!bind_nodes &&
+            mknodat(dev, d->name, S_IFCHR | 0666, makedev(d->major, d->minor)) == 0) {
+            /* 0666 whatever the umask (the caller's, when made ahead, is not 0) */
+            if (fchmodat(dev, d->name, 0666, 0) < 0)
+                return fail_at(ce, PYCRI_STAGE_MOUNT, "chmod /dev/", d->name);
             continue;
+        }
         /* In a user namespace mknod is refused: bind the host's node instead. */
         char host[64] = "/dev/";
         pycri__strlcat(host, d->name, sizeof(host));
@@ -398,6 +395,28 @@ static int setup_dev(const struct pycri__plan *plan, int rootfd, struct pycri__c
     for (size_t i = 0; i < 3; i++)
         if (mkdirat(dev, dirs[i], 0755) < 0)
             return fail_at(ce, PYCRI_STAGE_MOUNT, "mkdir /dev/", dirs[i]);
+    return 0;
+}
+
+static int setup_dev(const struct pycri__plan *plan, int rootfd, struct pycri__cerr *ce) {
+    const struct pycri_spawn_spec *s = plan->spec;
+    int t cleanup_fd = std_target(rootfd, "dev", ce);
+    if (t < 0)
+        return -1;
+    if (s->dev_premounted) {
+        /* made and filled by the caller ahead (pycri_dev_premount), detached */
+        if (move_mount(s->dev_mount_fd, "", t, "",
+                       MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH) < 0)
+            return fail_at(ce, PYCRI_STAGE_MOUNT, "attach the prepared tmpfs at", "/dev");
+    } else if (mount_at(t, "tmpfs", "tmpfs", MS_NOSUID | MS_STRICTATIME,
+                        "mode=755,size=65536k") < 0) {
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "mount tmpfs", "/dev");
+    }
+    int dev cleanup_fd = pycri__inroot_open(rootfd, "dev", O_PATH | O_DIRECTORY, RESOLVE_NO_SYMLINKS);
+    if (dev < 0)
+        return fail_at(ce, PYCRI_STAGE_MOUNT, "openat2", "/dev");
+    if (!s->dev_premounted && populate_dev(dev, plan->userns_any, ce) < 0)
+        return -1;
 
     int pts cleanup_fd = openat(dev, "pts", O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (pts < 0)
@@ -679,5 +698,26 @@ PYCRI_EXPORT int pycri_mount_overlay(const char *target, const char *lower, cons
 PYCRI_EXPORT int pycri_mount_unmount(const char *target, struct pycri_error *err) {
     if (umount2(target, MNT_DETACH | UMOUNT_NOFOLLOW) < 0)
         return pycri_fail(err, errno, "umount2 %s", target);
+    return 0;
+}
+
+PYCRI_EXPORT int pycri_dev_premount(int *fd_out, struct pycri_error *err) {
+    *fd_out = -1;
+    int fs cleanup_fd = (int)syscall(SYS_fsopen, "tmpfs", 1 /* FSOPEN_CLOEXEC */);
+    if (fs < 0)
+        return pycri_fail(err, errno, "premount: fsopen tmpfs");
+    if (syscall(SYS_fsconfig, fs, 1 /* SET_STRING */, "source", "tmpfs", 0) < 0 ||
+        syscall(SYS_fsconfig, fs, 1 /* SET_STRING */, "mode", "755", 0) < 0 ||
+        syscall(SYS_fsconfig, fs, 1 /* SET_STRING */, "size", "65536k", 0) < 0 ||
+        syscall(SYS_fsconfig, fs, 6 /* CMD_CREATE */, NULL, NULL, 0) < 0)
+        return pycri_fail(err, errno, "premount: configure the /dev tmpfs");
+    int m cleanup_fd = (int)syscall(SYS_fsmount, fs, 1 /* FSMOUNT_CLOEXEC */,
+                                    MOUNT_ATTR_NOSUID | MOUNT_ATTR_STRICTATIME);
+    if (m < 0)
+        return pycri_fail(err, errno, "premount: fsmount the /dev tmpfs");
+    struct pycri__cerr ce;
+    if (populate_dev(m, 0, &ce) < 0)
+        return pycri_fail(err, ce.code, "premount: /dev: %s", ce.text);
+    *fd_out = pycri_steal_fd(&m);
     return 0;
 }

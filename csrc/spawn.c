@@ -380,6 +380,10 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
     if (s->seccomp_bpf && (s->seccomp_len == 0 || s->seccomp_len > 4096))
         return pycri_fail(err, EINVAL, "prepare: seccomp program of %u instructions",
                           s->seccomp_len);
+    if (s->dev_premounted && (!s->rootfs || !s->mount_dev || s->dev_mount_fd < 0 ||
+                              s->ns_mode[PYCRI_NS_USER] != PYCRI_NS_HOST))
+        return pycri_fail(err, EINVAL, "prepare: a premounted /dev needs a rootfs with "
+                                       "mount_dev, its fd, and no user namespace");
     if (s->rootfs_premounted && (!s->rootfs || s->rootfs_mount_fd < 0 ||
                                  s->ns_mode[PYCRI_NS_USER] != PYCRI_NS_HOST))
         return pycri_fail(err, EINVAL, "prepare: a premounted rootfs needs a rootfs path, its "

@@ -473,6 +473,7 @@ static void close_unneeded_fds(const struct pycri__plan *plan) {
         keep[n++] = s->stdio[i];
     keep[n++] = s->tty_fd;
     keep[n++] = s->rootfs_premounted ? s->rootfs_mount_fd : -1;
+    keep[n++] = s->dev_premounted ? s->dev_mount_fd : -1;
     for (int i = 0; i < s->n_keep_fds && n < (int)(sizeof(keep) / sizeof(keep[0])); i++)
         keep[n++] = s->keep_fds[i];
     for (int i = 1; i < n; i++) /* insertion sort: n is small */

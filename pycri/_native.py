@@ -248,6 +248,7 @@ class SpawnSpec:
     overlay_upper: str | None = None
     overlay_work: str | None = None
     rootfs_mount_fd: int = -1  # an overlay_premount fd to attach at rootfs (not mounted again)
+    dev_mount_fd: int = -1     # a dev_premount fd to attach at /dev (not made again)
     rootfs_readonly: bool = False
     root_propagation: str = "private"
     mount_proc: bool = True
@@ -418,6 +419,9 @@ def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
     if spec.rootfs_mount_fd >= 0:
         c.rootfs_premounted = 1
         c.rootfs_mount_fd = spec.rootfs_mount_fd
+    if spec.dev_mount_fd >= 0:
+        c.dev_premounted = 1
+        c.dev_mount_fd = spec.dev_mount_fd
     c.rootfs_readonly = int(spec.rootfs_readonly)
     c.root_propagation = PROPAGATION[spec.root_propagation]
     c.mount_proc, c.mount_sys, c.mount_dev = spec.mount_proc, spec.mount_sys, spec.mount_dev
@@ -916,6 +920,16 @@ def overlay_premount(lower: Sequence[str], upper: str, work: str,
     return out[0]
 
 
+def dev_premount() -> int:
+    """A container's /dev made ahead: a tmpfs with its nodes, links and mount point
+    dirs, as a detached mount (csrc/api/mount.h). Its fd (CLOEXEC) is
+    SpawnSpec.dev_mount_fd; closing it unmounts it."""
+    out = ffi.new("int *", -1)
+    err = _new_err()
+    _check(lib.pycri_dev_premount(out, err), err, "/dev")
+    return out[0]
+
+
 def encode_spec(spec: SpawnSpec) -> bytes:
     """The flat buffer pycri_launch sends its launcher for ``spec`` (csrc/specbuf.c)."""
     c, _keep = _spec_struct(spec)
@@ -988,6 +1002,7 @@ def _spec_from_struct(c) -> SpawnSpec:  # type: ignore[no-untyped-def]
         overlay_lower=lower.split(":") if lower else [],
         overlay_upper=s(c.overlay_upper), overlay_work=s(c.overlay_work),
         rootfs_mount_fd=c.rootfs_mount_fd if c.rootfs_premounted else -1,
+        dev_mount_fd=c.dev_mount_fd if c.dev_premounted else -1,
         rootfs_readonly=bool(c.rootfs_readonly), root_propagation=prop[c.root_propagation],
         mount_proc=bool(c.mount_proc), mount_sys=bool(c.mount_sys),
         mount_dev=bool(c.mount_dev), sys_writable=bool(c.sys_writable),

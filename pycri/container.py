@@ -392,8 +392,9 @@ class Container:
         try:
             self._launch_in(rec, sandbox, sb_rec, image, config, slot)
         finally:
-            if slot is not None and slot.rootfs_fd >= 0:
-                os.close(slot.rootfs_fd)    # (the child has its own, or it failed)
+            for fd in (slot.rootfs_fd, slot.dev_fd) if slot is not None else ():
+                if fd >= 0:
+                    os.close(fd)    # (the child has its own, or it failed)
 
     def _launch_in(self, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str, Any],
                    image: Image, config: ContainerConfig, slot: slots.Slot | None) -> None:
@@ -507,6 +508,7 @@ class Container:
                 cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
                 overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
                 rootfs_mount_fd=slot.rootfs_fd if slot else -1,
+                dev_mount_fd=slot.dev_fd if slot else -1,
                 mount_sys=True, sys_writable=privileged, host_devices=privileged,
                 shm_path=files["shm_path"], etc_hostname=files["etc_hostname"],
                 etc_hosts=files["etc_hosts"], etc_resolv=files["etc_resolv"],

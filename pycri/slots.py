@@ -57,6 +57,7 @@ class Slot:
     image_id: str = ""
     rootfs_fd: int = -1
     lowers: tuple[tuple[int, int], ...] = ()
+    dev_fd: int = -1        # the container's /dev, made ahead with it (or -1)
 
     def fits(self, image_id: str, layer_dirs: list[str]) -> bool:
         """Whether the premounted rootfs is this image's, on the same layer dirs (an
@@ -104,9 +105,10 @@ class _Slots:
 
     def _after_fork(self) -> None:
         for slot in self._ready.values():
-            if slot.rootfs_fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(slot.rootfs_fd)
+            for fd in (slot.rootfs_fd, slot.dev_fd):
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
         self._reset()
 
     def _reset(self) -> None:
@@ -216,15 +218,20 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
                                           MOUNT_DIRS, MOUNT_FILES)
         except OSError:
             return slot     # (the image went meanwhile: a slot without a rootfs)
-        slot = Slot(cid, path, pod_id, parent, image_id, fd, lowers)
+        try:
+            dev = _native.dev_premount()
+        except OSError:
+            dev = -1
+        slot = Slot(cid, path, pod_id, parent, image_id, fd, lowers, dev)
     return slot
 
 
 def discard(runtime: Runtime, slot: Slot) -> None:
     """Delete an unused slot: its rootfs mount, cgroup and directory."""
-    if slot.rootfs_fd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(slot.rootfs_fd)    # (the last reference: the overlay goes)
+    for fd in (slot.rootfs_fd, slot.dev_fd):
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)    # (the last reference: the mount goes)
     with contextlib.suppress(OSError, PycriError):
         runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).destroy(1.0)
     with contextlib.suppress(OSError):

@@ -623,8 +623,14 @@ def test_premounted_rootfs_follows_the_image(env, registry):
                            config={"Env": ["PATH=/bin"]})
     ib.push(registry.host, "test/other", "v1", other)
     img2 = rt.images.pull(f"{registry.host}/test/other:v1")
+    # /dev as the container sees it: entries with type, mode, owner, device numbers
+    # or link targets, and the mounts on and under it (options, fs type, source)
+    show_dev = ["sh", "-c", "ls -lan /dev | tail -n +2 | grep -v ' \\.\\.\\?$' | "
+                "awk '{print $1, $3, $4, $5, $6, $NF}'; "
+                "grep ' /dev' /proc/self/mountinfo | awk '{print $5, $6, $(NF-2), $(NF)}'"]
     with rt.run_sandbox(pycri.SandboxConfig(name="premount", hostname="pm")) as sb:
-        assert sb.run(img, ["true"]).exit_code == 0      # then a slot with img's rootfs
+        first = sb.run(img, show_dev)       # no slot yet: /dev made by the container
+        assert first.exit_code == 0 and b"null" in first.stdout, first
         slot = _wait_slot(rt, sb)[0]
         upper = f"{rt.root}/slots/{slot}/fs/upper"
         # the image has no /etc/hosts or /etc/hostname: made ahead in the writable layer
@@ -638,6 +644,10 @@ def test_premounted_rootfs_follows_the_image(env, registry):
         out = b"".join(r.content + b"\n" for r in c.logs()).decode()
         assert out.startswith("pm\n/bin/probe\n") and " - overlay " in out, out
         c.remove()
+        # the /dev of a container on a slot (made ahead) is the same as one made inside
+        _wait_slot(rt, sb)
+        again = sb.run(img, show_dev)
+        assert again.stdout == first.stdout
         # another image: img's premounted slot is not used
         _wait_slot(rt, sb)
         r = sb.run(img2, ["sh", "-c", "cat /marker; ls /bin/probe"])

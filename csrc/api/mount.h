@@ -22,5 +22,10 @@ int pycri_overlay_premount(const char *lower, const char *upper, const char *wor
                            const char *const *dirs, const char *const *files, int *fd_out,
                            struct pycri_error *err);
 
+/* A /dev tmpfs (mode 755, 64 MiB) with the standard nodes, links and mount
+ * point dirs a container's /dev has, as a detached mount (*fd_out, CLOEXEC),
+ * for pycri_spawn_spec.dev_mount_fd. */
+int pycri_dev_premount(int *fd_out, struct pycri_error *err);
+
 /* Lazily unmount target (MNT_DETACH, not following a final symlink). */
 int pycri_mount_unmount(const char *target, struct pycri_error *err);

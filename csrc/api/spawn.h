@@ -168,6 +168,10 @@ struct pycri_spawn_spec {
     int mount_sys;             /* /sys read-only (ro rbind of host /sys when the net ns is the host's) */
     int sys_writable;          /* /sys read-write instead (privileged) */
     int mount_dev;             /* /dev tmpfs, nodes, pts, shm, mqueue, links */
+    /* 1 = dev_mount_fd is that tmpfs already made, with its nodes and links
+     * (pycri_dev_premount, detached): attached instead of made (no user namespace) */
+    int dev_premounted;
+    int dev_mount_fd;
     int host_devices;          /* with mount_dev: every char and block node of the host's /dev
                                 * too, at the same path (privileged); names the container's /dev
                                 * has already, console, and other filesystems under /dev are skipped */
