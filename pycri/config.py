@@ -439,7 +439,7 @@ def to_json(obj: object) -> object:
         return [to_json(x) for x in obj]  # type: ignore[attr-defined]
     if t is dict:
         return {str(k): to_json(v) for k, v in obj.items()}  # type: ignore[attr-defined]
-    names = _field_names(t)
+    names = _field_names(t)  # type: ignore[arg-type]
     if names is not None:
         return {n: to_json(getattr(obj, n)) for n in names}
     if isinstance(obj, _Mapping):
@@ -467,7 +467,7 @@ def _converter(tp: object) -> _t.Callable[[object], object]:
     if origin is tuple:
         inner = _converter(args[0] if args else object)
         if inner is _same:
-            return lambda v: None if v is None else tuple(v)  # type: ignore[call-overload]
+            return lambda v: None if v is None else tuple(v)  # type: ignore[arg-type]
         return lambda v: None if v is None else tuple(inner(x) for x in v)  # type: ignore[attr-defined]
     if origin in (dict, _Mapping) or tp is dict:
         return lambda v: None if v is None else dict(v)  # type: ignore[call-overload]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -62,6 +63,25 @@ class SandboxStatus:
     netns_path: str
 
 
+class _Parsed:
+    """One version of a sandbox record file, parsed: shared by every reader of those
+    bytes (store.ParsedFiles); the config object is made when first asked for."""
+
+    __slots__ = ("rec", "_config")
+
+    def __init__(self, data: bytes) -> None:
+        self.rec: dict[str, Any] = json.loads(data)
+        self._config: SandboxConfig | None = None
+
+    @property
+    def config(self) -> SandboxConfig:
+        if self._config is None:
+            cfg = from_json(SandboxConfig, self.rec["config"])
+            assert isinstance(cfg, SandboxConfig)
+            self._config = cfg
+        return self._config
+
+
 class Sandbox:
     """A handle on one pod: an id and its Runtime. The disk is the truth."""
 
@@ -94,12 +114,20 @@ class Sandbox:
     def _lock(self) -> contextlib.AbstractContextManager[None]:
         return store.flock(os.path.join(self.runtime.root, "locks", f"sandbox-{self.id}.lock"))
 
-    def record(self) -> dict[str, Any]:
+    def _parsed(self) -> _Parsed:
+        """The record file as it is now, parsed (reused while its bytes are unchanged)."""
+        path = os.path.join(self.record_dir, "record.json")
         try:
-            rec: dict[str, Any] = store.read_json(os.path.join(self.record_dir, "record.json"))
+            data = store.read_bytes(path)
         except FileNotFoundError:
+            self.runtime.parsed.forget(path)
             raise NotFoundError(f"sandbox {self.id} not found") from None
-        return rec
+        return self.runtime.parsed.get(path, data, _Parsed)
+
+    def record(self) -> dict[str, Any]:
+        """The record: top-level keys are the caller's to set; nested values are shared
+        with other readers, to be replaced, never changed in place."""
+        return dict(self._parsed().rec)
 
     def _write(self, rec: dict[str, Any]) -> None:
         # No fsync: the rename is atomic, so a killed process never leaves a torn
@@ -109,9 +137,8 @@ class Sandbox:
 
     @property
     def config(self) -> SandboxConfig:
-        cfg = from_json(SandboxConfig, self.record()["config"])
-        assert isinstance(cfg, SandboxConfig)
-        return cfg
+        """The pod's config (shared with other readers: do not change its dicts)."""
+        return self._parsed().config
 
     @property
     def name(self) -> str:
@@ -126,9 +153,8 @@ class Sandbox:
         return str(self.record().get("ip", ""))
 
     def status(self) -> SandboxStatus:
-        rec = self.record()
-        cfg = from_json(SandboxConfig, rec["config"])
-        assert isinstance(cfg, SandboxConfig)
+        parsed = self._parsed()
+        rec, cfg = parsed.rec, parsed.config
         return SandboxStatus(self.id, rec["state"], rec["created_at_ns"], rec.get("ip", ""),
                              tuple(rec.get("ips", [])), cfg,
                              self.ns_path("net") if rec.get("netns") else "")
@@ -430,6 +456,7 @@ class Sandbox:
         shutil.rmtree(self.state_dir, ignore_errors=True)
         if remove:
             shutil.rmtree(self.record_dir, ignore_errors=True)
+            self.runtime.parsed.forget(os.path.join(self.record_dir, "record.json"))
 
     # -- containers ------------------------------------------------------------------
 
