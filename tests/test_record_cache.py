@@ -7,6 +7,7 @@ exit, config changes, labels rewritten in place to the same size, removal.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import pytest
 import imagebuild as ib
 import pycri
 from pycri import store
+from pycri.config import to_json
 from pycri.errors import NotFoundError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -189,6 +191,15 @@ def test_cri_status_after_changes_by_another_runtime(two):
 
     assert status().status.state == api_pb2.CONTAINER_RUNNING
     assert '"pid": 0' not in status().info["info"]
+    # the verbose documents are json.dumps of these dicts, to the byte
+    st, pst = reader.container(c.id).status(), reader.sandbox(sb.id).status()
+    for _ in range(2):  # (the second time from the remembered config text)
+        assert status().info["info"] == json.dumps(
+            {"sandboxID": sb.id, "pid": st.pid, "config": to_json(st.config),
+             "logPath": st.log_path}, sort_keys=True)
+        assert pod_status().info["info"] == json.dumps(
+            {"config": to_json(pst.config), "netns": pst.netns_path, "containers": [c.id]},
+            sort_keys=True)
     assert [s.state for s in pod_status().containers_statuses] == [api_pb2.CONTAINER_RUNNING]
     writer.container(c.id).stop(timeout=0)
     st = status()

@@ -10,6 +10,7 @@ import base64
 import binascii
 import json
 import os
+import threading
 import urllib.parse
 from collections.abc import Iterable
 from typing import Any
@@ -115,6 +116,28 @@ def fs_usage(fs: FsInfo) -> api_pb2.FilesystemUsage:
         used_bytes=api_pb2.UInt64Value(value=fs.used_bytes),
         inodes_used=api_pb2.UInt64Value(value=fs.inodes_used),
     )
+
+
+# -- verbose info -------------------------------------------------------------------
+
+_CONFIG_TEXTS_MAX = 256
+_config_texts: dict[int, tuple[object, str]] = {}
+_config_texts_lock = threading.Lock()
+
+
+def config_text(cfg: object) -> str:
+    """``json.dumps(to_json(cfg), sort_keys=True)`` of a config object, remembered per
+    object: the library hands every reader of one record version the same config
+    object, so repeated verbose statuses serialise it once."""
+    hit = _config_texts.get(id(cfg))
+    if hit is not None and hit[0] is cfg:  # (the entry holds cfg: its id is not reused)
+        return hit[1]
+    text = json.dumps(to_json(cfg), sort_keys=True)
+    with _config_texts_lock:
+        while len(_config_texts) >= _CONFIG_TEXTS_MAX:
+            del _config_texts[next(iter(_config_texts))]
+        _config_texts[id(cfg)] = (cfg, text)
+    return text
 
 
 # -- runtime status ---------------------------------------------------------------------
@@ -269,6 +292,13 @@ def sandbox_status(st: SandboxStatus, info: dict[str, Any] | None = None
         labels=cfg.labels, annotations=cfg.annotations, runtime_handler=cfg.runtime_handler)
     verbose = {"info": json.dumps(info, sort_keys=True, default=str)} if info is not None else {}
     return api_pb2.PodSandboxStatusResponse(status=status, info=verbose)
+
+
+def sandbox_info(st: SandboxStatus, container_ids: list[str]) -> str:
+    """PodSandboxStatus's verbose info document: json.dumps({"config", "netns",
+    "containers"}, sort_keys=True), put together from the config's remembered text."""
+    return ('{"config": ' + config_text(st.config) + ', "containers": '
+            + json.dumps(container_ids) + ', "netns": ' + json.dumps(st.netns_path) + "}")
 
 
 def sandbox_to_proto(st: SandboxStatus) -> api_pb2.PodSandbox:
@@ -454,10 +484,12 @@ def container_status(st: ContainerStatus) -> api_pb2.ContainerStatus:
 
 
 def container_info(st: ContainerStatus, sandbox_id: str) -> dict[str, str]:
-    """ContainerStatus's verbose info: one JSON document, as crictl inspect reads it."""
-    info = {"sandboxID": sandbox_id, "pid": st.pid, "config": to_json(st.config),
-            "logPath": st.log_path}
-    return {"info": json.dumps(info, sort_keys=True)}
+    """ContainerStatus's verbose info: one JSON document, as crictl inspect reads it:
+    json.dumps({"sandboxID", "pid", "config", "logPath"}, sort_keys=True), put together
+    from the config's remembered text."""
+    return {"info": '{"config": ' + config_text(st.config) + ', "logPath": '
+            + json.dumps(st.log_path) + ', "pid": ' + json.dumps(st.pid) + ', "sandboxID": '
+            + json.dumps(sandbox_id) + "}"}
 
 
 def container_filter(f: api_pb2.ContainerFilter | None) -> dict[str, Any]:

@@ -45,7 +45,6 @@ import grpc  # noqa: E402
 import pycri  # noqa: E402
 from pycri.cri import convert, metrics
 from pycri.cri._gen import api_pb2, api_pb2_grpc
-from pycri.config import to_json
 from pycri.container import EXITED, RUNNING
 from pycri.cri.backend import RuntimeBackend
 from pycri.cri.errors import rpc
@@ -264,11 +263,9 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         sb = self._sandbox(request.pod_sandbox_id)
         st = sb.status()
         containers = sb.containers()
-        info = None
+        reply = convert.sandbox_status(st)
         if request.verbose:
-            info = {"config": to_json(st.config), "netns": st.netns_path,
-                    "containers": [c.id for c in containers]}
-        reply = convert.sandbox_status(st, info)
+            reply.info["info"] = convert.sandbox_info(st, [c.id for c in containers])
         # the pod's containers too, as evented PLEG wants them
         for c in containers:
             cs = _status_or_none(c)
