@@ -110,12 +110,14 @@ def _read_started(path: str) -> int | None:
     """The start time in a "started" file, None without one. A file cut short by a
     crash (created, not yet written) still means started: its mtime says when."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(32)
-            st = os.fstat(f.fileno())
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        return int(data)
-    except ValueError:
-        return st.st_mtime_ns
+        data = os.read(fd, 32)
+        try:
+            return int(data)
+        except ValueError:
+            return os.fstat(fd).st_mtime_ns
+    finally:
+        os.close(fd)

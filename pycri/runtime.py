@@ -10,6 +10,7 @@ on the same directories (in this process or another) sees the same images.
 from __future__ import annotations
 
 import os
+import re
 
 from pycri import store
 from pycri.config import Platform
@@ -25,6 +26,7 @@ from pycri.image import ImageStore
 from pycri.network import DEFAULT_BIN_DIRS, CNI
 from pycri.sandbox import Sandbox
 
+_HEX = re.compile(r"[0-9a-f]+")
 DEFAULT_ROOT = "/var/lib/pycri"
 DEFAULT_STATE = "/run/pycri"
 
@@ -188,8 +190,7 @@ class Runtime:
 
 
 def _find_id(directory: str, wanted: str, what: str) -> str:
-    if not isinstance(wanted, str) or not wanted or not all(
-            c in "0123456789abcdef" for c in wanted):
+    if not isinstance(wanted, str) or not _HEX.fullmatch(wanted):
         raise NotFoundError(f"{what} {wanted!r} not found")
     if os.path.isdir(os.path.join(directory, wanted)):
         return wanted
