@@ -376,7 +376,7 @@ class Container:
         pid_mode = config.pid or sb_cfg.get("pid", "container")
         namespaces["pid"] = "host" if pid_mode == NODE else "new"
         if pid_mode == POD:
-            shared = sandbox.pid_namespace()
+            shared = sandbox.pid_namespace(sb_rec)
             if shared is None:
                 raise InvalidArgumentError(
                     "the container wants the pod's pid namespace but the pod was created "

@@ -295,9 +295,10 @@ class Sandbox:
         rec.update(infra_pid=res.pid, infra_start_time=res.start_time)
         self._write(rec)
 
-    def pid_namespace(self) -> str | None:
-        """The pod's shared pid namespace (/proc/PID/ns/pid of its holder), if it has one."""
-        rec = self.record()
+    def pid_namespace(self, rec: dict[str, Any] | None = None) -> str | None:
+        """The pod's shared pid namespace (/proc/PID/ns/pid of its holder), if it has one
+        (``rec``: the record, when the caller has just read it)."""
+        rec = rec if rec is not None else self.record()
         pid = rec.get("infra_pid", 0)
         if not pid:
             return None
