@@ -98,9 +98,8 @@ def test_container_state_and_exit_seen_by_a_warm_reader(two):
     d = _container(writer, sb, ref, ["sleep", "100"])
     d.start()
     assert reader.container(d.id).status().state == "running"
-    code = ("import pycri; rt = pycri.Runtime(root=%r, state=%r, cgroup_parent=%r); "
-            "rt.container(%r).stop(timeout=0)" % (writer.root, writer.state,
-                                                  writer.cgroup_parent, d.id))
+    code = (f"import pycri; rt = pycri.Runtime(root={writer.root!r}, state={writer.state!r}, "
+            f"cgroup_parent={writer.cgroup_parent!r}); rt.container({d.id!r}).stop(timeout=0)")
     subprocess.run([sys.executable, "-c", code], cwd=TREE, check=True, timeout=60,
                    env=dict(os.environ, PYTHONPATH=TREE))
     st = reader.container(d.id).status()
