@@ -153,6 +153,8 @@ class Sandbox:
         return str(self.record().get("ip", ""))
 
     def status(self) -> SandboxStatus:
+        """State, addresses and config now. The config object is shared while the record
+        is unchanged: read it, do not change its dicts."""
         parsed = self._parsed()
         rec, cfg = parsed.rec, parsed.config
         return SandboxStatus(self.id, rec["state"], rec["created_at_ns"], rec.get("ip", ""),

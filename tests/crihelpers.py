@@ -63,8 +63,9 @@ def server_dirs(tmp_path) -> Iterator[dict[str, str]]:  # type: ignore[no-untype
 
 
 def start_in_process(dirs: dict[str, str], **over: object) -> srv.CriServer:
-    opts = dict(listen="unix://" + dirs["sock"], root=dirs["root"], state=dirs["state"],
-                cni_conf_dir=dirs["cni_conf"], cni_bin_dir=dirs["cni_bin"])
+    opts: dict[str, object] = dict(listen="unix://" + dirs["sock"], root=dirs["root"],
+                                   state=dirs["state"], cni_conf_dir=dirs["cni_conf"],
+                                   cni_bin_dir=dirs["cni_bin"])
     opts.update(over)
     server = srv.CriServer(srv.ServerOptions(**opts))  # type: ignore[arg-type]
     server.start()
