@@ -152,7 +152,8 @@ class ParsedFiles:
         return made
 
     def forget(self, path: str) -> None:
-        self._made.pop(path, None)
+        with self._lock:  # (every change under the lock: eviction iterates the dict)
+            self._made.pop(path, None)
 
 
 def read_bytes(path: str) -> bytes:
