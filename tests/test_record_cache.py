@@ -79,7 +79,7 @@ def _container(rt, sb, ref, cmd, **kw):
 def test_container_state_and_exit_seen_by_a_warm_reader(two):
     reader, writer, ref = two
     sb = writer.run_sandbox(pycri.SandboxConfig(name="p", uid=uuid.uuid4().hex))
-    c = _container(writer, sb, ref, ["sh", "-c", "read x; exit 7"], stdin=True)
+    c = _container(writer, sb, ref, ["sh", "-c", "while [ ! -e /go ]; do sleep 0.05; done; exit 7"])
     seen = reader.container(c.id)
     assert seen.status().state == "created" and seen.state == "created"
     c.start()
@@ -87,10 +87,11 @@ def test_container_state_and_exit_seen_by_a_warm_reader(two):
     assert st.state == "running" and st.pid > 0 and st.started_at_ns > 0
     assert reader.containers(state="running") == [seen]
     # the exit: the monitor writes its exit file, the record is not rewritten
-    os.kill(st.pid, 9)
-    assert c.wait(10) == 137
+    writer.container(c.id).exec_sync(["touch", "/go"], timeout=10)
+    assert c.wait(10) == 7
     st = seen.status()
-    assert (st.state, st.exit_code, st.pid) == ("exited", 137, 0) and st.finished_at_ns > 0
+    assert (st.state, st.exit_code, st.pid, st.reason) == ("exited", 7, 0, "Error")
+    assert st.finished_at_ns > 0
     assert reader.containers(state="running") == []
     assert reader.containers(state="exited") == [seen]
 
