@@ -15,6 +15,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # executable -> its sources; each is built static-pie when the toolchain can
 EXECUTABLES = {
     "pycri-monitor": ["csrc/main_monitor.c", "csrc/launch.c", "csrc/specbuf.c", "csrc/spawn.c",
+                      "csrc/spawn_child.c",
                       "csrc/mount.c", "csrc/userns.c", "csrc/error.c"],
     "pycri-pause": ["csrc/main_pause.c"],
 }

@@ -49,7 +49,8 @@ ffibuilder.set_source(
                         "-fvisibility=hidden", "-D_GNU_SOURCE"],
     # OpenSSL's libcrypto is on every Debian machine (python links it); linking the
     # soname directly means no -dev package is needed to build.
-    extra_link_args=["-l:libcrypto.so.3"],
+    # libnghttp2 (Debian libnghttp2-dev) carries the HTTP/2 of the gRPC transport (h2srv.c).
+    extra_link_args=["-l:libcrypto.so.3", "-lnghttp2"],
 )
 
 if __name__ == "__main__":

@@ -43,5 +43,10 @@ void pycri__launcher(int sock, char *title, int *argc, char ***argv);
 /* The launcher's hold on its container's mount namespace (or -1), which the monitor
  * keeps open until it exits: see launch.c. */
 extern int pycri__held_mntns;
+/* Called by pycri_spawn in the parent right after the clone, once the container
+ * process's pid is known, while the child sets itself up (the launcher reports
+ * the pid early and prepares its start socket there); NULL: nothing. */
+extern void (*pycri__after_clone)(int pid);
+int pycri__read_start_time(int pid, unsigned long long *out);
 
 #endif

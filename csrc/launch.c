@@ -23,6 +23,7 @@
 #include <sys/wait.h>
 
 #include "internal.h"
+#include "spawn_child.h"
 
 #define LAUNCH_MAGIC 0x70636c61u /* "pcla" */
 #define MAX_MONITOR_FDS 16
@@ -32,7 +33,7 @@
 
 #define LAUNCH_TITLE_MAX 108 /* room in argv[3] for the start socket path (sun_path) */
 #define FDS_PER_MSG 200       /* SCM_RIGHTS carries at most 253 per message */
-#define MAX_LAUNCH_FDS (MAX_MONITOR_FDS + 5 + 1024)
+#define MAX_LAUNCH_FDS (MAX_MONITOR_FDS + 6 + 1024)
 
 /* What the caller sends first on the launcher's socket; then n_fds fds, in
  * messages of one byte each carrying up to FDS_PER_MSG of them (SCM_RIGHTS), which
@@ -48,7 +49,14 @@ struct launch_req {
     int32_t monitor_orig[MAX_MONITOR_FDS];  /* the numbers monitor_argv names */
 };
 
+/* What the launcher sends back: an early report (once the container process
+ * exists: pid, start time, monitor pid, so the caller can record them while the
+ * process sets itself up; not sent when the pid comes only at the end), then the
+ * final one (ok or the failure), which carries the start and report sockets. */
+#define LAUNCH_EARLY 1
+#define LAUNCH_FINAL 2
 struct launch_report {
+    int kind;
     int ok;
     struct pycri_launch_result res;
     struct pycri_error err;
@@ -126,7 +134,39 @@ static void close_all_but(const int *keep, int n) {
     syscall(SYS_close_range, from, ~0U, 0);
 }
 
+/* The launcher's work beside the container process's setup (pycri__after_clone). */
+static struct {
+    int sock;                                 /* to the caller */
+    const char *start_sock;
+    const struct pycri_spawn_spec *spec;
+    int lsock;                                /* the listening start socket, or -1 */
+} beside = {.sock = -1, .lsock = -1};
+
+static int listen_start(const char *path, struct pycri_error *err);
+
+static void launcher_after_clone(int pid) {
+    struct launch_report e;
+    memset(&e, 0, sizeof(e));
+    e.kind = LAUNCH_EARLY;
+    e.ok = 1;
+    e.res.pid = pid;
+    e.res.monitor_pid = getpid();
+    e.res.start_fd = e.res.report_fd = -1;
+    pycri__read_start_time(pid, &e.res.start_time);
+    send(beside.sock, &e, sizeof(e), MSG_NOSIGNAL); /* (a caller gone hears nothing) */
+    if (beside.spec->ns_mode[PYCRI_NS_MNT] == PYCRI_NS_NEW) {
+        char nspath[64];
+        snprintf(nspath, sizeof(nspath), "/proc/%d/ns/mnt", pid);
+        pycri__held_mntns = open(nspath, O_RDONLY | O_CLOEXEC);
+    }
+    struct pycri_error ignored;
+    beside.lsock = listen_start(beside.start_sock, &ignored); /* (retried after, to report) */
+}
+
 static __attribute__((noreturn)) void launcher_fail(int sock, struct launch_report *rep) {
+    if (beside.lsock >= 0)
+        unlink(beside.start_sock);
+    rep->kind = LAUNCH_FINAL;
     rep->ok = 0;
     send(sock, rep, sizeof(*rep), MSG_NOSIGNAL);
     _exit(1);
@@ -236,7 +276,10 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
     struct launch_report rep;
     memset(&rep, 0, sizeof(rep));
     rep.res.stage = PYCRI_STAGE_PREPARE;
-    /* the monitor ignores SIGPIPE too; the container gets default dispositions */
+    /* Every disposition the caller passed on (ignored ones survive execve) back to
+     * default, now, before any request: the container's process then has only the
+     * two below to reset (spawn_child.c). The monitor ignores SIGPIPE and SIGHUP. */
+    pycri__default_all_signals();
     signal(SIGPIPE, SIG_IGN);
     signal(SIGHUP, SIG_IGN);
     /* The signals the monitor reads from its signalfd (SIGUSR1: reopen the log,
@@ -325,35 +368,43 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
     spec.join_in_caller = 1;
     struct pycri_spawn_result sr;
     memset(&sr, 0, sizeof(sr));
+    /* While the container process sets itself up, this one reports its pid early,
+     * takes hold of its mount namespace and makes the start socket
+     * (launcher_after_clone): all off the caller's path. Holding the mount
+     * namespace until this process (the monitor) exits means the container's own
+     * exit does not wait for its mounts to be torn down (~0.3 ms here: every
+     * mount, the overlay, an RCU grace period): the monitor reaps it and writes
+     * the exit file first, and the teardown happens as the monitor exits. */
+    beside.sock = sock;
+    beside.start_sock = start_sock;
+    beside.spec = &spec;
+    pycri__after_clone = launcher_after_clone;
     if (pycri_spawn(&spec, &sr, &rep.err) < 0) {
         rep.res.stage = sr.stage;
         launcher_fail(sock, &rep);
     }
-    /* Hold the container's mount namespace until this process (the monitor) exits.
-     * Then the container's own exit does not wait for its mounts to be torn down
-     * (~0.3 ms here: every mount, the overlay, an RCU grace period): the monitor
-     * reaps it and writes the exit file first, and the teardown happens as the
-     * monitor exits, after everyone waiting on the exit file has their answer. */
-    if (spec.ns_mode[PYCRI_NS_MNT] == PYCRI_NS_NEW) {
-        char nspath[64];
+    pycri__after_clone = NULL;
+    if (pycri__held_mntns < 0 && spec.ns_mode[PYCRI_NS_MNT] == PYCRI_NS_NEW) {
+        char nspath[64];   /* (no early report: the pid came only now) */
         snprintf(nspath, sizeof(nspath), "/proc/%d/ns/mnt", (int)sr.pid);
         pycri__held_mntns = open(nspath, O_RDONLY | O_CLOEXEC);
     }
     /* the container's ends (stdio, pty slave, kept fds) are the container's now; the
      * pidfd stays, to notice a held container being killed before start */
-    int keep[MAX_MONITOR_FDS + 6] = {sock, sr.start_fd, sr.report_fd, sr.pidfd, sr.tty_master,
-                                     pycri__held_mntns};
+    int keep[MAX_MONITOR_FDS + 7] = {sock, sr.start_fd, sr.report_fd, sr.pidfd, sr.tty_master,
+                                     pycri__held_mntns, beside.lsock};
     for (int i = 0; i < req.n_monitor_fds; i++)
-        keep[6 + i] = req.monitor_local[i];
-    close_all_but(keep, 6 + req.n_monitor_fds);
+        keep[7 + i] = req.monitor_local[i];
+    close_all_but(keep, 7 + req.n_monitor_fds);
 
-    int lsock = listen_start(start_sock, &rep.err);
+    int lsock = beside.lsock >= 0 ? beside.lsock : listen_start(start_sock, &rep.err);
     if (lsock < 0) {
         rep.res.stage = PYCRI_STAGE_PREPARE;
         kill(sr.pid, SIGKILL);
         waitpid(sr.pid, NULL, 0);
         launcher_fail(sock, &rep);
     }
+    rep.kind = LAUNCH_FINAL;
     rep.ok = 1;
     rep.res.stage = PYCRI_STAGE_NONE;
     rep.res.monitor_pid = getpid();
@@ -663,14 +714,11 @@ static int send_fds(int sock, const int *fds, int n) {
     return 0;
 }
 
-PYCRI_EXPORT int pycri_launch(int launcher, const struct pycri_spawn_spec *spec,
-                              const char *start_sock,
-                              const char *const *monitor_argv, const int *monitor_fds,
-                              int n_monitor_fds, struct pycri_launch_result *res,
-                              struct pycri_error *err) {
-    memset(res, 0, sizeof(*res));
-    res->start_fd = res->report_fd = -1;
-    res->stage = PYCRI_STAGE_PREPARE;
+PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *spec,
+                                   const char *start_sock,
+                                   const char *const *monitor_argv, const int *monitor_fds,
+                                   int n_monitor_fds, int *sock_out, struct pycri_error *err) {
+    *sock_out = -1;
     if (!spec->start_wait)
         return pycri_fail(err, EINVAL, "launch: the spec must use start_wait");
     if (!monitor_argv || !monitor_argv[0] || monitor_argv[0][0] != '/')
@@ -687,7 +735,7 @@ PYCRI_EXPORT int pycri_launch(int launcher, const struct pycri_spawn_spec *spec,
         return pycri_fail(err, ENAMETOOLONG, "start socket path %s", start_sock);
 
     /* the spec as the launcher will see it: fds renumbered */
-    int cap = 5 + spec->n_keep_fds + n_monitor_fds;
+    int cap = 6 + spec->n_keep_fds + n_monitor_fds;
     cleanup_free int *src = malloc(sizeof(int) * (size_t)cap);
     cleanup_free int *keep = malloc(sizeof(int) * (size_t)(spec->n_keep_fds + 1));
     if (!src || !keep)
@@ -698,6 +746,8 @@ PYCRI_EXPORT int pycri_launch(int launcher, const struct pycri_spawn_spec *spec,
         local.stdio[i] = map_fd(&m, spec->stdio[i]);
     local.tty_fd = map_fd(&m, spec->tty_fd);
     local.join_pidfd = map_fd(&m, spec->join_pidfd);
+    if (spec->rootfs_premounted)
+        local.rootfs_mount_fd = map_fd(&m, spec->rootfs_mount_fd);
     for (int i = 0; i < spec->n_keep_fds; i++)
         keep[i] = map_fd(&m, spec->keep_fds[i]);
     local.keep_fds = spec->n_keep_fds ? keep : NULL;
@@ -738,33 +788,44 @@ PYCRI_EXPORT int pycri_launch(int launcher, const struct pycri_spawn_spec *spec,
         if (fcntl(src[i], F_GETFD) < 0)
             return pycri_fail(err, EBADF, "launch: fd %d", src[i]);
 
-    /* a launcher made ahead of need, or a new one */
-    cleanup_fd int fresh = -1;
+    /* a launcher made ahead of need, or a new one (the caller's to close) */
     if (launcher < 0) {
-        int rc = pycri_launcher_new(monitor_argv[0], &fresh, err);
+        int rc = pycri_launcher_new(monitor_argv[0], &launcher, err);
         if (rc < 0)
             return rc;
-        launcher = fresh;
     }
-    /* a launcher that died early shows as EPIPE here or EOF below */
+    *sock_out = launcher;
+    /* a launcher that died early shows as EPIPE here or EOF in pycri_launch_wait */
     struct iovec head = {&req, sizeof(req)};
     if (send_full(launcher, &head, 1) < 0 || send_fds(launcher, src, m.n) < 0) {
-        if (errno != EPIPE)   /* (EPIPE: it died; its report, if any, is read below) */
+        if (errno != EPIPE)   /* (EPIPE: it died; its report, if any, is read later) */
             return pycri_fail(err, errno, "launch: sending the request");
     } else {
         send_full(launcher, iov, (int)(2 + req.argc));
     }
+    return 0;
+}
+
+PYCRI_EXPORT int pycri_launch_wait(int sock, struct pycri_launch_result *res,
+                                   struct pycri_error *err) {
+    memset(res, 0, sizeof(*res));
+    res->start_fd = res->report_fd = -1;
+    res->stage = PYCRI_STAGE_PREPARE;
     struct launch_report rep;
     int passed[2] = {-1, -1};
-    ssize_t n = recv_report(launcher, &rep, passed);
-    if (n != (ssize_t)sizeof(rep)) {
+    ssize_t n = recv_report(sock, &rep, passed);
+    if (n != (ssize_t)sizeof(rep) || rep.kind == LAUNCH_EARLY) {
         for (int i = 0; i < 2; i++)
             if (passed[i] >= 0)
                 close(passed[i]);
     }
-    if (n != (ssize_t)sizeof(rep))
+    if (n != (ssize_t)sizeof(rep) || (rep.kind != LAUNCH_EARLY && rep.kind != LAUNCH_FINAL))
         return pycri_fail(err, EPIPE, "launch: the launcher died before reporting");
     *res = rep.res;
+    if (rep.kind == LAUNCH_EARLY) {
+        res->start_fd = res->report_fd = -1;
+        return 1;
+    }
     res->start_fd = passed[0];
     res->report_fd = passed[1];
     if (!rep.ok) {
@@ -776,6 +837,28 @@ PYCRI_EXPORT int pycri_launch(int launcher, const struct pycri_spawn_spec *spec,
         return -(rep.err.code ? rep.err.code : EINVAL);
     }
     return 0;
+}
+
+PYCRI_EXPORT int pycri_launch(int launcher, const struct pycri_spawn_spec *spec,
+                              const char *start_sock,
+                              const char *const *monitor_argv, const int *monitor_fds,
+                              int n_monitor_fds, struct pycri_launch_result *res,
+                              struct pycri_error *err) {
+    int sock = -1;
+    int rc = pycri_launch_send(launcher, spec, start_sock, monitor_argv, monitor_fds,
+                               n_monitor_fds, &sock, err);
+    if (rc == 0) {
+        do
+            rc = pycri_launch_wait(sock, res, err);
+        while (rc == 1);
+    } else {
+        memset(res, 0, sizeof(*res));
+        res->start_fd = res->report_fd = -1;
+        res->stage = PYCRI_STAGE_PREPARE;
+    }
+    if (sock >= 0 && sock != launcher)
+        close(sock);
+    return rc;
 }
 
 PYCRI_EXPORT int pycri_launch_start(const char *start_sock, int timeout_ms,

@@ -121,10 +121,11 @@ static struct {
     const char *exit_file, *log_path, *attach_path, *pid_file, *oom_file;
     int want_stdin, tty, detach;
     int ready_fd;
+    int done_fd;        /* closed once the exit file is written: a creator waits on it */
     pid_t adopt;
     char **argv;
     int stdout_fd, stderr_fd, stdin_fd, pty_fd;
-} opt = {.ready_fd = -1, .stdout_fd = -1, .stderr_fd = -1,
+} opt = {.ready_fd = -1, .done_fd = -1, .stdout_fd = -1, .stderr_fd = -1,
          .stdin_fd = -1, .pty_fd = -1};
 
 static int listen_fd = -1;
@@ -391,24 +392,58 @@ static int exit_code(void) {
     return WEXITSTATUS(child_status);
 }
 
+/* An unnamed file in the exit file's dir (O_TMPFILE), made while the container
+ * runs: at its exit, a write and a linkat give the exit file its name with all
+ * its content at once, the inode already allocated (about half the time of a
+ * create + rename on this disk). -1 where the filesystem cannot: then tmp + rename. */
+static int exit_tmp = -1;
+
+static int open_exit_tmp(const char *path) {
+    char dir[PATH_MAX];
+    const char *slash = strrchr(path, '/');
+    size_t len = slash ? (size_t)(slash - path) : 0;
+    if (len == 0 || len >= sizeof(dir))
+        return -1;
+    memcpy(dir, path, len);
+    dir[len] = '\0';
+    return open(dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+}
+
+static int link_exit_tmp(const char *data, size_t len) {
+    char fdpath[32];
+    if (exit_tmp < 0 || write_all(exit_tmp, data, len) < 0)
+        return -1;
+    snprintf(fdpath, sizeof(fdpath), "/proc/self/fd/%d", exit_tmp);
+    int rc = linkat(AT_FDCWD, fdpath, AT_FDCWD, opt.exit_file, AT_SYMLINK_FOLLOW);
+    close(exit_tmp);
+    exit_tmp = -1;
+    return rc;
+}
+
 static void record_exit(void) {
     char json[256];
     int sig = WIFSIGNALED(child_status) ? WTERMSIG(child_status) : 0;
-    long long oom_now = read_oom_kills();
-    int oom = sig == SIGKILL && oom_at_start >= 0 && oom_now > oom_at_start;
+    /* (only a SIGKILL can be the OOM killer's: no cgroup read on other exits) */
+    int oom = sig == SIGKILL && oom_at_start >= 0 && read_oom_kills() > oom_at_start;
     int n = snprintf(json, sizeof(json),
                      "{\"pid\":%d,\"exit_code\":%d,\"signal\":%d,\"exited_at_ns\":%lld,"
                      "\"oom_killed\":%s}\n",
                      (int)child_pid, exit_code(), sig, exited_at_ns, oom ? "true" : "false");
     /* The end of a container must not be lost: retry with back-off. Give up only
      * when the state directory itself has been removed (nobody is left to read it). */
+    int linked = link_exit_tmp(json, (size_t)n) == 0;
     int delay = 10, gone = 0;
-    while (write_file_atomic(opt.exit_file, json, (size_t)n, 0600) < 0) {
+    while (!linked && write_file_atomic(opt.exit_file, json, (size_t)n, 0600) < 0) {
         if (errno == ENOENT && ++gone >= 20)
-            return;
+            break;
         sleep_ms(delay);
         if (delay < 5000)
             delay *= 2;
+    }
+    /* the creator's wait wakes on this (no polling for the file) */
+    if (opt.done_fd >= 0) {
+        close(opt.done_fd);
+        opt.done_fd = -1;
     }
 }
 
@@ -452,6 +487,7 @@ static void parse_args(int argc, char **argv) {
         } else if (!strcmp(a, "--pid-file")) { NEEDV(); opt.pid_file = v;
         } else if (!strcmp(a, "--oom-file")) { NEEDV(); opt.oom_file = v;
         } else if (!strcmp(a, "--ready-fd")) { NEEDV(); opt.ready_fd = (int)parse_num(v, a, 0, INT_MAX);
+        } else if (!strcmp(a, "--done-fd")) { NEEDV(); opt.done_fd = (int)parse_num(v, a, 0, INT_MAX);
         } else if (!strcmp(a, "--log-max-line")) { NEEDV(); crilog.max_line = (size_t)parse_num(v, a, 1, 1 << 20);
         } else if (!strcmp(a, "--adopt")) { NEEDV(); opt.adopt = (pid_t)parse_num(v, a, 1, INT_MAX);
         } else if (!strcmp(a, "--stdout-fd")) { NEEDV(); opt.stdout_fd = (int)parse_num(v, a, 0, INT_MAX);
@@ -600,11 +636,11 @@ static int cmp_int(const void *a, const void *b) { return *(const int *)a - *(co
 /* Close every inherited fd >= 3 except the ones the command line names: a stray
  * copy of the container's pipe write end would keep us from ever seeing EOF. */
 static void close_stray_fds(void) {
-    int keep[7] = {opt.ready_fd, opt.stdout_fd, opt.stderr_fd, opt.stdin_fd, opt.pty_fd,
-                   pycri__held_mntns, INT_MAX};
-    qsort(keep, 7, sizeof(int), cmp_int);
+    int keep[8] = {opt.ready_fd, opt.done_fd, opt.stdout_fd, opt.stderr_fd, opt.stdin_fd,
+                   opt.pty_fd, pycri__held_mntns, INT_MAX};
+    qsort(keep, 8, sizeof(int), cmp_int);
     unsigned int from = 3;
-    for (int i = 0; i < 7; i++) {
+    for (int i = 0; i < 8; i++) {
         if (keep[i] < (int)from)
             continue;
         if (keep[i] > (int)from)
@@ -626,6 +662,8 @@ int main(int argc, char **argv) {
     close_stray_fds();
     if (opt.ready_fd >= 0)
         opt.ready_fd = keep_fd(opt.ready_fd);
+    if (opt.done_fd >= 0)
+        opt.done_fd = keep_fd(opt.done_fd);
 
     int detach_pipe[2] = {-1, -1};
     if (opt.detach) {
@@ -714,6 +752,7 @@ int main(int argc, char **argv) {
         close(detach_pipe[1]);
     }
 
+    exit_tmp = open_exit_tmp(opt.exit_file);
     reap(); /* a SIGCHLD from before the signalfd existed would be lost */
     while (!child_done) {
         struct pollfd p[4 + MAX_CLIENTS];

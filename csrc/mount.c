@@ -148,7 +148,7 @@ int pycri__inroot_mkdirs(int rootfd, const char *path, int mode) {
 }
 
 /* Open target in-root, creating it (a dir, or an empty file) when missing. */
-static int inroot_target(int rootfd, const char *path, int is_dir) {
+int pycri__inroot_target(int rootfd, const char *path, int is_dir) {
     int fd = pycri__inroot_open(rootfd, path, O_PATH, 0);
     if (fd >= 0 || errno != ENOENT)
         return fd;
@@ -460,7 +460,7 @@ static int do_bind(int rootfd, const char *source, int tree, const char *target,
     struct stat st;
     if (fstat(tree >= 0 ? tree : src, &st) < 0)
         return fail_at(ce, PYCRI_STAGE_MOUNT, "fstat", source);
-    int t cleanup_fd = inroot_target(rootfd, target, S_ISDIR(st.st_mode));
+    int t cleanup_fd = pycri__inroot_target(rootfd, target, S_ISDIR(st.st_mode));
     if (t < 0)
         return fail_at(ce, PYCRI_STAGE_MOUNT, "openat2 bind target", target);
     /* an image symlink must not turn a mount into one over procfs or sysfs
@@ -563,6 +563,10 @@ int pycri__mount_setup(const struct pycri__plan *plan, int *procfd, int *sysctls
     if (plan->um) {
         if ((rootfd = pycri__userns_attach_rootfs(plan, ce)) < 0)
             return -1;
+    } else if (s->rootfs_premounted) {
+        /* the overlay the caller made ahead (pycri_overlay_premount), detached */
+        if (move_mount(s->rootfs_mount_fd, "", AT_FDCWD, s->rootfs, MOVE_MOUNT_F_EMPTY_PATH) < 0)
+            return fail_at(ce, PYCRI_STAGE_ROOTFS, "attach the prepared overlay at", s->rootfs);
     } else if (s->overlay_lower) {
         if (mount("overlay", s->rootfs, "overlay", 0, plan->overlay_opts) < 0)
             return fail_at(ce, PYCRI_STAGE_ROOTFS, "mount overlay at", s->rootfs);

@@ -26,5 +26,6 @@ struct pycri_error {
 #include "api/monitor.h"
 #include "api/ns.h"
 #include "api/launch.h"
+#include "api/h2.h"
 
 #endif

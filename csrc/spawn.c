@@ -1,50 +1,34 @@
-/* spawn.c - create a container process: clone3 into new namespaces (or setns
- * into given ones), id maps and cgroups written by the parent while the child
- * waits, then in the child: mounts (mount.c), hostname, sysctls, rlimits, fds,
- * user, capabilities, no_new_privs, seccomp, and execve.
+/* spawn.c - create a container process, the parent's side: plan it (open the
+ * namespaces to join, the cgroup files, the sysctls), clone3 into new
+ * namespaces (or setns into given ones), write id maps and cgroups while the
+ * child waits when it must, and hear how the child's setup went. The child's
+ * side, from the clone to execve, is spawn_child.c (and mount.c).
  *
  * Parent and child talk over a SOCK_SEQPACKET socketpair (CLOEXEC). The child
  * sends SETUP (and waits for GO), PID (when an intermediate process forked the
  * real one), TTY (tty_new: the pty master as SCM_RIGHTS), READY (right before
  * waiting for start / execve) or ERROR with (stage, errno, text). EOF after
  * READY means execve succeeded.
- *
- * After clone the child runs only syscalls and string copies on memory the
- * parent prepared: it is a copy of a possibly multi-threaded Python process.
  */
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/capability.h>
-#include <linux/close_range.h>
-#include <linux/filter.h>
-#include <linux/openat2.h>
-#include <linux/seccomp.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include <grp.h>
-#include <sys/ioctl.h>
-#include <sys/mount.h>
-#include <sys/prctl.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/uio.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
 #include <linux/magic.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
-#include <termios.h>
 #include <unistd.h>
 
 #include "spawn_child.h"
 
-#ifndef TIOCGPTPEER
-#define TIOCGPTPEER _IO('T', 0x41)
-#endif
 
 #ifndef CLONE_INTO_CGROUP
 #define CLONE_INTO_CGROUP 0x200000000ULL
@@ -59,19 +43,12 @@ struct clone_args_k {
     uint64_t set_tid, set_tid_size, cgroup;
 };
 
-enum { MSG_SETUP = 1, MSG_GO, MSG_PID, MSG_READY, MSG_ERROR, MSG_TTY };
 
-struct msg {
-    int kind;
-    int pid;
-    struct pycri__cerr ce;
-};
-
-static const int ns_flag[PYCRI_NS_COUNT] = {CLONE_NEWUSER, CLONE_NEWNS,  CLONE_NEWPID,
-                                            CLONE_NEWUTS,  CLONE_NEWIPC, CLONE_NEWNET,
-                                            CLONE_NEWCGROUP};
-static const char *const ns_name[PYCRI_NS_COUNT] = {"user", "mnt", "pid", "uts",
-                                                    "ipc",  "net", "cgroup"};
+const int pycri__ns_flag[PYCRI_NS_COUNT] = {CLONE_NEWUSER, CLONE_NEWNS,  CLONE_NEWPID,
+                                           CLONE_NEWUTS,  CLONE_NEWIPC, CLONE_NEWNET,
+                                           CLONE_NEWCGROUP};
+const char *const pycri__ns_name[PYCRI_NS_COUNT] = {"user", "mnt", "pid", "uts",
+                                                   "ipc",  "net", "cgroup"};
 static const char *const stage_name[] = {
     "none",  "prepare", "clone",    "namespace", "idmap", "cgroup", "rootfs",
     "mount", "pivot",   "hostname", "sysctl",    "rlimit", "oom",   "fds",
@@ -84,548 +61,20 @@ static const char *stage_str(int stage) {
     return stage_name[stage];
 }
 
-/* ============================== child ====================================== */
-
-static void send_msg(int sock, int kind, int pid, const struct pycri__cerr *ce) {
-    struct msg m;
-    memset(&m, 0, sizeof(m));
-    m.kind = kind;
-    m.pid = pid;
-    if (ce)
-        m.ce = *ce;
-    while (send(sock, &m, sizeof(m), MSG_NOSIGNAL) < 0 && errno == EINTR)
-        ;
-}
-
-static __attribute__((noreturn)) void die(const struct pycri__plan *p, struct pycri__cerr *ce) {
-    send_msg(p->sock, MSG_ERROR, 0, ce);
-    _exit(127);
-}
-
-#define CFAIL(stage, what, path)                                                                   \
-    do {                                                                                           \
-        pycri__cfail(&ce, (stage), errno, (what), (path));                                         \
-        die(plan, &ce);                                                                            \
-    } while (0)
-
-static void wait_go(const struct pycri__plan *plan) {
-    struct msg m;
-    ssize_t n;
-    do
-        n = recv(plan->sock, &m, sizeof(m), 0);
-    while (n < 0 && errno == EINTR);
-    if (n != (ssize_t)sizeof(m) || m.kind != MSG_GO)
-        _exit(126);
-}
-
-static void utoa10(long long v, char *out) {
-    char tmp[24];
-    int n = 0, neg = v < 0;
-    unsigned long long u = neg ? (unsigned long long)(-v) : (unsigned long long)v;
-    do {
-        tmp[n++] = (char)('0' + u % 10);
-        u /= 10;
-    } while (u);
-    int j = 0;
-    if (neg)
-        out[j++] = '-';
-    while (n)
-        out[j++] = tmp[--n];
-    out[j] = '\0';
-}
-
-static int write_all(int fd, const char *buf, size_t len) {
-    while (len) {
-        ssize_t n = write(fd, buf, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        buf += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
-/* Put stdio and the kept fds at 0, 1, 2, 3 ...; everything else CLOEXEC. */
-static int arrange_fds(const struct pycri__plan *plan, int *ttyfd_out) {
-    const struct pycri_spawn_spec *s = plan->spec;
-    int need = 3 + (s->n_keep_fds > 0 ? s->n_keep_fds : 0);
-    int src[3 + 1024];
-    if (need > (int)(sizeof(src) / sizeof(src[0]))) {
-        errno = EMFILE;
-        return -1;
-    }
-    int tty = plan->tty_fd;
-    int deflt = tty >= 0 ? tty : plan->devnull;
-    for (int i = 0; i < need; i++) {
-        int from = i < 3 ? (s->stdio[i] >= 0 ? s->stdio[i] : deflt) : s->keep_fds[i - 3];
-        /* lift every source above the targets first so no dup2 clobbers another */
-        src[i] = fcntl(from, F_DUPFD_CLOEXEC, need);
-        if (src[i] < 0)
-            return -1;
-    }
-    for (int i = 0; i < need; i++)
-        if (dup3(src[i], i, 0) < 0)
-            return -1;
-    if (tty >= 0) {
-        /* a stdio slot that got the tty, or a private CLOEXEC copy of it */
-        *ttyfd_out = s->stdio[0] < 0   ? 0
-                     : s->stdio[1] < 0 ? 1
-                     : s->stdio[2] < 0 ? 2
-                                       : fcntl(tty, F_DUPFD_CLOEXEC, need);
-        if (*ttyfd_out < 0)
-            return -1;
-    }
-    /* the sources stay CLOEXEC (closed by execve), as do the report and start sockets */
-    if (syscall(SYS_close_range, need, ~0U, CLOSE_RANGE_CLOEXEC) < 0) {
-        for (int fd = need; fd < 65536; fd++)
-            fcntl(fd, F_SETFD, FD_CLOEXEC);
-    }
-    return 0;
-}
-
-static int load_seccomp(const struct pycri_spawn_spec *s) {
-    struct sock_fprog prog = {
-        .len = (unsigned short)s->seccomp_len,
-        .filter = (struct sock_filter *)(uintptr_t)s->seccomp_bpf,
-    };
-    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, &prog);
-}
-
-static int set_caps(const struct pycri__plan *plan) {
-    const struct pycri_spawn_spec *s = plan->spec;
-    struct __user_cap_header_struct hdr = {.version = _LINUX_CAPABILITY_VERSION_3, .pid = 0};
-    unsigned long long inh = s->cap_inheritable | s->cap_ambient;
-    struct __user_cap_data_struct data[2] = {
-        {(uint32_t)s->cap_effective, (uint32_t)s->cap_permitted, (uint32_t)inh},
-        {(uint32_t)(s->cap_effective >> 32), (uint32_t)(s->cap_permitted >> 32),
-         (uint32_t)(inh >> 32)},
-    };
-    if (syscall(SYS_capset, &hdr, data) < 0)
-        return -1;
-    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL)
-        return -1;
-    for (int c = 0; c <= plan->cap_last && c < 64; c++)
-        if ((s->cap_ambient >> c) & 1)
-            if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, c, 0, 0) < 0)
-                return -1;
-    return 0;
-}
-
-static const char *env_path(const char *const *envp) {
-    for (; envp && *envp; envp++)
-        if (strncmp(*envp, "PATH=", 5) == 0)
-            return *envp + 5;
-    return "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-}
-
-static int executable(const char *p) {
-    struct stat st;
-    return stat(p, &st) == 0 && S_ISREG(st.st_mode) && access(p, X_OK) == 0;
-}
-
-/* execvpe's search, done ahead of time so a create (start_wait) fails early. */
-static int resolve_exec(const struct pycri__plan *plan, char *out, struct pycri__cerr *ce) {
-    const struct pycri_spawn_spec *s = plan->spec;
-    const char *file = s->exec_path ? s->exec_path : s->argv[0];
-    out[0] = '\0';
-    if (!*file) {
-        pycri__cfail(ce, PYCRI_STAGE_EXEC, ENOENT, "exec: empty executable name", NULL);
-        return -1;
-    }
-    if (strchr(file, '/')) {
-        struct stat st;
-        if (stat(file, &st) < 0) {
-            pycri__cfail(ce, PYCRI_STAGE_EXEC, errno, "exec: stat", file);
-            return -1;
-        }
-        pycri__strlcat(out, file, PATH_MAX);
-        return 0;
-    }
-    const char *p = env_path(s->envp);
-    for (;;) {
-        const char *end = strchrnul(p, ':');
-        size_t len = (size_t)(end - p);
-        if (len + strlen(file) + 2 < PATH_MAX) {
-            if (len == 0) {
-                out[0] = '.';
-                len = 1;
-            } else {
-                memcpy(out, p, len);
-            }
-            out[len] = '/';
-            out[len + 1] = '\0';
-            pycri__strlcat(out, file, PATH_MAX);
-            if (executable(out))
-                return 0;
-        }
-        if (!*end)
-            break;
-        p = end + 1;
-    }
-    ce->stage = PYCRI_STAGE_EXEC;
-    ce->code = ENOENT;
-    ce->plain = 1;
-    ce->text[0] = '\0';
-    pycri__strlcat(ce->text, "exec \"", sizeof(ce->text));
-    pycri__strlcat(ce->text, file, sizeof(ce->text));
-    pycri__strlcat(ce->text, "\": executable file not found in $PATH", sizeof(ce->text));
-    return -1;
-}
-
-/* Write the sysctls through procfd (the container's /proc, or the host's, which
- * shows the writer's namespaces for namespaced keys). */
-int pycri__write_sysctls(const struct pycri__plan *plan, int procfd, struct pycri__cerr *ce) {
-    const char *p = plan->sysctl_buf;
-    for (int i = 0; i < plan->n_sysctl; i++) {
-        const char *key = p, *val = p + strlen(p) + 1;
-        p = val + strlen(val) + 1;
-        struct open_how how = {.flags = O_WRONLY | O_CLOEXEC | O_NOFOLLOW,
-                               .resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS};
-        int fd = (int)syscall(SYS_openat2, procfd, key, &how, sizeof(how));
-        if (fd < 0 || write_all(fd, val, strlen(val)) < 0) {
-            pycri__cfail(ce, PYCRI_STAGE_SYSCTL, errno, "write /proc", key);
-            if (fd >= 0)
-                close(fd);
-            return -1;
-        }
-        close(fd);
-    }
-    return 0;
-}
-
-/* Send a message carrying one fd (SCM_RIGHTS). */
-static int send_fd_msg(int sock, int kind, int fd) {
-    struct msg m;
-    memset(&m, 0, sizeof(m));
-    m.kind = kind;
-    struct iovec iov = {&m, sizeof(m)};
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } u;
-    memset(&u, 0, sizeof(u));
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
-                        .msg_controllen = sizeof(u.buf)};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &fd, sizeof(int));
-    ssize_t n;
-    do
-        n = sendmsg(sock, &mh, MSG_NOSIGNAL);
-    while (n < 0 && errno == EINTR);
-    return n == (ssize_t)sizeof(m) ? 0 : -1;
-}
-
-/* tty_new: a pty of the container's own devpts instance (setup_dev mounted it
- * with newinstance), so the terminal is /dev/pts/N of the container's /dev and
- * numbered from 0 there. Runs after pivot_root. The slave becomes the tty; the
- * master goes to the parent (the launcher), which hands it to the monitor. */
-static int open_own_pty(struct pycri__plan *plan, struct pycri__cerr *ce) {
-    const struct pycri_spawn_spec *s = plan->spec;
-    int master = open("/dev/pts/ptmx", O_RDWR | O_NOCTTY | O_NOFOLLOW | O_CLOEXEC);
-    if (master < 0) {
-        pycri__cfail(ce, PYCRI_STAGE_TTY, errno, "open", "/dev/pts/ptmx");
-        return -1;
-    }
-    struct statfs sf;
-    int unlock = 0, slave = -1;
-    const char *what = NULL;
-    if (fstatfs(master, &sf) < 0) {
-        what = "fstatfs /dev/pts/ptmx";
-    } else if (sf.f_type != DEVPTS_SUPER_MAGIC) {
-        /* a bind mount over /dev/pts put something else there */
-        errno = ENOTTY;
-        what = "/dev/pts/ptmx is not on the container's devpts";
-    } else if (ioctl(master, TIOCSPTLCK, &unlock) < 0) {
-        what = "ioctl TIOCSPTLCK";
-    } else if ((slave = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) {
-        what = "ioctl TIOCGPTPEER";
-    } else if (fchown(slave, s->uid, (gid_t)-1) < 0) {
-        /* the program's user owns its terminal, as after a login; the group
-         * stays the devpts one (tty) */
-        what = "fchown the pty slave";
-    } else if (send_fd_msg(plan->sock, MSG_TTY, master) < 0) {
-        what = "send the pty master to the parent";
-    }
-    if (what) {
-        pycri__cfail(ce, PYCRI_STAGE_TTY, errno, what, NULL);
-        close(master);
-        if (slave >= 0)
-            close(slave);
-        return -1;
-    }
-    close(master);
-    plan->tty_fd = slave;
-    return 0;
-}
-
-/* glibc's set*id wrappers signal every thread the parent had (setxid
- * broadcast) and would wait forever in the single-threaded child: use the
- * system calls themselves. */
-static int raw_setresuid(unsigned int id) { return (int)syscall(SYS_setresuid, id, id, id); }
-static int raw_setresgid(unsigned int id) { return (int)syscall(SYS_setresgid, id, id, id); }
-
-/* The container process from GO to execve. */
-static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
-    const struct pycri_spawn_spec *s = plan->spec;
-    struct pycri__cerr ce;
-    int procfd = -1;
-
-    /* a cgroup namespace is rooted at the cgroup current when it is made: only
-     * now, after the parent moved us into the container's cgroups */
-    if (s->ns_mode[PYCRI_NS_CGROUP] == PYCRI_NS_NEW && unshare(CLONE_NEWCGROUP) < 0)
-        CFAIL(PYCRI_STAGE_NAMESPACE, "unshare", "cgroup");
-    if (plan->userns_any) {
-        /* become the namespace's root (its uid 0 is now mapped) */
-        if (raw_setresgid(0) < 0 || raw_setresuid(0) < 0)
-            CFAIL(PYCRI_STAGE_IDMAP, "setresuid(0) in the user namespace", NULL);
-    }
-    if (s->set_oom_score_adj) {
-        char num[24];
-        utoa10(s->oom_score_adj, num);
-        int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || write_all(fd, num, strlen(num)) < 0)
-            CFAIL(PYCRI_STAGE_OOM, "write /proc/self/oom_score_adj", num);
-        close(fd);
-    }
-    int sysctls_done = plan->n_sysctl == 0;
-    if (s->ns_mode[PYCRI_NS_MNT] == PYCRI_NS_NEW &&
-        pycri__mount_setup(plan, &procfd, &sysctls_done, &ce) < 0)
-        die(plan, &ce);
-    if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
-        CFAIL(PYCRI_STAGE_HOSTNAME, "sethostname", s->hostname);
-    if (!sysctls_done) {
-        if (procfd < 0)
-            procfd = open("/proc", O_PATH | O_DIRECTORY | O_CLOEXEC);
-        if (procfd < 0)
-            CFAIL(PYCRI_STAGE_SYSCTL, "open", "/proc");
-        if (pycri__write_sysctls(plan, procfd, &ce) < 0)
-            die(plan, &ce);
-    }
-    if (s->tty_new && open_own_pty(plan, &ce) < 0)
-        die(plan, &ce);
-    /* a session of its own: Ctrl-C on the caller's terminal is not the container's */
-    if (setsid() < 0)
-        CFAIL(PYCRI_STAGE_TTY, "setsid", NULL);
-    int ttyfd = -1;
-    if (arrange_fds(plan, &ttyfd) < 0)
-        CFAIL(PYCRI_STAGE_FDS, "arrange stdio and kept fds", NULL);
-    if (ttyfd >= 0 && ioctl(ttyfd, TIOCSCTTY, 0) < 0)
-        CFAIL(PYCRI_STAGE_TTY, "ioctl TIOCSCTTY", NULL);
-
-    if (s->cwd && *s->cwd) {
-        int root = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
-        int d = root < 0 ? -1 : pycri__inroot_mkdirs(root, s->cwd, 0755);
-        if (d < 0 || fchdir(d) < 0)
-            CFAIL(PYCRI_STAGE_CWD, "chdir (in-root)", s->cwd);
-        close(d);
-        close(root);
-    }
-    /* read-only only now, so the working dir could still be created */
-    if (s->rootfs && s->rootfs_readonly) {
-        struct mount_attr a = {.attr_set = MOUNT_ATTR_RDONLY};
-        if (mount_setattr(AT_FDCWD, "/", 0, &a, sizeof(a)) < 0)
-            CFAIL(PYCRI_STAGE_PIVOT, "read-only rootfs", NULL);
-    }
-    for (int i = 0; i < s->n_rlimits; i++) {
-        struct rlimit rl = {(rlim_t)s->rlimits[i].soft, (rlim_t)s->rlimits[i].hard};
-        if (prlimit(0, (__rlimit_resource_t)s->rlimits[i].resource, &rl, NULL) < 0) {
-            char num[24];
-            utoa10(s->rlimits[i].resource, num);
-            CFAIL(PYCRI_STAGE_RLIMIT, "setrlimit resource", num);
-        }
-    }
-    int want_seccomp = s->seccomp_bpf && s->seccomp_len > 0;
-    /* without no_new_privs, loading a filter needs CAP_SYS_ADMIN: do it while we have it */
-    if (want_seccomp && !s->no_new_privs && load_seccomp(s) < 0)
-        CFAIL(PYCRI_STAGE_SECCOMP, "seccomp(SET_MODE_FILTER)", NULL);
-
-    if (syscall(SYS_setgroups, (size_t)(s->n_groups > 0 ? s->n_groups : 0), s->groups) < 0)
-        CFAIL(PYCRI_STAGE_USER, "setgroups", NULL);
-    if (raw_setresgid(s->gid) < 0)
-        CFAIL(PYCRI_STAGE_USER, "setresgid", NULL);
-    /* the bounding set can only shrink while CAP_SETPCAP is still effective */
-    for (int c = 0; c <= plan->cap_last && c < 64; c++)
-        if (!((s->cap_bounding >> c) & 1) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0)
-            CFAIL(PYCRI_STAGE_CAPS, "prctl(PR_CAPBSET_DROP)", NULL);
-    if (prctl(PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0)
-        CFAIL(PYCRI_STAGE_USER, "prctl(PR_SET_KEEPCAPS)", NULL);
-    if (raw_setresuid(s->uid) < 0)
-        CFAIL(PYCRI_STAGE_USER, "setresuid", NULL);
-    if (prctl(PR_SET_KEEPCAPS, 0, 0, 0, 0) < 0)
-        CFAIL(PYCRI_STAGE_USER, "prctl(PR_SET_KEEPCAPS)", NULL);
-    if (set_caps(plan) < 0)
-        CFAIL(PYCRI_STAGE_CAPS, "capset", NULL);
-    if (s->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0)
-        CFAIL(PYCRI_STAGE_USER, "prctl(PR_SET_NO_NEW_PRIVS)", NULL);
-    if (want_seccomp && s->no_new_privs && load_seccomp(s) < 0)
-        CFAIL(PYCRI_STAGE_SECCOMP, "seccomp(SET_MODE_FILTER)", NULL);
-
-    /* a uid change resets dumpable to fs.suid_dumpable: clear it again */
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-    char path[PATH_MAX];
-    if (resolve_exec(plan, path, &ce) < 0)
-        die(plan, &ce);
-    umask(022);
-    send_msg(plan->sock, MSG_READY, 0, NULL);
-    if (plan->start_rd >= 0) {
-        /* held: named so (ps shows it, and a launcher that finds this process dead
-         * knows it never reached execve, which renames it) */
-        prctl(PR_SET_NAME, "pycri:held", 0, 0, 0);
-        char c;
-        ssize_t n;
-        do
-            n = read(plan->start_rd, &c, 1);
-        while (n < 0 && errno == EINTR);
-        if (n != 1)
-            _exit(0); /* the caller went away or gave up: never start */
-    }
-    sigset_t none;
-    sigemptyset(&none);
-    sigprocmask(SIG_SETMASK, &none, NULL);
-    execve(path, (char *const *)s->argv, (char *const *)(s->envp ? s->envp : (const char *const[]){NULL}));
-    CFAIL(PYCRI_STAGE_EXEC, "execve", path);
-}
-
-/* Close every fd the child does not need. Besides hygiene, this keeps the
- * report socket of a spawn running concurrently in another thread from being
- * held open here (its caller would wait for our exec to see its EOF). */
-static void close_unneeded_fds(const struct pycri__plan *plan) {
-    const struct pycri_spawn_spec *s = plan->spec;
-    int keep[1024 + 16 + PYCRI_MAX_CGROUPS + 8 + PYCRI_USERNS_MAX_BINDS];
-    int n = 0;
-    n += pycri__userns_keep_fds(plan, keep, 8 + PYCRI_USERNS_MAX_BINDS);
-    keep[n++] = plan->sock;
-    keep[n++] = plan->start_rd;
-    keep[n++] = plan->devnull;
-    for (int i = 0; i < plan->n_cg; i++)
-        keep[n++] = plan->cg_tasks_fd[i];
-    for (int k = 0; k < PYCRI_NS_COUNT; k++)
-        keep[n++] = plan->ns_fd[k];
-    for (int i = 0; i < 3; i++)
-        keep[n++] = s->stdio[i];
-    keep[n++] = s->tty_fd;
-    for (int i = 0; i < s->n_keep_fds && n < (int)(sizeof(keep) / sizeof(keep[0])); i++)
-        keep[n++] = s->keep_fds[i];
-    for (int i = 1; i < n; i++) /* insertion sort: n is small */
-        for (int j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
-            int t = keep[j];
-            keep[j] = keep[j - 1];
-            keep[j - 1] = t;
-        }
-    unsigned int from = 0;
-    for (int i = 0; i < n; i++) {
-        if (keep[i] < 0 || (unsigned int)keep[i] < from)
-            continue;
-        if ((unsigned int)keep[i] > from)
-            syscall(SYS_close_range, from, (unsigned int)keep[i] - 1, 0);
-        from = (unsigned int)keep[i] + 1;
-    }
-    syscall(SYS_close_range, from, ~0U, 0);
-}
-
-static __attribute__((noreturn)) void child_main(struct pycri__plan *plan, int two_step) {
-    const struct pycri_spawn_spec *s = plan->spec;
-    struct pycri__cerr ce;
-
-    close_unneeded_fds(plan);
-    /* v1 cgroups: "0" in a tasks file moves just the writing thread, which the
-     * kernel does without the global threadgroup lock (whose first writer after
-     * a quiet spell waits for an RCU grace period, ~6 ms); for a single-threaded
-     * process that is the whole process. Children inherit it. */
-    for (int i = 0; i < plan->n_cg; i++) {
-        if (plan->cg_tasks_fd[i] < 0)
-            continue;
-        ssize_t w;
-        do
-            w = write(plan->cg_tasks_fd[i], "0", 1);
-        while (w < 0 && errno == EINTR);
-        if (w != 1)
-            CFAIL(PYCRI_STAGE_CGROUP, "cgroup: write 0 to tasks for", s->cgroup_procs[i]);
-        close(plan->cg_tasks_fd[i]);
-    }
-
-    umask(0);
-    /* signals stay blocked (the parent blocked them around clone); reset the
-     * dispositions so the program does not inherit the caller's SIG_IGNs */
-    struct sigaction dfl;
-    memset(&dfl, 0, sizeof(dfl));
-    dfl.sa_handler = SIG_DFL;
-    for (int sig = 1; sig < _NSIG; sig++)
-        if (sig != SIGKILL && sig != SIGSTOP)
-            sigaction(sig, &dfl, NULL);
-    if (s->parent_death_signal)
-        prctl(PR_SET_PDEATHSIG, s->parent_death_signal, 0, 0, 0);
-    /* not dumpable, so not ptraceable and /proc/<pid> stays root's, until execve */
-    prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
-
-    if (!two_step) {
-        /* the parent has something to do for us only with id maps to write or a
-         * cgroup it must put us in; otherwise skip the round trip */
-        int parent_work = plan->userns_new;
-        for (int i = 0; i < plan->n_cg; i++)
-            parent_work |= plan->cg_by_parent[i];
-        if (parent_work) {
-            send_msg(plan->sock, MSG_SETUP, 0, NULL);
-            wait_go(plan);
-        }
-        child_finish(plan);
-    }
-    /* Joining: every other namespace first, while this process still has the
-     * host's privileges (a pod's namespaces belong to the host's user namespace,
-     * which a process inside a container's user namespace cannot enter), then the
-     * user namespace; new namespaces after that, so they belong to it. */
-    for (int k = 0; k < PYCRI_NS_COUNT; k++)
-        if (k != PYCRI_NS_USER && plan->ns_fd[k] >= 0 && setns(plan->ns_fd[k], ns_flag[k]) < 0)
-            CFAIL(PYCRI_STAGE_NAMESPACE, "setns", ns_name[k]);
-    if (plan->um && pycri__userns_enter_rootfs(plan, &ce) < 0)
-        die(plan, &ce);
-    if (plan->ns_fd[PYCRI_NS_USER] >= 0 &&
-        setns(plan->ns_fd[PYCRI_NS_USER], ns_flag[PYCRI_NS_USER]) < 0)
-        CFAIL(PYCRI_STAGE_NAMESPACE, "setns", ns_name[PYCRI_NS_USER]);
-    int flags = 0;
-    for (int k = 0; k < PYCRI_NS_COUNT; k++)
-        if (s->ns_mode[k] == PYCRI_NS_NEW && k != PYCRI_NS_CGROUP)
-            flags |= ns_flag[k];
-    if (flags && unshare(flags) < 0)
-        CFAIL(PYCRI_STAGE_NAMESPACE, "unshare", NULL);
-    send_msg(plan->sock, MSG_SETUP, (int)getpid(), NULL);
-    wait_go(plan);
-    if (s->ns_mode[PYCRI_NS_PID] != PYCRI_NS_HOST) {
-        /* a pid namespace applies to children only: fork the real process as a
-         * child of the caller, report its pid, and leave */
-        long pid = syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, 0, 0, 0);
-        if (pid < 0)
-            CFAIL(PYCRI_STAGE_CLONE, "clone (into the pid namespace)", NULL);
-        if (pid > 0) {
-            send_msg(plan->sock, MSG_PID, (int)pid, NULL);
-            _exit(0);
-        }
-        if (s->parent_death_signal)
-            prctl(PR_SET_PDEATHSIG, s->parent_death_signal, 0, 0, 0);
-    }
-    child_finish(plan);
-}
-
 /* ============================== parent ===================================== */
 
 static int write_file(const char *path, const char *data) {
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     if (fd < 0)
         return -1;
-    int rc = write_all(fd, data, strlen(data));
+    int rc = pycri__write_all(fd, data, strlen(data));
     int saved = errno;
     close(fd);
     errno = saved;
     return rc;
 }
 
-static int read_start_time(int pid, unsigned long long *out) {
+int pycri__read_start_time(int pid, unsigned long long *out) {
     char path[64], buf[1024];
     snprintf(path, sizeof(path), "/proc/%d/stat", pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -868,7 +317,7 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
     for (int k = 0; k < PYCRI_NS_COUNT; k++) {
         if (s->ns_mode[k] < PYCRI_NS_HOST || s->ns_mode[k] > PYCRI_NS_JOIN)
             return pycri_fail(err, EINVAL, "prepare: bad mode %d for the %s namespace",
-                              s->ns_mode[k], ns_name[k]);
+                              s->ns_mode[k], pycri__ns_name[k]);
         if (s->ns_mode[k] != PYCRI_NS_JOIN)
             continue;
         const char *path = s->ns_path[k];
@@ -877,8 +326,8 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
             if (target_pid <= 0 && (target_pid = pidfd_pid(s->join_pidfd)) <= 0)
                 return pycri_fail(err, target_pid < 0 ? -target_pid : EINVAL,
                                   "prepare: no path to join the %s namespace and no usable "
-                                  "join_pidfd", ns_name[k]);
-            snprintf(bypid, sizeof(bypid), "/proc/%d/ns/%s", target_pid, ns_name[k]);
+                                  "join_pidfd", pycri__ns_name[k]);
+            snprintf(bypid, sizeof(bypid), "/proc/%d/ns/%s", target_pid, pycri__ns_name[k]);
             path = bypid;
         }
         int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -888,7 +337,7 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
         /* joining the namespace we are already in is a no-op (and EINVAL for user) */
         char self[64];
         struct stat a, b;
-        snprintf(self, sizeof(self), "/proc/self/ns/%s", ns_name[k]);
+        snprintf(self, sizeof(self), "/proc/self/ns/%s", pycri__ns_name[k]);
         if (fstat(fd, &a) == 0 && stat(self, &b) == 0 && a.st_ino == b.st_ino &&
             a.st_dev == b.st_dev) {
             close(fd);
@@ -906,9 +355,9 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
             if (plan->ns_fd[k] < 0)
                 continue;
             /* (pid: this process stays where it is; its children go there) */
-            if (setns(plan->ns_fd[k], ns_flag[k]) < 0)
+            if (setns(plan->ns_fd[k], pycri__ns_flag[k]) < 0)
                 return pycri_fail(err, errno, "prepare: setns into the %s namespace",
-                                  ns_name[k]);
+                                  pycri__ns_name[k]);
             close(plan->ns_fd[k]);
             plan->ns_fd[k] = -1;
         }
@@ -931,6 +380,10 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
     if (s->seccomp_bpf && (s->seccomp_len == 0 || s->seccomp_len > 4096))
         return pycri_fail(err, EINVAL, "prepare: seccomp program of %u instructions",
                           s->seccomp_len);
+    if (s->rootfs_premounted && (!s->rootfs || s->rootfs_mount_fd < 0 ||
+                                 s->ns_mode[PYCRI_NS_USER] != PYCRI_NS_HOST))
+        return pycri_fail(err, EINVAL, "prepare: a premounted rootfs needs a rootfs path, its "
+                                       "fd, and no user namespace");
     if (s->rootfs && s->overlay_lower) {
         const char *parts[3] = {s->overlay_lower, s->overlay_upper, s->overlay_work};
         for (int i = 0; i < 3; i++)
@@ -1093,6 +546,8 @@ static int converse(const struct pycri_spawn_spec *s, const struct pycri__plan *
     return 0;
 }
 
+void (*pycri__after_clone)(int pid);
+
 PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spawn_result *res,
                              struct pycri_error *err) {
     struct pycri__plan plan;
@@ -1139,7 +594,7 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
         if (plan.ns_fd[k] >= 0)
             two_step = 1;
         if (s->ns_mode[k] == PYCRI_NS_NEW && k != PYCRI_NS_CGROUP)
-            flags |= ns_flag[k];
+            flags |= pycri__ns_flag[k];
     }
     struct parent_state st = {.first_pid = -1, .final_pid = -1, .first_pidfd = -1,
                               .two_step = two_step, .tty_master = -1};
@@ -1153,7 +608,7 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
         close(sv[0]);
         if (startp[1] >= 0)
             close(startp[1]);
-        child_main(&plan, two_step);
+        pycri__child_main(&plan, two_step);
     }
     int clone_errno = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -1173,6 +628,9 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     /* without a pid namespace to enter, the first process is the container */
     if (!two_step || s->ns_mode[PYCRI_NS_PID] == PYCRI_NS_HOST)
         st.final_pid = (int)pid;
+    /* the caller's chance to work beside the child's setup, pid known */
+    if (st.final_pid > 0 && pycri__after_clone)
+        pycri__after_clone(st.final_pid);
 
     int stage = PYCRI_STAGE_NONE;
     rc = converse(s, &plan, sv[0], &st, s->start_wait, &stage, err);
@@ -1197,7 +655,7 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
     res->pid = st.final_pid;
     res->pidfd = st.final_pid == st.first_pid ? pidfd
                                               : (int)syscall(SYS_pidfd_open, st.final_pid, 0);
-    read_start_time(st.final_pid, &res->start_time);
+    pycri__read_start_time(st.final_pid, &res->start_time);
     res->tty_master = st.tty_master;
     res->stage = PYCRI_STAGE_NONE;
     if (s->start_wait) {

@@ -60,6 +60,8 @@ void pycri__fdpath(char *buf, int fd);   /* "/proc/self/fd/<fd>" into buf[32] */
 int pycri__inroot_open(int rootfd, const char *path, int flags, unsigned long long extra);
 /* mkdir -p inside the root; returns an O_PATH fd of the dir. */
 int pycri__inroot_mkdirs(int rootfd, const char *path, int mode);
+/* path opened (O_PATH) in-root, made first (a dir, or an empty file) if missing */
+int pycri__inroot_target(int rootfd, const char *path, int is_dir);
 
 /* The whole mount namespace setup, ending in pivot_root; the sysctls are written
  * as soon as /proc is mounted (before read-only paths cover /proc/sys), and then
@@ -76,5 +78,41 @@ int pycri__userns_enter_rootfs(const struct pycri__plan *plan, struct pycri__cer
 int pycri__userns_attach_rootfs(const struct pycri__plan *plan, struct pycri__cerr *ce);
 
 int pycri__write_sysctls(const struct pycri__plan *plan, int procfd, struct pycri__cerr *ce);
+
+
+/* What parent and child say on the report socket (spawn.c, spawn_child.c). */
+enum { MSG_SETUP = 1, MSG_GO, MSG_PID, MSG_READY, MSG_ERROR, MSG_TTY };
+
+struct msg {
+    int kind;
+    int pid;
+    struct pycri__cerr ce;
+};
+
+/* CLONE_NEW* flag and /proc/<pid>/ns/ name of each PYCRI_NS_* kind (spawn.c) */
+extern const int pycri__ns_flag[PYCRI_NS_COUNT];
+extern const char *const pycri__ns_name[PYCRI_NS_COUNT];
+
+/* Every signal's disposition (but KILL's and STOP's) back to default, glibc's
+ * internal ones included (spawn_child.c). */
+void pycri__default_all_signals(void);
+
+/* The child, from the clone on (spawn_child.c): never returns. */
+__attribute__((noreturn)) void pycri__child_main(struct pycri__plan *plan, int two_step);
+
+/* write all of buf, retrying on EINTR and short writes; 0 or -1 */
+static inline int pycri__write_all(int fd, const char *buf, size_t len) {
+    while (len) {
+        ssize_t n = write(fd, buf, len);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    return 0;
+}
 
 #endif

@@ -302,3 +302,46 @@ int pycri__userns_attach_rootfs(const struct pycri__plan *plan, struct pycri__ce
         pycri__cfail(ce, PYCRI_STAGE_ROOTFS, errno, "dup the rootfs fd of", rootfs);
     return fd;
 }
+
+/* --- an overlay made ahead of need (no user namespace) ----------------------- */
+
+PYCRI_EXPORT int pycri_overlay_premount(const char *lower, const char *upper, const char *work,
+                                        const char *const *dirs, const char *const *files,
+                                        int *fd_out, struct pycri_error *err) {
+    *fd_out = -1;
+    int fs cleanup_fd = sys_fsopen("overlay", FSOPEN_CLOEXEC);
+    if (fs < 0)
+        return pycri_fail(err, errno, "premount: fsopen overlay");
+    if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "lowerdir", lower, 0) < 0)
+        return pycri_fail(err, errno, "premount: overlay lowerdir %s", lower);
+    if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "upperdir", upper, 0) < 0)
+        return pycri_fail(err, errno, "premount: overlay upperdir %s", upper);
+    if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "workdir", work, 0) < 0)
+        return pycri_fail(err, errno, "premount: overlay workdir %s", work);
+    if (sys_fsconfig(fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0) {
+        int e = errno;
+        char log[256];
+        fs_log(fs, log, sizeof(log));
+        return pycri_fail(err, e, "premount: create the overlay on %s%s%s", upper,
+                          log[0] ? ": " : "", log);
+    }
+    int m = sys_fsmount(fs, FSMOUNT_CLOEXEC, 0);
+    if (m < 0)
+        return pycri_fail(err, errno, "premount: fsmount the overlay on %s", upper);
+    /* The mount points the container's setup would make (the same in-root
+     * resolution), made now: a file created in /etc copies /etc up, which costs
+     * more than the mount on it. What cannot be made here is left to the child,
+     * which then fails the same way it always would. */
+    for (int i = 0; dirs && dirs[i]; i++) {
+        int fd = pycri__inroot_target(m, dirs[i], 1);
+        if (fd >= 0)
+            close(fd);
+    }
+    for (int i = 0; files && files[i]; i++) {
+        int fd = pycri__inroot_target(m, files[i], 0);
+        if (fd >= 0)
+            close(fd);
+    }
+    *fd_out = m;
+    return 0;
+}

@@ -14,7 +14,7 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, NoReturn, Self
 
@@ -247,6 +247,7 @@ class SpawnSpec:
     overlay_lower: list[str] = field(default_factory=list)  # top first; empty = bind rootfs
     overlay_upper: str | None = None
     overlay_work: str | None = None
+    rootfs_mount_fd: int = -1  # an overlay_premount fd to attach at rootfs (not mounted again)
     rootfs_readonly: bool = False
     root_propagation: str = "private"
     mount_proc: bool = True
@@ -414,6 +415,9 @@ def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
         c.overlay_lower = b.s(":".join(spec.overlay_lower))
         c.overlay_upper = b.s(spec.overlay_upper)
         c.overlay_work = b.s(spec.overlay_work)
+    if spec.rootfs_mount_fd >= 0:
+        c.rootfs_premounted = 1
+        c.rootfs_mount_fd = spec.rootfs_mount_fd
     c.rootfs_readonly = int(spec.rootfs_readonly)
     c.root_propagation = PROPAGATION[spec.root_propagation]
     c.mount_proc, c.mount_sys, c.mount_dev = spec.mount_proc, spec.mount_sys, spec.mount_dev
@@ -532,10 +536,14 @@ def cgroup_write_batch(dirfd: int, pairs: list[tuple[str, str]]) -> None:
         raise e
 
 
+# buffers the C side fills: not zeroed first (ffi.new would clear every byte of cap)
+_new_unzeroed = ffi.new_allocator(should_clear_after_alloc=False)
+
+
 def cgroup_read(dirfd: int, name: str, cap: int = 1 << 16) -> str:
     """The text of the file name beneath dirfd (EFBIG past cap bytes)."""
     err = _new_err()
-    buf = ffi.new("char[]", cap)
+    buf = _new_unzeroed("char[]", cap)
     n = _check(lib.pycri_cgroup_read(dirfd, name.encode(), buf, cap, err), err, name)
     return bytes(ffi.buffer(buf, n)).decode("utf-8", "replace")
 
@@ -587,7 +595,7 @@ def monitor_command(exit_file: str, log: str, *, argv: Sequence[str] | None = No
                     detach: bool = False, stdout_fd: int | None = None,
                     stderr_fd: int | None = None, stdin_fd: int | None = None,
                     pty_master_fd: int | None = None, oom_file: str | None = None,
-                    for_launch: bool = False) -> list[str]:
+                    done_fd: int | None = None, for_launch: bool = False) -> list[str]:
     """The argv that runs a monitor; exactly one of ``argv`` / ``adopt``, or neither
     with ``for_launch`` (launch() appends ``--adopt PID`` once the container exists,
     and ``--pty-master-fd N`` when the spec has ``tty_new``)."""
@@ -607,7 +615,7 @@ def monitor_command(exit_file: str, log: str, *, argv: Sequence[str] | None = No
                       ("--pid-file", pid_file), ("--log-max-line", log_max_line),
                       ("--stdout-fd", stdout_fd), ("--stderr-fd", stderr_fd),
                       ("--stdin-fd", stdin_fd), ("--pty-master-fd", pty_master_fd),
-                      ("--oom-file", oom_file)):
+                      ("--oom-file", oom_file), ("--done-fd", done_fd)):
         if val is not None:
             cmd += [flag, str(val)]
     if for_launch:
@@ -846,10 +854,14 @@ _spares = _SpareLaunchers()
 
 
 def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
-           monitor_fds: Sequence[int], spare: bool = True) -> LaunchResult:
+           monitor_fds: Sequence[int], spare: bool = True,
+           on_pid: Callable[[LaunchResult], None] | None = None) -> LaunchResult:
     """Create a container held before execve by a detached launcher that becomes
     its monitor on start (see csrc/api/launch.h). Raises OSError with ``.stage``.
-    ``spare``: use (and then replace) a launcher made ahead of need."""
+    ``spare``: use (and then replace) a launcher made ahead of need. ``on_pid`` is
+    called with the pids (no fds) as soon as the container process exists, while
+    it still sets itself up (not for every launch: then only the result has them);
+    what it raises is raised once the launch is over, with its fds closed."""
     if not spec.start_wait:
         raise ValueError("launch needs start_wait=True")
     c, b = _spec_struct(spec)
@@ -859,16 +871,49 @@ def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
         fds[i] = fd
     res = ffi.new("struct pycri_launch_result *")
     err = _new_err()
+    sock = ffi.new("int *", -1)
     launcher = _spares.take(monitor_argv[0]) if spare else -1
+    failed: BaseException | None = None
     try:
-        rc = lib.pycri_launch(launcher, c, start_sock.encode(), argv, fds, len(monitor_fds),
-                              res, err)
+        rc = lib.pycri_launch_send(launcher, c, start_sock.encode(), argv, fds,
+                                   len(monitor_fds), sock, err)
+        if sock[0] >= 0:
+            launcher = sock[0]      # (the spare, or a new launcher made for this)
+        while rc == 0 or rc == 1:
+            rc = lib.pycri_launch_wait(launcher, res, err)
+            if rc != 1:
+                break
+            if on_pid is not None and failed is None:
+                try:
+                    on_pid(LaunchResult(res.monitor_pid, res.pid, res.start_time))
+                except BaseException as e:  # noqa: BLE001 - raised below
+                    failed = e
     finally:
         if launcher >= 0:
             os.close(launcher)
     if rc < 0:
         raise _spawn_error(err, res.stage)
-    return LaunchResult(res.monitor_pid, res.pid, res.start_time, res.start_fd, res.report_fd)
+    out = LaunchResult(res.monitor_pid, res.pid, res.start_time, res.start_fd, res.report_fd)
+    if failed is not None:
+        for fd in (out.start_fd, out.report_fd):
+            if fd >= 0:
+                os.close(fd)
+        raise failed
+    return out
+
+
+def overlay_premount(lower: Sequence[str], upper: str, work: str,
+                     dirs: Sequence[str] = (), files: Sequence[str] = ()) -> int:
+    """An overlay of ``lower`` (top first) + upper + work as a detached mount, with the
+    mount points ``dirs`` and ``files`` made in it where missing (csrc/api/mount.h).
+    Returns its fd (CLOEXEC): SpawnSpec.rootfs_mount_fd; closing it unmounts it."""
+    b = _Builder()
+    out = ffi.new("int *", -1)
+    err = _new_err()
+    _check(lib.pycri_overlay_premount(b.s(":".join(lower)), b.s(upper), b.s(work),
+                                      b.strv(list(dirs)), b.strv(list(files)), out, err),
+           err, upper)
+    return out[0]
 
 
 def encode_spec(spec: SpawnSpec) -> bytes:
@@ -942,6 +987,7 @@ def _spec_from_struct(c) -> SpawnSpec:  # type: ignore[no-untyped-def]
         cgroup_procs=strv(c.cgroup_procs), rootfs=s(c.rootfs),
         overlay_lower=lower.split(":") if lower else [],
         overlay_upper=s(c.overlay_upper), overlay_work=s(c.overlay_work),
+        rootfs_mount_fd=c.rootfs_mount_fd if c.rootfs_premounted else -1,
         rootfs_readonly=bool(c.rootfs_readonly), root_propagation=prop[c.root_propagation],
         mount_proc=bool(c.mount_proc), mount_sys=bool(c.mount_sys),
         mount_dev=bool(c.mount_dev), sys_writable=bool(c.sys_writable),
@@ -982,3 +1028,92 @@ def ns_connect(netns_path: str, port: int, udp: bool = False) -> int:
     """An fd connected to localhost:port inside the pinned network namespace."""
     err = _new_err()
     return _check(lib.pycri_ns_connect(netns_path.encode(), port, int(udp), err), err)
+
+
+# --- gRPC transport (csrc/h2srv.c) --------------------------------------------
+
+
+class H2Request(NamedTuple):
+    conn: int
+    stream: int
+    path: bytes
+    timeout_us: int               # -1: the client set no deadline
+    body: memoryview              # valid until the next H2Server.poll; copy to keep
+
+
+class H2Server:
+    """The C HTTP/2 + gRPC framing server. One thread calls poll(); answers may come
+    from any thread. close() frees it: no call may run then or later."""
+
+    def __init__(self, max_message: int, max_streams: int, max_header_bytes: int,
+                 max_connections: int, batch: int = 64) -> None:
+        self._err = _new_err()
+        p = ffi.new("struct pycri_h2 **")
+        _check(lib.pycri_h2_new(p, max_message, max_streams, max_header_bytes,
+                                max_connections, self._err), self._err)
+        self._srv = p[0]
+        self._batch = batch
+        self._reqs = ffi.new("struct pycri_h2_request[]", batch)
+
+    def add_listener(self, fd: int) -> None:
+        """Serve the listening socket fd; the server owns (and closes) it from now on."""
+        err = _new_err()
+        _check(lib.pycri_h2_add_listener(self._srv, fd, err), err)
+
+    def poll(self, timeout_ms: int) -> list[H2Request]:
+        """Wait up to timeout_ms for requests; run the protocol meanwhile."""
+        n = _check(lib.pycri_h2_poll(self._srv, self._reqs, self._batch, timeout_ms,
+                                     self._err), self._err)
+        out = []
+        for i in range(n):
+            r = self._reqs[i]
+            out.append(H2Request(r.conn, r.stream, ffi.string(r.path), r.timeout_us,
+                                 memoryview(ffi.buffer(r.body, r.body_len))))
+        return out
+
+    def respond(self, conn: int, stream: int, message: bytes | None, status: int = 0,
+                text: str = "") -> bool:
+        """End the answer: the last message (if any), then the status. False if the
+        stream is gone (client cancelled, connection closed)."""
+        if message is None:
+            rc = lib.pycri_h2_respond(self._srv, conn, stream, ffi.NULL, 0, 0, status,
+                                      text.encode("utf-8", "replace"), ffi.NULL)
+        else:
+            rc = lib.pycri_h2_respond(self._srv, conn, stream, message, len(message), 1,
+                                      status, text.encode("utf-8", "replace"), ffi.NULL)
+        return rc == 0
+
+    def send(self, conn: int, stream: int, message: bytes) -> int:
+        """One more message of a server-streaming answer: 0 taken, 1 the stream is gone,
+        2 not taken because the client is not reading what it was sent (wait, retry)."""
+        return int(lib.pycri_h2_send(self._srv, conn, stream, message, len(message), ffi.NULL))
+
+    def alive(self, conn: int, stream: int) -> bool:
+        return bool(lib.pycri_h2_alive(self._srv, conn, stream))
+
+    def _live(self) -> None:
+        if self._srv == ffi.NULL:
+            raise ValueError("H2Server is closed")
+
+    def wake(self) -> None:
+        self._live()
+        err = _new_err()
+        _check(lib.pycri_h2_wake(self._srv, err), err)
+
+    def shutdown(self, hard: bool = False) -> None:
+        """Stop accepting and send GOAWAY; with hard, close every connection too."""
+        self._live()
+        err = _new_err()
+        _check(lib.pycri_h2_shutdown(self._srv, int(hard), err), err)
+
+    def stats(self) -> dict[str, int]:
+        self._live()
+        s = ffi.new("struct pycri_h2_stats *")
+        lib.pycri_h2_stats(self._srv, s)
+        return {k: getattr(s, k) for k in ("connections", "streams", "accepted", "requests",
+                                           "rejected", "buffered")}
+
+    def close(self) -> None:
+        if self._srv != ffi.NULL:
+            lib.pycri_h2_free(self._srv)
+            self._srv = ffi.NULL

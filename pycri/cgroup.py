@@ -38,7 +38,6 @@ import contextlib
 import errno
 import os
 import re
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -402,6 +401,15 @@ class Cgroup:
             os.close(fd)
         return [int(x) for x in text.split()]
 
+    def has_processes(self) -> bool:
+        """Whether any process is in the cgroup (FileNotFoundError if it is gone)."""
+        d = self._dir_for("freezer") or self._dir_for("pids") or self.paths()[0]
+        fd = os.open(os.path.join(d, "cgroup.procs"), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return bool(os.read(fd, 16).strip())
+        finally:
+            os.close(fd)
+
     def _dir_for(self, controller: str) -> str | None:
         if self.v2:
             return self.dirs["unified"]
@@ -636,7 +644,6 @@ class Cgroup:
         """rmdir this cgroup (and any sub-cgroups, deepest first) in every hierarchy,
         retrying while exiting tasks still hold it."""
         deadline = time.monotonic() + timeout
-        _spares.forget(self.relpath)   # (a pod: no spare is being made in it any more)
         for d in self.paths():
             if not os.path.isdir(d):
                 continue
@@ -650,7 +657,6 @@ class Cgroup:
         is all it takes. Only where that fails (tasks or sub-cgroups left) does the
         full kill() + remove() run."""
         busy = False
-        _spares.forget(self.relpath)
         for d in self.paths():
             try:
                 os.rmdir(d)
@@ -666,6 +672,9 @@ class Cgroup:
 
 
 # --- policy: pods and containers ----------------------------------------------
+
+
+_NO_LIMITS = Resources()
 
 
 class CgroupManager:
@@ -692,71 +701,27 @@ class CgroupManager:
                          resources: Resources | None = None) -> Cgroup:
         pod = self.pod(pod_id)
         cg = self.container(pod_id, ctr_id)
-        if not self._adopt_spare(pod, cg, resources):
-            if not pod.exists():
-                raise NotFoundError(f"pod cgroup {pod.relpath} does not exist")
-            self._create(cg, resources, devices=True)
-        _spares.want(self, pod)
+        if not pod.exists():
+            raise NotFoundError(f"pod cgroup {pod.relpath} does not exist")
+        self._create(cg, resources, devices=True)
         return cg
 
-    def _adopt_spare(self, pod: Cgroup, cg: Cgroup, res: Resources | None) -> bool:
-        """Rename this process's spare cgroup of the pod (made in the background, with
-        the default device rules) into place: one rename per v1 hierarchy instead of
-        a mkdir and its setup (v2 cannot rename: there it is still a mkdir). False
-        when there is no spare or it cannot be used; nothing is left half-done."""
-        if self.hierarchy.version == 2:
-            return False
-        name = _spares.take(pod.relpath)
-        if name is None:
-            return False
-        spare = Cgroup(self.hierarchy, f"{pod.relpath}/{name}")
-        done: list[tuple[str, str]] = []
-        try:
-            for key, d in sorted(cg.dirs.items()):
-                if key == "unified":
-                    os.mkdir(d, 0o755)
-                    done.append(("", d))
-                else:
-                    os.rename(spare.dirs[key], d)
-                    done.append((spare.dirs[key], d))
-            res = res if res is not None else Resources()
-            cg.update(res)
-            if res.devices and not cg.v2 and "devices" in cg.dirs:
-                with _Dirs() as fds:
-                    _native.cgroup_write_batch(
-                        fds.get("devices", cg.dirs["devices"]),
-                        [("devices.allow" if r.allow else "devices.deny", r.line())
-                         for r in res.devices])
-            return True
-        except FileExistsError:
-            self._undo_adopt(done)
-            raise AlreadyExistsError(f"cgroup {cg.relpath} already exists") from None
-        except OSError:
-            self._undo_adopt(done)      # the spare is unusable: the slow path
-            with contextlib.suppress(OSError, PycriError):
-                spare.destroy(1.0)
-            return False
-        except PycriError:
-            self._undo_adopt(done)      # bad resources: the caller's error
-            with contextlib.suppress(OSError, PycriError):
-                spare.destroy(1.0)
-            raise
-
-    @staticmethod
-    def _undo_adopt(done: list[tuple[str, str]]) -> None:
-        for src, dst in reversed(done):
-            with contextlib.suppress(OSError):
-                if src:
-                    os.rename(dst, src)
-                else:
-                    os.rmdir(dst)
-
-    def forget_spares(self, pod_id: str) -> None:
-        """Before a pod's cgroup goes: drop (and wait out) this process's spare."""
-        name = _spares.forget(self.pod(pod_id).relpath)
-        if name is not None:
-            with contextlib.suppress(OSError, PycriError):
-                Cgroup(self.hierarchy, f"{self.pod(pod_id).relpath}/{name}").destroy(1.0)
+    def configure_container(self, pod_id: str, ctr_id: str,
+                            resources: Resources | None = None) -> Cgroup:
+        """A container cgroup made ahead with the default limits and device rules
+        (pycri/slots.py): apply ``resources``, all or nothing as ``update`` is."""
+        cg = self.container(pod_id, ctr_id)
+        res = resources if resources is not None else Resources()
+        if res == _NO_LIMITS:
+            return cg       # (what it was made with)
+        cg.update(res)
+        if res.devices and not cg.v2 and "devices" in cg.dirs:
+            with _Dirs() as fds:
+                _native.cgroup_write_batch(
+                    fds.get("devices", cg.dirs["devices"]),
+                    [("devices.allow" if r.allow else "devices.deny", r.line())
+                     for r in res.devices])
+        return cg
 
     def remove_parent(self, timeout: float = 5.0) -> None:
         """rmdir the parent's own components (deepest first) where they are empty;
@@ -875,74 +840,6 @@ class CgroupManager:
                     pass      # an old kernel without the flag: children copy instead
         finally:
             os.close(cfd)
-
-
-class _SpareCgroups:
-    """One spare container cgroup per pod, made ahead of need by a background
-    thread of this process and named ".spare-<pid>-<random>" (never a container
-    id). Only the process that made a spare uses it; spares of a process that died
-    are plain empty cgroups, removed with their pod."""
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        # (also in a forked child: the parent's spares and thread are not its own)
-        self._cv = threading.Condition()
-        self._ready: dict[str, str] = {}              # pod relpath -> spare name
-        self._wanted: dict[str, CgroupManager] = {}   # pod relpath -> its manager
-        self._making: str | None = None
-        self._thread: threading.Thread | None = None
-
-    def take(self, pod_rel: str) -> str | None:
-        with self._cv:
-            return self._ready.pop(pod_rel, None)
-
-    def want(self, manager: CgroupManager, pod: Cgroup) -> None:
-        if manager.hierarchy.version == 2:
-            return
-        with self._cv:
-            if pod.relpath in self._ready:
-                return
-            self._wanted[pod.relpath] = manager
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pycri-cgroups",
-                                                daemon=True)
-                self._thread.start()
-            self._cv.notify_all()
-
-    def forget(self, pod_rel: str) -> str | None:
-        with self._cv:
-            self._wanted.pop(pod_rel, None)
-            while self._making == pod_rel:
-                self._cv.wait()
-            return self._ready.pop(pod_rel, None)
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._wanted:
-                    self._cv.wait()
-                pod_rel, manager = self._wanted.popitem()
-                self._making = pod_rel
-            name = f".spare-{os.getpid()}-{os.urandom(4).hex()}"
-            spare = Cgroup(manager.hierarchy, f"{pod_rel}/{name}")
-            try:
-                if os.path.isdir(spare.dirs[sorted(spare.dirs)[0]].rsplit("/", 1)[0]):
-                    manager._create(spare, Resources(), devices=True)
-                else:
-                    name = ""       # the pod is gone
-            except (OSError, PycriError):
-                name = ""
-            with self._cv:
-                self._making = None
-                if name:
-                    self._ready[pod_rel] = name
-                self._cv.notify_all()
-
-
-_spares = _SpareCgroups()
 
 
 __all__ = [

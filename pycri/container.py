@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pycri.procinfo import (_alive, _catches, _direct, _pty_in,  # noqa: F401 (_alive: sandbox.py)
+from pycri.procinfo import (_alive, _catches, _direct, _exits, _pty_in,  # noqa: F401 (_alive: sandbox.py)
                              _read_started, _start_time)
-from pycri import _native, logs, store, users
+from pycri import _native, logs, slots, store, users
 from pycri.execproc import EXEC_OUTPUT_LIMIT, ExecProcess, ExecResult, _collect  # noqa: F401 (public here too)
 from pycri.process import (  # noqa: F401 - CAPS, DEFAULT_* and cap_mask are public here too
     DEFAULT_PATH,
@@ -170,7 +170,11 @@ class Container:
         return os.path.join(self.runtime.state, "sockets", f"{self.id[:20]}.{kind}")
 
     def _lock(self) -> contextlib.AbstractContextManager[None]:
-        return store.flock(os.path.join(self.runtime.root, "locks", f"container-{self.id}.lock"))
+        return store.flock(self._lock_path)
+
+    @property
+    def _lock_path(self) -> str:
+        return os.path.join(self.runtime.root, "locks", f"container-{self.id}.lock")
 
     def _parsed(self) -> _Parsed:
         """The record file as it is now, parsed (reused while its bytes are unchanged)."""
@@ -219,8 +223,9 @@ class Container:
         Nothing is written: the exit file itself is the durable account of the exit.
         (Nested values are shared with other readers: treat them as read-only.)"""
         rec = self._read(parsed)
-        if rec["state"] == RUNNING and os.path.exists(self._exit_file):
-            self._refresh(rec)
+        if rec["state"] == RUNNING and (os.path.exists(self._exit_file) or
+                                        not _alive(rec.get("monitor_pid", 0), 0)):
+            self._refresh(rec)      # (a killed monitor: the end is Unknown once it came)
         return rec
 
     def _refresh(self, rec: dict[str, Any]) -> bool:
@@ -306,32 +311,58 @@ class Container:
         check_in_sandbox(config, sb_rec["config"])
         rlimits_for(config)  # refuses limits above what pycri may grant, early
         image = runtime.images.get(config.image)
-        ctr = cls(runtime, secrets.token_hex(32))
-        with ctr._lock():
-            with store.flock(os.path.join(runtime.root, "locks", "containers.lock")):
-                for other in sandbox.containers():
-                    with contextlib.suppress(NotFoundError):
-                        o = other._read()["config"]
-                        if (o["name"], o.get("attempt", 0)) == (config.name, config.attempt):
-                            raise AlreadyExistsError(
-                                f"container {config.name!r} (attempt {config.attempt}) already "
-                                f"exists in sandbox {sandbox.id[:12]} as {other.id}")
-                store.makedirs(ctr.record_dir)
-                log_path = config.log_path or os.path.join(ctr.record_dir, "container.log")
-                if config.log_path and sb_rec["config"].get("log_directory") and \
-                        not os.path.isabs(config.log_path):
-                    log_path = os.path.join(sb_rec["config"]["log_directory"], config.log_path)
-                rec: dict[str, Any] = {
-                    "id": ctr.id, "sandbox_id": sandbox.id, "state": CREATED,
-                    "created_at_ns": time.time_ns(), "config": to_json(config),
-                    "image_id": image.id,
-                    "image_ref": (image.repo_tags or image.repo_digests or (image.id,))[0],
-                    "log_path": log_path, "cgroup_parent": sb_rec["cgroup_parent"],
-                    "layers": list(image.chain_ids),
-                }
-                ctr._write(rec)
+        # an id, record dir and cgroup made ahead by this process (pycri/slots.py)
+        # (and, for a pod without a user namespace, its rootfs: the image's overlay)
+        layer_dirs = runtime.images.layer_dirs(image)
+        slot = slots.take(runtime, sandbox.id, sb_rec["cgroup_parent"], image.id,
+                          None if sb_rec["config"].get("user_namespace") else layer_dirs)
+        ctr = cls(runtime, slot.id if slot else secrets.token_hex(32))
+        with contextlib.ExitStack() as held:
+            placed = False
             try:
-                ctr._launch(rec, sandbox, sb_rec, image, config)
+                with store.flock(os.path.join(runtime.root, "locks", "containers.lock")):
+                    for other in sandbox.containers():
+                        with contextlib.suppress(NotFoundError):
+                            o = other._read()["config"]
+                            if (o["name"], o.get("attempt", 0)) == (config.name, config.attempt):
+                                raise AlreadyExistsError(
+                                    f"container {config.name!r} (attempt {config.attempt}) "
+                                    f"already exists in sandbox {sandbox.id[:12]} as {other.id}")
+                    if slot:
+                        os.rename(slot.dir, ctr.record_dir)
+                    else:
+                        slots.make_record_dir(ctr.record_dir)
+                    placed = True
+                    # The container's lock only now that its dir exists (a new
+                    # Runtime's sweep of lock files spares it), held from before
+                    # its first record to the end of the create.
+                    held.enter_context(ctr._lock())
+                    log_path = config.log_path or os.path.join(ctr.record_dir, "container.log")
+                    if config.log_path and sb_rec["config"].get("log_directory") and \
+                            not os.path.isabs(config.log_path):
+                        log_path = os.path.join(sb_rec["config"]["log_directory"],
+                                                config.log_path)
+                    rec: dict[str, Any] = {
+                        "id": ctr.id, "sandbox_id": sandbox.id, "state": CREATED,
+                        "created_at_ns": time.time_ns(), "config": to_json(config),
+                        "image_id": image.id,
+                        "image_ref": (image.repo_tags or image.repo_digests or (image.id,))[0],
+                        "log_path": log_path, "cgroup_parent": sb_rec["cgroup_parent"],
+                        "layers": list(image.chain_ids),
+                    }
+                    ctr._write(rec)
+            except BaseException:
+                if slot:    # its cgroup and directory, wherever the latter is now
+                    slots.discard(runtime, slots.Slot(
+                        slot.id, ctr.record_dir if placed else slot.dir, slot.pod_id,
+                        slot.cgroup_parent))
+                elif placed:
+                    runtime.trash.put(ctr.record_dir)
+                if placed:
+                    store.drop_lock_file(ctr._lock_path)
+                raise
+            try:
+                ctr._launch(rec, sandbox, sb_rec, image, config, slot)
             except BaseException:
                 with contextlib.suppress(Exception):
                     ctr._destroy(rec)
@@ -339,17 +370,23 @@ class Container:
         return ctr
 
     def _launch(self, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str, Any],
-                image: Image, config: ContainerConfig) -> None:
+                image: Image, config: ContainerConfig, slot: slots.Slot | None) -> None:
+        try:
+            self._launch_in(rec, sandbox, sb_rec, image, config, slot)
+        finally:
+            if slot is not None and slot.rootfs_fd >= 0:
+                os.close(slot.rootfs_fd)    # (the child has its own, or it failed)
+
+    def _launch_in(self, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str, Any],
+                   image: Image, config: ContainerConfig, slot: slots.Slot | None) -> None:
         rt = self.runtime
         layer_dirs = rt.images.layer_dirs(image)
         icfg = image.config
         # The writable layer and the rootfs mount point. In a user namespace the host's
         # root reaches them for the container (csrc/userns.c): no mode here has to let
-        # the mapped root through.
+        # the mapped root through. (Made with the record dir: slots.make_record_dir.)
         fs = os.path.join(self.record_dir, "fs")
         upper, work, rootfs = (os.path.join(fs, d) for d in ("upper", "work", "rootfs"))
-        for d, mode in ((fs, 0o700), (upper, 0o755), (work, 0o700), (rootfs, 0o755)):
-            os.mkdir(d, mode)     # a fresh record dir: one mkdir each
         if os.path.dirname(rec["log_path"]) != self.record_dir:
             os.makedirs(os.path.dirname(rec["log_path"]), exist_ok=True)
         # The monitor opens the log only once started; the file exists from create on, so
@@ -367,7 +404,8 @@ class Container:
         userns = sb_cfg.get("user_namespace")
         caps = capabilities(config)
 
-        cg = rt.cgroups(rec["cgroup_parent"]).create_container(
+        cgm = rt.cgroups(rec["cgroup_parent"])
+        cg = (cgm.configure_container if slot else cgm.create_container)(
             sandbox.id, self.id, cgroup_resources(config))
         rec["oom_kills_at_start"] = 0     # a new cgroup
         namespaces: dict[str, str] = {"mnt": "new", "cgroup": "host"}
@@ -431,6 +469,11 @@ class Container:
                 mon_kw.update(stdin_fd=in_w)
         if config.stdin:
             mon_kw["stdin"] = True
+        # the monitor closes done_w once the exit is on disk: this process's wait
+        # wakes on that instead of polling for the exit file
+        done_r, done_w = os.pipe()
+        stdio_parent.append(done_w)
+        mon_kw["done_fd"] = done_w
         files = sandbox.container_files(sb_rec)
         try:
             spec = _native.SpawnSpec(
@@ -445,6 +488,7 @@ class Container:
                 namespaces=namespaces,
                 cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
                 overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
+                rootfs_mount_fd=slot.rootfs_fd if slot else -1,
                 mount_sys=True, sys_writable=privileged, host_devices=privileged,
                 shm_path=files["shm_path"], etc_hostname=files["etc_hostname"],
                 etc_hosts=files["etc_hosts"], etc_resolv=files["etc_resolv"],
@@ -455,18 +499,35 @@ class Container:
             monitor = _native.monitor_command(
                 self._exit_file, rec["log_path"], for_launch=True,
                 attach_socket=self._sock("attach"), oom_file=cg.oom_kill_file(), **mon_kw)
-            res = _native.launch(spec, self._sock("start"), monitor, stdio_parent)
+            def record_pids(r: _native.LaunchResult) -> None:
+                # while the container process mounts its root: the record with its
+                # pids (a crash from here on leaves a record recovery can settle)
+                rec.update(pid=r.pid, pid_start_time=r.start_time, monitor_pid=r.monitor_pid)
+                self._write(rec)
+                # ... and the next create's slot (it would wait through this anyway)
+                slots.make(rt, sandbox.id, rec["cgroup_parent"], image.id,
+                           None if userns else layer_dirs)
+
+            res = _native.launch(spec, self._sock("start"), monitor, stdio_parent,
+                                 on_pid=record_pids)
         except OSError as e:
+            os.close(done_r)
             stage = getattr(e, "stage", "")
             raise RuntimeFailure(f"create container {config.name}: {e.strerror or e}",
                                  stage=stage, errno=e.errno or 0) from e
+        except BaseException:
+            os.close(done_r)
+            raise
         finally:
             for fd in stdio_parent + child_fds:
                 os.close(fd)
+        if not _exits.put(self.id, done_r):
+            os.close(done_r)    # (holding enough: waits on this one poll instead)
         if res.start_fd >= 0:
             _direct.put(self.id, res.start_fd, res.report_fd)
-        rec.update(pid=res.pid, pid_start_time=res.start_time, monitor_pid=res.monitor_pid)
-        self._write(rec)
+        if rec.get("pid") != res.pid:   # (no early report from this launch)
+            rec.update(pid=res.pid, pid_start_time=res.start_time, monitor_pid=res.monitor_pid)
+            self._write(rec)
 
     def _image_volume(self, rec: dict[str, Any], index: int, m: Any) -> str:
         """Mount image ``m.image`` read-only (an overlay of its layers, no upper dir) in
@@ -550,6 +611,8 @@ class Container:
         rec = self.record()
         if rec["state"] == CREATED:
             raise InvalidStateError(f"container {self.id[:12]} was never started")
+        if rec["state"] == RUNNING and self._wait_done(rec, deadline):
+            return int(rec["exit_code"])
         pidfd = _native.pidfd_open(rec.get("monitor_pid", 0)) if rec["state"] == RUNNING else -1
         # The container's own exit comes first: the monitor writes the exit file right
         # after reaping it, and only then exits (tearing the container's mounts down,
@@ -564,7 +627,6 @@ class Container:
         step = 0.5
         try:
             while True:
-                rec = self.record()
                 if rec["state"] == EXITED:
                     return int(rec["exit_code"])
                 left = None if deadline is None else deadline - time.monotonic()
@@ -580,12 +642,42 @@ class Container:
                         step = 0.0001
                     elif step < 0.5:
                         step = min(0.5, step * 2)
+                    # the record changes only by the exit file (or by a stop or a
+                    # remove, which the monitor's end shows too): read it again then
+                    if pidfd not in ready:
+                        if os.path.exists(self._exit_file):
+                            self._refresh(rec)      # (fold it into the record in hand)
+                        continue
                 else:
                     time.sleep(0.05 if left is None else min(0.05, left))
+                rec = self.record()     # (folds in an exit, or both processes gone)
         finally:
             for fd in (pidfd, ctr_fd):
                 if fd >= 0:
                     os.close(fd)
+
+    def _wait_done(self, rec: dict[str, Any], deadline: float | None) -> bool:
+        """For a container this process created: wait on the pipe its monitor closes
+        once the exit file is written (or as it dies), then fold the file into rec.
+        True when rec says exited; False: no pipe here, or no exit file after all."""
+        held = _exits.take(self.id)
+        if held is None:
+            return False
+        done = held[0]
+        try:
+            while True:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    _exits.put(self.id, done)   # (for the next wait)
+                    done = -1
+                    raise TimeoutError(f"container {self.id[:12]} still running")
+                if select.select([done], [], [], left)[0]:
+                    break
+        finally:
+            if done >= 0:
+                os.close(done)
+        self._refresh(rec)
+        return rec["state"] == EXITED
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop signal, up to ``timeout`` seconds' grace, then SIGKILL to every process
@@ -678,22 +770,33 @@ class Container:
             rec = self.record()
         except NotFoundError:
             return
-        if rec["state"] != EXITED:
+        exited = rec["state"] == EXITED
+        if not exited:
             self.stop(timeout=0)
         with self._lock():
-            try:
-                rec = self._read()
-            except NotFoundError:
-                return
+            if exited:
+                # an end is final: only whether someone removed it meanwhile matters
+                if not os.path.exists(os.path.join(self.record_dir, "record.json")):
+                    return
+            else:
+                try:
+                    rec = self.record()     # (the exit folded in: _destroy looks at state)
+                except NotFoundError:
+                    return
             self._destroy(rec)
 
     def _destroy(self, rec: dict[str, Any]) -> None:
         _direct.drop(self.id)
+        _exits.drop(self.id)
         if rec["state"] == CREATED:
             self._kill_launcher(rec)
         cg = self._cgroup(rec)
-        with contextlib.suppress(NotFoundError):
-            cg.destroy()
+        if rec["state"] == EXITED and _nothing_runs_in(cg):
+            # an empty cgroup: its rmdirs (one per hierarchy) need not hold up remove
+            self.runtime.trash.later(cg.destroy)
+        else:
+            with contextlib.suppress(NotFoundError):
+                cg.destroy()
         for kind in ("start", "attach"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._sock(kind))
@@ -702,6 +805,7 @@ class Container:
         self.runtime.state_trash.put(self.state_dir)
         self.runtime.trash.put(self.record_dir)
         self.runtime.parsed.forget(os.path.join(self.record_dir, "record.json"))
+        store.drop_lock_file(self._lock_path)
 
     # -- exec, logs, stats, update ---------------------------------------------------
 
@@ -935,6 +1039,17 @@ def run_to_completion(container: Container, timeout: float | None) -> RunResult:
             target += b"\n"
     return RunResult(st.exit_code, bytes(out), bytes(err), st.reason == "OOMKilled", timed_out)
 
+
+
+def _nothing_runs_in(cg: Any) -> bool:
+    """True if the cgroup holds no process (or is gone); a process that could still
+    be in it makes this False."""
+    try:
+        return not cg.has_processes()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def recover(runtime: Runtime) -> None:

@@ -62,7 +62,10 @@ def _status_mask(field: str) -> int | None:
     return int(data[at + len(field) + 2:data.index(b"\n", at + 1)], 16)
 
 
+@functools.cache
 def _host_bounding() -> int:
+    # (read once: this process's bounding set only ever shrinks, and pycri never
+    # shrinks it)
     mask = _status_mask("CapBnd")
     return (1 << len(CAPS)) - 1 if mask is None else mask
 
@@ -80,12 +83,17 @@ def cap_mask(names: tuple[str, ...] | list[str]) -> int:
     return mask
 
 
+@functools.cache
+def _default_mask() -> int:
+    return cap_mask(DEFAULT_CAPS)
+
+
 def capabilities(config: ContainerConfig) -> int:
     """The capability set of the container process (bounding, effective, permitted)."""
     if config.privileged:
         caps = (1 << len(CAPS)) - 1
     else:
-        caps = cap_mask(DEFAULT_CAPS)
+        caps = _default_mask()
         drop = [c.upper().removeprefix("CAP_") for c in config.cap_drop]
         if "ALL" in drop:
             caps = 0

@@ -70,23 +70,30 @@ def _alive(pid: int, start_time: int) -> bool:
     return rest[:1] != b"Z"
 
 
-class _DirectStarts:
-    """The start and report sockets of containers this process created and has not
-    started yet (container id -> fds). A forked child drops its copies."""
+class _HeldFds:
+    """Fds this process holds per container it created (container id -> fds): the
+    start and report sockets of one not started yet (``_direct``), the read end
+    of the pipe its monitor closes once the exit is on disk (``_exits``). At most
+    ``cap`` entries (``put`` then says False: the caller closes its fds and
+    does without). A forked child drops its copies."""
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int = 1 << 30) -> None:
+        self.cap = cap
         self._lock = threading.Lock()
-        self._fds: dict[str, tuple[int, int]] = {}
+        self._fds: dict[str, tuple[int, ...]] = {}
         os.register_at_fork(after_in_child=self._after_fork)
 
-    def put(self, cid: str, start_fd: int, report_fd: int) -> None:
+    def put(self, cid: str, *fds: int) -> bool:
         with self._lock:
             old = self._fds.pop(cid, None)
-            self._fds[cid] = (start_fd, report_fd)
+            full = len(self._fds) >= self.cap
+            if not full:
+                self._fds[cid] = fds
         if old:
             _close_all(old)
+        return not full
 
-    def take(self, cid: str) -> tuple[int, int] | None:
+    def take(self, cid: str) -> tuple[int, ...] | None:
         with self._lock:
             return self._fds.pop(cid, None)
 
@@ -108,7 +115,9 @@ def _close_all(fds: tuple[int, ...]) -> None:
             os.close(fd)
 
 
-_direct = _DirectStarts()
+_direct = _HeldFds()
+# (a cap: a long-running server must not run out of fds for containers it keeps)
+_exits = _HeldFds(cap=256)
 
 
 def _read_started(path: str) -> int | None:

@@ -17,7 +17,7 @@ from pycri.config import Platform
 from pycri.errors import UnsupportedError
 import contextlib
 
-from pycri import container, sandbox
+from pycri import container, sandbox, slots
 from pycri.container import Container
 from pycri.cgroup import CgroupManager, Hierarchy
 from pycri.config import SandboxConfig, validate_cgroup_parent
@@ -96,6 +96,8 @@ class Runtime:
         self.state_trash = store.Trash(self.state)
         sandbox.recover(self)
         container.recover(self)
+        slots.cleanup(self)
+        store.sweep_lock_files(self.root)
 
     # -- cgroups -------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pycri import _native, store
+from pycri import _native, slots, store
 from pycri.config import NODE, POD, ContainerConfig, Resources, SandboxConfig, from_json, to_json
 from pycri.container import Container, RunResult, run_to_completion
 from pycri.errors import (AlreadyExistsError, InvalidArgumentError, InvalidStateError,
@@ -112,7 +112,11 @@ class Sandbox:
         return os.path.join(self.state_dir, f"{kind}ns")
 
     def _lock(self) -> contextlib.AbstractContextManager[None]:
-        return store.flock(os.path.join(self.runtime.root, "locks", f"sandbox-{self.id}.lock"))
+        return store.flock(self._lock_path)
+
+    @property
+    def _lock_path(self) -> str:
+        return os.path.join(self.runtime.root, "locks", f"sandbox-{self.id}.lock")
 
     def _parsed(self) -> _Parsed:
         """The record file as it is now, parsed (reused while its bytes are unchanged)."""
@@ -450,7 +454,7 @@ class Sandbox:
                     errors.append(str(e))
         parent = rec.get("cgroup_parent") or self.runtime.cgroup_parent
         try:
-            self.runtime.cgroups(parent).forget_spares(self.id)
+            slots.forget(self.runtime, self.id)
             self.runtime.cgroups(parent).pod(self.id).destroy()
         except PycriError as e:
             errors.append(str(e))
@@ -460,6 +464,7 @@ class Sandbox:
         if remove:
             shutil.rmtree(self.record_dir, ignore_errors=True)
             self.runtime.parsed.forget(os.path.join(self.record_dir, "record.json"))
+            store.drop_lock_file(self._lock_path)
 
     # -- containers ------------------------------------------------------------------
 

@@ -37,11 +37,11 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -84,17 +84,26 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_tmp_seq = itertools.count()
+
+
 def atomic_write(path: str, data: bytes, mode: int = 0o600, sync: bool = True) -> None:
     """Replace ``path`` with ``data`` so that readers see old or new, never partial."""
     d = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    # a name no other writer (thread or process) uses at the same time
+    tmp = os.path.join(d, f".tmp-{os.getpid()}-{threading.get_ident()}-{next(_tmp_seq)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if mode != 0o600:
+                os.fchmod(fd, mode)
             if sync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -168,6 +177,26 @@ def read_bytes(path: str) -> bytes:
         os.close(fd)
 
 
+def drop_lock_file(path: str) -> None:
+    """Unlink the lock file of an object just deleted, while its lock is held. One
+    who opened it before and waits gets the lock on the unlinked file and finds the
+    object gone (every locked operation reads the record first): no harm done."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def sweep_lock_files(root: str) -> None:
+    """Unlink the lock files of containers and sandboxes that no longer exist
+    (left by a process killed in a remove, or by an older pycri)."""
+    locks = os.path.join(root, "locks")
+    for name in os.listdir(locks):
+        for kind, d in (("container-", "containers"), ("sandbox-", "sandboxes")):
+            if name.startswith(kind) and name.endswith(".lock"):
+                oid = name[len(kind):-len(".lock")]
+                if not os.path.exists(os.path.join(root, d, oid)):
+                    drop_lock_file(os.path.join(locks, name))
+
+
 @contextlib.contextmanager
 def flock(path: str, shared: bool = False) -> Iterator[None]:
     """Hold an flock on ``path`` (created if missing) for the ``with`` body.
@@ -220,6 +249,12 @@ class Trash:
         _deleter.enqueue([dest])
 
     @staticmethod
+    def later(job: Callable[[], object]) -> None:
+        """Run ``job`` on the deleting thread, before any tree still queued (it is
+        small: an rmdir of an empty cgroup, say). Its errors are dropped."""
+        _deleter.enqueue_job(job)
+
+    @staticmethod
     def drain(timeout: float | None = None) -> bool:
         """Wait until everything put so far (by any Trash) is deleted; False on timeout."""
         return _deleter.drain(timeout)
@@ -229,12 +264,19 @@ class _Deleter:
     def __init__(self) -> None:
         self._cv = threading.Condition()
         self._queue: list[str] = []
+        self._jobs: list[Callable[[], object]] = []
         self._busy = False
         self._thread: threading.Thread | None = None
 
     def enqueue(self, paths: list[str]) -> None:
+        self._add(lambda: self._queue.extend(paths))
+
+    def enqueue_job(self, job: Callable[[], object]) -> None:
+        self._add(lambda: self._jobs.append(job))
+
+    def _add(self, put: Callable[[], None]) -> None:
         with self._cv:
-            self._queue.extend(paths)
+            put()
             if self._thread is None or not self._thread.is_alive():
                 # (a forked child inherits the flag but not the thread)
                 self._thread = threading.Thread(target=self._run, name="pycri-trash",
@@ -245,7 +287,7 @@ class _Deleter:
     def drain(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cv:
-            while self._queue or self._busy:
+            while self._queue or self._jobs or self._busy:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -257,11 +299,16 @@ class _Deleter:
             with self._cv:
                 self._busy = False
                 self._cv.notify_all()
-                while not self._queue:
+                while not self._queue and not self._jobs:
                     self._cv.wait()
-                path = self._queue.pop(0)
+                job = self._jobs.pop(0) if self._jobs else None
+                path = self._queue.pop(0) if job is None else ""
                 self._busy = True
-            shutil.rmtree(path, ignore_errors=True)
+            if job is not None:
+                with contextlib.suppress(Exception):
+                    job()
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 _deleter = _Deleter()

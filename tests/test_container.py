@@ -258,10 +258,8 @@ def test_missing_executable_fails_create(env):
         assert ei.value.stage == "exec"
         assert sb.containers() == []
         assert rt.cgroups().pod(sb.id).exists()
-        # (a spare container cgroup, made ahead of need, may be there: nothing else)
-        assert not [d for d in os.listdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}")
-                    if os.path.isdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{d}")
-                    and not d.startswith(".spare-")]
+        # (a slot's cgroup, made ahead of need, may be there: nothing else)
+        assert _container_cgroups(rt, sb) <= _slot_ids(rt)
 
 
 def test_update_resources_and_stats(env):
@@ -382,6 +380,13 @@ if phase == "create-before-launch":
     wrap(container.Container, "_launch", before=True)
 elif phase == "create-after-launch":
     wrap(_native, "launch")
+elif phase == "create-at-pid":   # the pids recorded, the process still setting up
+    real_write = container.Container._write
+    def write_then_die(self, rec):
+        real_write(self, rec)
+        if "pid" in rec:
+            die()
+    container.Container._write = write_then_die
 elif phase == "start-after-release":
     wrap(_native, "launch_start")
 elif phase == "remove-after-cgroup":
@@ -400,7 +405,8 @@ else:
 """
 
 
-@pytest.mark.parametrize("phase", ["create-before-launch", "create-after-launch",
+@pytest.mark.parametrize("phase", ["create-before-launch", "create-at-pid",
+                                   "create-after-launch",
                                    "start-after-release", "remove-after-cgroup"])
 def test_kill9_during_operations_then_recover(env, phase):
     """SIGKILL the Python process in the middle of an operation; a new Runtime shows a
@@ -422,17 +428,23 @@ def test_kill9_during_operations_then_recover(env, phase):
     cs = rt2.containers(sandbox_id=sb.id)
     if phase == "create-before-launch":
         assert cs == []  # nothing was made that needs keeping
-    elif phase == "create-after-launch":
-        assert cs == []  # the half-made container and its held process are gone
+    elif phase in ("create-at-pid", "create-after-launch"):
+        # the record had the process's pids before the creator died: the container
+        # is created, held before execve, and a new Runtime can start it
+        assert [c.state for c in cs] == ["created"]
+        cs[0].start()
+        assert cs[0].exec_sync(["echo", "alive"]).stdout == b"alive\n"
     elif phase == "start-after-release":
         assert [c.state for c in cs] == ["running"]
         assert cs[0].exec_sync(["echo", "alive"]).stdout == b"alive\n"
     for c in cs:
         c.remove()
     assert rt2.containers(sandbox_id=sb.id) == []
-    cg_dir = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}"
-    assert not [d for d in os.listdir(cg_dir) if os.path.isdir(os.path.join(cg_dir, d))
-                and not d.startswith(".spare-")]
+    # the crashed process's slot went with it (rt2 deleted it); ours may be there;
+    # an exited container's empty cgroup goes just after its remove returns
+    assert pycri.store.Trash.drain(5)
+    assert _container_cgroups(rt, sb) <= _slot_ids(rt)
+    assert all(n.startswith(f"{os.getpid()}.") for n in _slot_names(rt))
     time.sleep(0.2)  # the launcher of a held process exits when that process dies
     out = subprocess.run(["pgrep", "-f", "sleep 300"], capture_output=True, text=True).stdout
     ours = [p for p in out.split() if os.path.exists(f"/proc/{p}/root")
@@ -541,34 +553,214 @@ def test_user_namespace_pod(env):
     shutil.rmtree(share)
 
 
-def test_spare_cgroups_are_used_and_go_with_the_pod(env):
-    """Container cgroups come from a spare made ahead of need (renamed into place);
-    the spare has the default device rules, and the pod's removal takes it along."""
-    rt, img = env
-    sb = rt.run_sandbox(pycri.SandboxConfig(name="spares"))
+def _slot_names(rt):
+    d = f"{rt.root}/slots"
+    return os.listdir(d) if os.path.isdir(d) else []
+
+
+def _slot_ids(rt):
+    """Container ids of the slots on rt's root (pycri/slots.py), any owner."""
+    return {n.split(".")[3] for n in _slot_names(rt)}
+
+
+def _container_cgroups(rt, sb):
     pod_dir = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}"
-    spares = []
+    return {d for d in os.listdir(pod_dir) if os.path.isdir(os.path.join(pod_dir, d))}
+
+
+def _wait_slot(rt, sb):
+    """The names of sb's slots once this process has one ready (the next create's)."""
+    deadline = time.monotonic() + 5
+    while pycri.slots.peek(rt, sb.id) is None:
+        assert time.monotonic() < deadline, "no slot was made"
+        time.sleep(0.01)
+    return [n for n in _slot_names(rt) if n.split(".")[2] == sb.id]
+
+
+def test_slots_are_used_and_go_with_the_pod(env):
+    """A container's id, record dir and cgroup come from a slot made ahead of need
+    (renamed into place); the slot's cgroup has the default device rules, and the
+    pod's removal takes the slot along."""
+    rt, img = env
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="slots"))
+    pod_dir = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}"
+    made = []
     for i in range(3):
         c = sb.create_container(pycri.ContainerConfig(name=f"s{i}", image=img.id,
                                                       command=("true",)))
-        deadline = time.monotonic() + 5
-        while not (spares := [d for d in os.listdir(pod_dir) if d.startswith(".spare-")]):
-            assert time.monotonic() < deadline, "no spare cgroup was made"
-            time.sleep(0.01)
+        if made:    # this container is the slot made after the previous create
+            assert c.id == made[-1].split(".")[3]
+            assert not os.path.exists(f"{rt.root}/slots/{made[-1]}")
+        slot = _wait_slot(rt, sb)
+        assert len(slot) == 1 and slot[0].startswith(f"{os.getpid()}.")
+        made.append(slot[0])
+        sid = slot[0].split(".")[3]
+        assert sorted(os.listdir(f"{rt.root}/slots/{slot[0]}/fs")) == ["rootfs", "upper", "work"]
+        assert os.path.isdir(os.path.join(pod_dir, sid))
         dev = f"/sys/fs/cgroup/devices/{rt.cgroup_parent}/{sb.id}/{c.id}/devices.list"
         rules = open(dev).read().split("\n")
         assert "a *:* rwm" not in rules and "c 1:3 rwm" in rules   # /dev/null, not all
         c.start()
         assert c.wait(10) == 0
         c.remove()
-    assert len(spares) == 1
-    # the container got the previous spare's cgroup: it was renamed, not copied
-    taken = spares[0]
-    c = sb.create_container(pycri.ContainerConfig(name="last", image=img.id, command=("true",)))
-    assert not os.path.exists(os.path.join(pod_dir, taken))
+        # an exited container's empty cgroup is removed just after remove returns
+        assert pycri.store.Trash.drain(5)
+        assert not os.path.exists(os.path.join(pod_dir, c.id))
+    assert _container_cgroups(rt, sb) == {made[-1].split(".")[3]}
     sb.remove()
+    assert not os.path.exists(f"{rt.root}/slots/{made[-1]}")
     for ctl in ("memory", "devices", "cpu", "pids", "freezer"):
         assert not os.path.exists(f"/sys/fs/cgroup/{ctl}/{rt.cgroup_parent}/{sb.id}")
+
+
+def test_premounted_rootfs_follows_the_image(env, registry):
+    """A slot carries the overlay of the image the pod's last create used, mounted
+    ahead with the mount points made in it; the next create of that image runs on
+    it. A create of another image, or of the same image removed and pulled again
+    (new layer dirs), does not use it and sees exactly its own image."""
+    rt, img = env
+    other = ib.build_image([ib.busybox_layer(), ib.layer_tar([ib.File("marker", b"other\n")])],
+                           config={"Env": ["PATH=/bin"]})
+    ib.push(registry.host, "test/other", "v1", other)
+    img2 = rt.images.pull(f"{registry.host}/test/other:v1")
+    with rt.run_sandbox(pycri.SandboxConfig(name="premount", hostname="pm")) as sb:
+        assert sb.run(img, ["true"]).exit_code == 0      # then a slot with img's rootfs
+        slot = _wait_slot(rt, sb)[0]
+        upper = f"{rt.root}/slots/{slot}/fs/upper"
+        # the image has no /etc/hosts or /etc/hostname: made ahead in the writable layer
+        assert os.path.isfile(f"{upper}/etc/hosts") and os.path.isfile(f"{upper}/etc/hostname")
+        c = sb.create_container(pycri.ContainerConfig(
+            name="on-slot", image=img.id,
+            command=("sh", "-c", "cat /etc/hostname; ls /bin/probe; grep ' / / ' /proc/self/mountinfo")))
+        assert c.id == slot.split(".")[3]
+        c.start()
+        assert c.wait(10) == 0
+        out = b"".join(r.content + b"\n" for r in c.logs()).decode()
+        assert out.startswith("pm\n/bin/probe\n") and " - overlay " in out, out
+        c.remove()
+        # another image: img's premounted slot is not used
+        _wait_slot(rt, sb)
+        r = sb.run(img2, ["sh", "-c", "cat /marker; ls /bin/probe"])
+        assert r.stdout == b"other\n" and r.exit_code != 0      # no probe in img2
+        # the slot now made is img2's; remove img2 and pull it again: new layer dirs
+        _wait_slot(rt, sb)
+        rt.images.remove(img2.id)
+        img2 = rt.images.pull(f"{registry.host}/test/other:v1")
+        r = sb.run(img2, ["cat", "/marker"])
+        assert (r.exit_code, r.stdout) == (0, b"other\n")
+
+
+def test_container_process_ignores_no_signal(env):
+    """The caller (Python ignores SIGPIPE and SIGXFSZ; posix_spawn leaves glibc's
+    internal signals 32 and 33 ignored) and the launcher (it ignores SIGPIPE and
+    SIGHUP) pass no ignored signal on to the container's processes."""
+    import signal as sig
+    rt, img = env
+    old = sig.signal(sig.SIGUSR2, sig.SIG_IGN)     # one more for a new launcher to inherit
+    try:
+        with rt.run_sandbox(pycri.SandboxConfig(name="sigign")) as sb:
+            for i in range(3):      # (a spare launcher made before, and ones made after)
+                r = sb.run(img, ["cat", "/proc/self/status"])
+                line = [x for x in r.stdout.decode().splitlines() if x.startswith("SigIgn:")]
+                assert line == ["SigIgn:\t0000000000000000"], line
+            c = sb.create_container(pycri.ContainerConfig(name="x", image=img.id,
+                                                          command=("sleep", "30")))
+            c.start()
+            out = c.exec_sync(["cat", "/proc/self/status"]).stdout.decode()    # (an exec)
+            assert [x for x in out.splitlines() if x.startswith("SigIgn:")] == \
+                ["SigIgn:\t0000000000000000"]
+            c.stop(0)
+    finally:
+        sig.signal(sig.SIGUSR2, old)
+
+
+def test_creator_waits_on_the_monitors_pipe(env):
+    """The creating process holds a pipe its container's monitor closes once the
+    exit file is written; wait() wakes on it and lets it go. A monitor killed
+    before that closes it too: wait() then falls back to watching the processes
+    and reports the end as Unknown (255) once the container is gone."""
+    from pycri.procinfo import _exits
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="donepipe")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(
+            name="a", image=img.id, command=("sh", "-c", "sleep 0.2; exit 3")))
+        held = _exits.take(c.id)
+        assert held is not None and len(held) == 1
+        assert _exits.put(c.id, *held)
+        c.start()
+        assert c.wait(10) == 3
+        assert _exits.take(c.id) is None     # used and closed
+        assert c.status().exit_code == 3
+        c.remove()
+        d = sb.create_container(pycri.ContainerConfig(
+            name="b", image=img.id, command=("sh", "-c", "sleep 0.5")))
+        d.start()
+        os.kill(d._read()["monitor_pid"], signal.SIGKILL)
+        assert d.wait(10) == 255
+        assert d.status().reason == "Unknown"
+        d.remove()
+
+
+def test_lock_files_go_with_their_objects(env):
+    """Each container and pod has a lock file while it exists; removing it removes
+    the file (the locks dir does not grow without bound), and a new Runtime sweeps
+    those left by a process killed in a remove, keeping live objects' files."""
+    rt, img = env
+    locks = f"{rt.root}/locks"
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="locks"))
+    c = sb.create_container(pycri.ContainerConfig(name="l", image=img.id, command=("true",)))
+    keep = sb.create_container(pycri.ContainerConfig(name="k", image=img.id, command=("true",)))
+    assert {f"container-{c.id}.lock", f"container-{keep.id}.lock",
+            f"sandbox-{sb.id}.lock"} <= set(os.listdir(locks))
+    c.remove()
+    assert f"container-{c.id}.lock" not in os.listdir(locks)
+    stale = [f"container-{uuid.uuid4().hex * 2}.lock", f"sandbox-{uuid.uuid4().hex * 2}.lock"]
+    for name in stale:
+        open(os.path.join(locks, name), "w").close()
+    pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
+    left = set(os.listdir(locks))
+    assert not left & set(stale)
+    assert {f"container-{keep.id}.lock", f"sandbox-{sb.id}.lock"} <= left
+    sb.remove()
+    assert not [n for n in os.listdir(locks) if keep.id in n or sb.id in n]
+
+
+def test_slot_of_a_dead_process_is_deleted(env):
+    """A process that made a slot and died (SIGKILL) leaves a record dir and a
+    cgroup nobody uses; the next Runtime on the root deletes both, and leaves the
+    slots of live processes alone."""
+    rt, img = env
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="deadslot"))
+    script = f"""
+import sys, os, signal, time; sys.path.insert(0, {TREE!r})
+import pycri
+rt = pycri.Runtime(root={rt.root!r}, state={rt.state!r}, cgroup_parent={rt.cgroup_parent!r})
+sb = rt.sandbox({sb.id!r})
+c = sb.create_container(pycri.ContainerConfig(name="x", image={img.id!r}, command=("true",)))
+c.remove()
+deadline = time.monotonic() + 5
+while pycri.slots.peek(rt, sb.id) is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.01)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()
+    dead = [n for n in os.listdir(f"{rt.root}/slots") if not n.startswith(f"{os.getpid()}.")]
+    assert len(dead) == 1
+    dead_id = dead[0].split(".")[3]
+    assert os.path.isdir(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{dead_id}")
+    # a slot of ours, alive
+    sb.create_container(pycri.ContainerConfig(name="y", image=img.id, command=("true",)))
+    ours = [n for n in _wait_slot(rt, sb) if n.startswith(f"{os.getpid()}.")]
+    assert len(ours) == 1
+    pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
+    assert not os.path.exists(f"{rt.root}/slots/{dead[0]}")
+    assert not os.path.exists(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{dead_id}")
+    for n in ours:
+        assert os.path.exists(f"{rt.root}/slots/{n}")
+    assert rt.containers(sandbox_id=sb.id)[0].name == "y"
+    sb.remove()
 
 
 def test_reopen_log_right_after_start_keeps_the_monitor(env):

@@ -42,6 +42,18 @@ int pycri_launch(int launcher, const struct pycri_spawn_spec *spec, const char *
                  struct pycri_launch_result *res, struct pycri_error *err);
 
 /* Release a launched container; returns once execve succeeded or failed. */
+/* pycri_launch in two halves, so the caller can work while the container process
+ * sets itself up. pycri_launch_send sends the request (to launcher, or to a new
+ * launcher when -1) and sets *sock_out to the socket to wait on (the caller
+ * closes it when done). pycri_launch_wait returns 1 for the early report (res has
+ * pid, start_time and monitor_pid: the process exists and is setting itself up;
+ * not every launch sends one), then 0 for the final success (res complete) or
+ * < 0 for the failure. */
+int pycri_launch_send(int launcher, const struct pycri_spawn_spec *spec, const char *start_sock,
+                      const char *const *monitor_argv, const int *monitor_fds, int n_monitor_fds,
+                      int *sock_out, struct pycri_error *err);
+int pycri_launch_wait(int sock, struct pycri_launch_result *res, struct pycri_error *err);
+
 int pycri_launch_start(const char *start_sock, int timeout_ms, struct pycri_error *err);
 
 /* The spec as one flat buffer (csrc/specbuf.c). Returns the size it needs and

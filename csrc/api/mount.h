@@ -14,5 +14,13 @@ int pycri_mount_overlay(const char *target, const char *lower, const char *upper
 int pycri_mount_overlay_idmapped(const char *target, const char *lower, const char *userns_path,
                                  struct pycri_error *err);
 
+/* An overlay of lower (colon list, top first) + upper + work as a detached mount
+ * (*fd_out, CLOEXEC; closing it unmounts it), for pycri_spawn_spec.rootfs_mount_fd,
+ * with the given dirs and empty files made in it (in-root, as the container's
+ * setup makes its mount points) where missing. */
+int pycri_overlay_premount(const char *lower, const char *upper, const char *work,
+                           const char *const *dirs, const char *const *files, int *fd_out,
+                           struct pycri_error *err);
+
 /* Lazily unmount target (MNT_DETACH, not following a final symlink). */
 int pycri_mount_unmount(const char *target, struct pycri_error *err);

@@ -158,6 +158,10 @@ struct pycri_spawn_spec {
     const char *overlay_lower; /* colon list, top first; NULL = bind rootfs onto itself */
     const char *overlay_upper;
     const char *overlay_work;
+    /* 1 = rootfs_mount_fd is that overlay already made (pycri_overlay_premount, a
+     * detached mount): the child attaches it at rootfs instead of mounting one */
+    int rootfs_premounted;
+    int rootfs_mount_fd;
     int rootfs_readonly;
     int root_propagation;      /* PYCRI_PROP_*: what "/" becomes first */
     int mount_proc;            /* /proc */

@@ -89,6 +89,7 @@ class ServerOptions:
     cni_conf_dir: str = "/etc/cni/net.d"
     sandbox_image: str = DEFAULT_SANDBOX_IMAGE
     workers: int = 32
+    transport: str = "h2"  # "h2": pycri.cri.h2server (C, libnghttp2); "grpcio": grpcio's server
 
 
 def _check_handler(name: str) -> None:
@@ -700,11 +701,17 @@ class CriServer:
         # exec/attach/port-forward URLs: loopback only, random port, single-use tokens
         self.streaming = StreamingServer(RuntimeBackend(self.runtime))
         self._grpc: grpc.Server | None = None
+        self._h2: Any = None  # pycri.cri.h2server.H2Transport when serving with it
         self._lock_fd: int | None = None
         self._socket_ino: int | None = None
         self.address = options.listen
 
     def start(self) -> None:
+        if self.options.transport == "h2":
+            self._start_h2()
+            return
+        if self.options.transport != "grpcio":
+            raise ServerError(f"unknown transport {self.options.transport!r} (h2 or grpcio)")
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=self.options.workers,
                                        thread_name_prefix="pycri-cri"),
@@ -745,11 +752,58 @@ class CriServer:
         log.info("pycri %s serving CRI %s on %s (root %s, state %s)", pycri.__version__,
                  RUNTIME_API_VERSION, self.address, self.runtime.root, self.runtime.state)
 
+    def _start_h2(self) -> None:
+        from pycri.cri import h2server
+
+        transport = h2server.H2Transport(h2server.method_table({
+            "RuntimeService": RuntimeService(self.runtime, self.options, self.streaming),
+            "ImageService": ImageService(self.runtime, self.options)}),
+            max_message=MAX_MESSAGE, workers=self.options.workers)
+        sock = None
+        try:
+            if self.kind == "unix":
+                self._lock_fd = _claim_unix_socket(self.target)
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                old = os.umask(0o117)  # 0660 from the bind on
+                try:
+                    sock.bind(self.target)
+                finally:
+                    os.umask(old)
+                os.chmod(self.target, 0o660)
+                self._socket_ino = os.lstat(self.target).st_ino
+            else:
+                host, _, port = self.target.rpartition(":")
+                host = host.strip("[]")
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, int(port)))
+                bound = sock.getsockname()[1]
+                self.address = "tcp://" + self.target.rpartition(":")[0] + f":{bound}"
+            sock.listen(1024)
+            transport.add_listener(sock.detach())
+            self.streaming.start()
+        except (OSError, ServerError) as e:
+            if sock is not None:
+                sock.close()
+            transport.stop(0)
+            self._release()
+            if isinstance(e, ServerError):
+                raise
+            raise ServerError(f"cannot listen on {self.target}: {e}") from None
+        transport.start()
+        self._h2 = transport
+        log.info("pycri %s serving CRI %s on %s (root %s, state %s)", pycri.__version__,
+                 RUNTIME_API_VERSION, self.address, self.runtime.root, self.runtime.state)
+
     def stop(self, grace: float | None = SHUTDOWN_GRACE) -> None:
         """Stop accepting calls, give running ones ``grace`` seconds, then cancel them."""
         if self._grpc is not None:
             self._grpc.stop(grace).wait()
             self._grpc = None
+        if self._h2 is not None:
+            self._h2.stop(grace)
+            self._h2 = None
         with contextlib.suppress(InvalidStateError):
             self.streaming.stop()
         self._release()
@@ -789,6 +843,9 @@ def build_parser(prog: str = "python -m pycri.cri") -> argparse.ArgumentParser:
                    help=f"CNI network configs (default {d.cni_conf_dir})")
     p.add_argument("--sandbox-image", default=d.sandbox_image, metavar="REF",
                    help=f"pause image; reported as pinned (default {d.sandbox_image})")
+    p.add_argument("--transport", default=d.transport, choices=("h2", "grpcio"),
+                   help="gRPC transport: h2 (pycri's own, over libnghttp2) or grpcio "
+                   f"(default {d.transport})")
     p.add_argument("--log-level", default="info", choices=sorted(LOG_LEVELS),
                    help="stderr log level (default info)")
     return p
@@ -812,7 +869,7 @@ def main(argv: list[str] | None = None, *, prog: str = "python -m pycri.cri") ->
     options = ServerOptions(listen=args.listen, root=args.root, state=args.state,
                             registry_config_dir=args.registry_config_dir,
                             cni_bin_dir=args.cni_bin_dir, cni_conf_dir=args.cni_conf_dir,
-                            sandbox_image=args.sandbox_image)
+                            sandbox_image=args.sandbox_image, transport=args.transport)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

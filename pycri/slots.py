@@ -1,0 +1,260 @@
+"""Container slots: the part of a container create that does not depend on its
+config, made ahead of need by a background thread.
+
+A slot is a fresh container id whose record directory is already laid out
+(``fs/upper``, ``fs/work``, ``fs/rootfs``) under ``<root>/slots/`` and whose cgroup
+already exists in the pod (default limits and device rules). A create takes the
+pod's slot, renames the directory into ``<root>/containers/`` and applies the
+config's limits: one rename instead of five mkdirs on the record disk and a
+mkdir per cgroup hierarchy (nine on a v1 host), all off the caller's path.
+
+A slot belongs to the process that made it, and its directory name says so:
+``<pid>.<start time>.<pod id>.<container id>``. Nothing lists slots as
+containers. One left by a process that is gone (killed, or exited between the
+making and the use) is deleted, directory and cgroup, by the next Runtime on the
+same root (``cleanup``); a pod's removal deletes the remover's own slot of it
+(``forget``) and its cgroup removal takes anyone else's with it.
+
+Slots are made by the creating thread while its container sets itself up
+(``make``, from Container._launch), for the next create in the same pod.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pycri import _native, store
+from pycri.errors import PycriError
+from pycri.procinfo import _start_time
+
+if TYPE_CHECKING:
+    from pycri.runtime import Runtime
+
+# the record dir's layout for a container's writable layer (mode of each)
+FS_DIRS = (("fs", 0o700), ("fs/upper", 0o755), ("fs/work", 0o700), ("fs/rootfs", 0o755))
+
+
+# What a container's setup mounts on or binds to in its rootfs: made in a premounted
+# overlay ahead, where the image lacks them (csrc/api/mount.h)
+MOUNT_DIRS = ("proc", "sys", "dev")
+MOUNT_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
+
+
+@dataclass(frozen=True)
+class Slot:
+    id: str             # the container id it was made for
+    dir: str            # <root>/slots/<pid>.<start>.<pod>.<id>: the record dir to be
+    pod_id: str
+    cgroup_parent: str
+    # The overlay rootfs, mounted ahead (detached) for the image the pod's last
+    # create used, and what its lower dirs were (device, inode) then; or -1.
+    image_id: str = ""
+    rootfs_fd: int = -1
+    lowers: tuple[tuple[int, int], ...] = ()
+
+    def fits(self, image_id: str, layer_dirs: list[str]) -> bool:
+        """Whether the premounted rootfs is this image's, on the same layer dirs (an
+        image removed and pulled again has new ones)."""
+        if self.image_id != image_id:
+            return False
+        try:
+            return self.lowers == _dir_ids(layer_dirs)
+        except OSError:
+            return False
+
+
+def _dir_ids(dirs: list[str]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for d in dirs:
+        st = os.stat(d)
+        out.append((st.st_dev, st.st_ino))
+    return tuple(out)
+
+
+def make_record_dir(path: str) -> None:
+    """A container's record dir with its writable-layer dirs, none there before."""
+    os.mkdir(path, 0o700)
+    for name, mode in FS_DIRS:
+        os.mkdir(os.path.join(path, name), mode)
+
+
+def _owner_tag() -> str:
+    pid = os.getpid()
+    return f"{pid}.{_start_time(pid)}"
+
+
+class _Slots:
+    """At most one ready slot per (root, pod) for this process, made by one thread.
+
+    A create asks for the next slot once its container process exists and sets
+    itself up (Container._launch): the caller then waits in C, without the GIL,
+    so the slot's making competes least with it. (Made by the caller itself in
+    that window, a create took ~1 ms longer; asked for at the start of the
+    create, the making competed with the create's own Python work.)"""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        for slot in self._ready.values():
+            if slot.rootfs_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(slot.rootfs_fd)
+        self._reset()
+
+    def _reset(self) -> None:
+        # (also in a forked child: the parent's slots are not its own)
+        self._cv = threading.Condition()
+        self._ready: dict[tuple[str, str], Slot] = {}
+        self._making: set[tuple[str, str]] = set()     # asked for, not ready yet
+        self._queue: list[tuple[Any, ...]] = []
+        self._thread: threading.Thread | None = None
+        self._tag = ""
+
+    def take(self, runtime: Runtime, pod_id: str, cgroup_parent: str, image_id: str = "",
+             layer_dirs: list[str] | None = None) -> Slot | None:
+        """This process's slot for the pod, or None. A slot with another image's
+        rootfs is not used (its writable layer may have that image's directories
+        copied up): it is deleted off the caller's path."""
+        with self._cv:
+            slot = self._ready.pop((runtime.root, pod_id), None)
+        if slot is not None and (slot.cgroup_parent != cgroup_parent or (
+                slot.rootfs_fd >= 0 and not slot.fits(image_id, layer_dirs or []))):
+            runtime.trash.later(functools.partial(discard, runtime, slot))
+            slot = None
+        return slot
+
+    def make(self, runtime: Runtime, pod_id: str, cgroup_parent: str, image_id: str = "",
+             layer_dirs: list[str] | None = None) -> None:
+        """Have the pod's next slot made, with the rootfs of ``image_id`` premounted
+        when its ``layer_dirs`` are given, unless one is ready or being made."""
+        key = (runtime.root, pod_id)
+        with self._cv:
+            if key in self._ready or key in self._making:
+                return
+            self._making.add(key)
+            if not self._tag:
+                self._tag = _owner_tag()
+            tag = self._tag
+            self._queue.append((key, runtime, pod_id, cgroup_parent, tag, image_id, layer_dirs))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pycri-slots",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue:
+                    self._cv.wait()
+                job = self._queue.pop(0)
+            self._make(*job)
+
+    def _make(self, key: tuple[str, str], runtime: Runtime, pod_id: str, cgroup_parent: str,
+              tag: str, image_id: str, layer_dirs: list[str] | None) -> None:
+        slot = None
+        try:
+            slot = _make(runtime, pod_id, cgroup_parent, tag, image_id if layer_dirs else "",
+                         list(layer_dirs or []))
+        except (OSError, PycriError):
+            pass        # the pod went, or the disk is full
+        finally:
+            with self._cv:
+                self._making.discard(key)
+                if slot is not None:
+                    self._ready[key] = slot
+                self._cv.notify_all()
+
+    def peek(self, runtime: Runtime, pod_id: str) -> Slot | None:
+        """The slot a create in the pod would take now (it stays)."""
+        with self._cv:
+            return self._ready.get((runtime.root, pod_id))
+
+    def forget(self, runtime: Runtime, pod_id: str) -> None:
+        """Before a pod goes: delete this process's slot of it (once made)."""
+        key = (runtime.root, pod_id)
+        with self._cv:
+            queued = [j for j in self._queue if j[0] == key]
+            for job in queued:
+                self._queue.remove(job)
+                self._making.discard(key)
+            while key in self._making:
+                self._cv.wait()
+            slot = self._ready.pop(key, None)
+        if slot is not None:
+            discard(runtime, slot)
+
+
+def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
+          layers: list[str]) -> Slot | None:
+    mgr = runtime.cgroups(parent)
+    if not mgr.pod(pod_id).exists():
+        return None
+    cid = secrets.token_hex(32)
+    base = store.makedirs(os.path.join(runtime.root, "slots"), 0o700)
+    path = os.path.join(base, f"{tag}.{pod_id}.{cid}")
+    make_record_dir(path)
+    try:
+        mgr.create_container(pod_id, cid)
+    except BaseException:
+        runtime.trash.put(path)
+        raise
+    slot = Slot(cid, path, pod_id, parent)
+    if layers:
+        try:
+            lowers = _dir_ids(layers)
+            fd = _native.overlay_premount(layers, os.path.join(path, "fs", "upper"),
+                                          os.path.join(path, "fs", "work"),
+                                          MOUNT_DIRS, MOUNT_FILES)
+        except OSError:
+            return slot     # (the image went meanwhile: a slot without a rootfs)
+        slot = Slot(cid, path, pod_id, parent, image_id, fd, lowers)
+    return slot
+
+
+def discard(runtime: Runtime, slot: Slot) -> None:
+    """Delete an unused slot: its rootfs mount, cgroup and directory."""
+    if slot.rootfs_fd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(slot.rootfs_fd)    # (the last reference: the overlay goes)
+    with contextlib.suppress(OSError, PycriError):
+        runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).destroy(1.0)
+    with contextlib.suppress(OSError):
+        runtime.trash.put(slot.dir)
+
+
+def cleanup(runtime: Runtime) -> None:
+    """Delete the slots of processes that are gone."""
+    base = os.path.join(runtime.root, "slots")
+    try:
+        names = os.listdir(base)
+    except FileNotFoundError:
+        return
+    for name in names:
+        parts = name.split(".")
+        if len(parts) != 4 or not parts[0].isdigit() or not parts[1].lstrip("-").isdigit():
+            runtime.trash.put(os.path.join(base, name))     # not ours to keep
+            continue
+        pid, start, pod_id, cid = int(parts[0]), int(parts[1]), parts[2], parts[3]
+        if _start_time(pid) == start:
+            continue    # its owner lives (and may take it any moment)
+        parent = runtime.cgroup_parent
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            parent = store.read_json(os.path.join(runtime.root, "sandboxes", pod_id,
+                                                  "record.json"))["cgroup_parent"]
+        discard(runtime, Slot(cid, os.path.join(base, name), pod_id, parent))
+
+
+_slots = _Slots()
+take = _slots.take
+make = _slots.make
+peek = _slots.peek
+forget = _slots.forget
