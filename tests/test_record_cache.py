@@ -209,8 +209,19 @@ def test_cri_status_after_changes_by_another_runtime(two):
     writer.sandbox(sb.id).stop()
     assert pod_status().status.state == api_pb2.SANDBOX_NOTREADY
     spec = api_pb2.ImageSpec(image=ref)
-    assert ims.ImageStatus(api_pb2.ImageStatusRequest(image=spec), None).image.id
-    assert len(ims.ListImages(api_pb2.ListImagesRequest(), None).images) == 1
+    first = ims.ImageStatus(api_pb2.ImageStatusRequest(image=spec), None).image
+    assert first.id and list(first.repo_tags) == [ref]
+    assert [list(i.repo_tags) for i in ims.ListImages(api_pb2.ListImagesRequest(), None).images] \
+        == [[ref]]
+    writer.images.tag(ref, "example.test/again:2")  # names change: new messages
+    tags = sorted([ref, "example.test/again:2"])
+    assert list(ims.ImageStatus(api_pb2.ImageStatusRequest(image=spec), None).image.repo_tags) \
+        == tags
+    assert [list(i.repo_tags) for i in ims.ListImages(api_pb2.ListImagesRequest(), None).images] \
+        == [tags]
+    writer.images.remove("example.test/again:2", collect=False)  # (that name only)
+    assert [list(i.repo_tags) for i in ims.ListImages(api_pb2.ListImagesRequest(), None).images] \
+        == [[ref]]
     writer.sandbox(sb.id).remove()
     writer.images.remove(ref)
     assert not ims.ImageStatus(api_pb2.ImageStatusRequest(image=spec), None).HasField("image")

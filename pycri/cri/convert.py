@@ -12,7 +12,7 @@ import json
 import os
 import threading
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pycri import reference
@@ -118,26 +118,44 @@ def fs_usage(fs: FsInfo) -> api_pb2.FilesystemUsage:
     )
 
 
-# -- verbose info -------------------------------------------------------------------
+# -- values kept per shared snapshot ---------------------------------------------------
 
-_CONFIG_TEXTS_MAX = 256
-_config_texts: dict[int, tuple[object, str]] = {}
-_config_texts_lock = threading.Lock()
+class ObjectMemo:
+    """Values computed from objects the library hands out as shared, unchanging
+    snapshots (one config object per record version, one Image per image record
+    and names version), kept per object: the same object gives the same value, a
+    new version is a new object. Each entry holds its object, so its id is not
+    reused while remembered. At most ``limit`` entries; the oldest goes first."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._values: dict[int, tuple[object, Any]] = {}
+
+    def get(self, obj: object, make: Callable[[Any], Any]) -> Any:
+        hit = self._values.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        value = make(obj)
+        with self._lock:
+            while len(self._values) >= self.limit:
+                del self._values[next(iter(self._values))]
+            self._values[id(obj)] = (obj, value)
+        return value
+
+
+_config_texts = ObjectMemo(256)
+
+
+def _dumps_config(cfg: object) -> str:
+    return json.dumps(to_json(cfg), sort_keys=True)
 
 
 def config_text(cfg: object) -> str:
-    """``json.dumps(to_json(cfg), sort_keys=True)`` of a config object, remembered per
-    object: the library hands every reader of one record version the same config
-    object, so repeated verbose statuses serialise it once."""
-    hit = _config_texts.get(id(cfg))
-    if hit is not None and hit[0] is cfg:  # (the entry holds cfg: its id is not reused)
-        return hit[1]
-    text = json.dumps(to_json(cfg), sort_keys=True)
-    with _config_texts_lock:
-        while len(_config_texts) >= _CONFIG_TEXTS_MAX:
-            del _config_texts[next(iter(_config_texts))]
-        _config_texts[id(cfg)] = (cfg, text)
-    return text
+    """``json.dumps(to_json(cfg), sort_keys=True)`` of a config object, kept per object:
+    every reader of one record version gets the same config object, so repeated
+    verbose statuses serialise it once."""
+    return _config_texts.get(cfg, _dumps_config)  # type: ignore[no-any-return]
 
 
 # -- runtime status ---------------------------------------------------------------------

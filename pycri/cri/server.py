@@ -107,9 +107,15 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
         self.rt = runtime
         self.pinned_refs = (options.sandbox_image,) if options.sandbox_image else ()
         self._pinned = convert.pinned_names(self.pinned_refs)
+        # The store hands out one Image per version of its record and names: its
+        # message is built once (responses copy it in).
+        self._protos = convert.ObjectMemo(1024)
+
+    def _make_proto(self, img: pycri.Image) -> api_pb2.Image:
+        return convert.image_to_proto(img, pinned=convert.is_pinned(img, self._pinned))
 
     def _to_proto(self, img: pycri.Image) -> api_pb2.Image:
-        return convert.image_to_proto(img, pinned=convert.is_pinned(img, self._pinned))
+        return self._protos.get(img, self._make_proto)  # type: ignore[no-any-return]
 
     def _listed(self, spec: api_pb2.ImageSpec) -> list[api_pb2.Image]:
         # A filter names one image (tag, digest reference, id or id prefix).
