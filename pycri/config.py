@@ -419,10 +419,29 @@ class ContainerConfig:
 # JSON round trip of the config dataclasses (for on-disk records).
 # ---------------------------------------------------------------------------
 
+_PLAIN = frozenset((str, int, float, bool, type(None)))
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """The fields of a dataclass type, None for any other type (looked up once)."""
+    return tuple(f.name for f in _dc.fields(cls)) if _dc.is_dataclass(cls) else None
+
+
 def to_json(obj: object) -> object:
     """A dataclass config as plain JSON values (tuples become lists)."""
-    if _dc.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_json(getattr(obj, f.name)) for f in _dc.fields(obj)}
+    # The exact types records are made of go first; anything else takes the general
+    # path below (same answers, a few type tests more).
+    t = type(obj)
+    if t in _PLAIN:
+        return obj
+    if t is tuple or t is list:
+        return [to_json(x) for x in obj]  # type: ignore[attr-defined]
+    if t is dict:
+        return {str(k): to_json(v) for k, v in obj.items()}  # type: ignore[attr-defined]
+    names = _field_names(t)  # type: ignore[arg-type]
+    if names is not None:
+        return {n: to_json(getattr(obj, n)) for n in names}
     if isinstance(obj, _Mapping):
         return {str(k): to_json(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -430,34 +449,40 @@ def to_json(obj: object) -> object:
     return obj
 
 
-def _from(tp: object, v: object) -> object:
-    if v is None:
-        return None
+def _same(v: object) -> object:
+    return v
+
+
+def _converter(tp: object) -> _t.Callable[[object], object]:
+    """How a JSON value becomes a field of type ``tp`` (None stays None), worked out
+    once per field from its type instead of once per value."""
     origin = _t.get_origin(tp)
     args = _t.get_args(tp)
     if origin in (_t.Union, _types.UnionType):
         real = [a for a in args if a is not type(None)]
-        return _from(real[0], v) if real else v
+        return _converter(real[0]) if real else _same
     if isinstance(tp, type) and _dc.is_dataclass(tp):
-        return from_json(tp, v)
+        cls = tp
+        return lambda v: None if v is None else from_json(cls, v)
     if origin is tuple:
-        inner = args[0] if args else object
-        return tuple(_from(inner, x) for x in v)  # type: ignore[attr-defined]
+        inner = _converter(args[0] if args else object)
+        if inner is _same:
+            return lambda v: None if v is None else tuple(v)  # type: ignore[arg-type]
+        return lambda v: None if v is None else tuple(inner(x) for x in v)  # type: ignore[attr-defined]
     if origin in (dict, _Mapping) or tp is dict:
-        return dict(v)  # type: ignore[call-overload]
-    return v
+        return lambda v: None if v is None else dict(v)  # type: ignore[call-overload]
+    return _same
 
 
 @functools.cache
-def _hints(cls: type) -> dict[str, object]:
-    """Resolved field types of a config class (resolving them is slow: do it once)."""
-    return _t.get_type_hints(cls)
+def _plan(cls: type) -> tuple[tuple[str, _t.Callable[[object], object]], ...]:
+    """Each field of a config class with its converter (resolving hints is slow)."""
+    hints = _t.get_type_hints(cls)
+    return tuple((f.name, _converter(hints[f.name])) for f in _dc.fields(cls))
 
 
 def from_json(cls: type, data: object) -> object:
     """Rebuild a config dataclass (validating it again) from ``to_json`` output."""
     if not isinstance(data, dict):
         raise InvalidArgumentError(f"{cls.__name__}: expected an object")
-    hints = _hints(cls)
-    kwargs = {f.name: _from(hints[f.name], data[f.name]) for f in _dc.fields(cls) if f.name in data}
-    return cls(**kwargs)
+    return cls(**{name: conv(data[name]) for name, conv in _plan(cls) if name in data})

@@ -20,6 +20,7 @@ refreshes it from the exit file, checks the transition, acts, and saves.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import select
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from pycri.procinfo import (_alive, _catches, _direct, _exits, _pty_in,  # noqa: F401 (_alive: sandbox.py)
                              _read_started, _start_time)
 from pycri import _native, logs, slots, store, users
+from pycri.execproc import EXEC_OUTPUT_LIMIT, ExecProcess, ExecResult, _collect  # noqa: F401 (public here too)
 from pycri.process import (  # noqa: F401 - CAPS, DEFAULT_* and cap_mask are public here too
     DEFAULT_PATH,
     _argv,
@@ -67,57 +69,6 @@ CREATED = "created"
 RUNNING = "running"
 EXITED = "exited"
 
-EXEC_OUTPUT_LIMIT = 16 << 20
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    timed_out: bool = False
-
-
-class ExecProcess:
-    """A process started by Container.exec; -1 marks an fd it does not have."""
-
-    def __init__(self, pid: int, stdin: int, stdout: int, stderr: int, pty: int) -> None:
-        self.pid = pid
-        self.stdin, self.stdout, self.stderr, self.pty = stdin, stdout, stderr, pty
-        self.returncode: int | None = None
-
-    def resize(self, rows: int, cols: int) -> None:
-        if self.pty >= 0:
-            import fcntl
-            import struct
-            import termios
-
-            fcntl.ioctl(self.pty, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def close_stdin(self) -> None:
-        if self.stdin >= 0:
-            os.close(self.stdin)
-            self.stdin = -1
-
-    def close(self) -> None:
-        for name in ("stdin", "stdout", "stderr", "pty"):
-            fd = getattr(self, name)
-            if fd >= 0:
-                os.close(fd)
-                setattr(self, name, -1)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-
-    def wait(self) -> int:
-        """Reap the process; its exit code (128 + signal when killed)."""
-        if self.returncode is None:
-            _, status = os.waitpid(self.pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            self.returncode = code if code >= 0 else 128 - code
-        return self.returncode
 
 
 @dataclass(frozen=True)
@@ -163,6 +114,25 @@ class ContainerStats:
     timestamp_ns: int
 
 
+class _Parsed:
+    """One version of a record file, parsed: shared by every reader of those bytes
+    (store.ParsedFiles); the config object is made when first asked for."""
+
+    __slots__ = ("rec", "_config")
+
+    def __init__(self, data: bytes) -> None:
+        self.rec: dict[str, Any] = json.loads(data)
+        self._config: ContainerConfig | None = None
+
+    @property
+    def config(self) -> ContainerConfig:
+        if self._config is None:
+            cfg = from_json(ContainerConfig, self.rec["config"])
+            assert isinstance(cfg, ContainerConfig)
+            self._config = cfg
+        return self._config
+
+
 class Container:
     """A handle on one container: an id and its Runtime. The disk is the truth."""
 
@@ -206,11 +176,20 @@ class Container:
     def _lock_path(self) -> str:
         return os.path.join(self.runtime.root, "locks", f"container-{self.id}.lock")
 
-    def _read(self) -> dict[str, Any]:
+    def _parsed(self) -> _Parsed:
+        """The record file as it is now, parsed (reused while its bytes are unchanged)."""
+        path = os.path.join(self.record_dir, "record.json")
         try:
-            rec: dict[str, Any] = store.read_json(os.path.join(self.record_dir, "record.json"))
+            data = store.read_bytes(path)
         except FileNotFoundError:
+            self.runtime.parsed.forget(path)
             raise NotFoundError(f"container {self.id} not found") from None
+        return self.runtime.parsed.get(path, data, _Parsed)
+
+    def _read(self, parsed: _Parsed | None = None) -> dict[str, Any]:
+        """The record with a recorded start folded in. Its nested values belong to the
+        shared parse: callers may set top-level keys, and replace (never change) the rest."""
+        rec = dict((parsed or self._parsed()).rec)
         if rec["state"] == CREATED:
             started = _read_started(os.path.join(self.record_dir, "started"))
             if started is not None:
@@ -239,10 +218,11 @@ class Container:
         # the exit outlives a reboot that clears /run, with no write from Python.
         return os.path.join(self.record_dir, "exit.json")
 
-    def record(self) -> dict[str, Any]:
+    def record(self, parsed: _Parsed | None = None) -> dict[str, Any]:
         """The record, brought up to date (in memory) with the monitor's exit file.
-        Nothing is written: the exit file itself is the durable account of the exit."""
-        rec = self._read()
+        Nothing is written: the exit file itself is the durable account of the exit.
+        (Nested values are shared with other readers: treat them as read-only.)"""
+        rec = self._read(parsed)
         if rec["state"] == RUNNING and (os.path.exists(self._exit_file) or
                                         not _alive(rec.get("monitor_pid", 0), 0)):
             self._refresh(rec)      # (a killed monitor: the end is Unknown once it came)
@@ -283,9 +263,9 @@ class Container:
 
     @property
     def config(self) -> ContainerConfig:
-        cfg = from_json(ContainerConfig, self._read()["config"])
-        assert isinstance(cfg, ContainerConfig)
-        return cfg
+        """The container's config (shared with other readers; frozen, and its dicts are
+        not to be changed)."""
+        return self._parsed().config
 
     @property
     def sandbox_id(self) -> str:
@@ -304,9 +284,11 @@ class Container:
         return str(self._read()["log_path"])
 
     def status(self) -> ContainerStatus:
-        rec = self.record()
-        cfg = from_json(ContainerConfig, rec["config"])
-        assert isinstance(cfg, ContainerConfig)
+        """State, times, exit and config now. The config object is shared while the record
+        is unchanged: read it, do not change its dicts."""
+        parsed = self._parsed()
+        rec = self.record(parsed)
+        cfg = parsed.config
         return ContainerStatus(
             id=self.id, sandbox_id=rec["sandbox_id"], name=cfg.name, state=rec["state"],
             pid=rec.get("pid", 0) if rec["state"] == RUNNING else 0,
@@ -433,7 +415,7 @@ class Container:
         pid_mode = config.pid or sb_cfg.get("pid", "container")
         namespaces["pid"] = "host" if pid_mode == NODE else "new"
         if pid_mode == POD:
-            shared = sandbox.pid_namespace()
+            shared = sandbox.pid_namespace(sb_rec)
             if shared is None:
                 raise InvalidArgumentError(
                     "the container wants the pod's pid namespace but the pod was created "
@@ -717,8 +699,7 @@ class Container:
                 return
             if rec["state"] != RUNNING:
                 return
-            cfg = from_json(ContainerConfig, rec["config"])
-            sig = _stop_signal(self.runtime, rec, cfg)
+            sig = _stop_signal(self.runtime, rec)
             dropped = False
             if timeout > 0:
                 # A pid-namespace init gets a signal from outside only if it handles it;
@@ -825,19 +806,20 @@ class Container:
         # the state dir first: the record dir going is what makes the container gone
         self.runtime.state_trash.put(self.state_dir)
         self.runtime.trash.put(self.record_dir)
+        self.runtime.parsed.forget(os.path.join(self.record_dir, "record.json"))
         store.drop_lock_file(self._lock_path)
 
     # -- exec, logs, stats, update ---------------------------------------------------
 
     def _exec_spec(self, cmd: list[str], stdin: int, stdout: int, stderr: int,
                    tty_fd: int) -> tuple[_native.SpawnSpec, dict[str, Any]]:
-        rec = self.record()
+        parsed = self._parsed()
+        rec = self.record(parsed)
         if rec["state"] != RUNNING:
             raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not running")
         if not cmd:
             raise InvalidArgumentError("exec needs a command")
-        cfg = from_json(ContainerConfig, rec["config"])
-        assert isinstance(cfg, ContainerConfig)
+        cfg = parsed.config
         image = self.runtime.images.get(rec["image_id"])
         user = users.resolve(self.runtime.images.layer_dirs(image), image.config.user,
                              cfg.run_as_user, cfg.run_as_username, cfg.run_as_group,
@@ -1019,7 +1001,7 @@ def _image_dir_exists(layer_dirs: list[str], path: str) -> bool:
     return False
 
 
-def _stop_signal(runtime: Runtime, rec: dict[str, Any], cfg: Any) -> int:
+def _stop_signal(runtime: Runtime, rec: dict[str, Any]) -> int:
     name = ""
     with contextlib.suppress(PycriError):
         name = runtime.images.get(rec["image_id"]).config.stop_signal
@@ -1038,32 +1020,6 @@ def _root_propagation(mounts: tuple[Any, ...]) -> str:
     for rshared); otherwise it stays private."""
     props = {m.propagation for m in mounts}
     return "rshared" if "rshared" in props else ("rslave" if "rslave" in props else "private")
-
-
-def _collect(pid: int, out_r: int, err_r: int, timeout: float | None,
-             limit: int) -> tuple[bytes, bytes, bool]:
-    bufs = {out_r: bytearray(), err_r: bytearray()}
-    open_fds = [out_r, err_r]
-    deadline = None if timeout is None else time.monotonic() + timeout
-    timed_out = False
-    while open_fds:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            timed_out = True
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = None
-            continue
-        ready, _, _ = select.select(open_fds, [], [], left)
-        for fd in ready:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                open_fds.remove(fd)
-                continue
-            room = limit - len(bufs[fd])
-            if room > 0:
-                bufs[fd] += chunk[:room]
-    return bytes(bufs[out_r]), bytes(bufs[err_r]), timed_out
 
 
 def run_to_completion(container: Container, timeout: float | None) -> RunResult:

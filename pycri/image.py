@@ -161,7 +161,7 @@ class ImageStore:
         # Parsed names.json and image records, reused while their file is the same
         # version (_file_key): queries stat instead of re-reading and re-parsing.
         self._names_cache: _Names = _NO_NAMES
-        self._image_cache: dict[str, tuple[tuple[int, ...], tuple[int, ...], Image]] = {}
+        self._image_cache: dict[str, tuple[tuple[int, ...], tuple[int, ...], Image, str]] = {}
         for d in ("blobs/sha256", "ingest", "images", "locks"):
             store.makedirs(os.path.join(self.root, d))
         # layer dirs are overlay lower dirs: a container's mapped root must reach them
@@ -232,8 +232,8 @@ class ImageStore:
     def _image_of(self, image_id: str, names: _Names) -> Image:
         """_image through the cache: the record file's version and the names' version
         decide whether the Image made last time still holds."""
-        path = self._record_path(image_id)
         hit = self._image_cache.get(image_id)
+        path = hit[3] if hit is not None else self._record_path(image_id)  # (validated once)
         try:
             if hit is not None and hit[1] == names.key and hit[0] == _file_key(path):
                 return hit[2]
@@ -246,7 +246,7 @@ class ImageStore:
             rec = json.loads(f.read())
         tags, digests = names.by_id.get(image_id, ((), ()))
         img = self._image_from(image_id, rec, tags, digests)
-        self._image_cache[image_id] = (key, names.key, img)
+        self._image_cache[image_id] = (key, names.key, img, path)
         return img
 
     def _read_record(self, image_id: str) -> dict[str, Any]:

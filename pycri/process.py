@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import resource
 from collections.abc import Mapping
 from typing import Any
@@ -50,11 +51,15 @@ _CAP_SYS_RESOURCE = 24
 
 
 def _status_mask(field: str) -> int | None:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1], 16)
-    return None
+    fd = os.open("/proc/self/status", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 1 << 16)
+    finally:
+        os.close(fd)
+    at = data.find(b"\n" + field.encode() + b":")
+    if at < 0:
+        return None
+    return int(data[at + len(field) + 2:data.index(b"\n", at + 1)], 16)
 
 
 @functools.cache

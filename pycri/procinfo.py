@@ -54,15 +54,20 @@ def _alive(pid: int, start_time: int) -> bool:
     """Is ``pid`` still the process we started (not a reused pid, not a zombie)?"""
     if pid <= 0:
         return False
-    st = _start_time(pid)
-    if st < 0 or (start_time and st != start_time):
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
         return False
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return data[data.rindex(b")") + 2:data.rindex(b")") + 3] != b"Z"
-    except OSError:
+        data = os.read(fd, 4096)    # (one read: the start time and the state together)
+    except ProcessLookupError:
         return False
+    finally:
+        os.close(fd)
+    rest = data[data.rindex(b")") + 2:]
+    if start_time and int(rest.split()[19]) != start_time:
+        return False
+    return rest[:1] != b"Z"
 
 
 class _HeldFds:
@@ -119,12 +124,14 @@ def _read_started(path: str) -> int | None:
     """The start time in a "started" file, None without one. A file cut short by a
     crash (created, not yet written) still means started: its mtime says when."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(32)
-            st = os.fstat(f.fileno())
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        return int(data)
-    except ValueError:
-        return st.st_mtime_ns
+        data = os.read(fd, 32)
+        try:
+            return int(data)
+        except ValueError:
+            return os.fstat(fd).st_mtime_ns
+    finally:
+        os.close(fd)

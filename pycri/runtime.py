@@ -10,6 +10,7 @@ on the same directories (in this process or another) sees the same images.
 from __future__ import annotations
 
 import os
+import re
 
 from pycri import store
 from pycri.config import Platform
@@ -25,6 +26,7 @@ from pycri.image import ImageStore
 from pycri.network import DEFAULT_BIN_DIRS, CNI
 from pycri.sandbox import Sandbox
 
+_HEX = re.compile(r"[0-9a-f]+")
 DEFAULT_ROOT = "/var/lib/pycri"
 DEFAULT_STATE = "/run/pycri"
 
@@ -85,6 +87,9 @@ class Runtime:
         for d in ("sandboxes", "containers", "sockets"):
             store.makedirs(os.path.join(self.state, d))
         self.images.layer_roots = self._layers_in_use
+        # sandbox and container records as parsed, reused while a file's bytes stay
+        self.parsed = store.ParsedFiles(limit=1024)
+        self._pod_of: dict[str, str] = {}  # container id -> its sandbox id
         # removed containers' and pods' trees are renamed here and deleted in the
         # background (and leftovers of a killed process now)
         self.trash = store.Trash(self.root)
@@ -134,23 +139,35 @@ class Runtime:
                    container_id: str | None = None) -> list[Container]:
         """Containers on this root, filtered by sandbox, state, labels or id prefix."""
         out = []
-        for cid in sorted(os.listdir(os.path.join(self.root, "containers"))):
+        names = sorted(os.listdir(os.path.join(self.root, "containers")))
+        pod_of = self._pod_of
+        for cid in names:
             if container_id and not cid.startswith(container_id):
                 continue
             c = Container(self, cid)
             if sandbox_id or state or labels:
+                # A container's pod never changes (and ids are never reused): once
+                # read, it is known without opening the record again.
+                known = pod_of.get(cid)
+                if sandbox_id and known is not None and known != sandbox_id:
+                    continue
                 try:
-                    rec = c.record()
+                    rec = c.record() if state else \
+                        c._parsed().rec if labels or known is None else None
                 except NotFoundError:
                     continue
-                if sandbox_id and rec["sandbox_id"] != sandbox_id:
-                    continue
-                if state and rec["state"] != state:
-                    continue
-                have = rec["config"].get("labels", {})
-                if labels and any(have.get(k) != v for k, v in labels.items()):
-                    continue
+                if rec is not None:
+                    pod_of[cid] = rec["sandbox_id"]
+                    if sandbox_id and rec["sandbox_id"] != sandbox_id:
+                        continue
+                    if state and rec["state"] != state:
+                        continue
+                    have = rec["config"].get("labels", {})
+                    if labels and any(have.get(k) != v for k, v in labels.items()):
+                        continue
             out.append(c)
+        if len(pod_of) > len(names):  # forget removed containers
+            self._pod_of = {cid: pod_of[cid] for cid in names if cid in pod_of}
         return out
 
     def container(self, container_id: str) -> Container:
@@ -175,8 +192,7 @@ class Runtime:
 
 
 def _find_id(directory: str, wanted: str, what: str) -> str:
-    if not isinstance(wanted, str) or not wanted or not all(
-            c in "0123456789abcdef" for c in wanted):
+    if not isinstance(wanted, str) or not _HEX.fullmatch(wanted):
         raise NotFoundError(f"{what} {wanted!r} not found")
     if os.path.isdir(os.path.join(directory, wanted)):
         return wanted

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
 import shutil
@@ -62,6 +63,25 @@ class SandboxStatus:
     netns_path: str
 
 
+class _Parsed:
+    """One version of a sandbox record file, parsed: shared by every reader of those
+    bytes (store.ParsedFiles); the config object is made when first asked for."""
+
+    __slots__ = ("rec", "_config")
+
+    def __init__(self, data: bytes) -> None:
+        self.rec: dict[str, Any] = json.loads(data)
+        self._config: SandboxConfig | None = None
+
+    @property
+    def config(self) -> SandboxConfig:
+        if self._config is None:
+            cfg = from_json(SandboxConfig, self.rec["config"])
+            assert isinstance(cfg, SandboxConfig)
+            self._config = cfg
+        return self._config
+
+
 class Sandbox:
     """A handle on one pod: an id and its Runtime. The disk is the truth."""
 
@@ -98,12 +118,20 @@ class Sandbox:
     def _lock_path(self) -> str:
         return os.path.join(self.runtime.root, "locks", f"sandbox-{self.id}.lock")
 
-    def record(self) -> dict[str, Any]:
+    def _parsed(self) -> _Parsed:
+        """The record file as it is now, parsed (reused while its bytes are unchanged)."""
+        path = os.path.join(self.record_dir, "record.json")
         try:
-            rec: dict[str, Any] = store.read_json(os.path.join(self.record_dir, "record.json"))
+            data = store.read_bytes(path)
         except FileNotFoundError:
+            self.runtime.parsed.forget(path)
             raise NotFoundError(f"sandbox {self.id} not found") from None
-        return rec
+        return self.runtime.parsed.get(path, data, _Parsed)
+
+    def record(self) -> dict[str, Any]:
+        """The record: top-level keys are the caller's to set; nested values are shared
+        with other readers, to be replaced, never changed in place."""
+        return dict(self._parsed().rec)
 
     def _write(self, rec: dict[str, Any]) -> None:
         # No fsync: the rename is atomic, so a killed process never leaves a torn
@@ -113,9 +141,8 @@ class Sandbox:
 
     @property
     def config(self) -> SandboxConfig:
-        cfg = from_json(SandboxConfig, self.record()["config"])
-        assert isinstance(cfg, SandboxConfig)
-        return cfg
+        """The pod's config (shared with other readers: do not change its dicts)."""
+        return self._parsed().config
 
     @property
     def name(self) -> str:
@@ -130,9 +157,10 @@ class Sandbox:
         return str(self.record().get("ip", ""))
 
     def status(self) -> SandboxStatus:
-        rec = self.record()
-        cfg = from_json(SandboxConfig, rec["config"])
-        assert isinstance(cfg, SandboxConfig)
+        """State, addresses and config now. The config object is shared while the record
+        is unchanged: read it, do not change its dicts."""
+        parsed = self._parsed()
+        rec, cfg = parsed.rec, parsed.config
         return SandboxStatus(self.id, rec["state"], rec["created_at_ns"], rec.get("ip", ""),
                              tuple(rec.get("ips", [])), cfg,
                              self.ns_path("net") if rec.get("netns") else "")
@@ -273,9 +301,10 @@ class Sandbox:
         rec.update(infra_pid=res.pid, infra_start_time=res.start_time)
         self._write(rec)
 
-    def pid_namespace(self) -> str | None:
-        """The pod's shared pid namespace (/proc/PID/ns/pid of its holder), if it has one."""
-        rec = self.record()
+    def pid_namespace(self, rec: dict[str, Any] | None = None) -> str | None:
+        """The pod's shared pid namespace (/proc/PID/ns/pid of its holder), if it has one
+        (``rec``: the record, when the caller has just read it)."""
+        rec = rec if rec is not None else self.record()
         pid = rec.get("infra_pid", 0)
         if not pid:
             return None
@@ -434,6 +463,7 @@ class Sandbox:
         shutil.rmtree(self.state_dir, ignore_errors=True)
         if remove:
             shutil.rmtree(self.record_dir, ignore_errors=True)
+            self.runtime.parsed.forget(os.path.join(self.record_dir, "record.json"))
             store.drop_lock_file(self._lock_path)
 
     # -- containers ------------------------------------------------------------------

@@ -90,3 +90,22 @@ def tmp_root(tmp_path):
     root = tmp_path / "root"
     state = tmp_path / "state"
     return str(root), str(state)
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    """root, state, socket and CNI paths for a CRI server (crihelpers.server_dirs)."""
+    import crihelpers
+
+    yield from crihelpers.server_dirs(tmp_path)
+
+
+@pytest.fixture
+def cri(dirs):
+    """(client, server, dirs): a CRI server in this process on a unix socket in ``dirs``.
+    test_cri_runtime.py, test_cri_metrics.py and test_streaming.py have a ``cri`` of
+    their own (a module-wide server over a Runtime with an image; a streaming server)."""
+    import crihelpers
+
+    with crihelpers.in_process(dirs) as (client, server):
+        yield client, server, dirs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pycri.config import (
@@ -15,7 +17,9 @@ from pycri.config import (
     Resources,
     SandboxConfig,
     UserNamespace,
+    from_json,
     sysctl_namespace,
+    to_json,
 )
 from pycri.errors import InvalidArgumentError
 
@@ -136,3 +140,33 @@ def test_other_inputs():
         Resources(cpu_shares=1)
     with pytest.raises(InvalidArgumentError):
         Resources(cpuset_cpus="0-1;rm")
+
+
+def test_json_round_trip_of_full_configs():
+    """Records hold to_json output after a trip through the json module (tuples become
+    lists); from_json must give back an equal, equally typed config."""
+    ctr = ContainerConfig(
+        name="c", image="sha256:" + "a" * 64, command=["sh", "-c", "x"], args=("a",),
+        env={"A": "1", "B": "2"}, labels={"a": "b"}, annotations={"c": "d"},
+        mounts=(Mount(container_path="/x", host_path="/tmp", readonly=True,
+                      uid_mappings=(IDMapping(0, 1000, 10),),
+                      gid_mappings=(IDMapping(0, 1000, 10),)),),
+        resources=Resources(cpu_shares=100, hugepage_limits={"2MB": 1 << 21},
+                            unified={"memory.high": "1"}),
+        run_as_user=5, rlimits={"nofile": (10, 20)}, masked_paths=("/a",), readonly_paths=(),
+        sysctls={"net.ipv4.ip_forward": "1"})
+    pod = SandboxConfig(name="p", namespace="n", uid="u", dns=DNSConfig(servers=("1.1.1.1",)),
+                        port_mappings=(PortMapping(container_port=80, host_port=8080),),
+                        labels={"x": "y"},
+                        user_namespace=UserNamespace(uids=(IDMapping(0, 100000, 65536),),
+                                                     gids=(IDMapping(0, 100000, 65536),)))
+    for cfg in (ctr, ContainerConfig(name="d", image="i"), pod, SandboxConfig(name="q")):
+        doc = to_json(cfg)
+        assert isinstance(doc, dict) and doc["name"] == cfg.name
+        back = from_json(type(cfg), json.loads(json.dumps(doc)))
+        assert back == cfg and repr(back) == repr(cfg)
+        assert to_json(back) == doc
+    assert to_json(ctr)["env"] == [["A", "1"], ["B", "2"]]
+    assert to_json(ctr)["mounts"][0]["uid_mappings"] == [
+        {"container_id": 0, "host_id": 1000, "length": 10}]
+    assert from_json(ContainerConfig, to_json(ctr)).masked_paths == ("/a",)

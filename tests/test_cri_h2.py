@@ -25,16 +25,11 @@ from pycri.cri import server as srv
 from pycri.cri._gen import api_pb2, api_pb2_grpc
 from pycri.cri.errors import rpc
 
-from test_cri_server import connect, server_dirs, short_tmpdir, start_in_process
+from crihelpers import connect, short_tmpdir, start_in_process
 
 Code = grpc.StatusCode
 VERSION = "/runtime.v1.RuntimeService/Version"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-@pytest.fixture
-def dirs(tmp_path):
-    yield from server_dirs(tmp_path)
 
 
 def wait_until(cond, timeout: float = 10.0) -> None:

@@ -10,10 +10,9 @@ import subprocess
 
 import grpc
 import pytest
-from test_cri_server import (
+from crihelpers import (
     CRICTL,
     connect,
-    server_dirs,
     spawn,
     start_in_process,
     stop_proc,
@@ -165,26 +164,12 @@ def test_auth_secrets_not_in_repr():
 
 # -- the RPCs, no registry needed ---------------------------------------------------------------
 
-@pytest.fixture
-def dirs(tmp_path):
-    yield from server_dirs(tmp_path)
-
-
-@pytest.fixture
-def cri(dirs):
-    server = start_in_process(dirs)
-    client = connect(server.address)
-    yield client, server
-    client.channel.close()
-    server.stop(grace=1)
-
-
 def spec(name: str) -> api_pb2.ImageSpec:
     return api_pb2.ImageSpec(image=name)
 
 
 def test_empty_store(cri):
-    c, _ = cri
+    c, _, _ = cri
     assert list(c.images.ListImages(api_pb2.ListImagesRequest(), timeout=10).images) == []
     assert list(c.images.StreamImages(api_pb2.StreamImagesRequest(), timeout=10)) == []
     resp = c.images.ImageStatus(api_pb2.ImageStatusRequest(image=spec("busybox"), verbose=True),
@@ -208,14 +193,14 @@ def test_empty_store(cri):
     ("RemoveImage", api_pb2.RemoveImageRequest()),
 ])
 def test_invalid_requests(cri, call, request_):
-    c, _ = cri
+    c, _, _ = cri
     with pytest.raises(grpc.RpcError) as exc:
         getattr(c.images, call)(request_, timeout=10)
     assert exc.value.code() == Code.INVALID_ARGUMENT, exc.value.details()
 
 
 def test_credentials_never_logged_or_echoed(cri, caplog):
-    c, _ = cri
+    c, _, _ = cri
     secret = "s3cret-pw-7f1c"
     for auth in (api_pb2.AuthConfig(username="u", password=secret),
                  api_pb2.AuthConfig(auth=_b64("u:" + secret)),
@@ -229,7 +214,7 @@ def test_credentials_never_logged_or_echoed(cri, caplog):
 
 
 def test_huge_reference_is_refused(cri):
-    c, _ = cri
+    c, _, _ = cri
     with pytest.raises(grpc.RpcError) as exc:
         pull(c, "a" * (1 << 20))
     assert exc.value.code() == Code.INVALID_ARGUMENT
@@ -265,7 +250,7 @@ def status(c, ref: str, verbose: bool = False):
 
 
 def test_pull_status_list_remove(cri, pushed, registry):
-    c, _ = cri
+    c, _, _ = cri
     ref, built = pushed["plain"]
     image_ref = pull(c, ref)
     assert image_ref == built.config_digest  # the image id
@@ -296,7 +281,7 @@ def test_pull_status_list_remove(cri, pushed, registry):
 
 
 def test_users(cri, pushed):
-    c, _ = cri
+    c, _, _ = cri
     pull(c, pushed["numeric"][0])
     pull(c, pushed["named"][0])
     num = status(c, pushed["numeric"][0]).image
@@ -306,7 +291,7 @@ def test_users(cri, pushed):
 
 
 def test_list_with_filter_and_stream(cri, pushed):
-    c, _ = cri
+    c, _, _ = cri
     ids = {name: pull(c, pushed[name][0]) for name in ("plain", "numeric", "named")}
     listed = c.images.ListImages(api_pb2.ListImagesRequest(), timeout=10).images
     assert sorted(i.id for i in listed) == sorted(ids.values())
@@ -328,7 +313,7 @@ def test_list_with_filter_and_stream(cri, pushed):
 
 
 def test_remove_by_one_name_removes_all_names(cri, pushed, registry):
-    c, server = cri
+    c, server, _ = cri
     ref, _ = pushed["plain"]
     image_ref = pull(c, ref)
     alias = f"{registry.host}/crit/alias:latest"
@@ -340,7 +325,7 @@ def test_remove_by_one_name_removes_all_names(cri, pushed, registry):
 
 
 def test_pull_missing_is_not_found(cri, pushed, registry):
-    c, _ = cri
+    c, _, _ = cri
     for ref in (f"{registry.host}/crit/plain:nope", f"{registry.host}/crit/nothing-here:v1"):
         with pytest.raises(grpc.RpcError) as exc:
             pull(c, ref)
@@ -350,7 +335,7 @@ def test_pull_missing_is_not_found(cri, pushed, registry):
 
 def test_pull_with_credentials_for_another_host_still_pulls(cri, pushed):
     # the registry needs no auth; credentials addressed elsewhere are dropped, not sent
-    c, _ = cri
+    c, _, _ = cri
     ref, built = pushed["plain"]
     auth = api_pb2.AuthConfig(username="u", password="p", server_address="elsewhere.example")
     assert pull(c, ref, auth=auth) == built.config_digest
@@ -377,7 +362,7 @@ def test_sandbox_image_is_pinned(dirs, pushed):
 
 
 def test_image_fs_info_grows_after_pull(cri, pushed):
-    c, _ = cri
+    c, _, _ = cri
     before = c.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10).image_filesystems[0]
     pull(c, pushed["plain"][0])
     after = c.images.ImageFsInfo(api_pb2.ImageFsInfoRequest(), timeout=10).image_filesystems[0]
@@ -434,7 +419,7 @@ def test_client_deadline_does_not_break_other_pulls(cri, registry):
     # the sequence and the status code, not the race.)
     import imagebuild as ib
 
-    c, _ = cri
+    c, _, _ = cri
     shared = ib.layer_tar([ib.File("big", os.urandom(4 << 20))])
     first = ib.build_image([shared], config={"Cmd": ["one"]})
     second = ib.build_image([shared], config={"Cmd": ["two"]})
@@ -481,7 +466,7 @@ def auth_registry(tmp_path_factory):
     "server_address",  # username/password addressed to this very registry
 ])
 def test_pull_with_auth_config(cri, auth_registry, auth):
-    c, _ = cri
+    c, _, _ = cri
     reg, ref, built = auth_registry
     if auth == "server_address":
         auth = api_pb2.AuthConfig(username="alice", password="alice-pw",
@@ -497,7 +482,7 @@ def test_pull_with_auth_config(cri, auth_registry, auth):
     api_pb2.AuthConfig(username="alice", password="alice-pw", server_address="other.example"),
 ])
 def test_pull_refused_credentials_is_unauthenticated(cri, auth_registry, auth):
-    c, _ = cri
+    c, _, _ = cri
     _, ref, _ = auth_registry
     kw = {"auth": auth} if auth is not None else {}
     with pytest.raises(grpc.RpcError) as exc:

@@ -11,10 +11,8 @@ changes the pod's cgroup all or nothing.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
 
@@ -22,11 +20,9 @@ import grpc
 import pytest
 
 import imagebuild as ib
-import pycri
 from pycri.cri import metrics as m
-from pycri.cri import server as srv
 from pycri.cri._gen import api_pb2
-from test_cri_server import connect
+from crihelpers import served_runtime
 
 Code = grpc.StatusCode
 T = 30  # seconds per call
@@ -61,23 +57,8 @@ def busybox_ref(registry):
 @pytest.fixture(scope="module")
 def cri(busybox_ref):
     """(runtime stub, server, Runtime); no CNI: pods have loopback only."""
-    base = tempfile.mkdtemp(prefix="pycri-crimet-")
-    parent = "pycri-crimet-" + uuid.uuid4().hex[:8]
-    rt = pycri.Runtime(root=base + "/root", state=base + "/state", cgroup_parent=parent)
-    opts = srv.ServerOptions(listen=f"unix://{base}/cri.sock", root=rt.root, state=rt.state,
-                             cni_conf_dir="")
-    server = srv.CriServer(opts, runtime=rt)
-    server.start()
-    client = connect(server.address)
-    client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=busybox_ref)),
-                            timeout=120)
-    yield client.runtime, server, rt
-    for sb in rt.sandboxes():
-        sb.remove()
-    client.channel.close()
-    server.stop(grace=1)
-    rt.cgroups().remove_parent()
-    shutil.rmtree(base, ignore_errors=True)
+    with served_runtime("crimet", busybox_ref) as s:
+        yield s.client.runtime, s.server, s.runtime
 
 
 def run_pod(r, name: str) -> str:

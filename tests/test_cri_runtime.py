@@ -18,10 +18,8 @@ import grpc
 import pytest
 
 import imagebuild as ib
-import pycri
-from pycri.cri import server as srv
 from pycri.cri._gen import api_pb2
-from test_cri_server import connect
+from crihelpers import served_runtime
 from test_streaming import SpdyClient, spdy_exec, spdy_forward
 
 Code = grpc.StatusCode
@@ -38,24 +36,8 @@ def busybox_ref(registry):
 def cri(busybox_ref):
     """(runtime stub, image stub, server, log dir) with busybox pulled; no CNI (pods
     get their own network namespace with loopback only)."""
-    base = tempfile.mkdtemp(prefix="pycri-crirt-")
-    parent = "pycri-crirt-" + uuid.uuid4().hex[:8]
-    rt = pycri.Runtime(root=base + "/root", state=base + "/state", cgroup_parent=parent)
-    opts = srv.ServerOptions(listen=f"unix://{base}/cri.sock", root=rt.root, state=rt.state,
-                             cni_conf_dir="")
-    server = srv.CriServer(opts, runtime=rt)
-    server.start()
-    client = connect(server.address)
-    client.images.PullImage(api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=busybox_ref)),
-                            timeout=120)
-    logs = os.path.join(base, "logs")
-    yield client.runtime, client.images, server, logs
-    for sb in rt.sandboxes():
-        sb.remove()
-    client.channel.close()
-    server.stop(grace=1)
-    rt.cgroups().remove_parent()
-    shutil.rmtree(base, ignore_errors=True)
+    with served_runtime("crirt", busybox_ref) as s:
+        yield s.client.runtime, s.client.images, s.server, os.path.join(s.base, "logs")
 
 
 def pod_config(name: str, logs: str = "", **labels: str) -> api_pb2.PodSandboxConfig:

@@ -12,12 +12,9 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
 import pytest
@@ -27,95 +24,18 @@ from pycri import errors as e
 from pycri.cri import server as srv
 from pycri.cri._gen import api_pb2, api_pb2_grpc
 from pycri.cri.errors import STATUS_TABLE, rpc, status_for
+from crihelpers import (
+    CRICTL,
+    Client,
+    connect,
+    short_tmpdir,
+    spawn,
+    start_in_process,
+    stop_proc,
+    wait_for_socket,
+)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-TREE = os.path.dirname(HERE)
-CRICTL = "/work/peers/bin/crictl"
 Code = grpc.StatusCode
-
-
-# -- helpers shared with test_cri_images.py ---------------------------------------------
-
-@dataclass
-class Client:
-    channel: grpc.Channel
-    runtime: api_pb2_grpc.RuntimeServiceStub
-    images: api_pb2_grpc.ImageServiceStub
-
-
-def connect(address: str) -> Client:
-    channel = grpc.insecure_channel(address)
-    grpc.channel_ready_future(channel).result(timeout=10)
-    return Client(channel, api_pb2_grpc.RuntimeServiceStub(channel),
-                  api_pb2_grpc.ImageServiceStub(channel))
-
-
-def short_tmpdir() -> str:
-    # unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
-    return tempfile.mkdtemp(prefix="pycri-cri-")
-
-
-def server_dirs(tmp_path):
-    """Generator behind the ``dirs`` fixtures: root, state, socket and CNI paths."""
-    sock_dir = short_tmpdir()
-    conf = tmp_path / "net.d"
-    bins = tmp_path / "cni-bin"
-    conf.mkdir()
-    yield {"root": str(tmp_path / "root"), "state": str(tmp_path / "state"),
-           "sock": os.path.join(sock_dir, "run", "cri.sock"), "cni_conf": str(conf),
-           "cni_bin": str(bins)}
-    shutil.rmtree(sock_dir, ignore_errors=True)
-
-
-@pytest.fixture
-def dirs(tmp_path):
-    yield from server_dirs(tmp_path)
-
-
-def start_in_process(dirs: dict[str, str], **over: object) -> srv.CriServer:
-    opts = dict(listen="unix://" + dirs["sock"], root=dirs["root"], state=dirs["state"],
-                cni_conf_dir=dirs["cni_conf"], cni_bin_dir=dirs["cni_bin"])
-    opts.update(over)
-    server = srv.CriServer(srv.ServerOptions(**opts))  # type: ignore[arg-type]
-    server.start()
-    return server
-
-
-@pytest.fixture
-def cri(dirs):
-    """(client, server, dirs) for a server running in this process on a unix socket."""
-    server = start_in_process(dirs)
-    client = connect(server.address)
-    yield client, server, dirs
-    client.channel.close()
-    server.stop(grace=1)
-
-
-def spawn(dirs: dict[str, str], *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "pycri.cri", "--listen", "unix://" + dirs["sock"],
-           "--root", dirs["root"], "--state", dirs["state"], "--cni-conf-dir", dirs["cni_conf"],
-           "--cni-bin-dir", dirs["cni_bin"], "--log-level", "debug", *extra]
-    return subprocess.Popen(cmd, cwd=TREE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=TREE))
-
-
-def wait_for_socket(proc: subprocess.Popen[bytes], path: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise AssertionError("server exited: " + proc.stderr.read().decode())  # type: ignore[union-attr]
-        assert time.monotonic() < deadline, "server did not create its socket"
-        time.sleep(0.05)
-
-
-def stop_proc(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> tuple[int, str]:
-    proc.send_signal(sig)
-    try:
-        _, err = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return proc.returncode, err.decode()
 
 
 # -- the status table ---------------------------------------------------------------------

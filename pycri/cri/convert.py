@@ -10,8 +10,9 @@ import base64
 import binascii
 import json
 import os
+import threading
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pycri import reference
@@ -115,6 +116,46 @@ def fs_usage(fs: FsInfo) -> api_pb2.FilesystemUsage:
         used_bytes=api_pb2.UInt64Value(value=fs.used_bytes),
         inodes_used=api_pb2.UInt64Value(value=fs.inodes_used),
     )
+
+
+# -- values kept per shared snapshot ---------------------------------------------------
+
+class ObjectMemo:
+    """Values computed from objects the library hands out as shared, unchanging
+    snapshots (one config object per record version, one Image per image record
+    and names version), kept per object: the same object gives the same value, a
+    new version is a new object. Each entry holds its object, so its id is not
+    reused while remembered. At most ``limit`` entries; the oldest goes first."""
+
+    def __init__(self, limit: int = 1024) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._values: dict[int, tuple[object, Any]] = {}
+
+    def get(self, obj: object, make: Callable[[Any], Any]) -> Any:
+        hit = self._values.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        value = make(obj)
+        with self._lock:
+            while len(self._values) >= self.limit:
+                del self._values[next(iter(self._values))]
+            self._values[id(obj)] = (obj, value)
+        return value
+
+
+_config_texts = ObjectMemo(256)
+
+
+def _dumps_config(cfg: object) -> str:
+    return json.dumps(to_json(cfg), sort_keys=True)
+
+
+def config_text(cfg: object) -> str:
+    """``json.dumps(to_json(cfg), sort_keys=True)`` of a config object, kept per object:
+    every reader of one record version gets the same config object, so repeated
+    verbose statuses serialise it once."""
+    return _config_texts.get(cfg, _dumps_config)  # type: ignore[no-any-return]
 
 
 # -- runtime status ---------------------------------------------------------------------
@@ -269,6 +310,13 @@ def sandbox_status(st: SandboxStatus, info: dict[str, Any] | None = None
         labels=cfg.labels, annotations=cfg.annotations, runtime_handler=cfg.runtime_handler)
     verbose = {"info": json.dumps(info, sort_keys=True, default=str)} if info is not None else {}
     return api_pb2.PodSandboxStatusResponse(status=status, info=verbose)
+
+
+def sandbox_info(st: SandboxStatus, container_ids: list[str]) -> str:
+    """PodSandboxStatus's verbose info document: json.dumps({"config", "netns",
+    "containers"}, sort_keys=True), put together from the config's remembered text."""
+    return ('{"config": ' + config_text(st.config) + ', "containers": '
+            + json.dumps(container_ids) + ', "netns": ' + json.dumps(st.netns_path) + "}")
 
 
 def sandbox_to_proto(st: SandboxStatus) -> api_pb2.PodSandbox:
@@ -454,10 +502,12 @@ def container_status(st: ContainerStatus) -> api_pb2.ContainerStatus:
 
 
 def container_info(st: ContainerStatus, sandbox_id: str) -> dict[str, str]:
-    """ContainerStatus's verbose info: one JSON document, as crictl inspect reads it."""
-    info = {"sandboxID": sandbox_id, "pid": st.pid, "config": to_json(st.config),
-            "logPath": st.log_path}
-    return {"info": json.dumps(info, sort_keys=True)}
+    """ContainerStatus's verbose info: one JSON document, as crictl inspect reads it:
+    json.dumps({"sandboxID", "pid", "config", "logPath"}, sort_keys=True), put together
+    from the config's remembered text."""
+    return {"info": '{"config": ' + config_text(st.config) + ', "logPath": '
+            + json.dumps(st.log_path) + ', "pid": ' + json.dumps(st.pid) + ', "sandboxID": '
+            + json.dumps(sandbox_id) + "}"}
 
 
 def container_filter(f: api_pb2.ContainerFilter | None) -> dict[str, Any]:

@@ -45,7 +45,6 @@ import grpc  # noqa: E402
 import pycri  # noqa: E402
 from pycri.cri import convert, metrics
 from pycri.cri._gen import api_pb2, api_pb2_grpc
-from pycri.config import to_json
 from pycri.container import EXITED, RUNNING
 from pycri.cri.backend import RuntimeBackend
 from pycri.cri.errors import rpc
@@ -108,9 +107,15 @@ class ImageService(api_pb2_grpc.ImageServiceServicer):
         self.rt = runtime
         self.pinned_refs = (options.sandbox_image,) if options.sandbox_image else ()
         self._pinned = convert.pinned_names(self.pinned_refs)
+        # The store hands out one Image per version of its record and names: its
+        # message is built once (responses copy it in).
+        self._protos = convert.ObjectMemo(1024)
+
+    def _make_proto(self, img: pycri.Image) -> api_pb2.Image:
+        return convert.image_to_proto(img, pinned=convert.is_pinned(img, self._pinned))
 
     def _to_proto(self, img: pycri.Image) -> api_pb2.Image:
-        return convert.image_to_proto(img, pinned=convert.is_pinned(img, self._pinned))
+        return self._protos.get(img, self._make_proto)  # type: ignore[no-any-return]
 
     def _listed(self, spec: api_pb2.ImageSpec) -> list[api_pb2.Image]:
         # A filter names one image (tag, digest reference, id or id prefix).
@@ -265,11 +270,9 @@ class RuntimeService(api_pb2_grpc.RuntimeServiceServicer):
         sb = self._sandbox(request.pod_sandbox_id)
         st = sb.status()
         containers = sb.containers()
-        info = None
+        reply = convert.sandbox_status(st)
         if request.verbose:
-            info = {"config": to_json(st.config), "netns": st.netns_path,
-                    "containers": [c.id for c in containers]}
-        reply = convert.sandbox_status(st, info)
+            reply.info["info"] = convert.sandbox_info(st, [c.id for c in containers])
         # the pod's containers too, as evented PLEG wants them
         for c in containers:
             cs = _status_or_none(c)
