@@ -34,7 +34,6 @@ Limitations (documented, tested where they can be):
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import re
@@ -48,7 +47,6 @@ from pycri.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
     NotFoundError,
-    PycriError,
     RuntimeFailure,
     UnsupportedError,
 )

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pycri.procinfo import (_alive, _catches, _direct, _exits, _pty_in,  # noqa: F401 (_alive: sandbox.py)
                              _read_started, _start_time)
-from pycri import _native, logs, slots, store, users
+from pycri import _native, launchplan, logs, slots, store, users
 from pycri.execproc import EXEC_OUTPUT_LIMIT, ExecProcess, ExecResult, _collect  # noqa: F401 (public here too)
 from pycri.process import (  # noqa: F401 - CAPS, DEFAULT_* and cap_mask are public here too
     DEFAULT_PATH,
@@ -50,7 +50,7 @@ from pycri.process import (  # noqa: F401 - CAPS, DEFAULT_* and cap_mask are pub
     rlimits_for,
     seccomp_for,
 )
-from pycri.config import NODE, POD, ContainerConfig, from_json, to_json
+from pycri.config import ContainerConfig, from_json, to_json
 from pycri.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -380,151 +380,33 @@ class Container:
 
     def _launch_in(self, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str, Any],
                    image: Image, config: ContainerConfig, slot: slots.Slot | None) -> None:
+        plan = launchplan.plan(self, rec, sandbox, sb_rec, image, config, slot)
         rt = self.runtime
-        layer_dirs = rt.images.layer_dirs(image)
-        icfg = image.config
-        # The writable layer and the rootfs mount point. In a user namespace the host's
-        # root reaches them for the container (csrc/userns.c): no mode here has to let
-        # the mapped root through. (Made with the record dir: slots.make_record_dir.)
-        fs = os.path.join(self.record_dir, "fs")
-        upper, work, rootfs = (os.path.join(fs, d) for d in ("upper", "work", "rootfs"))
-        if os.path.dirname(rec["log_path"]) != self.record_dir:
-            os.makedirs(os.path.dirname(rec["log_path"]), exist_ok=True)
-        # The monitor opens the log only once started; the file exists from create on, so
-        # a reader right after start (CRI clients do) finds it.
-        os.close(os.open(rec["log_path"], os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o640))
 
-        argv = _argv(config, icfg.entrypoint, icfg.cmd)
-        user = users.resolve(layer_dirs, icfg.user, config.run_as_user, config.run_as_username,
-                             config.run_as_group, config.supplemental_groups,
-                             strict=config.supplemental_groups_policy == "Strict")
-        rec["user"] = {"uid": user.uid, "gid": user.gid, "groups": _groups(user)}
-        env = _env(icfg.env, config.env, user)
-        sb_cfg = sb_rec["config"]
-        userns = sb_cfg.get("user_namespace")
-        caps = capabilities(config)
-
-        cgm = rt.cgroups(rec["cgroup_parent"])
-        cg = (cgm.configure_container if slot else cgm.create_container)(
-            sandbox.id, self.id, cgroup_resources(config))
-        rec["oom_kills_at_start"] = 0     # a new cgroup
-        namespaces: dict[str, str] = {"mnt": "new", "cgroup": "host"}
-        for kind in ("net", "ipc", "uts"):
-            namespaces[kind] = sandbox.ns_path(kind) if sb_rec.get(f"{kind}ns") else "host"
-        pid_mode = config.pid or sb_cfg.get("pid", "container")
-        namespaces["pid"] = "host" if pid_mode == NODE else "new"
-        if pid_mode == POD:
-            shared = sandbox.pid_namespace(sb_rec)
-            if shared is None:
-                raise InvalidArgumentError(
-                    "the container wants the pod's pid namespace but the pod was created "
-                    "without one (SandboxConfig.pid)")
-            namespaces["pid"] = shared
-        idmaps: list[str] = ["none"] * len(config.mounts)
-        if userns:
-            namespaces["user"] = _userns_join(sandbox, sb_cfg, config, user)
-            u, g = userns["uids"][0], userns["gids"][0]
-            # The image layers are id-mapped to the pod's user namespace (csrc/userns.c);
-            # the writable layer is plain and owned by the mapped root, so what the
-            # container writes is stored on the host under the mapped ids.
-            for d in (upper, work, rootfs):
-                os.chown(d, u["host_id"], g["host_id"])
-            idmaps = [_bind_idmap(m, userns) for m in config.mounts]
-        elif any(m.uid_mappings for m in config.mounts):
-            raise InvalidArgumentError("a mount with id mappings needs a pod with a user namespace")
-
-        binds = []
-        for i, m in enumerate(config.mounts):
-            source = self._image_volume(rec, i, m) if m.image else m.host_path
-            binds.append(_native.BindMount(source, m.container_path, readonly=m.readonly,
-                                           recursive_readonly=m.recursive_readonly,
-                                           propagation=m.propagation, idmap=idmaps[i]))
-        if "image_volumes" in rec:
-            # image GC must see the volume images' layers as in use from now on
+        def record_pids(r: _native.LaunchResult) -> None:
+            # while the container process mounts its root: the record with its pids
+            # (a crash from here on leaves a record recovery can settle) ...
+            rec.update(pid=r.pid, pid_start_time=r.start_time, monitor_pid=r.monitor_pid)
             self._write(rec)
-        privileged = config.privileged
-        masked, readonly = masked_and_readonly(config)
-        seccomp = seccomp_for(config, caps)
+            # ... and the next create's slot (it would wait through this anyway)
+            slots.make(rt, sandbox.id, rec["cgroup_parent"], image.id,
+                       None if sb_rec["config"].get("user_namespace") else plan.layer_dirs)
 
-        stdio_parent: list[int] = []
-        child_fds: list[int] = []
-        mon_kw: dict[str, Any] = {}
-        stdin_fd = stdout_fd = stderr_fd = -1
-        if config.tty:
-            # the pty comes from the container's own devpts (tty_new): the child makes
-            # it and the launcher hands the master to the monitor (--pty-master-fd)
-            mon_kw.update(tty=True)
-        else:
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            stdio_parent += [out_r, err_r]
-            child_fds += [out_w, err_w]
-            stdout_fd, stderr_fd = out_w, err_w
-            mon_kw.update(stdout_fd=out_r, stderr_fd=err_r)
-            if config.stdin:
-                in_r, in_w = os.pipe()
-                stdio_parent.append(in_w)
-                child_fds.append(in_r)
-                stdin_fd = in_r
-                mon_kw.update(stdin_fd=in_w)
-        if config.stdin:
-            mon_kw["stdin"] = True
-        # the monitor closes done_w once the exit is on disk: this process's wait
-        # wakes on that instead of polling for the exit file
-        done_r, done_w = os.pipe()
-        stdio_parent.append(done_w)
-        mon_kw["done_fd"] = done_w
-        files = sandbox.container_files(sb_rec)
         try:
-            spec = _native.SpawnSpec(
-                argv=argv, env=env, cwd=config.working_dir or icfg.working_dir or "/",
-                uid=user.uid, gid=user.gid, groups=_groups(user),
-                cap_bounding=caps, cap_effective=caps, cap_permitted=caps,
-                no_new_privs=config.no_new_privs or bool(seccomp and user.uid != 0),
-                seccomp_bpf=seccomp,
-                oom_score_adj=config.oom_score_adj if config.oom_score_adj > 0 else None,
-                stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd, tty_new=config.tty,
-                rlimits=rlimits_for(config), sysctls=dict(config.sysctls),
-                namespaces=namespaces,
-                cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
-                overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
-                rootfs_mount_fd=slot.rootfs_fd if slot else -1,
-                dev_mount_fd=slot.dev_fd if slot else -1,
-                mount_sys=True, sys_writable=privileged, host_devices=privileged,
-                shm_path=files["shm_path"], etc_hostname=files["etc_hostname"],
-                etc_hosts=files["etc_hosts"], etc_resolv=files["etc_resolv"],
-                binds=binds, masked_paths=list(masked), readonly_paths=list(readonly),
-                root_propagation=_root_propagation(config.mounts),
-                start_wait=True,
-            )
-            monitor = _native.monitor_command(
-                self._exit_file, rec["log_path"], for_launch=True,
-                attach_socket=self._sock("attach"), oom_file=cg.oom_kill_file(), **mon_kw)
-            def record_pids(r: _native.LaunchResult) -> None:
-                # while the container process mounts its root: the record with its
-                # pids (a crash from here on leaves a record recovery can settle)
-                rec.update(pid=r.pid, pid_start_time=r.start_time, monitor_pid=r.monitor_pid)
-                self._write(rec)
-                # ... and the next create's slot (it would wait through this anyway)
-                slots.make(rt, sandbox.id, rec["cgroup_parent"], image.id,
-                           None if userns else layer_dirs)
-
-            res = _native.launch(spec, self._sock("start"), monitor, stdio_parent,
+            res = _native.launch(plan.spec, self._sock("start"), plan.monitor, plan.monitor_fds,
                                  on_pid=record_pids)
         except OSError as e:
-            os.close(done_r)
+            os.close(plan.done_r)
             stage = getattr(e, "stage", "")
             raise RuntimeFailure(f"create container {config.name}: {e.strerror or e}",
                                  stage=stage, errno=e.errno or 0) from e
         except BaseException:
-            os.close(done_r)
+            os.close(plan.done_r)
             raise
         finally:
-            for fd in stdio_parent + child_fds:
-                os.close(fd)
-        if not _exits.put(self.id, done_r):
-            os.close(done_r)    # (holding enough: waits on this one poll instead)
+            plan.close_passed()
+        if not _exits.put(self.id, plan.done_r):
+            os.close(plan.done_r)   # (holding enough: waits on this one poll instead)
         if res.start_fd >= 0:
             _direct.put(self.id, res.start_fd, res.report_fd)
         if rec.get("pid") != res.pid:   # (no early report from this launch)
@@ -947,41 +829,6 @@ class Container:
 # -- helpers -------------------------------------------------------------------------
 
 
-def _userns_join(sandbox: Sandbox, sb_cfg: dict[str, Any], config: ContainerConfig,
-                 user: users.User) -> str:
-    """The pod's pinned user namespace for a new container, after checking that the
-    container's ids exist in it."""
-    path = sandbox.user_namespace()
-    if path is None:
-        raise InvalidStateError(
-            f"sandbox {sandbox.id[:12]} has a user namespace in its config but none pinned "
-            "(made by an older pycri?): recreate the pod")
-    userns = sb_cfg["user_namespace"]
-    users.check_mapped(user, userns["uids"][0]["length"], userns["gids"][0]["length"])
-    if any(m.propagation == "rshared" for m in config.mounts):
-        raise InvalidArgumentError(
-            "rshared (bidirectional) mount propagation cannot reach the host from a pod with a "
-            "user namespace")
-    return path
-
-
-def _bind_idmap(m: Any, userns: dict[str, Any]) -> str:
-    """How a bind into a user-namespace pod is id-mapped: as the mount asks (its
-    mappings must be the pod's), else wherever the source's filesystem allows it."""
-    if not m.uid_mappings:
-        return "auto"
-    for kind, maps in (("uid", m.uid_mappings), ("gid", m.gid_mappings)):
-        pod = userns[f"{kind}s"][0]
-        mine = maps[0]
-        if (mine.container_id, mine.host_id, mine.length) != \
-                (pod["container_id"], pod["host_id"], pod["length"]):
-            raise InvalidArgumentError(
-                f"mount {m.container_path}: its {kind} mapping {mine.container_id}:"
-                f"{mine.host_id}:{mine.length} differs from the pod's user namespace "
-                f"({pod['container_id']}:{pod['host_id']}:{pod['length']})")
-    return "require"
-
-
 def _image_dir_exists(layer_dirs: list[str], path: str) -> bool:
     """Is ``path`` a directory in some layer (checked without following links)?"""
     import stat as _stat
@@ -1013,13 +860,6 @@ def _stop_signal(runtime: Runtime, rec: dict[str, Any]) -> int:
         return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
     except KeyError:
         return signal.SIGTERM
-
-
-def _root_propagation(mounts: tuple[Any, ...]) -> str:
-    """The container's "/" must pass host mounts on for an rslave bind (and both ways
-    for rshared); otherwise it stays private."""
-    props = {m.propagation for m in mounts}
-    return "rshared" if "rshared" in props else ("rslave" if "rslave" in props else "private")
 
 
 def run_to_completion(container: Container, timeout: float | None) -> RunResult:

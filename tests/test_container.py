@@ -669,7 +669,7 @@ def test_container_process_ignores_no_signal(env):
     old = sig.signal(sig.SIGUSR2, sig.SIG_IGN)     # one more for a new launcher to inherit
     try:
         with rt.run_sandbox(pycri.SandboxConfig(name="sigign")) as sb:
-            for i in range(3):      # (a spare launcher made before, and ones made after)
+            for _ in range(3):      # (a spare launcher made before, and ones made after)
                 r = sb.run(img, ["cat", "/proc/self/status"])
                 line = [x for x in r.stdout.decode().splitlines() if x.startswith("SigIgn:")]
                 assert line == ["SigIgn:\t0000000000000000"], line
