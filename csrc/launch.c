@@ -33,7 +33,7 @@
 
 #define LAUNCH_TITLE_MAX 108 /* room in argv[3] for the start socket path (sun_path) */
 #define FDS_PER_MSG 200       /* SCM_RIGHTS carries at most 253 per message */
-#define MAX_LAUNCH_FDS (MAX_MONITOR_FDS + 7 + PYCRI_MAX_CGROUPS + 1024)
+#define MAX_LAUNCH_FDS (MAX_MONITOR_FDS + 7 + 1024)
 
 /* What the caller sends first on the launcher's socket; then n_fds fds, in
  * messages of one byte each carrying up to FDS_PER_MSG of them (SCM_RIGHTS), which
@@ -735,7 +735,7 @@ PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *
         return pycri_fail(err, ENAMETOOLONG, "start socket path %s", start_sock);
 
     /* the spec as the launcher will see it: fds renumbered */
-    int cap = 7 + PYCRI_MAX_CGROUPS + spec->n_keep_fds + n_monitor_fds;
+    int cap = 7 + spec->n_keep_fds + n_monitor_fds;
     cleanup_free int *src = malloc(sizeof(int) * (size_t)cap);
     cleanup_free int *keep = malloc(sizeof(int) * (size_t)(spec->n_keep_fds + 1));
     if (!src || !keep)
@@ -750,16 +750,6 @@ PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *
         local.rootfs_mount_fd = map_fd(&m, spec->rootfs_mount_fd);
     if (spec->dev_premounted)
         local.dev_mount_fd = map_fd(&m, spec->dev_mount_fd);
-    int task_fds[PYCRI_MAX_CGROUPS];
-    if (spec->cgroup_task_fds) {
-        int i = 0;
-        for (const char *const *c = spec->cgroup_procs; c && *c; c++, i++) {
-            if (i == PYCRI_MAX_CGROUPS)
-                return pycri_fail(err, E2BIG, "launch: more than %d cgroups", i);
-            task_fds[i] = map_fd(&m, spec->cgroup_task_fds[i]);
-        }
-        local.cgroup_task_fds = task_fds;
-    }
     for (int i = 0; i < spec->n_keep_fds; i++)
         keep[i] = map_fd(&m, spec->keep_fds[i]);
     local.keep_fds = spec->n_keep_fds ? keep : NULL;

@@ -277,15 +277,6 @@ static void place_cgroups(const struct pycri_spawn_spec *s, struct pycri__plan *
         plan->cg_tasks_fd[i] = -1;
         plan->cg_by_parent[i] = 1;
         plan->n_cg = i + 1;
-        if (s->cgroup_task_fds && s->cgroup_task_fds[i] >= 0) {
-            /* opened by the caller ahead (a dup: the plan closes its own) */
-            int fd = fcntl(s->cgroup_task_fds[i], F_DUPFD_CLOEXEC, 3);
-            if (fd >= 0) {
-                plan->cg_tasks_fd[i] = fd;
-                plan->cg_by_parent[i] = 0;
-                continue;
-            }
-        }
         const char *slash = strrchr(*c, '/');
         if (!slash || strcmp(slash + 1, "cgroup.procs") != 0)
             continue;

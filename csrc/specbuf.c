@@ -97,11 +97,6 @@ PYCRI_EXPORT int pycri_spec_encode(const struct pycri_spawn_spec *s, unsigned ch
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
         img.ns_path[k] = AS_PTR(put_str(&e, s->ns_path[k]));
     img.cgroup_procs = AS_PTR(put_strv(&e, s->cgroup_procs));
-    int n_cg = 0;
-    for (const char *const *c = s->cgroup_procs; c && *c; c++)
-        n_cg++;
-    img.cgroup_task_fds =
-        s->cgroup_task_fds ? AS_PTR(put_array(&e, s->cgroup_task_fds, sizeof(int), n_cg)) : NULL;
     img.rootfs = AS_PTR(put_str(&e, s->rootfs));
     img.overlay_lower = AS_PTR(put_str(&e, s->overlay_lower));
     img.overlay_upper = AS_PTR(put_str(&e, s->overlay_upper));
@@ -225,11 +220,6 @@ PYCRI_EXPORT int pycri_spec_decode(unsigned char *buf, size_t len, struct pycri_
     for (int k = 0; k < PYCRI_NS_COUNT; k++)
         s.ns_path[k] = get_str(&d, s.ns_path[k]);
     s.cgroup_procs = get_strv(&d, s.cgroup_procs);
-    int n_cg = 0;
-    for (const char *const *c = s.cgroup_procs; c && *c; c++)
-        n_cg++;
-    s.cgroup_task_fds = s.cgroup_task_fds ? get_array(&d, s.cgroup_task_fds, sizeof(int), n_cg)
-                                          : NULL;
     s.rootfs = get_str(&d, s.rootfs);
     s.overlay_lower = get_str(&d, s.overlay_lower);
     s.overlay_upper = get_str(&d, s.overlay_upper);

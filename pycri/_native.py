@@ -243,8 +243,6 @@ class SpawnSpec:
     uid_map: tuple[int, int, int] | None = None  # (inside, outside, count) for a new userns
     gid_map: tuple[int, int, int] | None = None
     cgroup_procs: list[str] = field(default_factory=list)
-    # per cgroup_procs entry: an open v1 "tasks" file of that cgroup, or -1 (empty: none)
-    cgroup_task_fds: list[int] = field(default_factory=list)
     rootfs: str | None = None
     overlay_lower: list[str] = field(default_factory=list)  # top first; empty = bind rootfs
     overlay_upper: str | None = None
@@ -413,12 +411,6 @@ def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
     if spec.gid_map:
         c.gid_map_inside, c.gid_map_outside, c.gid_map_count = spec.gid_map
     c.cgroup_procs = b.strv(spec.cgroup_procs)
-    if spec.cgroup_task_fds:
-        if len(spec.cgroup_task_fds) != len(spec.cgroup_procs):
-            raise ValueError("cgroup_task_fds needs one entry per cgroup_procs path")
-        fds = ffi.new("int[]", list(spec.cgroup_task_fds))
-        b.keep.append(fds)
-        c.cgroup_task_fds = fds
     c.rootfs = b.s(spec.rootfs)
     if spec.overlay_lower:
         c.overlay_lower = b.s(":".join(spec.overlay_lower))
@@ -1007,8 +999,6 @@ def _spec_from_struct(c) -> SpawnSpec:  # type: ignore[no-untyped-def]
         gid_map=(c.gid_map_inside, c.gid_map_outside, c.gid_map_count)
         if c.gid_map_count else None,
         cgroup_procs=strv(c.cgroup_procs), rootfs=s(c.rootfs),
-        cgroup_task_fds=[c.cgroup_task_fds[i] for i in range(len(strv(c.cgroup_procs)))]
-        if c.cgroup_task_fds != ffi.NULL else [],
         overlay_lower=lower.split(":") if lower else [],
         overlay_upper=s(c.overlay_upper), overlay_work=s(c.overlay_work),
         rootfs_mount_fd=c.rootfs_mount_fd if c.rootfs_premounted else -1,

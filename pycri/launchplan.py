@@ -155,7 +155,6 @@ def plan(ctr: Container, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str
             rlimits=rlimits_for(config), sysctls=dict(config.sysctls),
             namespaces=namespaces,
             cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
-            cgroup_task_fds=list(slot.task_fds) if slot else [],
             overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
             rootfs_mount_fd=slot.rootfs_fd if slot else -1,
             dev_mount_fd=slot.dev_fd if slot else -1,

@@ -58,11 +58,6 @@ class Slot:
     rootfs_fd: int = -1
     lowers: tuple[tuple[int, int], ...] = ()
     dev_fd: int = -1        # the container's /dev, made ahead with it (or -1)
-    # its cgroup's v1 "tasks" files, open, in Cgroup.procs_files() order (-1: none)
-    task_fds: tuple[int, ...] = ()
-
-    def fds(self) -> tuple[int, ...]:
-        return (self.rootfs_fd, self.dev_fd, *self.task_fds)
 
     def fits(self, image_id: str, layer_dirs: list[str]) -> bool:
         """Whether the premounted rootfs is this image's, on the same layer dirs (an
@@ -110,7 +105,7 @@ class _Slots:
 
     def _after_fork(self) -> None:
         for slot in self._ready.values():
-            for fd in slot.fds():
+            for fd in (slot.rootfs_fd, slot.dev_fd):
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
@@ -210,11 +205,11 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
     path = os.path.join(base, f"{tag}.{pod_id}.{cid}")
     make_record_dir(path)
     try:
-        cg = mgr.create_container(pod_id, cid)
+        mgr.create_container(pod_id, cid)
     except BaseException:
         runtime.trash.put(path)
         raise
-    slot = Slot(cid, path, pod_id, parent, task_fds=_open_tasks(cg.procs_files()))
+    slot = Slot(cid, path, pod_id, parent)
     if layers:
         try:
             lowers = _dir_ids(layers)
@@ -227,29 +222,16 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
             dev = _native.dev_premount()
         except OSError:
             dev = -1
-        slot = Slot(cid, path, pod_id, parent, image_id, fd, lowers, dev, slot.task_fds)
+        slot = Slot(cid, path, pod_id, parent, image_id, fd, lowers, dev)
     return slot
-
-
-def _open_tasks(procs_files: list[str]) -> tuple[int, ...]:
-    """The v1 "tasks" file beside each cgroup.procs, open for writing (-1 where
-    there is none: a v2 cgroup)."""
-    fds = []
-    for procs in procs_files:
-        try:
-            fds.append(os.open(os.path.join(os.path.dirname(procs), "tasks"),
-                               os.O_WRONLY | os.O_CLOEXEC))
-        except OSError:
-            fds.append(-1)
-    return tuple(fds)
 
 
 def discard(runtime: Runtime, slot: Slot) -> None:
     """Delete an unused slot: its rootfs mount, cgroup and directory."""
-    for fd in slot.fds():
+    for fd in (slot.rootfs_fd, slot.dev_fd):
         if fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(fd)    # (the mounts' last references: they go)
+                os.close(fd)    # (the last reference: the mount goes)
     with contextlib.suppress(OSError, PycriError):
         runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).destroy(1.0)
     with contextlib.suppress(OSError):

@@ -152,9 +152,6 @@ struct pycri_spawn_spec {
                                        * v1 ones are entered by the child writing 0 to the
                                        * dir's "tasks", one v2 one by CLONE_INTO_CGROUP, the
                                        * rest by the parent writing the pid here */
-    const int *cgroup_task_fds;       /* NULL, or per cgroup_procs entry an open v1 "tasks"
-                                       * file of that cgroup (O_WRONLY), or -1: used
-                                       * instead of opening it (the caller made it ahead) */
 
     /* --- rootfs (only with ns_mode[MNT] == NEW) --- */
     const char *rootfs;        /* target dir; NULL = no rootfs setup (keep the host view) */
