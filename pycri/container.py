@@ -518,8 +518,7 @@ class Container:
                     raise TimeoutError(f"container {self.id[:12]} still running")
                 if pidfd >= 0:
                     fds = [pidfd] if ctr_fd < 0 else [pidfd, ctr_fd]
-                    ready, _, _ = select.select(fds, [], [], step if left is None
-                                                else min(step, left))
+                    ready = _readable(fds, step if left is None else min(step, left))
                     if ctr_fd in ready:
                         os.close(ctr_fd)
                         ctr_fd = -1
@@ -555,7 +554,7 @@ class Container:
                     _exits.put(self.id, done)   # (for the next wait)
                     done = -1
                     raise TimeoutError(f"container {self.id[:12]} still running")
-                if select.select([done], [], [], left)[0]:
+                if _readable([done], left):
                     break
         finally:
             if done >= 0:
@@ -881,6 +880,18 @@ def run_to_completion(container: Container, timeout: float | None) -> RunResult:
             target += b"\n"
     return RunResult(st.exit_code, bytes(out), bytes(err), st.reason == "OOMKilled", timed_out)
 
+
+
+def _readable(fds: list[int], timeout: float | None) -> list[int]:
+    """Those of fds readable within timeout seconds: select (microseconds) while
+    the fds fit its 1024-bit set, else poll (milliseconds)."""
+    if max(fds) < 1024:
+        return select.select(fds, [], [], timeout)[0]
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return [fd for fd, _ev in p.poll(ms)]
 
 
 def _nothing_runs_in(cg: Any) -> bool:

@@ -44,6 +44,8 @@ FS_DIRS = (("fs", 0o700), ("fs/upper", 0o755), ("fs/work", 0o700), ("fs/rootfs",
 # overlay ahead, where the image lacks them (csrc/api/mount.h)
 MOUNT_DIRS = ("proc", "sys", "dev")
 MOUNT_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
+# pods whose slot may hold a premounted rootfs and /dev (2 fds each) per process
+MAX_PREMOUNTED = 128
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class _Slots:
         self._cv = threading.Condition()
         self._ready: dict[tuple[str, str], Slot] = {}
         self._making: set[tuple[str, str]] = set()     # asked for, not ready yet
+        self._last: tuple[str, list[str] | None] = ("", None)   # image of the last make
         self._queue: list[tuple[Any, ...]] = []
         self._thread: threading.Thread | None = None
         self._tag = ""
@@ -139,6 +142,8 @@ class _Slots:
         when its ``layer_dirs`` are given, unless one is ready or being made."""
         key = (runtime.root, pod_id)
         with self._cv:
+            if layer_dirs:
+                self._last = (image_id, list(layer_dirs))
             if key in self._ready or key in self._making:
                 return
             self._making.add(key)
@@ -163,9 +168,12 @@ class _Slots:
     def _make(self, key: tuple[str, str], runtime: Runtime, pod_id: str, cgroup_parent: str,
               tag: str, image_id: str, layer_dirs: list[str] | None) -> None:
         slot = None
+        with self._cv:     # (a premounted slot holds 2 fds: not for every pod there is)
+            premount = sum(1 for s in self._ready.values() if s.rootfs_fd >= 0) < MAX_PREMOUNTED
         try:
-            slot = _make(runtime, pod_id, cgroup_parent, tag, image_id if layer_dirs else "",
-                         list(layer_dirs or []))
+            slot = _make(runtime, pod_id, cgroup_parent, tag,
+                         image_id if layer_dirs and premount else "",
+                         list(layer_dirs or []) if premount else [])
         except (OSError, PycriError):
             pass        # the pod went, or the disk is full
         finally:
@@ -174,6 +182,12 @@ class _Slots:
                 if slot is not None:
                     self._ready[key] = slot
                 self._cv.notify_all()
+
+    def last_image(self) -> tuple[str, list[str] | None]:
+        """The image (id, layer dirs) the last slot was asked for with: a new pod's
+        first slot premounts it, a guess at what the pod will run."""
+        with self._cv:
+            return self._last
 
     def peek(self, runtime: Runtime, pod_id: str) -> Slot | None:
         """The slot a create in the pod would take now (it stays)."""
@@ -263,5 +277,6 @@ def cleanup(runtime: Runtime) -> None:
 _slots = _Slots()
 take = _slots.take
 make = _slots.make
+last_image = _slots.last_image
 peek = _slots.peek
 forget = _slots.forget

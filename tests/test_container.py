@@ -587,7 +587,7 @@ def test_slots_are_used_and_go_with_the_pod(env):
     made = []
     for i in range(3):
         c = sb.create_container(pycri.ContainerConfig(name=f"s{i}", image=img.id,
-                                                      command=("true",)))
+                                                      command=("cat", "/proc/self/cgroup")))
         if made:    # this container is the slot made after the previous create
             assert c.id == made[-1].split(".")[3]
             assert not os.path.exists(f"{rt.root}/slots/{made[-1]}")
@@ -602,6 +602,10 @@ def test_slots_are_used_and_go_with_the_pod(env):
         assert "a *:* rwm" not in rules and "c 1:3 rwm" in rules   # /dev/null, not all
         c.start()
         assert c.wait(10) == 0
+        # in its own cgroup in every v1 hierarchy
+        lines = [r.content.decode() for r in c.logs()]
+        v1 = [x for x in lines if not x.startswith("0::") and "name=" not in x]
+        assert len(v1) >= 5 and all(x.endswith(f"/{sb.id}/{c.id}") for x in v1), lines
         c.remove()
         # an exited container's empty cgroup is removed just after remove returns
         assert pycri.store.Trash.drain(5)
@@ -629,7 +633,8 @@ def test_premounted_rootfs_follows_the_image(env, registry):
                 "awk '{print $1, $3, $4, $5, $6, $NF}'; "
                 "grep ' /dev' /proc/self/mountinfo | awk '{print $5, $6, $(NF-2), $(NF)}'"]
     with rt.run_sandbox(pycri.SandboxConfig(name="premount", hostname="pm")) as sb:
-        first = sb.run(img, show_dev)       # no slot yet: /dev made by the container
+        pycri.slots.forget(rt, sb.id)       # (the pod's first slot: dropped)
+        first = sb.run(img, show_dev)       # no slot: /dev made by the container
         assert first.exit_code == 0 and b"null" in first.stdout, first
         slot = _wait_slot(rt, sb)[0]
         upper = f"{rt.root}/slots/{slot}/fs/upper"
@@ -709,6 +714,66 @@ def test_creator_waits_on_the_monitors_pipe(env):
         assert d.wait(10) == 255
         assert d.status().reason == "Unknown"
         d.remove()
+
+
+def test_readable_past_fd_1023():
+    """wait() watches fds with select while they fit its 1024-bit set, and with poll
+    past it (a server holding many fds)."""
+    import resource
+    from pycri.container import _readable
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    r, w = os.pipe()
+    r2, w2 = os.pipe()
+    try:
+        os.dup2(r, 2000)
+        os.dup2(r2, 2001)
+        assert _readable([2000, 2001], 0.01) == []
+        os.write(w, b"x")
+        assert _readable([2000, 2001], 1.0) == [2000]
+        assert _readable([r, r2], 0.5) == [r]      # (select)
+    finally:
+        for fd in (r, w, r2, w2, 2000, 2001):
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_premounted_slots_are_capped(env, monkeypatch):
+    """A premounted slot holds two fds; past MAX_PREMOUNTED pods a process's slots
+    come without (the create mounts its own root), and work the same."""
+    rt, img = env
+    monkeypatch.setattr(pycri.slots, "MAX_PREMOUNTED", 1)
+    a = rt.run_sandbox(pycri.SandboxConfig(name="cap-a"))
+    b = rt.run_sandbox(pycri.SandboxConfig(name="cap-b"))
+    try:
+        assert a.run(img, ["true"]).exit_code == 0
+        _wait_slot(rt, a)
+        assert pycri.slots.peek(rt, a.id).rootfs_fd >= 0
+        assert b.run(img, ["true"]).exit_code == 0
+        _wait_slot(rt, b)
+        assert pycri.slots.peek(rt, b.id).rootfs_fd == -1
+        r = b.run(img, ["cat", "/etc/hostname"])      # on the plain slot
+        assert r.exit_code == 0 and r.stdout.strip()
+    finally:
+        a.remove()
+        b.remove()
+
+
+def test_a_pods_first_container_has_a_slot(env):
+    """A new pod gets its first slot while it is being made, with a root of the
+    image this process last ran premounted; its first container takes it."""
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="first-a")) as a:
+        assert a.run(img, ["true"]).exit_code == 0
+    with rt.run_sandbox(pycri.SandboxConfig(name="first-b")) as b:
+        _wait_slot(rt, b)
+        slot = pycri.slots.peek(rt, b.id)
+        assert slot.image_id == img.id and slot.rootfs_fd >= 0 and slot.dev_fd >= 0
+        c = b.create_container(pycri.ContainerConfig(name="c", image=img.id,
+                                                     command=("cat", "/etc/hostname")))
+        assert c.id == slot.id
+        c.start()
+        assert c.wait(10) == 0 and [r.content for r in c.logs()] == [b"first-b"]
 
 
 def test_lock_files_go_with_their_objects(env):

@@ -544,3 +544,21 @@ def test_existing_socket_dir_is_left_alone_with_a_warning(dirs, caplog):
         assert any("has mode 755" in r.getMessage() for r in caplog.records)
     finally:
         server.stop(grace=1)
+
+
+def test_serve_raises_its_open_files_limit():
+    """pycri serve lifts its soft RLIMIT_NOFILE to the hard limit (slots, pipes and
+    connections are a few fds per pod; a soft 1024 would run out)."""
+    import resource
+    import subprocess
+    import sys
+    code = ("import resource; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+            "from pycri.cri import server; server._raise_fd_limit(); "
+            "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = (1 << 20) if hard == resource.RLIM_INFINITY else hard
+    assert int(out[0]) == want and int(out[0]) > 256
+

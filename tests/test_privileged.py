@@ -146,9 +146,13 @@ def assert_nothing_left(rt, sb) -> None:
     assert sb.containers() == [] and rt.containers() == []
     assert os.listdir(os.path.join(rt.root, "containers")) == [] \
         if os.path.isdir(os.path.join(rt.root, "containers")) else True
+    slots_dir = os.path.join(rt.root, "slots")      # (the pod's slot, made ahead, may be)
+    slot_ids = {n.split(".")[3] for n in os.listdir(slots_dir)} if os.path.isdir(slots_dir) \
+        else set()
     for d in rt.cgroups().pod(sb.id).dirs.values():
         if os.path.isdir(d):
-            assert not [x for x in os.listdir(d) if os.path.isdir(os.path.join(d, x))], d
+            assert not [x for x in os.listdir(d) if os.path.isdir(os.path.join(d, x))
+                        and x not in slot_ids], d
     with open("/proc/self/mountinfo") as f:
         assert not [line for line in f if rt.root in line and "/containers/" in line]
 

@@ -866,12 +866,28 @@ def _setup_logging(level: str) -> None:
     logger.propagate = False
 
 
+def _raise_fd_limit() -> None:
+    """A node's runtime holds a few fds per pod and container (connections, slots,
+    the creator's start and exit pipes): the soft limit goes up to the hard one, as
+    containerd does for itself (a soft 1024 would run out at a few hundred pods)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("open files limit raised from %d to %d", soft, hard)
+
+
 def main(argv: list[str] | None = None, *, prog: str = "python -m pycri.cri") -> int:
     """Run the server until SIGTERM or SIGINT. Exit status: 0 after a clean stop,
     1 when it cannot start, 2 on bad usage. ``prog`` names the command in --help
     (``pycri serve`` passes its own name)."""
     args = build_parser(prog).parse_args(argv)
     _setup_logging(args.log_level)
+    _raise_fd_limit()
     options = ServerOptions(listen=args.listen, root=args.root, state=args.state,
                             registry_config_dir=args.registry_config_dir,
                             cni_bin_dir=args.cni_bin_dir, cni_conf_dir=args.cni_conf_dir,
