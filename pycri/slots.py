@@ -206,7 +206,11 @@ class _Slots:
                 self._cv.wait()
             slot = self._ready.pop(key, None)
         if slot is not None:
-            discard(runtime, slot)
+            # its cgroup now (the pod's goes next), its mounts and dir off the caller's
+            # path (closing a premounted overlay unmounts it, syncing the upper dir)
+            with contextlib.suppress(OSError, PycriError):
+                runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).destroy(1.0)
+            runtime.trash.later(functools.partial(discard, runtime, slot))
 
 
 def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,

@@ -612,6 +612,7 @@ def test_slots_are_used_and_go_with_the_pod(env):
         assert not os.path.exists(os.path.join(pod_dir, c.id))
     assert _container_cgroups(rt, sb) == {made[-1].split(".")[3]}
     sb.remove()
+    assert pycri.store.Trash.drain(5)     # (the slot's mounts and dir go just after)
     assert not os.path.exists(f"{rt.root}/slots/{made[-1]}")
     for ctl in ("memory", "devices", "cpu", "pids", "freezer"):
         assert not os.path.exists(f"/sys/fs/cgroup/{ctl}/{rt.cgroup_parent}/{sb.id}")
