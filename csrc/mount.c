@@ -529,6 +529,9 @@ static int mask_paths(const struct pycri__plan *plan, int rootfd, struct pycri__
     int devnull cleanup_fd = open("/dev/null", O_PATH | O_CLOEXEC);
     if (devnull < 0)
         return fail_at(ce, PYCRI_STAGE_MOUNT, "open", "/dev/null");
+    /* Masked dirs get an empty read-only tmpfs: one made for the first, clones of
+     * it for the rest (a clone is a mount, not a new filesystem: cheaper). */
+    int empty cleanup_fd = -1;
     for (; m && *m; m++) {
         int fd cleanup_fd = pycri__inroot_open(rootfd, *m, O_PATH, 0);
         if (fd < 0) {
@@ -539,10 +542,17 @@ static int mask_paths(const struct pycri__plan *plan, int rootfd, struct pycri__
         struct stat st;
         if (fstat(fd, &st) < 0)
             return fail_at(ce, PYCRI_STAGE_MOUNT, "fstat masked path", *m);
-        int rc = S_ISDIR(st.st_mode)
-                     ? mount_at(fd, "tmpfs", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                                "mode=0755")
-                     : bind_fd(devnull, fd, 0, 0, 0, 0, -1);
+        int rc;
+        if (!S_ISDIR(st.st_mode)) {
+            rc = bind_fd(devnull, fd, 0, 0, 0, 0, -1);
+        } else if (empty >= 0) {
+            rc = bind_fd(empty, fd, 0, 1, 0, 0, -1);
+        } else {
+            rc = mount_at(fd, "tmpfs", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                          "mode=0755");
+            if (rc == 0) /* its root, for the clones */
+                empty = pycri__inroot_open(rootfd, *m, O_PATH | O_DIRECTORY, 0);
+        }
         if (rc < 0)
             return fail_at(ce, PYCRI_STAGE_MOUNT, "mask", *m);
     }

@@ -777,6 +777,23 @@ def test_a_pods_first_container_has_a_slot(env):
         assert c.wait(10) == 0 and [r.content for r in c.logs()] == [b"first-b"]
 
 
+def test_masked_dirs_are_empty_and_read_only(env):
+    """Every masked directory shows as an empty read-only tmpfs (one filesystem
+    for them all, cloned: its mounts still each refuse writes), masked files as
+    /dev/null; the host's content under them stays hidden."""
+    rt, img = env
+    dirs = [d for d in ("/sys/firmware", "/sys/power", "/proc/tty", "/proc/fs")
+            if os.path.isdir(d) and os.listdir(d)]
+    assert len(dirs) >= 3, dirs
+    with rt.run_sandbox(pycri.SandboxConfig(name="masks")) as sb:
+        script = "; ".join(f"ls -A {d} | wc -l; touch {d}/x 2>/dev/null; echo $?" for d in dirs)
+        r = sb.run(img, ["sh", "-c", script + "; wc -c < /proc/keys"],
+                   masked_paths=(*dirs, "/proc/keys"))
+        assert r.exit_code == 0, r
+        out = r.stdout.decode().split()
+        assert out == ["0", "1"] * len(dirs) + ["0"], out
+
+
 def test_lock_files_go_with_their_objects(env):
     """Each container and pod has a lock file while it exists; removing it removes
     the file (the locks dir does not grow without bound), and a new Runtime sweeps
