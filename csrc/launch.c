@@ -69,21 +69,6 @@ struct start_reply {
     struct pycri_error err;
 };
 
-static int write_full(int fd, const void *buf, size_t len) {
-    const char *p = buf;
-    while (len) {
-        ssize_t n = write(fd, p, len);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return -1;
-        }
-        p += n;
-        len -= (size_t)n;
-    }
-    return 0;
-}
-
 static ssize_t read_full(int fd, void *buf, size_t len) {
     char *p = buf;
     size_t got = 0;
@@ -874,7 +859,7 @@ PYCRI_EXPORT int pycri_launch_start(const char *start_sock, int timeout_ms,
     if (connect(s, (struct sockaddr *)&sa, sizeof(sa)) < 0)
         return pycri_fail(err, errno, "start: connect %s (is the container still created?)",
                           start_sock);
-    if (write_full(s, "S", 1) < 0)
+    if (pycri__write_all(s, "S", 1) < 0)
         return pycri_fail(err, errno, "start: send");
     struct pollfd pfd = {.fd = s, .events = POLLIN};
     int pr;

@@ -148,6 +148,22 @@ static void close_layer_trees(struct layer_trees **lt) {
     free(*lt);
 }
 
+/* Create the overlay configured on fs and mount it detached: its fd, or -1 with
+ * err set (the kernel's own message included). */
+static int overlay_fsmount(int fs, const char *stage, const char *what, struct pycri_error *err) {
+    if (sys_fsconfig(fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0) {
+        int e = errno;
+        char log[256];
+        fs_log(fs, log, sizeof(log));
+        return pycri_fail(err, e, "%s: create the overlay for %s%s%s", stage, what,
+                          log[0] ? ": " : "", log);
+    }
+    int m = sys_fsmount(fs, FSMOUNT_CLOEXEC, 0);
+    if (m < 0)
+        return pycri_fail(err, errno, "%s: fsmount the overlay for %s", stage, what);
+    return m;
+}
+
 static int idmapped_overlay(const char *lower, const char *upper, const char *work,
                             const char *what, int userns_fd, struct pycri_error *err) {
     int fs cleanup_fd = sys_fsopen("overlay", FSOPEN_CLOEXEC);
@@ -189,17 +205,7 @@ static int idmapped_overlay(const char *lower, const char *upper, const char *wo
                          0) < 0)
             return pycri_fail(err, errno, "prepare: overlay workdir %s", work);
     }
-    if (sys_fsconfig(fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0) {
-        int e = errno;
-        char log[256];
-        fs_log(fs, log, sizeof(log));
-        return pycri_fail(err, e, "prepare: create the overlay for %s%s%s", what,
-                          log[0] ? ": " : "", log);
-    }
-    int m = sys_fsmount(fs, FSMOUNT_CLOEXEC, 0);
-    if (m < 0)
-        return pycri_fail(err, errno, "prepare: fsmount the overlay for %s", what);
-    return m;
+    return overlay_fsmount(fs, "prepare", what, err);
 }
 
 int pycri__userns_prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
@@ -318,16 +324,9 @@ PYCRI_EXPORT int pycri_overlay_premount(const char *lower, const char *upper, co
         return pycri_fail(err, errno, "premount: overlay upperdir %s", upper);
     if (sys_fsconfig(fs, FSCONFIG_SET_STRING, "workdir", work, 0) < 0)
         return pycri_fail(err, errno, "premount: overlay workdir %s", work);
-    if (sys_fsconfig(fs, FSCONFIG_CMD_CREATE, NULL, NULL, 0) < 0) {
-        int e = errno;
-        char log[256];
-        fs_log(fs, log, sizeof(log));
-        return pycri_fail(err, e, "premount: create the overlay on %s%s%s", upper,
-                          log[0] ? ": " : "", log);
-    }
-    int m = sys_fsmount(fs, FSMOUNT_CLOEXEC, 0);
+    int m = overlay_fsmount(fs, "premount", upper, err);
     if (m < 0)
-        return pycri_fail(err, errno, "premount: fsmount the overlay on %s", upper);
+        return -1;
     /* The mount points the container's setup would make (the same in-root
      * resolution), made now: a file created in /etc copies /etc up, which costs
      * more than the mount on it. What cannot be made here is left to the child,

@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import secrets
-import select
 import signal
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from pycri.procinfo import (_alive, _catches, _direct, _exits, _pty_in,  # noqa:
                              _read_started, _start_time)
 from pycri import _native, launchplan, logs, slots, store, users
 from pycri.execproc import EXEC_OUTPUT_LIMIT, ExecProcess, ExecResult, _collect  # noqa: F401 (public here too)
+from pycri.execproc import _readable
 from pycri.process import (  # noqa: F401 - CAPS, DEFAULT_* and cap_mask are public here too
     DEFAULT_PATH,
     _argv,
@@ -880,18 +880,6 @@ def run_to_completion(container: Container, timeout: float | None) -> RunResult:
             target += b"\n"
     return RunResult(st.exit_code, bytes(out), bytes(err), st.reason == "OOMKilled", timed_out)
 
-
-
-def _readable(fds: list[int], timeout: float | None) -> list[int]:
-    """Those of fds readable within timeout seconds: select (microseconds) while
-    the fds fit its 1024-bit set, else poll (milliseconds)."""
-    if max(fds) < 1024:
-        return select.select(fds, [], [], timeout)[0]
-    p = select.poll()
-    for fd in fds:
-        p.register(fd, select.POLLIN)
-    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-    return [fd for fd, _ev in p.poll(ms)]
 
 
 def _nothing_runs_in(cg: Any) -> bool:

@@ -63,6 +63,18 @@ class ExecProcess:
         return self.returncode
 
 
+def _readable(fds: list[int], timeout: float | None) -> list[int]:
+    """Those of fds readable within timeout seconds: select (microseconds) while
+    the fds fit its 1024-bit set, else poll (milliseconds)."""
+    if max(fds) < 1024:
+        return select.select(fds, [], [], timeout)[0]
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return [fd for fd, _ev in p.poll(ms)]
+
+
 def _collect(pid: int, out_r: int, err_r: int, timeout: float | None,
              limit: int) -> tuple[bytes, bytes, bool]:
     bufs = {out_r: bytearray(), err_r: bytearray()}
@@ -77,8 +89,7 @@ def _collect(pid: int, out_r: int, err_r: int, timeout: float | None,
                 os.kill(pid, signal.SIGKILL)
             deadline = None
             continue
-        ready, _, _ = select.select(open_fds, [], [], left)
-        for fd in ready:
+        for fd in _readable(open_fds, left):
             chunk = os.read(fd, 65536)
             if not chunk:
                 open_fds.remove(fd)

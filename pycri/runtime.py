@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 from pycri import store
 from pycri.config import Platform
@@ -124,10 +125,7 @@ class Runtime:
                     rec = sb.record()
                 except NotFoundError:
                     continue
-                if state and rec["state"] != state:
-                    continue
-                have = rec["config"].get("labels", {})
-                if labels and any(have.get(k) != v for k, v in labels.items()):
+                if not _matches(rec, state, labels):
                     continue
             out.append(sb)
         return out
@@ -160,10 +158,7 @@ class Runtime:
                     pod_of[cid] = rec["sandbox_id"]
                     if sandbox_id and rec["sandbox_id"] != sandbox_id:
                         continue
-                    if state and rec["state"] != state:
-                        continue
-                    have = rec["config"].get("labels", {})
-                    if labels and any(have.get(k) != v for k, v in labels.items()):
+                    if not _matches(rec, state, labels):
                         continue
             out.append(c)
         if len(pod_of) > len(names):  # forget removed containers
@@ -189,6 +184,14 @@ class Runtime:
 
     def __repr__(self) -> str:
         return f"Runtime(root={self.root!r}, state={self.state!r})"
+
+
+def _matches(rec: dict[str, Any], state: str | None, labels: dict[str, str] | None) -> bool:
+    """Whether a record is in ``state`` (if given) and has every label in ``labels``."""
+    if state and rec["state"] != state:
+        return False
+    have = rec["config"].get("labels", {})
+    return not labels or all(have.get(k) == v for k, v in labels.items())
 
 
 def _find_id(directory: str, wanted: str, what: str) -> str:

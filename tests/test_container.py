@@ -569,12 +569,16 @@ def _container_cgroups(rt, sb):
 
 
 def _wait_slot(rt, sb):
-    """The names of sb's slots once this process has one ready (the next create's)."""
+    """[the name of sb's slot] once this process has one ready (the next create's).
+    (Listing the slots dir could also show one being deleted: a slot taken with
+    another image's root goes to the trash thread.)"""
     deadline = time.monotonic() + 5
-    while pycri.slots.peek(rt, sb.id) is None:
+    while (slot := pycri.slots.peek(rt, sb.id)) is None:
         assert time.monotonic() < deadline, "no slot was made"
         time.sleep(0.01)
-    return [n for n in _slot_names(rt) if n.split(".")[2] == sb.id]
+    name = os.path.basename(slot.dir)
+    assert name in _slot_names(rt) and name.split(".")[2] == sb.id
+    return [name]
 
 
 def test_slots_are_used_and_go_with_the_pod(env):
