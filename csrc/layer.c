@@ -977,3 +977,44 @@ PYCRI_EXPORT void pycri_layer_close(struct pycri_layer *l) {
     tar_entry_clear(&L->cur);
     free(L);
 }
+
+PYCRI_EXPORT int pycri_remove_tree(const char *path, struct pycri_error *err) {
+    char buf[PATH_MAX];
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof(buf))
+        return pycri_fail(err, ENAMETOOLONG, "remove %s: bad path", path);
+    memcpy(buf, path, n + 1);
+    while (n > 1 && buf[n - 1] == '/')
+        buf[--n] = '\0';
+    char *slash = strrchr(buf, '/');
+    const char *base = slash ? slash + 1 : buf;
+    int dfd;
+    if (!slash)
+        dfd = open(".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    else if (slash == buf)
+        dfd = open("/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    else {
+        *slash = '\0';
+        dfd = open(buf, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    }
+    if (dfd < 0)
+        return pycri_fail(err, errno, "remove %s: open its directory", path);
+    int rc = remove_tree(dfd, base, 0);
+    int e = errno;
+    close(dfd);
+    if (rc < 0 && e != ENOENT)
+        return pycri_fail(err, e, "remove %s", path);
+    return 0;
+}
+
+
+PYCRI_EXPORT int pycri_mkdir_each(const char *const *paths, const int *modes, int n, int *made,
+                                  struct pycri_error *err) {
+    *made = 0;
+    for (int i = 0; i < n; i++) {
+        if (mkdir(paths[i], (mode_t)modes[i]) < 0)
+            return pycri_fail(err, errno, "mkdir %s", paths[i]);
+        *made = i + 1;
+    }
+    return 0;
+}

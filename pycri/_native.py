@@ -930,6 +930,27 @@ def dev_premount() -> int:
     return out[0]
 
 
+def mkdir_each(dirs: Sequence[tuple[str, int]]) -> None:
+    """mkdir each (path, mode) in order, in one C call. OSError at the first that
+    fails, with ``.made``: how many were made before it (the caller undoes them)."""
+    b = _Builder()
+    modes = ffi.new("int[]", [m for _p, m in dirs] or [0])
+    made = ffi.new("int *", 0)
+    err = _new_err()
+    rc = lib.pycri_mkdir_each(b.strv([p for p, _m in dirs]), modes, len(dirs), made, err)
+    if rc < 0:
+        e = OSError(-rc, ffi.string(err.msg).decode(errors="replace"))
+        e.made = made[0]  # type: ignore[attr-defined]
+        raise e
+
+
+def remove_tree(path: str) -> None:
+    """rm -rf ``path`` without following symlinks, in C (one call: the GIL is free
+    for the whole tree). A missing path is fine; OSError otherwise."""
+    err = _new_err()
+    _check(lib.pycri_remove_tree(os.fsencode(path), err), err, path)
+
+
 def encode_spec(spec: SpawnSpec) -> bytes:
     """The flat buffer pycri_launch sends its launcher for ``spec`` (csrc/specbuf.c)."""
     c, _keep = _spec_struct(spec)

@@ -742,7 +742,10 @@ class CgroupManager:
         created: list[str] = []
         try:
             try:
-                for key, d in sorted(cg.dirs.items()):
+                items = sorted(cg.dirs.items())
+                if devices:     # a container: its parents exist, one mkdir each, in one call
+                    items = self._mkdir_leaves(items, created)
+                for key, d in items:
                     self._mkdirs(key, d, created, devices)
                 cg.apply(res, devices=devices)
             except OSError as e:
@@ -756,6 +759,25 @@ class CgroupManager:
                 except OSError:
                     pass
             raise
+
+    def _mkdir_leaves(self, items: list[tuple[str, str]],
+                      created: list[str]) -> list[tuple[str, str]]:
+        """mkdir every leaf in one C call (their parents exist: a container under
+        its pod); what is left for the slow path from the first that failed on a
+        missing parent."""
+        made = len(items)
+        try:
+            _native.mkdir_each([(d, 0o755) for _key, d in items])
+        except FileExistsError as e:
+            created.extend(d for _key, d in items[:e.made])  # type: ignore[attr-defined]
+            raise AlreadyExistsError(f"cgroup {items[e.made][1]} already exists") from None  # type: ignore[attr-defined]
+        except FileNotFoundError as e:
+            made = e.made  # type: ignore[attr-defined]
+        for key, d in items[:made]:
+            created.append(d)
+            if key == "cpuset":
+                self._copy_cpuset(os.path.dirname(d), d, clone_children=False)
+        return items[made:]
 
     def _mkdirs(self, key: str, leaf: str, created: list[str], devices: bool = False) -> None:
         if key == "unified" and not devices:

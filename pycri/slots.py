@@ -25,6 +25,7 @@ import contextlib
 import functools
 import os
 import secrets
+import shutil
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -82,9 +83,12 @@ def _dir_ids(dirs: list[str]) -> tuple[tuple[int, int], ...]:
 
 def make_record_dir(path: str) -> None:
     """A container's record dir with its writable-layer dirs, none there before."""
-    os.mkdir(path, 0o700)
-    for name, mode in FS_DIRS:
-        os.mkdir(os.path.join(path, name), mode)
+    try:
+        _native.mkdir_each([(path, 0o700)] + [(os.path.join(path, n), m) for n, m in FS_DIRS])
+    except OSError as e:
+        if getattr(e, "made", 0):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _owner_tag() -> str:

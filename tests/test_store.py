@@ -47,3 +47,24 @@ def test_same_name_twice_does_not_collide(tmp_path):
         assert not os.path.exists(tmp_path / "same")
     assert t.drain(10)
     assert os.listdir(t.dir) == []
+
+
+def test_trash_deletes_trees_without_following_links(tmp_path):
+    """The trash thread's rm -rf (in C) removes a tree with nested dirs and files
+    but never what a symlink in it points to; a missing path is fine."""
+    from pycri import _native
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "x").write_text("stays")
+    t = tmp_path / "t"
+    (t / "a" / "b" / "c").mkdir(parents=True)
+    (t / "a" / "f").write_text("goes")
+    (t / "a" / "ro").mkdir(mode=0o500)
+    (t / "to-keep").symlink_to(keep)
+    (t / "a" / "to-x").symlink_to(keep / "x")
+    trash = store.Trash(str(tmp_path / "base"))
+    trash.put(str(t))
+    assert store.Trash.drain(10)
+    assert not t.exists() and os.listdir(trash.dir) == []
+    assert (keep / "x").read_text() == "stays"
+    _native.remove_tree(str(tmp_path / "missing"))

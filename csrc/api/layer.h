@@ -73,3 +73,13 @@ int pycri_layer_finish(struct pycri_layer *l, char *diff_id_hex, struct pycri_er
 
 /* Release fds and buffers; safe to call more than once or after a failed open. */
 void pycri_layer_close(struct pycri_layer *l);
+
+/* rm -rf path, never following a symlink (a missing path is fine): what the
+ * trash thread deletes removed containers' trees with, in one call. */
+int pycri_remove_tree(const char *path, struct pycri_error *err);
+
+/* mkdir paths[0..n) in order with modes[i] (the umask applies), stopping at the
+ * first failure; *made says how many were made. One call for a record dir's or a
+ * cgroup's several directories. */
+int pycri_mkdir_each(const char *const *paths, const int *modes, int n, int *made,
+                     struct pycri_error *err);
