@@ -374,7 +374,7 @@ class Container:
         try:
             self._launch_in(rec, sandbox, sb_rec, image, config, slot)
         finally:
-            for fd in (slot.rootfs_fd, slot.dev_fd) if slot is not None else ():
+            for fd in slot.fds() if slot is not None else ():
                 if fd >= 0:
                     os.close(fd)    # (the child has its own, or it failed)
 

@@ -251,7 +251,7 @@ class Sandbox:
         # the first container's slot, made while the network is still being set up:
         # with a root of the image this process last ran, the likeliest guess
         slots.make(rt, self.id, rec["cgroup_parent"],
-                   *(("", None) if config.user_namespace else slots.last_image()))
+                   *(("", None) if config.user_namespace else slots.last_image(rt)))
         ips: tuple[str, ...] = network.result().ips if network is not None else ()
         self._write_etc(hostname, ips, config)
         rec.update(state=READY, ip=ips[0] if ips else "", ips=list(ips), hostname=hostname)

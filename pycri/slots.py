@@ -3,10 +3,15 @@ config, made ahead of need by a background thread.
 
 A slot is a fresh container id whose record directory is already laid out
 (``fs/upper``, ``fs/work``, ``fs/rootfs``) under ``<root>/slots/`` and whose cgroup
-already exists in the pod (default limits and device rules). A create takes the
-pod's slot, renames the directory into ``<root>/containers/`` and applies the
-config's limits: one rename instead of five mkdirs on the record disk and a
-mkdir per cgroup hierarchy (nine on a v1 host), all off the caller's path.
+already exists in the pod (default limits and device rules). In a pod without a
+user namespace it also holds the container's root and /dev, mounted ahead as
+detached mounts: the overlay of the image the pod's last create used (with the
+mount points the container's setup needs made in it) and a filled /dev tmpfs.
+A create takes the pod's slot, renames the directory into ``<root>/containers/``
+and applies the config's limits; the container process attaches the mounts. That
+is one rename instead of five mkdirs on the record disk, a mkdir per cgroup
+hierarchy (nine on a v1 host), an overlay mount, a copy-up of /etc and a /dev,
+all off the caller's path.
 
 A slot belongs to the process that made it, and its directory name says so:
 ``<pid>.<start time>.<pod id>.<container id>``. Nothing lists slots as
@@ -15,8 +20,9 @@ making and the use) is deleted, directory and cgroup, by the next Runtime on the
 same root (``cleanup``); a pod's removal deletes the remover's own slot of it
 (``forget``) and its cgroup removal takes anyone else's with it.
 
-Slots are made by the creating thread while its container sets itself up
-(``make``, from Container._launch), for the next create in the same pod.
+One thread makes them (``make``): a pod asks for its first while it is being
+set up (premounting the image this process last ran: a guess), and each create
+asks for the next once its container process exists (Container._launch).
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ class Slot:
     rootfs_fd: int = -1
     lowers: tuple[tuple[int, int], ...] = ()
     dev_fd: int = -1        # the container's /dev, made ahead with it (or -1)
+
+    def fds(self) -> tuple[int, int]:
+        return (self.rootfs_fd, self.dev_fd)
 
     def fits(self, image_id: str, layer_dirs: list[str]) -> bool:
         """Whether the premounted rootfs is this image's, on the same layer dirs (an
@@ -111,7 +120,7 @@ class _Slots:
 
     def _after_fork(self) -> None:
         for slot in self._ready.values():
-            for fd in (slot.rootfs_fd, slot.dev_fd):
+            for fd in slot.fds():
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
@@ -122,7 +131,8 @@ class _Slots:
         self._cv = threading.Condition()
         self._ready: dict[tuple[str, str], Slot] = {}
         self._making: set[tuple[str, str]] = set()     # asked for, not ready yet
-        self._last: tuple[str, list[str] | None] = ("", None)   # image of the last make
+        # per root: the image (id, layer dirs) of the last slot asked for with one
+        self._last: dict[str, tuple[str, list[str] | None]] = {}
         self._queue: list[tuple[Any, ...]] = []
         self._thread: threading.Thread | None = None
         self._tag = ""
@@ -147,7 +157,7 @@ class _Slots:
         key = (runtime.root, pod_id)
         with self._cv:
             if layer_dirs:
-                self._last = (image_id, list(layer_dirs))
+                self._last[runtime.root] = (image_id, list(layer_dirs))
             if key in self._ready or key in self._making:
                 return
             self._making.add(key)
@@ -187,11 +197,11 @@ class _Slots:
                     self._ready[key] = slot
                 self._cv.notify_all()
 
-    def last_image(self) -> tuple[str, list[str] | None]:
-        """The image (id, layer dirs) the last slot was asked for with: a new pod's
-        first slot premounts it, a guess at what the pod will run."""
+    def last_image(self, runtime: Runtime) -> tuple[str, list[str] | None]:
+        """The image (id, layer dirs) the last slot on this root was asked for with:
+        a new pod's first slot premounts it, a guess at what the pod will run."""
         with self._cv:
-            return self._last
+            return self._last.get(runtime.root, ("", None))
 
     def peek(self, runtime: Runtime, pod_id: str) -> Slot | None:
         """The slot a create in the pod would take now (it stays)."""
@@ -250,7 +260,7 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
 
 def discard(runtime: Runtime, slot: Slot) -> None:
     """Delete an unused slot: its rootfs mount, cgroup and directory."""
-    for fd in (slot.rootfs_fd, slot.dev_fd):
+    for fd in slot.fds():
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)    # (the last reference: the mount goes)
