@@ -95,30 +95,6 @@ static int fill_sockaddr(struct sockaddr_un *sa, const char *path, struct pycri_
     return 0;
 }
 
-/* Close every fd >= 3 that is not in keep[] (n entries, any order, -1 ignored). */
-static void close_all_but(const int *keep, int n) {
-    int sorted[MAX_MONITOR_FDS + 8];
-    int m = 0;
-    for (int i = 0; i < n && m < (int)(sizeof(sorted) / sizeof(sorted[0])); i++)
-        if (keep[i] >= 3)
-            sorted[m++] = keep[i];
-    for (int i = 1; i < m; i++) /* insertion sort: m is small */
-        for (int j = i; j > 0 && sorted[j - 1] > sorted[j]; j--) {
-            int t = sorted[j];
-            sorted[j] = sorted[j - 1];
-            sorted[j - 1] = t;
-        }
-    unsigned int from = 3;
-    for (int i = 0; i < m; i++) {
-        if ((unsigned int)sorted[i] < from)
-            continue;
-        if ((unsigned int)sorted[i] > from)
-            syscall(SYS_close_range, from, (unsigned int)sorted[i] - 1, 0);
-        from = (unsigned int)sorted[i] + 1;
-    }
-    syscall(SYS_close_range, from, ~0U, 0);
-}
-
 /* The launcher's work beside the container process's setup (pycri__after_clone). */
 static struct {
     int sock;                                 /* to the caller */
@@ -380,7 +356,7 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
                                      pycri__held_mntns, beside.lsock};
     for (int i = 0; i < req.n_monitor_fds; i++)
         keep[7 + i] = req.monitor_local[i];
-    close_all_but(keep, 7 + req.n_monitor_fds);
+    pycri__close_all_but(keep, 7 + req.n_monitor_fds, 3);
 
     int lsock = beside.lsock >= 0 ? beside.lsock : listen_start(start_sock, &rep.err);
     if (lsock < 0) {

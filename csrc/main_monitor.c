@@ -103,6 +103,7 @@
 #define READ_CHUNK 16384
 
 #include "internal.h"
+#include "spawn_child.h"
 #include "monitor_util.h"
 #include "monitor_log.h"
 
@@ -631,24 +632,12 @@ static void adopt_child(void) {
     }
 }
 
-static int cmp_int(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
-
 /* Close every inherited fd >= 3 except the ones the command line names: a stray
  * copy of the container's pipe write end would keep us from ever seeing EOF. */
 static void close_stray_fds(void) {
-    int keep[8] = {opt.ready_fd, opt.done_fd, opt.stdout_fd, opt.stderr_fd, opt.stdin_fd,
-                   opt.pty_fd, pycri__held_mntns, INT_MAX};
-    qsort(keep, 8, sizeof(int), cmp_int);
-    unsigned int from = 3;
-    for (int i = 0; i < 8; i++) {
-        if (keep[i] < (int)from)
-            continue;
-        if (keep[i] > (int)from)
-            syscall(SYS_close_range, from, keep[i] == INT_MAX ? ~0U : (unsigned int)keep[i] - 1, 0);
-        if (keep[i] == INT_MAX)
-            break;
-        from = (unsigned int)keep[i] + 1;
-    }
+    int keep[7] = {opt.ready_fd, opt.done_fd, opt.stdout_fd, opt.stderr_fd, opt.stdin_fd,
+                   opt.pty_fd, pycri__held_mntns};
+    pycri__close_all_but(keep, 7, 3);
 }
 
 int main(int argc, char **argv) {

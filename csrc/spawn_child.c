@@ -454,6 +454,24 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     CFAIL(PYCRI_STAGE_EXEC, "execve", path);
 }
 
+void pycri__close_all_but(int *keep, int n, int lowest) {
+    for (int i = 1; i < n; i++) /* insertion sort: n is small */
+        for (int j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
+            int t = keep[j];
+            keep[j] = keep[j - 1];
+            keep[j - 1] = t;
+        }
+    unsigned int from = (unsigned int)lowest;
+    for (int i = 0; i < n; i++) {
+        if (keep[i] < 0 || (unsigned int)keep[i] < from)
+            continue;
+        if ((unsigned int)keep[i] > from)
+            syscall(SYS_close_range, from, (unsigned int)keep[i] - 1, 0);
+        from = (unsigned int)keep[i] + 1;
+    }
+    syscall(SYS_close_range, from, ~0U, 0);
+}
+
 /* Close every fd the child does not need. Besides hygiene, this keeps the
  * report socket of a spawn running concurrently in another thread from being
  * held open here (its caller would wait for our exec to see its EOF). */
@@ -476,21 +494,7 @@ static void close_unneeded_fds(const struct pycri__plan *plan) {
     keep[n++] = s->dev_premounted ? s->dev_mount_fd : -1;
     for (int i = 0; i < s->n_keep_fds && n < (int)(sizeof(keep) / sizeof(keep[0])); i++)
         keep[n++] = s->keep_fds[i];
-    for (int i = 1; i < n; i++) /* insertion sort: n is small */
-        for (int j = i; j > 0 && keep[j - 1] > keep[j]; j--) {
-            int t = keep[j];
-            keep[j] = keep[j - 1];
-            keep[j - 1] = t;
-        }
-    unsigned int from = 0;
-    for (int i = 0; i < n; i++) {
-        if (keep[i] < 0 || (unsigned int)keep[i] < from)
-            continue;
-        if ((unsigned int)keep[i] > from)
-            syscall(SYS_close_range, from, (unsigned int)keep[i] - 1, 0);
-        from = (unsigned int)keep[i] + 1;
-    }
-    syscall(SYS_close_range, from, ~0U, 0);
+    pycri__close_all_but(keep, n, 0);
 }
 
 void pycri__child_main(struct pycri__plan *plan, int two_step) {

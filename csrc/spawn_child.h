@@ -97,6 +97,10 @@ extern const char *const pycri__ns_name[PYCRI_NS_COUNT];
  * internal ones included (spawn_child.c). */
 void pycri__default_all_signals(void);
 
+/* Close every fd >= lowest not in keep[] (n entries, any order, -1 ignored;
+ * sorted in place). Async-signal-safe: the child and the launcher use it. */
+void pycri__close_all_but(int *keep, int n, int lowest);
+
 /* The child, from the clone on (spawn_child.c): never returns. */
 __attribute__((noreturn)) void pycri__child_main(struct pycri__plan *plan, int two_step);
 

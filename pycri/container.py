@@ -20,7 +20,6 @@ refreshes it from the exit file, checks the transition, acts, and saves.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import signal
@@ -50,7 +49,7 @@ from pycri.process import (  # noqa: F401 - CAPS, DEFAULT_* and cap_mask are pub
     rlimits_for,
     seccomp_for,
 )
-from pycri.config import ContainerConfig, from_json, to_json
+from pycri.config import ContainerConfig, to_json
 from pycri.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -114,23 +113,8 @@ class ContainerStats:
     timestamp_ns: int
 
 
-class _Parsed:
-    """One version of a record file, parsed: shared by every reader of those bytes
-    (store.ParsedFiles); the config object is made when first asked for."""
-
-    __slots__ = ("rec", "_config")
-
-    def __init__(self, data: bytes) -> None:
-        self.rec: dict[str, Any] = json.loads(data)
-        self._config: ContainerConfig | None = None
-
-    @property
-    def config(self) -> ContainerConfig:
-        if self._config is None:
-            cfg = from_json(ContainerConfig, self.rec["config"])
-            assert isinstance(cfg, ContainerConfig)
-            self._config = cfg
-        return self._config
+def _parse(data: bytes) -> store.ParsedRecord:
+    return store.ParsedRecord(data, ContainerConfig)
 
 
 class Container:
@@ -176,7 +160,7 @@ class Container:
     def _lock_path(self) -> str:
         return os.path.join(self.runtime.root, "locks", f"container-{self.id}.lock")
 
-    def _parsed(self) -> _Parsed:
+    def _parsed(self) -> store.ParsedRecord:
         """The record file as it is now, parsed (reused while its bytes are unchanged)."""
         path = os.path.join(self.record_dir, "record.json")
         try:
@@ -184,9 +168,9 @@ class Container:
         except FileNotFoundError:
             self.runtime.parsed.forget(path)
             raise NotFoundError(f"container {self.id} not found") from None
-        return self.runtime.parsed.get(path, data, _Parsed)
+        return self.runtime.parsed.get(path, data, _parse)
 
-    def _read(self, parsed: _Parsed | None = None) -> dict[str, Any]:
+    def _read(self, parsed: store.ParsedRecord | None = None) -> dict[str, Any]:
         """The record with a recorded start folded in. Its nested values belong to the
         shared parse: callers may set top-level keys, and replace (never change) the rest."""
         rec = dict((parsed or self._parsed()).rec)
@@ -218,7 +202,7 @@ class Container:
         # the exit outlives a reboot that clears /run, with no write from Python.
         return os.path.join(self.record_dir, "exit.json")
 
-    def record(self, parsed: _Parsed | None = None) -> dict[str, Any]:
+    def record(self, parsed: store.ParsedRecord | None = None) -> dict[str, Any]:
         """The record, brought up to date (in memory) with the monitor's exit file.
         Nothing is written: the exit file itself is the durable account of the exit.
         (Nested values are shared with other readers: treat them as read-only.)"""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import secrets
 import shutil
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pycri import _native, slots, store
-from pycri.config import NODE, POD, ContainerConfig, Resources, SandboxConfig, from_json, to_json
+from pycri.config import NODE, POD, ContainerConfig, Resources, SandboxConfig, to_json
 from pycri.container import Container, RunResult, run_to_completion
 from pycri.errors import (AlreadyExistsError, InvalidArgumentError, InvalidStateError,
                           NotFoundError, PycriError, RuntimeFailure)
@@ -63,23 +62,8 @@ class SandboxStatus:
     netns_path: str
 
 
-class _Parsed:
-    """One version of a sandbox record file, parsed: shared by every reader of those
-    bytes (store.ParsedFiles); the config object is made when first asked for."""
-
-    __slots__ = ("rec", "_config")
-
-    def __init__(self, data: bytes) -> None:
-        self.rec: dict[str, Any] = json.loads(data)
-        self._config: SandboxConfig | None = None
-
-    @property
-    def config(self) -> SandboxConfig:
-        if self._config is None:
-            cfg = from_json(SandboxConfig, self.rec["config"])
-            assert isinstance(cfg, SandboxConfig)
-            self._config = cfg
-        return self._config
+def _parse(data: bytes) -> store.ParsedRecord:
+    return store.ParsedRecord(data, SandboxConfig)
 
 
 class Sandbox:
@@ -118,7 +102,7 @@ class Sandbox:
     def _lock_path(self) -> str:
         return os.path.join(self.runtime.root, "locks", f"sandbox-{self.id}.lock")
 
-    def _parsed(self) -> _Parsed:
+    def _parsed(self) -> store.ParsedRecord:
         """The record file as it is now, parsed (reused while its bytes are unchanged)."""
         path = os.path.join(self.record_dir, "record.json")
         try:
@@ -126,7 +110,7 @@ class Sandbox:
         except FileNotFoundError:
             self.runtime.parsed.forget(path)
             raise NotFoundError(f"sandbox {self.id} not found") from None
-        return self.runtime.parsed.get(path, data, _Parsed)
+        return self.runtime.parsed.get(path, data, _parse)
 
     def record(self) -> dict[str, Any]:
         """The record: top-level keys are the caller's to set; nested values are shared

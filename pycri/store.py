@@ -130,6 +130,29 @@ def makedirs(path: str, mode: int = 0o700) -> str:
 _T = TypeVar("_T")
 
 
+class ParsedRecord:
+    """One version of a container's or sandbox's record file, parsed: shared by
+    every reader of those bytes (ParsedFiles); its config object (of
+    ``config_type``) is made when first asked for."""
+
+    __slots__ = ("rec", "_config", "_type")
+
+    def __init__(self, data: bytes, config_type: type) -> None:
+        self.rec: dict[str, Any] = json.loads(data)
+        self._config: Any = None
+        self._type = config_type
+
+    @property
+    def config(self) -> Any:
+        if self._config is None:
+            from pycri.config import from_json
+
+            cfg = from_json(self._type, self.rec["config"])
+            assert isinstance(cfg, self._type)
+            self._config = cfg
+        return self._config
+
+
 class ParsedFiles:
     """What was made from small record files (their parse, config objects), reused
     while a file holds the very bytes it was made from.
