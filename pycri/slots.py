@@ -222,9 +222,8 @@ class _Slots:
         if slot is not None:
             # its cgroup now (the pod's goes next), its mounts and dir off the caller's
             # path (closing a premounted overlay unmounts it, syncing the upper dir)
-            with contextlib.suppress(OSError, PycriError):
-                runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).destroy(1.0)
-            runtime.trash.later(functools.partial(discard, runtime, slot))
+            _drop_cgroup(runtime, slot)
+            runtime.trash.later(functools.partial(_drop_mounts_and_dir, runtime, slot))
 
 
 def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
@@ -259,13 +258,21 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
 
 
 def discard(runtime: Runtime, slot: Slot) -> None:
-    """Delete an unused slot: its rootfs mount, cgroup and directory."""
+    """Delete an unused slot: its mounts, cgroup and directory."""
+    _drop_cgroup(runtime, slot)
+    _drop_mounts_and_dir(runtime, slot)
+
+
+def _drop_cgroup(runtime: Runtime, slot: Slot) -> None:
+    with contextlib.suppress(OSError, PycriError):
+        runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).destroy(1.0)
+
+
+def _drop_mounts_and_dir(runtime: Runtime, slot: Slot) -> None:
     for fd in slot.fds():
         if fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)    # (the last reference: the mount goes)
-    with contextlib.suppress(OSError, PycriError):
-        runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).destroy(1.0)
     with contextlib.suppress(OSError):
         runtime.trash.put(slot.dir)
 
