@@ -40,8 +40,15 @@
  * the launcher puts at 4, 5, ...; then argv_len bytes of NUL-terminated monitor
  * argv strings, sock_len bytes of start socket path (NUL-terminated), then
  * spec_len bytes of encoded spec. */
+/* flags: PRE = set a container process up as far as no config is needed and
+ * hold it (the spec is a stand-in: pycri_launch_pre); RESUME = the real request
+ * to a launcher that did so (its fds go from fd_base up, as its report said). */
+#define LAUNCH_REQ_PRE 1u
+#define LAUNCH_REQ_RESUME 2u
 struct launch_req {
     uint32_t magic;
+    uint32_t flags;
+    int32_t fd_base;                          /* where the fds go: 4 unless RESUME */
     uint32_t argc, argv_len, spec_len, sock_len;
     int32_t n_fds;
     int32_t n_monitor_fds;
@@ -55,6 +62,7 @@ struct launch_req {
  * final one (ok or the failure), which carries the start and report sockets. */
 #define LAUNCH_EARLY 1
 #define LAUNCH_FINAL 2
+#define LAUNCH_PAUSED 3   /* a PRE request's success: the held process's pid */
 struct launch_report {
     int kind;
     int ok;
@@ -175,8 +183,8 @@ static int take_fds(struct msghdr *mh, int *out, int room) {
 }
 
 /* Receive n fds (one-byte messages carrying SCM_RIGHTS) and put them at
- * LAUNCHER_SOCK_FD + 1 + i. */
-static int recv_fds(int sock, int n) {
+ * base + i. */
+static int recv_fds(int sock, int n, int base) {
     int got[MAX_LAUNCH_FDS];
     int have = 0;
     while (have < n) {
@@ -197,14 +205,14 @@ static int recv_fds(int sock, int n) {
     }
     /* above every target first, so no dup2 clobbers one still to be placed */
     for (int i = 0; i < n; i++) {
-        int lifted = fcntl(got[i], F_DUPFD_CLOEXEC, LAUNCHER_SOCK_FD + 1 + n);
+        int lifted = fcntl(got[i], F_DUPFD_CLOEXEC, base + n);
         if (lifted < 0)
             return -1;
         close(got[i]);
         got[i] = lifted;
     }
     for (int i = 0; i < n; i++) {
-        if (dup2(got[i], LAUNCHER_SOCK_FD + 1 + i) < 0)
+        if (dup2(got[i], base + i) < 0)
             return -1;
         close(got[i]);
     }
@@ -231,6 +239,73 @@ static int held_name(pid_t pid) {
     ssize_t n = read(fd, comm, sizeof(comm) - 1);
     close(fd);
     return n > 0 && !strncmp(comm, "pycri:held\n", 11);
+}
+
+/* One request from the caller, decoded. */
+struct request {
+    struct launch_req req;
+    char *args;                               /* the monitor argv strings */
+    char **argv;                              /* pointers into args, room for 5 more */
+    char start_sock[LAUNCH_TITLE_MAX + 1];
+    unsigned char *specbuf;                   /* decoded in place: spec points into it */
+    unsigned char *rawspec;                   /* RESUME: the encoded spec, for the child */
+    struct pycri_spawn_spec spec;
+};
+
+/* Read the next request: 1, or 0 at EOF before one, or -1 (err set). resume: it
+ * must be the RESUME request of a launcher that pre-cloned (fds from base up);
+ * else any first request. */
+static int read_request(int sock, struct request *r, int resume, int base,
+                        struct pycri_error *err) {
+    memset(r, 0, sizeof(*r));
+    struct launch_req *req = &r->req;
+    ssize_t got = read_full(sock, req, sizeof(*req));
+    if (got == 0)
+        return 0;
+    int pre = got == (ssize_t)sizeof(*req) && (req->flags & LAUNCH_REQ_PRE);
+    int want_flags = resume ? LAUNCH_REQ_RESUME : (pre ? LAUNCH_REQ_PRE : 0);
+    if (got != (ssize_t)sizeof(*req) || req->magic != LAUNCH_MAGIC ||
+        req->flags != (uint32_t)want_flags ||
+        req->fd_base != (resume ? base : LAUNCHER_SOCK_FD + 1) ||
+        (pre ? (req->argc || req->argv_len || req->sock_len || req->n_monitor_fds)
+             : (req->argc == 0 || req->argv_len == 0 || req->sock_len < 2)) ||
+        req->argv_len > MAX_ARGV_BYTES || req->spec_len > MAX_SPEC_BYTES ||
+        req->n_monitor_fds < 0 || req->n_monitor_fds > MAX_MONITOR_FDS || req->n_fds < 0 ||
+        req->n_fds > MAX_LAUNCH_FDS || req->sock_len > LAUNCH_TITLE_MAX)
+        return pycri_fail(err, EPROTO, "launch: bad request from the caller");
+    if (recv_fds(sock, req->n_fds, req->fd_base) < 0)
+        return pycri_fail(err, errno ? errno : EPROTO, "launch: receiving the caller's fds");
+    r->args = malloc(req->argv_len ? req->argv_len : 1);
+    r->specbuf = malloc(req->spec_len ? req->spec_len : 1); /* malloc aligns to 16 */
+    r->argv = malloc(sizeof(char *) * (req->argc + 5));
+    if (!r->args || !r->specbuf || !r->argv)
+        return pycri_fail(err, ENOMEM, "launch: request of %u bytes",
+                          req->argv_len + req->spec_len);
+    if (read_full(sock, r->args, req->argv_len) != (ssize_t)req->argv_len ||
+        read_full(sock, r->start_sock, req->sock_len) != (ssize_t)req->sock_len ||
+        read_full(sock, r->specbuf, req->spec_len) != (ssize_t)req->spec_len)
+        return pycri_fail(err, EPROTO, "launch: short request from the caller");
+    if (!pre && (r->start_sock[req->sock_len - 1] != '\0' ||
+                 strlen(r->start_sock) != req->sock_len - 1))
+        return pycri_fail(err, EPROTO, "launch: bad start socket path from the caller");
+    /* argv: exactly argc NUL-terminated strings */
+    uint32_t found = 0;
+    if (req->argv_len && r->args[req->argv_len - 1] == '\0') {
+        for (char *a = r->args; a < r->args + req->argv_len && found <= req->argc;
+             a += strlen(a) + 1)
+            r->argv[found++] = a;
+    }
+    if (found != req->argc)
+        return pycri_fail(err, EPROTO, "launch: bad monitor argv from the caller");
+    if (resume) {
+        r->rawspec = malloc(req->spec_len ? req->spec_len : 1);
+        if (!r->rawspec)
+            return pycri_fail(err, ENOMEM, "launch: spec of %u bytes", req->spec_len);
+        memcpy(r->rawspec, r->specbuf, req->spec_len);
+    }
+    if (pycri_spec_decode(r->specbuf, req->spec_len, &r->spec, err) < 0)
+        return -1;
+    return 1;
 }
 
 void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
@@ -268,39 +343,74 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
 
     /* A launcher may be made ahead of need: it waits here until the caller has a
      * container for it, or goes when the caller closes the socket unused. */
-    struct launch_req req;
-    ssize_t got = read_full(sock, &req, sizeof(req));
+    struct request rq;
+    int got = read_request(sock, &rq, 0, 0, &rep.err);
     if (got == 0)
         _exit(0);
-    if (got != (ssize_t)sizeof(req) || req.magic != LAUNCH_MAGIC ||
-        req.argc == 0 || req.argv_len == 0 || req.argv_len > MAX_ARGV_BYTES ||
-        req.spec_len > MAX_SPEC_BYTES || req.n_monitor_fds < 0 ||
-        req.n_monitor_fds > MAX_MONITOR_FDS || req.n_fds < 0 || req.n_fds > MAX_LAUNCH_FDS ||
-        req.sock_len < 2 || req.sock_len > LAUNCH_TITLE_MAX) {
-        pycri_fail(&rep.err, EPROTO, "launch: bad request from the caller");
+    if (got < 0)
+        launcher_fail(sock, &rep);
+    struct pycri_spawn_result sr;
+    memset(&sr, 0, sizeof(sr));
+    int resumed = 0;
+    if (rq.req.flags & LAUNCH_REQ_PRE) {
+        /* A pre-clone: the container process set up with the stand-in spec and
+         * paused before anything its config decides; then the real request. */
+        rq.spec.join_in_caller = 1;
+        rq.spec.pause_after_setup = 1;
+        if (pycri_spawn(&rq.spec, &sr, &rep.err) < 0) {
+            rep.res.stage = sr.stage;
+            launcher_fail(sock, &rep);
+        }
+        /* the stand-in's fds (its premounted mounts) are the child's now */
+        int held[4] = {sock, sr.start_fd, sr.report_fd, sr.pidfd};
+        pycri__close_all_but(held, 4, 3);
+        free(rq.specbuf);
+        free(rq.args);
+        free(rq.argv);
+        int base = LAUNCHER_SOCK_FD + 1;
+        for (int i = 1; i < 4; i++)
+            if (held[i] >= base)
+                base = held[i] + 1;
+        struct launch_report p;
+        memset(&p, 0, sizeof(p));
+        p.kind = LAUNCH_PAUSED;
+        p.ok = 1;
+        p.res.pid = sr.pid;
+        p.res.monitor_pid = getpid();
+        p.res.start_time = sr.start_time;
+        p.res.start_fd = base; /* (where the real request's fds go) */
+        p.res.report_fd = -1;
+        send(sock, &p, sizeof(p), MSG_NOSIGNAL);
+        /* wait for the real request; the held process dying or the caller going
+         * (the pre-clone discarded) ends it */
+        for (;;) {
+            struct pollfd pfds[2] = {{.fd = sock, .events = POLLIN},
+                                     {.fd = sr.pidfd, .events = POLLIN}};
+            int pr = poll(pfds, sr.pidfd >= 0 ? 2 : 1, -1);
+            if (pr < 0 && errno == EINTR)
+                continue;
+            if (pr < 0 || (sr.pidfd >= 0 && (pfds[1].revents & POLLIN)) ||
+                (pfds[0].revents & (POLLIN | POLLHUP | POLLERR)))
+                break;
+        }
+        got = child_exited(sr.pidfd, sr.pid) ? 0 : read_request(sock, &rq, 1, base, &rep.err);
+        if (got <= 0) {
+            kill(sr.pid, SIGKILL);
+            waitpid(sr.pid, NULL, 0);
+            if (got < 0)
+                launcher_fail(sock, &rep);
+            _exit(0);
+        }
+        resumed = 1;
+    } else if (rq.req.flags & LAUNCH_REQ_RESUME) {
+        pycri_fail(&rep.err, EPROTO, "launch: a resume request for a launcher that holds nothing");
         launcher_fail(sock, &rep);
     }
-    if (recv_fds(sock, req.n_fds) < 0) {
-        pycri_fail(&rep.err, errno ? errno : EPROTO, "launch: receiving the caller's fds");
-        launcher_fail(sock, &rep);
-    }
-    char start_sock[LAUNCH_TITLE_MAX + 1];
-    char *args = malloc(req.argv_len);
-    unsigned char *specbuf = malloc(req.spec_len ? req.spec_len : 1); /* malloc aligns to 16 */
-    if (!args || !specbuf) {
-        pycri_fail(&rep.err, ENOMEM, "launch: request of %u bytes", req.argv_len + req.spec_len);
-        launcher_fail(sock, &rep);
-    }
-    if (read_full(sock, args, req.argv_len) != (ssize_t)req.argv_len ||
-        read_full(sock, start_sock, req.sock_len) != (ssize_t)req.sock_len ||
-        read_full(sock, specbuf, req.spec_len) != (ssize_t)req.spec_len) {
-        pycri_fail(&rep.err, EPROTO, "launch: short request from the caller");
-        launcher_fail(sock, &rep);
-    }
-    if (start_sock[req.sock_len - 1] != '\0' || strlen(start_sock) != req.sock_len - 1) {
-        pycri_fail(&rep.err, EPROTO, "launch: bad start socket path from the caller");
-        launcher_fail(sock, &rep);
-    }
+    struct pycri_spawn_spec spec = rq.spec;
+    char *start_sock = rq.start_sock;
+    struct launch_req req = rq.req;
+    char **argv = rq.argv;
+    unsigned char *specbuf = rq.specbuf;
     /* ps and /proc/PID/cmdline show which container this is: the start socket
      * path, written over the blank argument it was spawned with */
     if (title) {
@@ -309,26 +419,9 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
         memcpy(title, start_sock, n);
         memset(title + n, 0, room - n);
     }
-    /* argv: exactly argc NUL-terminated strings */
-    /* room for "--adopt PID [--pty-master-fd N]" and the NULL */
-    char **argv = malloc(sizeof(char *) * (req.argc + 5));
-    uint32_t found = 0;
-    if (argv && args[req.argv_len - 1] == '\0') {
-        for (char *a = args; a < args + req.argv_len && found <= req.argc; a += strlen(a) + 1)
-            argv[found++] = a;
-    }
-    if (found != req.argc) {
-        pycri_fail(&rep.err, EPROTO, "launch: bad monitor argv from the caller");
-        launcher_fail(sock, &rep);
-    }
-    struct pycri_spawn_spec spec;
-    if (pycri_spec_decode(specbuf, req.spec_len, &spec, &rep.err) < 0)
-        launcher_fail(sock, &rep);
 
     /* this process is ours to put in the pod's namespaces (see api/spawn.h) */
     spec.join_in_caller = 1;
-    struct pycri_spawn_result sr;
-    memset(&sr, 0, sizeof(sr));
     /* While the container process sets itself up, this one reports its pid early,
      * takes hold of its mount namespace and makes the start socket
      * (launcher_after_clone): all off the caller's path. Holding the mount
@@ -339,12 +432,21 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
     beside.sock = sock;
     beside.start_sock = start_sock;
     beside.spec = &spec;
-    pycri__after_clone = launcher_after_clone;
-    if (pycri_spawn(&spec, &sr, &rep.err) < 0) {
-        rep.res.stage = sr.stage;
-        launcher_fail(sock, &rep);
+    if (resumed) {
+        launcher_after_clone(sr.pid);
+        if (pycri__spawn_resume(&spec, rq.rawspec, req.spec_len, &sr, &rep.err) < 0) {
+            rep.res.stage = sr.stage;
+            launcher_fail(sock, &rep);
+        }
+    } else {
+        pycri__after_clone = launcher_after_clone;
+        if (pycri_spawn(&spec, &sr, &rep.err) < 0) {
+            rep.res.stage = sr.stage;
+            launcher_fail(sock, &rep);
+        }
+        pycri__after_clone = NULL;
     }
-    pycri__after_clone = NULL;
+    free(rq.rawspec);
     if (pycri__held_mntns < 0 && spec.ns_mode[PYCRI_NS_MNT] == PYCRI_NS_NEW) {
         char nspath[64];   /* (no early report: the pid came only now) */
         snprintf(nspath, sizeof(nspath), "/proc/%d/ns/mnt", (int)sr.pid);
@@ -518,6 +620,7 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
 struct fdmap {
     int *src;
     int n, cap;
+    int base;       /* the launcher's number for the first */
 };
 
 static int map_fd(struct fdmap *m, int fd) {
@@ -525,11 +628,11 @@ static int map_fd(struct fdmap *m, int fd) {
         return -1;
     for (int i = 0; i < m->n; i++)
         if (m->src[i] == fd)
-            return LAUNCHER_SOCK_FD + 1 + i;
+            return m->base + i;
     if (m->n == m->cap)
         return -1; /* cannot happen: cap counts every slot */
     m->src[m->n++] = fd;
-    return LAUNCHER_SOCK_FD + m->n;
+    return m->base + m->n - 1;
 }
 
 static int send_full(int fd, struct iovec *iov, int n) {
@@ -675,25 +778,31 @@ static int send_fds(int sock, const int *fds, int n) {
     return 0;
 }
 
-PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *spec,
-                                   const char *start_sock,
-                                   const char *const *monitor_argv, const int *monitor_fds,
-                                   int n_monitor_fds, int *sock_out, struct pycri_error *err) {
+/* Send a request: a first one (flags 0 or PRE: the launcher, or a new one when
+ * -1, in *sock_out) or the RESUME one to a launcher holding a pre-clone, whose
+ * fds go from base up. A PRE request has no start socket and no monitor. */
+static int launch_send(int launcher, const struct pycri_spawn_spec *spec, const char *start_sock,
+                       const char *const *monitor_argv, const int *monitor_fds,
+                       int n_monitor_fds, uint32_t flags, int base, const char *launcher_path,
+                       int *sock_out, struct pycri_error *err) {
     *sock_out = -1;
+    int pre = (flags & LAUNCH_REQ_PRE) != 0;
     if (!spec->start_wait)
         return pycri_fail(err, EINVAL, "launch: the spec must use start_wait");
-    if (!monitor_argv || !monitor_argv[0] || monitor_argv[0][0] != '/')
+    if (!pre && (!monitor_argv || !monitor_argv[0] || monitor_argv[0][0] != '/'))
         return pycri_fail(err, EINVAL, "launch: monitor_argv[0] must be an absolute path");
     if (n_monitor_fds < 0 || n_monitor_fds > MAX_MONITOR_FDS)
         return pycri_fail(err, EINVAL, "launch: %d monitor fds (at most %d)", n_monitor_fds,
                           MAX_MONITOR_FDS);
     if (spec->n_keep_fds < 0 || spec->n_keep_fds > 1024 || (spec->n_keep_fds && !spec->keep_fds))
         return pycri_fail(err, EINVAL, "launch: bad keep_fds");
-    struct sockaddr_un sa;
-    if (fill_sockaddr(&sa, start_sock, err) < 0)
-        return -ENAMETOOLONG;
-    if (strlen(start_sock) + 1 > LAUNCH_TITLE_MAX)
-        return pycri_fail(err, ENAMETOOLONG, "start socket path %s", start_sock);
+    if (!pre) {
+        struct sockaddr_un sa;
+        if (fill_sockaddr(&sa, start_sock, err) < 0)
+            return -ENAMETOOLONG;
+        if (strlen(start_sock) + 1 > LAUNCH_TITLE_MAX)
+            return pycri_fail(err, ENAMETOOLONG, "start socket path %s", start_sock);
+    }
 
     /* the spec as the launcher will see it: fds renumbered */
     int cap = 7 + spec->n_keep_fds + n_monitor_fds;
@@ -701,7 +810,7 @@ PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *
     cleanup_free int *keep = malloc(sizeof(int) * (size_t)(spec->n_keep_fds + 1));
     if (!src || !keep)
         return pycri_fail(err, ENOMEM, "launch: fd map");
-    struct fdmap m = {.src = src, .n = 0, .cap = cap};
+    struct fdmap m = {.src = src, .n = 0, .cap = cap, .base = base};
     struct pycri_spawn_spec local = *spec;
     for (int i = 0; i < 3; i++)
         local.stdio[i] = map_fd(&m, spec->stdio[i]);
@@ -717,6 +826,8 @@ PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *
     struct launch_req req;
     memset(&req, 0, sizeof(req));
     req.magic = LAUNCH_MAGIC;
+    req.flags = flags;
+    req.fd_base = base;
     req.n_monitor_fds = n_monitor_fds;
     for (int i = 0; i < n_monitor_fds; i++) {
         if (monitor_fds[i] < 0)
@@ -733,18 +844,18 @@ PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *
         return pycri_fail(err, ENOMEM, "launch: spec of %d bytes", spec_len);
     pycri_spec_encode(&local, specbuf, (size_t)spec_len, err);
     size_t argv_len = 0;
-    for (const char *const *a = monitor_argv; *a; a++, req.argc++)
+    for (const char *const *a = monitor_argv; a && *a; a++, req.argc++)
         argv_len += strlen(*a) + 1;
     if (argv_len > MAX_ARGV_BYTES)
         return pycri_fail(err, E2BIG, "launch: monitor argv of %zu bytes", argv_len);
     req.argv_len = (uint32_t)argv_len;
     req.spec_len = (uint32_t)spec_len;
-    req.sock_len = (uint32_t)strlen(start_sock) + 1;
+    req.sock_len = pre ? 0 : (uint32_t)strlen(start_sock) + 1;
     req.n_fds = m.n;
     struct iovec iov[3 + req.argc];
     for (uint32_t i = 0; i < req.argc; i++)
         iov[i] = (struct iovec){(void *)monitor_argv[i], strlen(monitor_argv[i]) + 1};
-    iov[req.argc] = (struct iovec){(void *)start_sock, req.sock_len};
+    iov[req.argc] = (struct iovec){(void *)(pre ? "" : start_sock), req.sock_len};
     iov[req.argc + 1] = (struct iovec){specbuf, (size_t)spec_len};
 
     for (int i = 0; i < m.n; i++)
@@ -753,7 +864,7 @@ PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *
 
     /* a launcher made ahead of need, or a new one (the caller's to close) */
     if (launcher < 0) {
-        int rc = pycri_launcher_new(monitor_argv[0], &launcher, err);
+        int rc = pycri_launcher_new(pre ? launcher_path : monitor_argv[0], &launcher, err);
         if (rc < 0)
             return rc;
     }
@@ -767,6 +878,57 @@ PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *
         send_full(launcher, iov, (int)(2 + req.argc));
     }
     return 0;
+}
+
+PYCRI_EXPORT int pycri_launch_send(int launcher, const struct pycri_spawn_spec *spec,
+                                   const char *start_sock,
+                                   const char *const *monitor_argv, const int *monitor_fds,
+                                   int n_monitor_fds, int *sock_out, struct pycri_error *err) {
+    return launch_send(launcher, spec, start_sock, monitor_argv, monitor_fds, n_monitor_fds, 0,
+                       LAUNCHER_SOCK_FD + 1, NULL, sock_out, err);
+}
+
+PYCRI_EXPORT int pycri_launch_pre(int launcher, const char *launcher_path,
+                                  const struct pycri_spawn_spec *spec, int *sock_out,
+                                  struct pycri_prelaunch *out, struct pycri_error *err) {
+    memset(out, 0, sizeof(*out));
+    if (!launcher_path || launcher_path[0] != '/')
+        return pycri_fail(err, EINVAL, "launch: the launcher path must be absolute");
+    int rc = launch_send(launcher, spec, NULL, NULL, NULL, 0, LAUNCH_REQ_PRE,
+                         LAUNCHER_SOCK_FD + 1, launcher_path, sock_out, err);
+    if (rc < 0)
+        return rc;
+    struct launch_report rep;
+    int passed[2] = {-1, -1};
+    ssize_t n = recv_report(*sock_out, &rep, passed);
+    for (int i = 0; i < 2; i++)
+        if (passed[i] >= 0)
+            close(passed[i]);
+    if (n != (ssize_t)sizeof(rep) || (rep.kind != LAUNCH_PAUSED && rep.kind != LAUNCH_FINAL))
+        return pycri_fail(err, EPIPE, "launch: the launcher died before reporting");
+    if (rep.kind != LAUNCH_PAUSED || !rep.ok) {
+        *err = rep.err;
+        out->stage = rep.res.stage;
+        return -(rep.err.code ? rep.err.code : EINVAL);
+    }
+    out->pid = rep.res.pid;
+    out->monitor_pid = rep.res.monitor_pid;
+    out->start_time = rep.res.start_time;
+    out->fd_base = rep.res.start_fd;
+    return 0;
+}
+
+PYCRI_EXPORT int pycri_launch_resume_send(int sock, int fd_base,
+                                          const struct pycri_spawn_spec *spec,
+                                          const char *start_sock,
+                                          const char *const *monitor_argv,
+                                          const int *monitor_fds, int n_monitor_fds,
+                                          struct pycri_error *err) {
+    int out = -1;
+    if (sock < 0)
+        return pycri_fail(err, EBADF, "launch: no pre-cloned launcher");
+    return launch_send(sock, spec, start_sock, monitor_argv, monitor_fds, n_monitor_fds,
+                       LAUNCH_REQ_RESUME, fd_base, NULL, &out, err);
 }
 
 PYCRI_EXPORT int pycri_launch_wait(int sock, struct pycri_launch_result *res,

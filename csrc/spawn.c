@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -277,6 +278,27 @@ static void place_cgroups(const struct pycri_spawn_spec *s, struct pycri__plan *
         plan->cg_tasks_fd[i] = -1;
         plan->cg_by_parent[i] = 1;
         plan->n_cg = i + 1;
+        if (s->pause_after_setup) {
+            /* A pre-clone joins its cgroups only when resumed (held, it must not
+             * count in the pod's usage and limits): "0" written to the tasks file
+             * (v1) or cgroup.procs (v2, or v1 without tasks) moves the writer. */
+            int fd = -1;
+            const char *slash = strrchr(*c, '/');
+            if (slash && strcmp(slash + 1, "cgroup.procs") == 0) {
+                char path[PATH_MAX];
+                size_t dirlen = (size_t)(slash - *c);
+                if (dirlen + sizeof("/tasks") <= sizeof(path)) {
+                    memcpy(path, *c, dirlen);
+                    strcpy(path + dirlen, "/tasks");
+                    fd = open(path, O_WRONLY | O_CLOEXEC);
+                }
+            }
+            if (fd < 0)
+                fd = open(*c, O_WRONLY | O_CLOEXEC);
+            plan->cg_tasks_fd[i] = fd;
+            plan->cg_by_parent[i] = fd < 0;
+            continue;
+        }
         const char *slash = strrchr(*c, '/');
         if (!slash || strcmp(slash + 1, "cgroup.procs") != 0)
             continue;
@@ -388,6 +410,11 @@ static int prepare(const struct pycri_spawn_spec *s, struct pycri__plan *plan,
                                  s->ns_mode[PYCRI_NS_USER] != PYCRI_NS_HOST))
         return pycri_fail(err, EINVAL, "prepare: a premounted rootfs needs a rootfs path, its "
                                        "fd, and no user namespace");
+    if (s->pause_after_setup &&
+        (!s->rootfs || !s->mount_proc || !s->start_wait || !s->join_in_caller ||
+         s->ns_mode[PYCRI_NS_USER] != PYCRI_NS_HOST))
+        return pycri_fail(err, EINVAL, "prepare: pausing after the setup needs a rootfs, /proc, "
+                                       "start_wait, the launcher and no user namespace");
     if (s->rootfs && s->overlay_lower) {
         const char *parts[3] = {s->overlay_lower, s->overlay_upper, s->overlay_work};
         for (int i = 0; i < 3; i++)
@@ -531,7 +558,7 @@ static int converse(const struct pycri_spawn_spec *s, const struct pycri__plan *
             send(sock, &go, sizeof(go), MSG_NOSIGNAL);
         } else if (m.kind == MSG_PID) {
             st->final_pid = m.pid;
-        } else if (m.kind == MSG_READY) {
+        } else if (m.kind == MSG_READY || m.kind == MSG_PAUSED) {
             ready = 1;
             if (stop_at_ready && !failed)
                 return 0;
@@ -571,6 +598,10 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
         rc = prepare_sysctls(s, &sysctl_buf, &plan.n_sysctl, err);
     if (rc == 0)
         place_cgroups(s, &plan);
+    for (int i = 0; rc == 0 && s->pause_after_setup && i < plan.n_cg; i++)
+        if (plan.cg_tasks_fd[i] < 0)
+            rc = pycri_fail(err, errno ? errno : EINVAL, "prepare: open %s",
+                            s->cgroup_procs[i]);
     if (rc == 0)
         rc = pycri__userns_prepare(s, &plan, err);
     plan.sysctl_buf = sysctl_buf;
@@ -696,4 +727,87 @@ PYCRI_EXPORT int pycri_spawn_start(int start_fd, int report_fd, struct pycri_err
     if (n == (ssize_t)sizeof(m) && m.kind == MSG_ERROR)
         return set_err_from_child(err, &m.ce);
     return pycri_fail(err, n < 0 ? errno : EPROTO, "start: report socket");
+}
+
+int pycri__spawn_resume(const struct pycri_spawn_spec *s, const unsigned char *specbuf,
+                        size_t spec_len, struct pycri_spawn_result *res, struct pycri_error *err) {
+    res->stage = PYCRI_STAGE_PREPARE;
+    int fds[PYCRI_RESUME_MAX_FDS];
+    int n = 0;
+    int ok = 1;
+    int set[3 + 1 + 1024];
+    int ns = 0;
+    for (int i = 0; i < 3; i++)
+        set[ns++] = s->stdio[i];
+    set[ns++] = s->tty_fd;
+    for (int i = 0; i < s->n_keep_fds && ns < (int)(sizeof(set) / sizeof(set[0])); i++)
+        set[ns++] = s->keep_fds[i];
+    int memfd = (int)syscall(SYS_memfd_create, "pycri-spec", 1 /* MFD_CLOEXEC */);
+    if (memfd < 0)
+        return pycri_fail(err, errno, "resume: memfd_create");
+    if (pycri__write_all(memfd, (const char *)specbuf, spec_len) < 0) {
+        close(memfd);
+        return pycri_fail(err, errno, "resume: write the spec");
+    }
+    fds[n++] = memfd;
+    for (int i = 0; i < ns && ok; i++) {
+        if (set[i] < 0)
+            continue;
+        if (n == PYCRI_RESUME_MAX_FDS)
+            ok = 0;
+        else
+            fds[n++] = set[i];
+    }
+    if (!ok) {
+        close(memfd);
+        return pycri_fail(err, EMFILE, "resume: more than %d fds for the container",
+                          PYCRI_RESUME_MAX_FDS - 1);
+    }
+    struct msg m;
+    memset(&m, 0, sizeof(m));
+    m.kind = MSG_RESUME;
+    m.pid = (int)spec_len;
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int) * PYCRI_RESUME_MAX_FDS)];
+    } cm;
+    memset(&cm, 0, sizeof(cm));
+    struct iovec iov = {&m, sizeof(m)};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                        .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n)};
+    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n);
+    memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)n);
+    ssize_t w;
+    do
+        w = sendmsg(res->report_fd, &mh, MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    int werr = errno;
+    close(memfd);
+    struct parent_state st = {.first_pid = res->pid, .final_pid = res->pid,
+                              .first_pidfd = -1, .two_step = 0, .tty_master = -1};
+    int stage = PYCRI_STAGE_NONE;
+    int rc;
+    if (w != (ssize_t)sizeof(m)) {
+        stage = PYCRI_STAGE_CLONE;
+        rc = pycri_fail(err, werr, "resume: the prepared container process is gone");
+    } else {
+        rc = converse(NULL, NULL, res->report_fd, &st, 1, &stage, err);
+    }
+    if (rc == 0 && s->tty_new && st.tty_master < 0) {
+        stage = PYCRI_STAGE_TTY;
+        rc = pycri_fail(err, EPROTO, "tty: the container process sent no pty master");
+    }
+    if (rc < 0) {
+        if (st.tty_master >= 0)
+            close(st.tty_master);
+        reap(&st, 1);
+        res->stage = stage;
+        return rc;
+    }
+    res->tty_master = st.tty_master;
+    res->stage = PYCRI_STAGE_NONE;
+    return 0;
 }

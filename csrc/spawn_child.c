@@ -23,6 +23,7 @@
 #include <string.h>
 #include <grp.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -333,34 +334,147 @@ static int raw_setresuid(unsigned int id) { return (int)syscall(SYS_setresuid, i
 static int raw_setresgid(unsigned int id) { return (int)syscall(SYS_setresgid, id, id, id); }
 
 /* The container process from GO to execve. */
+/* v1 cgroups: "0" in a tasks file moves just the writing thread, which the
+ * kernel does without the global threadgroup lock (whose first writer after a
+ * quiet spell waits for an RCU grace period, ~6 ms); for a single-threaded
+ * process that is the whole process. Children inherit it. */
+static void join_cgroups(struct pycri__plan *plan) {
+    const struct pycri_spawn_spec *s = plan->spec;
+    struct pycri__cerr ce;
+    for (int i = 0; i < plan->n_cg; i++) {
+        if (plan->cg_tasks_fd[i] < 0)
+            continue;
+        ssize_t w;
+        do
+            w = write(plan->cg_tasks_fd[i], "0", 1);
+        while (w < 0 && errno == EINTR);
+        if (w != 1)
+            CFAIL(PYCRI_STAGE_CGROUP, "cgroup: write 0 to tasks for", s->cgroup_procs[i]);
+        close(plan->cg_tasks_fd[i]);
+        plan->cg_tasks_fd[i] = -1;
+    }
+}
+
+/* a cgroup namespace is rooted at the cgroup current when it is made: only
+ * once in the container's cgroups */
+static void new_cgroupns(struct pycri__plan *plan) {
+    struct pycri__cerr ce;
+    if (plan->spec->ns_mode[PYCRI_NS_CGROUP] == PYCRI_NS_NEW && unshare(CLONE_NEWCGROUP) < 0)
+        CFAIL(PYCRI_STAGE_NAMESPACE, "unshare", "cgroup");
+}
+
+static int write_oom_score_adj(const struct pycri_spawn_spec *s) {
+    char num[24];
+    utoa10(s->oom_score_adj, num);
+    int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+    int rc = fd < 0 || pycri__write_all(fd, num, strlen(num)) < 0 ? -1 : 0;
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
+/* Paused after the setup (pause_after_setup): say so, then wait for the real
+ * spec (MSG_RESUME: a memfd holding it, encoded, then its stdio, tty and kept
+ * fds, in that order, for the fields that are set) and carry on with it. The
+ * setup already done is the caller's to match (pycri/launchplan.py); what is
+ * checked here is only what would make the rest go wrong. The launcher is
+ * single-threaded, so this copy of it may use its memory freely. */
+static void child_resume(struct pycri__plan *plan) {
+    static struct pycri_spawn_spec resumed;
+    struct pycri__cerr ce;
+    const struct pycri_spawn_spec *was = plan->spec;
+    send_msg(plan->sock, MSG_PAUSED, 0, NULL);
+    struct msg m;
+    int fds[PYCRI_RESUME_MAX_FDS];
+    int n_fds = 0;
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int) * PYCRI_RESUME_MAX_FDS)];
+    } cm;
+    struct iovec iov = {&m, sizeof(m)};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                        .msg_controllen = sizeof(cm.buf)};
+    ssize_t n;
+    do
+        n = recvmsg(plan->sock, &mh, MSG_CMSG_CLOEXEC);
+    while (n < 0 && errno == EINTR);
+    if (n != (ssize_t)sizeof(m) || m.kind != MSG_RESUME)
+        _exit(0); /* discarded unused (the launcher went) */
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
+        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < k && n_fds < PYCRI_RESUME_MAX_FDS; i++)
+                memcpy(&fds[n_fds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+        }
+    errno = EPROTO;
+    if (n_fds < 1 || m.pid <= 0 || (mh.msg_flags & MSG_CTRUNC))
+        CFAIL(PYCRI_STAGE_PREPARE, "resume: bad message from the launcher", NULL);
+    unsigned char *buf = mmap(NULL, (size_t)m.pid, PROT_READ | PROT_WRITE, MAP_PRIVATE, fds[0], 0);
+    if (buf == MAP_FAILED)
+        CFAIL(PYCRI_STAGE_PREPARE, "resume: mmap the spec", NULL);
+    close(fds[0]);
+    struct pycri_error derr;
+    if (pycri_spec_decode(buf, (size_t)m.pid, &resumed, &derr) < 0) {
+        errno = derr.code;
+        CFAIL(PYCRI_STAGE_PREPARE, "resume: decode the spec", NULL);
+    }
+    /* its fds, renumbered: the ones the launcher sent, in field order */
+    int next = 1;
+    int *slots[3 + 1 + 1024];
+    int ns = 0;
+    for (int i = 0; i < 3; i++)
+        slots[ns++] = &resumed.stdio[i];
+    slots[ns++] = &resumed.tty_fd;
+    for (int i = 0; i < resumed.n_keep_fds && ns < (int)(sizeof(slots) / sizeof(slots[0])); i++)
+        slots[ns++] = (int *)&resumed.keep_fds[i];
+    for (int i = 0; i < ns; i++) {
+        if (*slots[i] < 0)
+            continue;
+        if (next >= n_fds) {
+            errno = EBADF;
+            CFAIL(PYCRI_STAGE_FDS, "resume: fewer fds than the spec names", NULL);
+        }
+        *slots[i] = fds[next++];
+    }
+    resumed.join_in_caller = was->join_in_caller;
+    resumed.pause_after_setup = 0;
+    errno = EINVAL;
+    if (memcmp(resumed.ns_mode, was->ns_mode, sizeof(was->ns_mode)) != 0 || !resumed.rootfs ||
+        !resumed.start_wait || !resumed.argv || !resumed.argv[0])
+        CFAIL(PYCRI_STAGE_PREPARE, "resume: the spec does not fit the prepared container", NULL);
+    if (resumed.tty_new && resumed.tty_fd >= 0)
+        CFAIL(PYCRI_STAGE_PREPARE, "resume: tty_new with a tty_fd", NULL);
+    if (resumed.hostname && resumed.ns_mode[PYCRI_NS_UTS] != PYCRI_NS_NEW)
+        CFAIL(PYCRI_STAGE_PREPARE, "resume: hostname needs a new uts namespace", NULL);
+    if (resumed.seccomp_bpf && (resumed.seccomp_len == 0 || resumed.seccomp_len > 4096))
+        CFAIL(PYCRI_STAGE_PREPARE, "resume: bad seccomp program length", NULL);
+    /* into the container's cgroups only now (held, it was the launcher's) */
+    join_cgroups(plan);
+    new_cgroupns(plan);
+    plan->spec = &resumed;
+    plan->tty_fd = resumed.tty_fd;
+    if (resumed.set_oom_score_adj && write_oom_score_adj(&resumed) < 0)
+        CFAIL(PYCRI_STAGE_OOM, "write /proc/self/oom_score_adj", NULL);
+}
+
 static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
     const struct pycri_spawn_spec *s = plan->spec;
     struct pycri__cerr ce;
     int procfd = -1;
 
-    /* a cgroup namespace is rooted at the cgroup current when it is made: only
-     * now, after the parent moved us into the container's cgroups */
-    if (s->ns_mode[PYCRI_NS_CGROUP] == PYCRI_NS_NEW && unshare(CLONE_NEWCGROUP) < 0)
-        CFAIL(PYCRI_STAGE_NAMESPACE, "unshare", "cgroup");
+    if (!s->pause_after_setup)
+        new_cgroupns(plan);     /* (after the parent's cgroup writes, if any) */
     if (plan->userns_any) {
         /* become the namespace's root (its uid 0 is now mapped) */
         if (raw_setresgid(0) < 0 || raw_setresuid(0) < 0)
             CFAIL(PYCRI_STAGE_IDMAP, "setresuid(0) in the user namespace", NULL);
     }
-    if (s->set_oom_score_adj) {
-        char num[24];
-        utoa10(s->oom_score_adj, num);
-        int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
-        if (fd < 0 || pycri__write_all(fd, num, strlen(num)) < 0)
-            CFAIL(PYCRI_STAGE_OOM, "write /proc/self/oom_score_adj", num);
-        close(fd);
-    }
+    if (s->set_oom_score_adj && !s->pause_after_setup && write_oom_score_adj(s) < 0)
+        CFAIL(PYCRI_STAGE_OOM, "write /proc/self/oom_score_adj", NULL);
     int sysctls_done = plan->n_sysctl == 0;
     if (s->ns_mode[PYCRI_NS_MNT] == PYCRI_NS_NEW &&
         pycri__mount_setup(plan, &procfd, &sysctls_done, &ce) < 0)
         die(plan, &ce);
-    if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
-        CFAIL(PYCRI_STAGE_HOSTNAME, "sethostname", s->hostname);
     if (!sysctls_done) {
         if (procfd < 0)
             procfd = open("/proc", O_PATH | O_DIRECTORY | O_CLOEXEC);
@@ -369,6 +483,14 @@ static __attribute__((noreturn)) void child_finish(struct pycri__plan *plan) {
         if (pycri__write_sysctls(plan, procfd, &ce) < 0)
             die(plan, &ce);
     }
+    if (procfd >= 0)
+        close(procfd);
+    if (s->pause_after_setup) {
+        child_resume(plan);
+        s = plan->spec;
+    }
+    if (s->hostname && sethostname(s->hostname, strlen(s->hostname)) < 0)
+        CFAIL(PYCRI_STAGE_HOSTNAME, "sethostname", s->hostname);
     if (s->tty_new && open_own_pty(plan, &ce) < 0)
         die(plan, &ce);
     /* a session of its own: Ctrl-C on the caller's terminal is not the container's */
@@ -502,21 +624,8 @@ void pycri__child_main(struct pycri__plan *plan, int two_step) {
     struct pycri__cerr ce;
 
     close_unneeded_fds(plan);
-    /* v1 cgroups: "0" in a tasks file moves just the writing thread, which the
-     * kernel does without the global threadgroup lock (whose first writer after
-     * a quiet spell waits for an RCU grace period, ~6 ms); for a single-threaded
-     * process that is the whole process. Children inherit it. */
-    for (int i = 0; i < plan->n_cg; i++) {
-        if (plan->cg_tasks_fd[i] < 0)
-            continue;
-        ssize_t w;
-        do
-            w = write(plan->cg_tasks_fd[i], "0", 1);
-        while (w < 0 && errno == EINTR);
-        if (w != 1)
-            CFAIL(PYCRI_STAGE_CGROUP, "cgroup: write 0 to tasks for", s->cgroup_procs[i]);
-        close(plan->cg_tasks_fd[i]);
-    }
+    if (!s->pause_after_setup)
+        join_cgroups(plan);
 
     umask(0);
     /* signals stay blocked (the parent blocked them around clone); reset the

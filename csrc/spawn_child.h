@@ -81,7 +81,12 @@ int pycri__write_sysctls(const struct pycri__plan *plan, int procfd, struct pycr
 
 
 /* What parent and child say on the report socket (spawn.c, spawn_child.c). */
-enum { MSG_SETUP = 1, MSG_GO, MSG_PID, MSG_READY, MSG_ERROR, MSG_TTY };
+enum { MSG_SETUP = 1, MSG_GO, MSG_PID, MSG_READY, MSG_ERROR, MSG_TTY, MSG_PAUSED, MSG_RESUME };
+
+/* MSG_RESUME (launcher to a child paused after its setup): pid holds the length
+ * of the encoded spec in the memfd that is the first fd passed; then the spec's
+ * stdio, tty and kept fds (those set, in field order). At most this many: */
+#define PYCRI_RESUME_MAX_FDS 72
 
 struct msg {
     int kind;
@@ -100,6 +105,12 @@ void pycri__default_all_signals(void);
 /* Close every fd >= lowest not in keep[] (n entries, any order, -1 ignored;
  * sorted in place). Async-signal-safe: the child and the launcher use it. */
 void pycri__close_all_but(int *keep, int n, int lowest);
+
+/* Resume a process paused after its setup (pause_after_setup; res as that
+ * pycri_spawn left it) with the real spec s, whose encoding is specbuf: it
+ * carries on to READY. On failure it is killed and reaped. (spawn.c) */
+int pycri__spawn_resume(const struct pycri_spawn_spec *s, const unsigned char *specbuf,
+                        size_t spec_len, struct pycri_spawn_result *res, struct pycri_error *err);
 
 /* The child, from the clone on (spawn_child.c): never returns. */
 __attribute__((noreturn)) void pycri__child_main(struct pycri__plan *plan, int two_step);

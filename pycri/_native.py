@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -857,15 +858,90 @@ class _SpareLaunchers:
 _spares = _SpareLaunchers()
 
 
+@dataclass
+class Preclone:
+    """A container process set up ahead by a launcher and held there (csrc/api/
+    launch.h, pycri_launch_pre): ``launch(..., preclone=)`` resumes it with the real
+    spec; ``discard`` ends it. The socket is this process's (CLOEXEC)."""
+
+    sock: int
+    pid: int
+    monitor_pid: int
+    start_time: int
+    fd_base: int
+    _pidfd: int = -1
+
+    def alive(self) -> bool:
+        """Whether the launcher still holds it (no hangup on the socket)."""
+        if self.sock < 0:
+            return False
+        return not _readable_now(self.sock)
+
+    def discard(self, wait: float = 2.0) -> None:
+        """Close the socket: the launcher kills and reaps the process and exits.
+        Waits (up to ``wait`` s) for that, so its cgroup and mounts are free after."""
+        sock, self.sock = self.sock, -1
+        if sock < 0:
+            return
+        os.close(sock)
+        pidfd = self._pidfd
+        self._pidfd = -1
+        if pidfd >= 0:
+            try:
+                _wait_readable(pidfd, wait)
+            finally:
+                os.close(pidfd)
+
+
+def _readable_now(fd: int) -> bool:
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP)
+    return bool(p.poll(0))
+
+
+def _wait_readable(fd: int, timeout: float) -> None:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    p.poll(int(timeout * 1000))
+
+
+def preclone(spec: SpawnSpec, launcher_path: str) -> Preclone:
+    """Set a container process up ahead with the stand-in ``spec`` and hold it
+    (see Preclone). Raises OSError (with ``.stage``)."""
+    if not spec.start_wait:
+        raise ValueError("a pre-clone needs start_wait=True")
+    c, _b = _spec_struct(spec)
+    out = ffi.new("struct pycri_prelaunch *")
+    sock = ffi.new("int *", -1)
+    err = _new_err()
+    launcher = _spares.take(launcher_path)
+    rc = lib.pycri_launch_pre(launcher, launcher_path.encode(), c, sock, out, err)
+    if rc < 0:
+        if sock[0] >= 0:
+            os.close(sock[0])
+        elif launcher >= 0:
+            os.close(launcher)
+        raise _spawn_error(err, out.stage)
+    pc = Preclone(sock[0], out.pid, out.monitor_pid, out.start_time, out.fd_base)
+    try:
+        pc._pidfd = os.pidfd_open(out.monitor_pid)
+    except OSError:
+        pc._pidfd = -1
+    return pc
+
+
 def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
            monitor_fds: Sequence[int], spare: bool = True,
-           on_pid: Callable[[LaunchResult], None] | None = None) -> LaunchResult:
+           on_pid: Callable[[LaunchResult], None] | None = None,
+           preclone: Preclone | None = None) -> LaunchResult:
     """Create a container held before execve by a detached launcher that becomes
     its monitor on start (see csrc/api/launch.h). Raises OSError with ``.stage``.
     ``spare``: use (and then replace) a launcher made ahead of need. ``on_pid`` is
     called with the pids (no fds) as soon as the container process exists, while
     it still sets itself up (not for every launch: then only the result has them);
-    what it raises is raised once the launch is over, with its fds closed."""
+    what it raises is raised once the launch is over, with its fds closed.
+    ``preclone``: resume that held process with this spec instead (its setup must
+    be the one the pre-clone was made with; the caller checks): it is used up."""
     if not spec.start_wait:
         raise ValueError("launch needs start_wait=True")
     c, b = _spec_struct(spec)
@@ -876,11 +952,22 @@ def launch(spec: SpawnSpec, start_sock: str, monitor_argv: Sequence[str],
     res = ffi.new("struct pycri_launch_result *")
     err = _new_err()
     sock = ffi.new("int *", -1)
-    launcher = _spares.take(monitor_argv[0]) if spare else -1
     failed: BaseException | None = None
+    if preclone is not None:
+        launcher, preclone.sock = preclone.sock, -1
+        if preclone._pidfd >= 0:
+            os.close(preclone._pidfd)
+            preclone._pidfd = -1
+    else:
+        launcher = _spares.take(monitor_argv[0]) if spare else -1
     try:
-        rc = lib.pycri_launch_send(launcher, c, start_sock.encode(), argv, fds,
-                                   len(monitor_fds), sock, err)
+        if preclone is not None:
+            rc = lib.pycri_launch_resume_send(launcher, preclone.fd_base, c,
+                                              start_sock.encode(), argv, fds,
+                                              len(monitor_fds), err)
+        else:
+            rc = lib.pycri_launch_send(launcher, c, start_sock.encode(), argv, fds,
+                                       len(monitor_fds), sock, err)
         if sock[0] >= 0:
             launcher = sock[0]      # (the spare, or a new launcher made for this)
         while rc == 0 or rc == 1:

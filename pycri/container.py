@@ -361,11 +361,22 @@ class Container:
             for fd in slot.fds() if slot is not None else ():
                 if fd >= 0:
                     os.close(fd)    # (the child has its own, or it failed)
+            if slot is not None and slot.pre is not None:
+                slot.pre.discard()  # (unless the launch used it up)
 
     def _launch_in(self, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str, Any],
                    image: Image, config: ContainerConfig, slot: slots.Slot | None) -> None:
         plan = launchplan.plan(self, rec, sandbox, sb_rec, image, config, slot)
         rt = self.runtime
+        # the container process the slot holds, set up ahead, if it was set up just
+        # as this config wants (else it goes first: it is in the cgroup and holds
+        # the writable layer; the overlay is then mounted by the new process)
+        pre = slot.pre if slot is not None else None
+        if slot is not None and pre is not None and (
+                launchplan.setup_key(plan.spec, self.record_dir) != slot.pre_key
+                or not pre.alive()):
+            pre.discard()
+            pre = None
 
         def record_pids(r: _native.LaunchResult) -> None:
             # while the container process mounts its root: the record with its pids
@@ -374,11 +385,12 @@ class Container:
             self._write(rec)
             # ... and the next create's slot (it would wait through this anyway)
             slots.make(rt, sandbox.id, rec["cgroup_parent"], image.id,
-                       None if sb_rec["config"].get("user_namespace") else plan.layer_dirs)
+                       None if sb_rec["config"].get("user_namespace") else plan.layer_dirs,
+                       config)
 
         try:
             res = _native.launch(plan.spec, self._sock("start"), plan.monitor, plan.monitor_fds,
-                                 on_pid=record_pids)
+                                 on_pid=record_pids, preclone=pre)
         except OSError as e:
             os.close(plan.done_r)
             stage = getattr(e, "stage", "")

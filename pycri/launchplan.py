@@ -107,10 +107,9 @@ def plan(ctr: Container, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str
     if "image_volumes" in rec:
         # image GC must see the volume images' layers as in use from now on
         ctr._write(rec)
-    privileged = config.privileged
-    masked, readonly = masked_and_readonly(config)
     seccomp = seccomp_for(config, caps)
-    files = sandbox.container_files(sb_rec)
+    setup = _setup_fields(sandbox, sb_rec, config, ctr.record_dir, layer_dirs,
+                          cg.procs_files(), namespaces, binds)
 
     monitor_fds: list[int] = []
     child_fds: list[int] = []
@@ -152,18 +151,10 @@ def plan(ctr: Container, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str
             seccomp_bpf=seccomp,
             oom_score_adj=config.oom_score_adj if config.oom_score_adj > 0 else None,
             stdin=stdin_fd, stdout=stdout_fd, stderr=stderr_fd, tty_new=config.tty,
-            rlimits=rlimits_for(config), sysctls=dict(config.sysctls),
-            namespaces=namespaces,
-            cgroup_procs=cg.procs_files(), rootfs=rootfs, overlay_lower=layer_dirs,
-            overlay_upper=upper, overlay_work=work, rootfs_readonly=config.readonly_rootfs,
+            rlimits=rlimits_for(config), rootfs_readonly=config.readonly_rootfs,
             rootfs_mount_fd=slot.rootfs_fd if slot else -1,
             dev_mount_fd=slot.dev_fd if slot else -1,
-            mount_sys=True, sys_writable=privileged, host_devices=privileged,
-            shm_path=files["shm_path"], etc_hostname=files["etc_hostname"],
-            etc_hosts=files["etc_hosts"], etc_resolv=files["etc_resolv"],
-            binds=binds, masked_paths=list(masked), readonly_paths=list(readonly),
-            root_propagation=_root_propagation(config.mounts),
-            start_wait=True,
+            start_wait=True, **setup,
         )
         monitor = _native.monitor_command(
             ctr._exit_file, rec["log_path"], for_launch=True,
@@ -174,6 +165,74 @@ def plan(ctr: Container, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str
                 os.close(fd)
         raise
     return LaunchPlan(spec, monitor, monitor_fds, child_fds, done_r, layer_dirs)
+
+
+# The SpawnSpec fields the setup of a container process reads: its namespaces,
+# cgroups and mounts, the sysctls (written once /proc is mounted) and pivot_root;
+# everything csrc/ does before a pre-clone pauses (pause_after_setup). A create
+# resumes a pre-clone only when its own spec has the same values for all of them
+# (setup_key); the rest of the spec (the process: argv, env, user, capabilities,
+# seccomp, rlimits, stdio...) comes with the resume.
+SETUP_FIELDS = (
+    "namespaces", "join_pidfd", "uid_map", "gid_map", "cgroup_procs", "rootfs",
+    "overlay_lower", "overlay_upper", "overlay_work", "root_propagation", "mount_proc",
+    "mount_sys", "sys_writable", "mount_dev", "host_devices", "shm_path", "shm_size",
+    "etc_hostname", "etc_hosts", "etc_resolv", "binds", "masked_paths", "readonly_paths",
+    "sysctls", "parent_death_signal",
+)
+
+
+def _setup_fields(sandbox: Sandbox, sb_rec: dict[str, Any], config: ContainerConfig,
+                  record_dir: str, layer_dirs: list[str], cgroup_procs: list[str],
+                  namespaces: dict[str, str], binds: list[_native.BindMount]) -> dict[str, Any]:
+    """The setup part of a container's spec (the SETUP_FIELDS that are not left at
+    their defaults), for a create and for a pre-clone alike."""
+    fs = os.path.join(record_dir, "fs")
+    upper, work, rootfs = (os.path.join(fs, d) for d in ("upper", "work", "rootfs"))
+    masked, readonly = masked_and_readonly(config)
+    files = sandbox.container_files(sb_rec)
+    return {
+        "namespaces": namespaces, "cgroup_procs": cgroup_procs, "rootfs": rootfs,
+        "overlay_lower": [*layer_dirs, sandbox.runtime.mount_points],
+        "overlay_upper": upper, "overlay_work": work,
+        "mount_sys": True, "sys_writable": config.privileged,
+        "host_devices": config.privileged, "shm_path": files["shm_path"],
+        "etc_hostname": files["etc_hostname"], "etc_hosts": files["etc_hosts"],
+        "etc_resolv": files["etc_resolv"], "binds": binds, "masked_paths": list(masked),
+        "readonly_paths": list(readonly), "root_propagation": _root_propagation(config.mounts),
+        "sysctls": dict(config.sysctls),
+    }
+
+
+def setup_key(spec: _native.SpawnSpec, record_dir: str) -> tuple[Any, ...]:
+    """What a spec's setup is, with paths in the record dir made relative to it (a
+    slot's dir is renamed when a create takes it)."""
+    prefix = record_dir.rstrip("/") + "/"
+    out: list[Any] = []
+    for name in SETUP_FIELDS:
+        v = getattr(spec, name)
+        if isinstance(v, str) and v.startswith(prefix):
+            v = "<record>/" + v[len(prefix):]
+        out.append(v)
+    return tuple(out)
+
+
+def standin(runtime: Any, sandbox: Sandbox, sb_rec: dict[str, Any], config: ContainerConfig,
+            slot: Slot, layer_dirs: list[str]) -> _native.SpawnSpec | None:
+    """The spec a pre-clone in ``slot`` is set up with: the setup a create with
+    ``config`` would have (its process part is a placeholder), or None where a
+    held process would be in the way or the setup needs the config's own work: a
+    user namespace, bind mounts (image volumes), or a pid namespace shared with
+    the pod or the host (it would show there)."""
+    if sb_rec["config"].get("user_namespace") or config.mounts or slot.rootfs_fd < 0:
+        return None
+    namespaces = _namespaces(sandbox, sb_rec, config)
+    if namespaces["pid"] != "new":
+        return None
+    procs = runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).procs_files()
+    setup = _setup_fields(sandbox, sb_rec, config, slot.dir, layer_dirs, procs, namespaces, [])
+    return _native.SpawnSpec(argv=["/"], rootfs_mount_fd=slot.rootfs_fd,
+                             dev_mount_fd=slot.dev_fd, start_wait=True, **setup)
 
 
 def _namespaces(sandbox: Sandbox, sb_rec: dict[str, Any],

@@ -87,6 +87,7 @@ class Runtime:
             os.chmod(os.path.join(self.root, d), 0o711)
         for d in ("sandboxes", "containers", "sockets"):
             store.makedirs(os.path.join(self.state, d))
+        self.mount_points = slots.mount_points_layer(self.root)
         self.images.layer_roots = self._layers_in_use
         # sandbox and container records as parsed, reused while a file's bytes stay
         self.parsed = store.ParsedFiles(limit=1024)

@@ -234,12 +234,14 @@ class Sandbox:
             raise
         # the first container's slot, made while the network is still being set up:
         # with a root of the image this process last ran, the likeliest guess
-        slots.make(rt, self.id, rec["cgroup_parent"],
-                   *(("", None) if config.user_namespace else slots.last_image(rt)))
+        guess = ("", None) if config.user_namespace else slots.last_image(rt)
+        slots.make(rt, self.id, rec["cgroup_parent"], *guess)
         ips: tuple[str, ...] = network.result().ips if network is not None else ()
         self._write_etc(hostname, ips, config)
         rec.update(state=READY, ip=ips[0] if ips else "", ips=list(ips), hostname=hostname)
         self._write(rec)
+        # ... and its container process, set up ahead now that the pod is complete
+        slots.pod_ready(rt, self.id, guess[1])
 
     def _setup_rest(self, rec: dict[str, Any], config: SandboxConfig,
                     paths: dict[str, str | None]) -> None:
@@ -394,6 +396,9 @@ class Sandbox:
         for c in self.containers():
             with contextlib.suppress(NotFoundError):
                 c.stop(timeout=0)
+        # this process's slot of the pod: no create comes now, and its held process
+        # is in the pod's namespaces
+        slots.forget(self.runtime, self.id)
         with self._lock():
             try:
                 rec = self.record()

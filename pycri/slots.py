@@ -28,10 +28,12 @@ asks for the next once its container process exists (Container._launch).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import secrets
 import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,7 @@ from pycri.errors import PycriError
 from pycri.procinfo import _start_time
 
 if TYPE_CHECKING:
+    from pycri.config import ContainerConfig
     from pycri.runtime import Runtime
 
 # the record dir's layout for a container's writable layer (mode of each)
@@ -51,8 +54,43 @@ FS_DIRS = (("fs", 0o700), ("fs/upper", 0o755), ("fs/work", 0o700), ("fs/rootfs",
 # overlay ahead, where the image lacks them (csrc/api/mount.h)
 MOUNT_DIRS = ("proc", "sys", "dev")
 MOUNT_FILES = ("etc/hostname", "etc/hosts", "etc/resolv.conf")
-# pods whose slot may hold a premounted rootfs and /dev (2 fds each) per process
+
+
+def mount_points_layer(root: str) -> str:
+    """The lowest overlay layer of every container: empty MOUNT_DIRS and MOUNT_FILES,
+    made once per root. The image's own entries hide it; where the image lacks one
+    (minimal images have no /proc, /sys, /dev or /etc/hostname) this one is there
+    to mount on, so nothing has to be made in each container's writable layer
+    (a dir and up to six inodes per container, each made and later deleted)."""
+    final = os.path.join(root, "mountpoints.v1")
+    if os.path.isdir(final):
+        return final
+    tmp = tempfile.mkdtemp(prefix=".mountpoints-", dir=root)
+    try:
+        os.chmod(tmp, 0o755)
+        for d in MOUNT_DIRS + ("etc",):
+            os.mkdir(os.path.join(tmp, d), 0o755)
+        for f in MOUNT_FILES:
+            fd = os.open(os.path.join(tmp, f), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            os.close(fd)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isdir(final):    # (else another Runtime made it first)
+                raise
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# pods whose slot may hold a premounted rootfs and /dev (2 fds each), or a
+# pre-cloned process (2 fds and a held launcher), per process
 MAX_PREMOUNTED = 128
+# how long a create waits for its pod's slot while the thread is making it (s)
+TAKE_WAIT = 0.02
+# whether slots hold a pre-cloned container process (PYCRI_PRECLONE=0: never)
+PRECLONE = os.environ.get("PYCRI_PRECLONE", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -67,9 +105,20 @@ class Slot:
     rootfs_fd: int = -1
     lowers: tuple[tuple[int, int], ...] = ()
     dev_fd: int = -1        # the container's /dev, made ahead with it (or -1)
+    # The container process itself, set up ahead in the pod's namespaces, in the
+    # cgroup, on the rootfs and /dev above (which it then holds: both fds are -1),
+    # as a create with the pod's last config would have it; held by its launcher
+    # until a create resumes it with the real spec (or discards it). pre_key is
+    # that setup (launchplan.setup_key).
+    pre: _native.Preclone | None = None
+    pre_key: tuple[Any, ...] = ()
 
     def fds(self) -> tuple[int, int]:
         return (self.rootfs_fd, self.dev_fd)
+
+    @property
+    def premounted(self) -> bool:
+        return self.rootfs_fd >= 0 or self.pre is not None
 
     def fits(self, image_id: str, layer_dirs: list[str]) -> bool:
         """Whether the premounted rootfs is this image's, on the same layer dirs (an
@@ -120,6 +169,11 @@ class _Slots:
 
     def _after_fork(self) -> None:
         for slot in self._ready.values():
+            if slot.pre is not None:
+                for fd in (slot.pre.sock, slot.pre._pidfd):
+                    if fd >= 0:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
             for fd in slot.fds():
                 if fd >= 0:
                     with contextlib.suppress(OSError):
@@ -134,6 +188,8 @@ class _Slots:
         # per root: the image (id, layer dirs) of the last slot asked for with one
         self._last: dict[str, tuple[str, list[str] | None]] = {}
         self._queue: list[tuple[Any, ...]] = []
+        # per (root, pod): the config of the pod's last create, for its next pre-clone
+        self._configs: dict[tuple[str, str], ContainerConfig] = {}
         self._thread: threading.Thread | None = None
         self._tag = ""
 
@@ -142,22 +198,30 @@ class _Slots:
         """This process's slot for the pod, or None. A slot with another image's
         rootfs is not used (its writable layer may have that image's directories
         copied up): it is deleted off the caller's path."""
+        key = (runtime.root, pod_id)
         with self._cv:
-            slot = self._ready.pop((runtime.root, pod_id), None)
+            # one being made is nearly done (it was asked for during the last
+            # create): waiting for it costs less than doing its work inline
+            self._cv.wait_for(lambda: key not in self._making, TAKE_WAIT)
+            slot = self._ready.pop(key, None)
         if slot is not None and (slot.cgroup_parent != cgroup_parent or (
-                slot.rootfs_fd >= 0 and not slot.fits(image_id, layer_dirs or []))):
+                slot.premounted and not slot.fits(image_id, layer_dirs or []))):
             runtime.trash.later(functools.partial(discard, runtime, slot))
             slot = None
         return slot
 
     def make(self, runtime: Runtime, pod_id: str, cgroup_parent: str, image_id: str = "",
-             layer_dirs: list[str] | None = None) -> None:
+             layer_dirs: list[str] | None = None, config: ContainerConfig | None = None) -> None:
         """Have the pod's next slot made, with the rootfs of ``image_id`` premounted
-        when its ``layer_dirs`` are given, unless one is ready or being made."""
+        when its ``layer_dirs`` are given, unless one is ready or being made; its
+        container process is set up ahead too, as for ``config`` (the config of the
+        create asking, a guess at the next), or a plain config of that image."""
         key = (runtime.root, pod_id)
         with self._cv:
             if layer_dirs:
                 self._last[runtime.root] = (image_id, list(layer_dirs))
+            if config is not None:
+                self._configs[key] = config
             if key in self._ready or key in self._making:
                 return
             self._making.add(key)
@@ -177,17 +241,22 @@ class _Slots:
                 while not self._queue:
                     self._cv.wait()
                 job = self._queue.pop(0)
-            self._make(*job)
+            if len(job) == 4:
+                self._upgrade(*job)
+            else:
+                self._make(*job)
 
     def _make(self, key: tuple[str, str], runtime: Runtime, pod_id: str, cgroup_parent: str,
               tag: str, image_id: str, layer_dirs: list[str] | None) -> None:
         slot = None
         with self._cv:     # (a premounted slot holds 2 fds: not for every pod there is)
-            premount = sum(1 for s in self._ready.values() if s.rootfs_fd >= 0) < MAX_PREMOUNTED
+            premount = sum(1 for s in self._ready.values() if s.premounted) < MAX_PREMOUNTED
         try:
             slot = _make(runtime, pod_id, cgroup_parent, tag,
                          image_id if layer_dirs and premount else "",
                          list(layer_dirs or []) if premount else [])
+            if slot is not None and slot.rootfs_fd >= 0 and PRECLONE:
+                slot = self._preclone(key, runtime, slot, layer_dirs)
         except (OSError, PycriError):
             pass        # the pod went, or the disk is full
         finally:
@@ -195,6 +264,36 @@ class _Slots:
                 self._making.discard(key)
                 if slot is not None:
                     self._ready[key] = slot
+                self._cv.notify_all()
+
+    def _preclone(self, key: tuple[str, str], runtime: Runtime, slot: Slot,
+                  layer_dirs: list[str] | None) -> Slot:
+        with self._cv:
+            config = self._configs.get(key)
+        return _preclone(runtime, slot, config, list(layer_dirs or []))
+
+    def pod_ready(self, runtime: Runtime, pod_id: str, layer_dirs: list[str] | None) -> None:
+        """A pod's setup is done: its first slot (made during the setup, before its
+        namespaces and files were all in place) may now get its held process."""
+        key = (runtime.root, pod_id)
+        with self._cv:
+            slot = self._ready.get(key)
+            if (slot is None or slot.pre is not None or slot.rootfs_fd < 0 or not layer_dirs
+                    or not PRECLONE):
+                return
+            del self._ready[key]
+            self._making.add(key)
+            self._queue.append((key, runtime, slot, list(layer_dirs)))
+            self._cv.notify_all()
+
+    def _upgrade(self, key: tuple[str, str], runtime: Runtime, slot: Slot,
+                 layer_dirs: list[str]) -> None:
+        try:
+            slot = self._preclone(key, runtime, slot, layer_dirs)
+        finally:
+            with self._cv:
+                self._making.discard(key)
+                self._ready[key] = slot
                 self._cv.notify_all()
 
     def last_image(self, runtime: Runtime) -> tuple[str, list[str] | None]:
@@ -213,15 +312,22 @@ class _Slots:
         key = (runtime.root, pod_id)
         with self._cv:
             queued = [j for j in self._queue if j[0] == key]
+            slot = None
             for job in queued:
                 self._queue.remove(job)
                 self._making.discard(key)
+                if len(job) == 4:
+                    slot = job[2]       # (a made slot waiting for its held process)
             while key in self._making:
                 self._cv.wait()
-            slot = self._ready.pop(key, None)
+            slot = self._ready.pop(key, None) or slot
+            self._configs.pop(key, None)
         if slot is not None:
-            # its cgroup now (the pod's goes next), its mounts and dir off the caller's
-            # path (closing a premounted overlay unmounts it, syncing the upper dir)
+            # its process and cgroup now (the pod's namespaces and cgroup go next),
+            # its mounts and dir off the caller's path (closing a premounted overlay
+            # unmounts it, syncing the upper dir)
+            if slot.pre is not None:
+                slot.pre.discard()
             _drop_cgroup(runtime, slot)
             runtime.trash.later(functools.partial(_drop_mounts_and_dir, runtime, slot))
 
@@ -244,7 +350,8 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
     if layers:
         try:
             lowers = _dir_ids(layers)
-            fd = _native.overlay_premount(layers, os.path.join(path, "fs", "upper"),
+            fd = _native.overlay_premount(layers + [runtime.mount_points],
+                                          os.path.join(path, "fs", "upper"),
                                           os.path.join(path, "fs", "work"),
                                           MOUNT_DIRS, MOUNT_FILES)
         except OSError:
@@ -257,8 +364,35 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
     return slot
 
 
+def _preclone(runtime: Runtime, slot: Slot, config: ContainerConfig | None,
+              layer_dirs: list[str]) -> Slot:
+    """The slot with its container process set up ahead (Slot.pre), where the pod
+    allows one (launchplan.standin); else as it was."""
+    from pycri import launchplan     # (it imports this module's types)
+    from pycri.config import ContainerConfig
+    try:
+        sandbox = runtime.sandbox(slot.pod_id)
+        sb_rec = sandbox.record()
+        if sb_rec.get("state") != "ready":
+            return slot
+        cfg = config if config is not None else ContainerConfig(name="standin", image=slot.image_id)
+        spec = launchplan.standin(runtime, sandbox, sb_rec, cfg, slot, layer_dirs)
+        if spec is None:
+            return slot
+        key = launchplan.setup_key(spec, slot.dir)
+        pre = _native.preclone(spec, _native.monitor_path())
+    except (OSError, PycriError):
+        return slot     # (the pod went meanwhile, or it cannot be done: a plain slot)
+    # the process has the overlay and /dev attached in its own mount namespace now
+    for fd in slot.fds():
+        os.close(fd)
+    return dataclasses.replace(slot, rootfs_fd=-1, dev_fd=-1, pre=pre, pre_key=key)
+
+
 def discard(runtime: Runtime, slot: Slot) -> None:
-    """Delete an unused slot: its mounts, cgroup and directory."""
+    """Delete an unused slot: its process, mounts, cgroup and directory."""
+    if slot.pre is not None:
+        slot.pre.discard()
     _drop_cgroup(runtime, slot)
     _drop_mounts_and_dir(runtime, slot)
 
@@ -305,3 +439,4 @@ make = _slots.make
 last_image = _slots.last_image
 peek = _slots.peek
 forget = _slots.forget
+pod_ready = _slots.pod_ready

@@ -643,8 +643,10 @@ def test_premounted_rootfs_follows_the_image(env, registry):
         assert first.exit_code == 0 and b"null" in first.stdout, first
         slot = _wait_slot(rt, sb)[0]
         upper = f"{rt.root}/slots/{slot}/fs/upper"
-        # the image has no /etc/hosts or /etc/hostname: made ahead in the writable layer
-        assert os.path.isfile(f"{upper}/etc/hosts") and os.path.isfile(f"{upper}/etc/hostname")
+        # the image has no /etc/hosts or /etc/hostname: the mount points layer under
+        # the image's has them, so nothing is made in the writable layer
+        assert not os.listdir(upper)
+        assert os.path.isfile(f"{rt.mount_points}/etc/hosts")
         c = sb.create_container(pycri.ContainerConfig(
             name="on-slot", image=img.id,
             command=("sh", "-c", "cat /etc/hostname; ls /bin/probe; grep ' / / ' /proc/self/mountinfo")))
@@ -753,10 +755,10 @@ def test_premounted_slots_are_capped(env, monkeypatch):
     try:
         assert a.run(img, ["true"]).exit_code == 0
         _wait_slot(rt, a)
-        assert pycri.slots.peek(rt, a.id).rootfs_fd >= 0
+        assert pycri.slots.peek(rt, a.id).premounted
         assert b.run(img, ["true"]).exit_code == 0
         _wait_slot(rt, b)
-        assert pycri.slots.peek(rt, b.id).rootfs_fd == -1
+        assert not pycri.slots.peek(rt, b.id).premounted
         r = b.run(img, ["cat", "/etc/hostname"])      # on the plain slot
         assert r.exit_code == 0 and r.stdout.strip()
     finally:
@@ -773,10 +775,13 @@ def test_a_pods_first_container_has_a_slot(env):
     with rt.run_sandbox(pycri.SandboxConfig(name="first-b")) as b:
         _wait_slot(rt, b)
         slot = pycri.slots.peek(rt, b.id)
-        assert slot.image_id == img.id and slot.rootfs_fd >= 0 and slot.dev_fd >= 0
+        # its root and /dev premounted and held by its container process, set up
+        # ahead (the two fds are that process's now)
+        assert slot.image_id == img.id and slot.pre is not None and slot.pre.alive()
+        assert slot.rootfs_fd == slot.dev_fd == -1
         c = b.create_container(pycri.ContainerConfig(name="c", image=img.id,
                                                      command=("cat", "/etc/hostname")))
-        assert c.id == slot.id
+        assert c.id == slot.id and c._read()["pid"] == slot.pre.pid
         c.start()
         assert c.wait(10) == 0 and [r.content for r in c.logs()] == [b"first-b"]
 

@@ -56,6 +56,32 @@ int pycri_launch_wait(int sock, struct pycri_launch_result *res, struct pycri_er
 
 int pycri_launch_start(const char *start_sock, int timeout_ms, struct pycri_error *err);
 
+/* A pre-clone: the container process made and set up ahead, before its config is
+ * known, as far as a stand-in spec says (every namespace, cgroup and mount, the
+ * sysctls, pivot_root), then held. pycri_launch_pre sends spec (the stand-in) to
+ * launcher (or a new one from launcher_path when -1; *sock_out is then the
+ * socket to it, the caller's to close) and waits until the process is held.
+ * pycri_launch_resume_send sends the real spec on that socket (fd_base from
+ * the pre-clone's result), after which pycri_launch_wait goes as after
+ * pycri_launch_send. What the real spec says about that setup is not looked
+ * at (only the namespaces' modes and the rootfs path are checked): the caller
+ * resumes only with a spec whose setup is the stand-in's. Closing the socket
+ * instead discards the pre-clone: the launcher kills and reaps it, then exits. */
+struct pycri_prelaunch {
+    int pid;                       /* the held process */
+    int monitor_pid;               /* the launcher */
+    unsigned long long start_time; /* of the held process */
+    int fd_base;                   /* for pycri_launch_resume_send */
+    int stage;                     /* PYCRI_STAGE_* on failure */
+};
+int pycri_launch_pre(int launcher, const char *launcher_path,
+                     const struct pycri_spawn_spec *spec, int *sock_out,
+                     struct pycri_prelaunch *out, struct pycri_error *err);
+int pycri_launch_resume_send(int sock, int fd_base, const struct pycri_spawn_spec *spec,
+                             const char *start_sock, const char *const *monitor_argv,
+                             const int *monitor_fds, int n_monitor_fds,
+                             struct pycri_error *err);
+
 /* The spec as one flat buffer (csrc/specbuf.c). Returns the size it needs and
  * writes it only when that is <= cap (buf may be NULL to ask the size). */
 int pycri_spec_encode(const struct pycri_spawn_spec *spec, unsigned char *buf, size_t cap,

@@ -192,6 +192,11 @@ struct pycri_spawn_spec {
      * container is one clone away instead of a clone, a setns and a second fork.
      * Not carried by pycri_spec_encode: the launcher sets it. */
     int join_in_caller;
+    /* 1 = stop once the setup is done (namespaces, cgroups, every mount, the
+     * sysctls, pivot_root) and wait for the rest of the spec on the report
+     * socket: the launcher's pre-clone (api/launch.h). Set by the launcher;
+     * needs a rootfs, /proc, start_wait, no user namespace and join_in_caller. */
+    int pause_after_setup;
 };
 
 struct pycri_spawn_result {
