@@ -15,19 +15,59 @@ runtime capability the pod does not use is not executed: the reference
 its prevResult unchanged and DEL with nothing (every release since v0.9; older
 ones made no rules for such a pod either), so running it costs a process start
 and changes nothing. ``NOOP_WITHOUT`` names such plugins and the key.
+
+Teardown without the namespace. Most of a bridge DEL's time is the kernel
+removing the pod's veth: a synchronous link delete waits for RCU grace periods
+(15-35 ms on a 2-CPU VM). When the pod's network namespace is freed instead,
+the kernel removes the interfaces in it, and the veth's host end with them, in
+its own time, and the caller does not wait. The CNI spec lets a runtime run DEL
+with an empty CNI_NETNS once the namespace is gone, and the reference plugins
+then release what lives outside it. That is only equivalent to a DEL with the
+namespace for plugins whose DEL needs nothing from inside it, so ``teardown``
+frees the namespace first (through the caller's ``release_netns``) only when
+every plugin of the network recorded at ADD is one of these (``netns_free``):
+
+* ``bridge`` with ``ipMasq`` and ``macspoofchk`` off and host-local, static or
+  no IPAM. Its DEL with a namespace reads the pod's addresses from the veth to
+  find the masquerade rules to remove, and removes the MAC spoof-check rules
+  after it; without a namespace it releases the IPAM lease and nothing else, so
+  either option on would leave rules behind. Options not known here
+  (``BRIDGE_KEYS``) take the ordinary path too, in case a newer release ties
+  something else to the namespace.
+* ``portmap``: its DEL removes the pod's rules by container id, on the host.
+* ``loopback``: its DEL only sets ``lo`` down inside the namespace.
+* the IPAM plugins above: host-local releases by container id and interface
+  name, static holds nothing.
+
+Anything else keeps the ordinary order: DEL with the namespace, then the caller
+unpins it. If something still holds the freed namespace (a socket a
+port-forward opened in it, a process that joined it), the veth would stay on
+the bridge; so the host ends listed in the ADD result are checked
+``LEFTOVER_CHECK_S`` seconds later and deleted if they are still there (by
+ifindex, after checking the link is still a bridge port with the recorded MAC).
+Until then such a pod's released address could in principle be handed out
+again; host-local hands out addresses round the whole range first.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import errno
+import heapq
 import ipaddress
+import itertools
 import json
 import os
+import re
 import selectors
 import signal
+import socket
+import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +97,23 @@ BUILTIN_NETWORK = {
 # key (see the module docstring): plugin type -> runtimeConfig key.
 NOOP_WITHOUT = {"portmap": "portMappings"}
 _PIPE_READ = 1 << 16
+
+# What a netns-free teardown allows (module docstring). BRIDGE_KEYS: the bridge
+# plugin's options (releases up to v1.9) plus the keys every plugin conf may have;
+# of them ipMasq and macspoofchk only when false.
+BRIDGE_KEYS = frozenset({
+    "type", "name", "cniVersion", "capabilities", "runtimeConfig", "args", "ipam", "dns",
+    "bridge", "isGateway", "isDefaultGateway", "forceAddress", "ipMasq", "ipMasqBackend",
+    "mtu", "hairpinMode", "promiscMode", "vlan", "vlanTrunk", "preserveDefaultVlan",
+    "macspoofchk", "enabledad", "disableContainerInterface", "portIsolation"})
+NETNS_FREE_PLUGINS = frozenset({"portmap", "loopback"})   # besides bridge
+NETNS_FREE_IPAM = frozenset({"host-local", "static", ""})  # "": a layer-2 bridge
+# how long after a netns-free teardown the host ends of the pod's veths are looked
+# for (the kernel removes them within tens of ms unless the namespace is held)
+LEFTOVER_CHECK_S = 2.0
+# at interpreter exit, how long pending checks give the kernel before deleting
+EXIT_GRACE_S = 0.25
+_IFNAME_RE = re.compile(r"^[^/\s\x00:]{1,15}$")
 
 
 @dataclass(frozen=True)
@@ -219,14 +276,32 @@ class CNI:
                          sync=False)
         return NetworkResult(_ips(result), result)
 
-    def teardown(self, container_id: str, netns: str, cache_file: str) -> None:
-        """DEL the pod from the network it was added to; a missing cache means nothing to do."""
+    def teardown(self, container_id: str, netns: str, cache_file: str,
+                 release_netns: Callable[[], None] | None = None) -> bool:
+        """DEL the pod from the network it was added to; a missing cache means nothing to do.
+
+        ``release_netns`` frees the pod's network namespace (the caller unpins it, with
+        nothing of its own left in it). When given, and every plugin of the network
+        recorded at ADD does the same DEL without the namespace (``netns_free``), it is
+        called first, DEL runs with CNI_NETNS empty, a check for host veth ends left
+        behind is scheduled, and True is returned. Otherwise DEL runs with ``netns``
+        and the namespace is the caller's to free afterwards (False). A killed caller
+        leaves the cache: a later teardown runs DEL again (a freed namespace is fine)."""
         try:
             cached = store.read_json(cache_file)
         except FileNotFoundError:
-            return
+            return False
         net, result = cached["network"], cached.get("result")
         ports = tuple(PortMapping(**m) for m in cached.get("ports", []))
+        released = release_netns is not None and netns_free(net)
+        if released:
+            assert release_netns is not None
+            release_netns()
+            netns = ""
+            links = _host_links(net, result if isinstance(result, dict) else {})
+            if links:
+                _later.at(time.monotonic() + LEFTOVER_CHECK_S, lambda at_exit: _remove_leftovers(
+                    links, EXIT_GRACE_S if at_exit else 0.0))
         errors = []
         for i, p in reversed(list(enumerate(net["plugins"]))):
             conf = self._plugin_conf(net, p, result, ports)
@@ -241,6 +316,180 @@ class CNI:
             raise RuntimeFailure("; ".join(errors), stage="network")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(cache_file)
+        return released
+
+
+def netns_free(net: dict[str, Any]) -> bool:
+    """Whether every plugin of ``net`` does the same DEL with an empty CNI_NETNS as with
+    the pod's namespace (the allowlist in the module docstring)."""
+    plugins = net.get("plugins")
+    if not isinstance(plugins, list) or not plugins:
+        return False
+    for p in plugins:
+        if not isinstance(p, dict):
+            return False
+        kind = p.get("type")
+        if kind in NETNS_FREE_PLUGINS:
+            continue
+        if kind != "bridge" or not BRIDGE_KEYS.issuperset(p):
+            return False
+        # anything but absent or false (a string "false" included) keeps the namespace
+        if p.get("ipMasq", False) is not False or p.get("macspoofchk", False) is not False:
+            return False
+        ipam = p.get("ipam", {})
+        if not isinstance(ipam, dict) or ipam.get("type", "") not in NETNS_FREE_IPAM:
+            return False
+    return True
+
+
+def _host_links(net: dict[str, Any], result: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, MAC) of the host-side interfaces in an ADD result, the bridges left out:
+    what a freed namespace takes with it unless someone still holds it."""
+    bridges = {p.get("bridge") or "cni0" for p in net["plugins"] if p.get("type") == "bridge"}
+    links = []
+    for i in result.get("interfaces") or []:
+        if not isinstance(i, dict) or i.get("sandbox"):
+            continue
+        name, mac = i.get("name"), i.get("mac")
+        if isinstance(name, str) and _IFNAME_RE.match(name) and name not in bridges:
+            links.append((name, mac.lower() if isinstance(mac, str) else ""))
+    return links
+
+
+def _remove_leftovers(links: list[tuple[str, str]], grace: float) -> None:
+    """Delete each link that is still a veth on a bridge with the recorded MAC: its
+    namespace is held by someone, so the kernel did not take it. ``grace``: seconds
+    to give the kernel first (at exit the check may come early)."""
+    deadline = time.monotonic() + grace
+    for name, mac in links:
+        while True:
+            link = _get_link(name)
+            if link is None or link.kind != "veth" or not link.master \
+                    or (mac and link.mac != mac):
+                break
+            if time.monotonic() < deadline:
+                time.sleep(0.005)
+                continue
+            try:
+                _rtnl(_RTM_DELLINK, _NLM_F_ACK, link.index)
+            except OSError as e:
+                if e.errno != errno.ENODEV:   # (ENODEV: the kernel took it meanwhile)
+                    raise
+            break
+
+
+# -- rtnetlink, just enough to find one link by name and delete it by index ---------
+# (a socket of this process's network namespace, which is where the veth's host end
+# is; /sys/class/net may show another one's when sysfs was not remounted after unshare)
+
+_NLMSG_ERROR, _RTM_DELLINK, _RTM_GETLINK = 2, 17, 18
+_NLM_F_REQUEST, _NLM_F_ACK = 1, 4
+_IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MASTER, _IFLA_LINKINFO, _IFLA_INFO_KIND = 1, 3, 10, 18, 1
+
+
+@dataclass(frozen=True)
+class _Link:
+    index: int
+    mac: str
+    kind: str
+    master: int
+
+
+def _rtnl(msg_type: int, flags: int, index: int, attrs: bytes = b"") -> bytes:
+    """Send one link request (ifinfomsg + attributes); the answer's payload (empty for
+    an acknowledgement). An error answer raises OSError with its errno."""
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0) + attrs
+    head = struct.pack("=IHHII", 16 + len(body), msg_type, _NLM_F_REQUEST | flags, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       socket.NETLINK_ROUTE) as s:
+        s.settimeout(10)
+        s.sendto(head + body, (0, 0))
+        reply = s.recv(1 << 16)
+    length, rtype = struct.unpack_from("=IH", reply)
+    if rtype == _NLMSG_ERROR:
+        (code,) = struct.unpack_from("=i", reply, 16)
+        if code:
+            raise OSError(-code, os.strerror(-code))
+        return b""
+    return reply[16:length]
+
+
+def _attrs(data: bytes) -> dict[int, bytes]:
+    found: dict[int, bytes] = {}
+    off = 0
+    while off + 4 <= len(data):
+        size, kind = struct.unpack_from("=HH", data, off)
+        if size < 4:
+            break
+        found[kind & 0x3FFF] = data[off + 4:off + size]   # (nested/byte-order flags off)
+        off += (size + 3) & ~3
+    return found
+
+
+def _get_link(name: str) -> _Link | None:
+    """The link called ``name`` in this network namespace, or None."""
+    raw = name.encode() + b"\0"
+    attr = struct.pack("=HH", 4 + len(raw), _IFLA_IFNAME) + raw + b"\0" * (-len(raw) % 4)
+    try:
+        payload = _rtnl(_RTM_GETLINK, 0, 0, attr)
+    except OSError as e:
+        if e.errno == errno.ENODEV:
+            return None
+        raise
+    if len(payload) < 16:
+        return None
+    (index,) = struct.unpack_from("=i", payload, 4)
+    a = _attrs(payload[16:])
+    info = _attrs(a.get(_IFLA_LINKINFO, b""))
+    master = a.get(_IFLA_MASTER, b"")
+    return _Link(index, ":".join(f"{b:02x}" for b in a.get(_IFLA_ADDRESS, b"")),
+                 info.get(_IFLA_INFO_KIND, b"").rstrip(b"\0").decode(errors="replace"),
+                 struct.unpack("=I", master)[0] if len(master) == 4 else 0)
+
+
+class _Later:
+    """Jobs run at a set monotonic time on one daemon thread. Whatever is still
+    pending when the interpreter exits runs then, told so (``job(True)``)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._heap: list[tuple[float, int, Callable[[bool], object]]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def at(self, when: float, job: Callable[[bool], object]) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (when, next(self._seq), job))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="pycri-cni-later",
+                                                daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap or self._heap[0][0] > time.monotonic():
+                    self._cv.wait(self._heap[0][0] - time.monotonic() if self._heap else None)
+                job = heapq.heappop(self._heap)[2]
+            with contextlib.suppress(Exception):
+                job(False)
+
+    def pending(self) -> int:
+        with self._cv:
+            return len(self._heap)
+
+    def flush(self) -> None:
+        with self._cv:
+            jobs = [j for _, _, j in sorted(self._heap, key=lambda e: e[:2])]
+            self._heap.clear()
+        for job in jobs:
+            with contextlib.suppress(Exception):
+                job(True)
+
+
+_later = _Later()
+atexit.register(_later.flush)
 
 
 def _noop(conf: dict[str, Any]) -> bool:

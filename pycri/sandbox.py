@@ -25,6 +25,7 @@ import contextlib
 import errno
 import os
 import secrets
+import select
 import shutil
 import signal
 import time
@@ -38,12 +39,15 @@ from pycri.container import Container, RunResult, run_to_completion
 from pycri.errors import (AlreadyExistsError, InvalidArgumentError, InvalidStateError,
                           NotFoundError, PycriError, RuntimeFailure)
 from pycri.network import NetworkResult
+from pycri.procinfo import _start_time
 
 if TYPE_CHECKING:
     from pycri.image import Image
     from pycri.runtime import Runtime
 
 SHM_SIZE = 64 << 20
+# how long a stop waits for a SIGKILLed pod pid 1 to exit
+INFRA_EXIT_WAIT_S = 5.0
 # CNI ADDs of pods being created, each beside the rest of its pod's setup
 _NETWORK_POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pycri-cni")
 CREATING = "creating"
@@ -147,7 +151,8 @@ class Sandbox:
         rec, cfg = parsed.rec, parsed.config
         return SandboxStatus(self.id, rec["state"], rec["created_at_ns"], rec.get("ip", ""),
                              tuple(rec.get("ips", [])), cfg,
-                             self.ns_path("net") if rec.get("netns") else "")
+                             self.ns_path("net")
+                             if rec.get("netns") and not rec.get("netns_released") else "")
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -306,15 +311,27 @@ class Sandbox:
         return f"/proc/{pid}/ns/pid"
 
     def _stop_infra(self, rec: dict[str, Any]) -> None:
-        from pycri.container import _alive
-
-        pid = rec.get("infra_pid", 0)
-        if pid and _alive(pid, rec.get("infra_start_time", 0)):
+        """Kill the pod's pid 1 (pycri-pause), if it is still there, and wait until it
+        has exited (it has let go of the pod's namespaces by then); reap it if this
+        process made it. Again later (the pid gone, or someone else's): nothing."""
+        pid, start = rec.get("infra_pid", 0), rec.get("infra_start_time", 0)
+        if not pid:
+            return
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            # checked once the pidfd pins the process (a zombie too: still ours to reap)
+            if start and _start_time(pid) != start:
+                return
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if pid:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            select.select([pidfd], [], [], INFRA_EXIT_WAIT_S)  # readable once it exited
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)  # ours to reap when this process made the pod
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+        finally:
+            os.close(pidfd)
 
     def _write_etc(self, hostname: str, ips: tuple[str, ...], config: SandboxConfig) -> None:
         # Not fsynced (sync=False), like the record: made anew for every pod, and of no
@@ -392,7 +409,9 @@ class Sandbox:
         return os.path.join(self.files_dir, name)
 
     def stop(self) -> None:
-        """Stop every container of the pod and tear down its network. Idempotent."""
+        """Stop every container of the pod and its pid 1, and tear down its network.
+        Idempotent. The pod's network namespace may go with the network (see
+        _teardown_network); its status then shows no netns path."""
         for c in self.containers():
             with contextlib.suppress(NotFoundError):
                 c.stop(timeout=0)
@@ -404,9 +423,16 @@ class Sandbox:
                 rec = self.record()
             except NotFoundError:
                 return
-            self._teardown_network(rec)
-            if rec["state"] != NOTREADY:
+            # nothing of this process stays in the pod's namespaces: the network
+            # teardown may free the network namespace (the slot may hold processes in it)
+            slots.forget(self.runtime, self.id)
+            self._stop_infra(rec)
+            released = self._teardown_network(rec) or bool(
+                rec.get("netns") and not os.path.lexists(self.ns_path("net")))  # (a killed stop)
+            if rec["state"] != NOTREADY or (released and not rec.get("netns_released")):
                 rec["state"] = NOTREADY
+                if released:
+                    rec["netns_released"] = True
                 self._write(rec)
 
     def remove(self) -> None:
@@ -417,10 +443,25 @@ class Sandbox:
         with self._lock():
             self._teardown(remove=True)
 
-    def _teardown_network(self, rec: dict[str, Any]) -> None:
-        if rec.get("network") == "cni" and self.runtime.cni is not None:
-            self.runtime.cni.teardown(self.id, self.ns_path("net"),
-                                      os.path.join(self.state_dir, "cni.json"))
+    def _teardown_network(self, rec: dict[str, Any]) -> bool:
+        """CNI DEL of the pod. Where the network's plugins allow it (pycri/network.py),
+        the pod's network namespace is unpinned first and DEL runs without it: the
+        kernel then removes the pod's veth in the background instead of the plugin
+        waiting for it. The caller has stopped whatever of ours was in the namespace
+        (containers, pid 1, the slot). True when the namespace was unpinned here."""
+        if rec.get("network") != "cni" or self.runtime.cni is None:
+            return False
+        netns = self.ns_path("net")
+
+        def release() -> None:
+            try:
+                _native.ns_unpin(netns)   # (already gone: fine, a killed stop did it)
+            except OSError as e:
+                raise RuntimeFailure(f"sandbox network namespace: {e.strerror}",
+                                     stage="network", errno=e.errno or 0) from e
+
+        return self.runtime.cni.teardown(self.id, netns, os.path.join(self.state_dir, "cni.json"),
+                                         release_netns=release)
 
     def _teardown(self, remove: bool) -> None:
         try:
@@ -429,6 +470,10 @@ class Sandbox:
             rec = {}
         errors: list[str] = []
         self._stop_infra(rec)
+        try:
+            slots.forget(self.runtime, self.id)   # (before the network: see stop)
+        except PycriError as e:
+            errors.append(str(e))
         try:
             self._teardown_network(rec)
         except PycriError as e:
@@ -447,7 +492,6 @@ class Sandbox:
                     errors.append(str(e))
         parent = rec.get("cgroup_parent") or self.runtime.cgroup_parent
         try:
-            slots.forget(self.runtime, self.id)
             self.runtime.cgroups(parent).pod(self.id).destroy()
         except PycriError as e:
             errors.append(str(e))
