@@ -415,16 +415,14 @@ class Sandbox:
         for c in self.containers():
             with contextlib.suppress(NotFoundError):
                 c.stop(timeout=0)
-        # this process's slot of the pod: no create comes now, and its held process
-        # is in the pod's namespaces
-        slots.forget(self.runtime, self.id)
         with self._lock():
             try:
                 rec = self.record()
             except NotFoundError:
                 return
-            # nothing of this process stays in the pod's namespaces: the network
-            # teardown may free the network namespace (the slot may hold processes in it)
+            # nothing of this process stays in the pod's namespaces (its slot's held
+            # process is in them): the network teardown may free the network namespace,
+            # and no create comes now
             slots.forget(self.runtime, self.id)
             self._stop_infra(rec)
             released = self._teardown_network(rec) or bool(
