@@ -13,6 +13,8 @@ Reproduce (root):  python benchmarks/bench_spawn.py [-n 50] [--crun]
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -73,6 +76,14 @@ def bench_pycri(d: str, lower: str, runs: int) -> list[float]:
 
 
 def bench_oci(runtime: str, d: str, lower: str, runs: int) -> list[float]:
+    with oci_bundle(runtime, d, lower) as run_once:
+        return [run_once() for _ in range(runs)]
+
+
+@contextlib.contextmanager
+def oci_bundle(runtime: str, d: str, lower: str) -> Iterator[Callable[[], float]]:
+    """A bundle for ``runtime`` on an overlay of ``lower``; yields a function that
+    times one ``RUNTIME run`` of /bin/true in it (s)."""
     bundle = os.path.join(d, "bundle-" + runtime)
     os.makedirs(bundle)
     subprocess.run(["runc", "spec"], cwd=bundle, check=True)
@@ -91,15 +102,17 @@ def bench_oci(runtime: str, d: str, lower: str, runs: int) -> list[float]:
     os.makedirs(rootfs)
     up, wk, _ = fresh_overlay(d, runtime)
     n.mount_overlay(rootfs, [lower], up, wk)
+    count = itertools.count()
+
+    def run_once() -> float:
+        t0 = time.perf_counter()
+        subprocess.run([runtime, "run", "--bundle", bundle,
+                        f"pycri-bench-{os.getpid()}-{next(count)}"],
+                       check=True, stdin=subprocess.DEVNULL)
+        return time.perf_counter() - t0
+
     try:
-        times = []
-        for i in range(runs):
-            t0 = time.perf_counter()
-            subprocess.run([runtime, "run", "--bundle", bundle,
-                            f"pycri-bench-{os.getpid()}-{i}"],
-                           check=True, stdin=subprocess.DEVNULL)
-            times.append(time.perf_counter() - t0)
-        return times
+        yield run_once
     finally:
         n.mount_unmount(rootfs)
 

@@ -40,6 +40,10 @@ static inline int pycri_steal_fd(int *fd) {
  * monitor's command line (monitor_argv + "--adopt" PID) and the monitor's fds at
  * the numbers it names; on any failure it reports and exits. */
 void pycri__launcher(int sock, char *title, int *argc, char ***argv);
+/* returns only in a forked launcher (launch.c); "--launch FD TITLE" runs it when
+ * pycri__is_factory_title(TITLE) */
+void pycri__launcher_factory(int sock, char *title, int *argc, char ***argv);
+int pycri__is_factory_title(const char *title);
 /* The launcher's hold on its container's mount namespace (or -1), which the monitor
  * keeps open until it exits: see launch.c. */
 extern int pycri__held_mntns;

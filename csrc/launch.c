@@ -32,6 +32,7 @@
 #define LAUNCHER_SOCK_FD 3
 
 #define LAUNCH_TITLE_MAX 108 /* room in argv[3] for the start socket path (sun_path) */
+#define FACTORY_TITLE "factory"  /* argv[3] of a launcher factory starts so */
 #define FDS_PER_MSG 200       /* SCM_RIGHTS carries at most 253 per message */
 #define MAX_LAUNCH_FDS (MAX_MONITOR_FDS + 7 + 1024)
 
@@ -616,6 +617,87 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
     *argv_out = argv;
 }
 
+/* The factory: "pycri-monitor --launch 3 TITLE" with TITLE starting with
+ * FACTORY_TITLE (so the launchers it forks have a launcher's command line, once
+ * they blank it as a spawned launcher's is). Forking a launcher off
+ * this small process costs a fraction of a posix_spawn + exec of a new one (the
+ * exec's page faults and the C library's start-up, whose CPUID probes each trap
+ * to the hypervisor on a VM). For each byte read on sock it makes a socket pair,
+ * forks, sends the caller one end (SCM_RIGHTS) and the child carries on with the
+ * other at fd 3 as a launcher (returning from here in that child only). It
+ * detaches first as a launcher does, and exits when the caller closes sock. */
+int pycri__is_factory_title(const char *title) {
+    return title && !strncmp(title, FACTORY_TITLE, sizeof(FACTORY_TITLE) - 1);
+}
+
+void pycri__launcher_factory(int sock, char *title, int *argc_out, char ***argv_out) {
+    pycri__default_all_signals();
+    signal(SIGPIPE, SIG_IGN);
+    setsid();
+    pid_t p = fork();
+    if (p < 0)
+        _exit(1);
+    if (p > 0)
+        _exit(0);
+    int keep[1] = {sock};
+    pycri__close_all_but(keep, 1, 3);
+    int32_t me = (int32_t)getpid();     /* (the caller's to know: it is not our parent) */
+    if (send(sock, &me, sizeof(me), MSG_NOSIGNAL) != (ssize_t)sizeof(me))
+        _exit(0);
+    for (;;) {
+        char c;
+        ssize_t n = read(sock, &c, 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n != 1)
+            _exit(0);
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+            _exit(1);
+        pid_t child = fork();
+        if (child == 0) {
+            close(sock);
+            close(sv[0]);
+            if (title)
+                memset(title, ' ', strlen(title));
+            if (sv[1] != LAUNCHER_SOCK_FD) {
+                if (dup2(sv[1], LAUNCHER_SOCK_FD) < 0)
+                    _exit(1);
+                close(sv[1]);
+            }
+            pycri__launcher(LAUNCHER_SOCK_FD, title, argc_out, argv_out);
+            return;
+        }
+        close(sv[1]);
+        if (child > 0) {
+            union {
+                struct cmsghdr h;
+                char buf[CMSG_SPACE(sizeof(int))];
+            } cm;
+            memset(&cm, 0, sizeof(cm));
+            char byte = 'L';
+            struct iovec iov = {&byte, 1};
+            struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                                .msg_controllen = sizeof(cm.buf)};
+            struct cmsghdr *cmh = CMSG_FIRSTHDR(&mh);
+            cmh->cmsg_level = SOL_SOCKET;
+            cmh->cmsg_type = SCM_RIGHTS;
+            cmh->cmsg_len = CMSG_LEN(sizeof(int));
+            memcpy(CMSG_DATA(cmh), &sv[0], sizeof(int));
+            while (sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 && errno == EINTR)
+                ;
+            /* the launcher's first process goes as soon as it has forked */
+            while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
+                ;
+        } else {
+            /* (no launcher: the caller's read of a message without an fd says so) */
+            char byte = 'E';
+            send(sock, &byte, 1, MSG_NOSIGNAL);
+        }
+        close(sv[0]);
+    }
+}
+
 /* The caller's fds the launcher gets, each once: fd -> its number there. */
 struct fdmap {
     int *src;
@@ -658,7 +740,8 @@ static int send_full(int fd, struct iovec *iov, int n) {
 }
 
 /* posix_spawn the launcher with sock as fd 3 and /dev/null on 0, 1, 2. */
-static int spawn_launcher(const char *path, int sock, pid_t *pid, struct pycri_error *err) {
+static int spawn_launcher(const char *path, int factory, int sock, pid_t *pid,
+                          struct pycri_error *err) {
     int rc = 0;
     int lifted = fcntl(sock, F_DUPFD_CLOEXEC, LAUNCHER_SOCK_FD + 1);
     if (lifted < 0)
@@ -693,6 +776,8 @@ static int spawn_launcher(const char *path, int sock, pid_t *pid, struct pycri_e
     char title[LAUNCH_TITLE_MAX + 1];
     memset(title, ' ', LAUNCH_TITLE_MAX);
     title[LAUNCH_TITLE_MAX] = '\0';
+    if (factory)    /* (its launchers blank it again: see pycri__launcher_factory) */
+        memcpy(title, FACTORY_TITLE, sizeof(FACTORY_TITLE) - 1);
     char *const argv[] = {(char *)path, "--launch", fdarg, title, NULL};
     char *const envp[] = {NULL};
     if (!e)
@@ -715,7 +800,7 @@ PYCRI_EXPORT int pycri_launcher_new(const char *path, int *sock_out, struct pycr
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
         return pycri_fail(err, errno, "launch: socketpair");
     pid_t first = -1;
-    int rc = spawn_launcher(path, sv[1], &first, err);
+    int rc = spawn_launcher(path, 0, sv[1], &first, err);
     close(sv[1]);
     if (rc < 0) {
         close(sv[0]);
@@ -725,6 +810,67 @@ PYCRI_EXPORT int pycri_launcher_new(const char *path, int *sock_out, struct pycr
     while (waitpid(first, NULL, 0) < 0 && errno == EINTR)
         ;
     *sock_out = sv[0];
+    return 0;
+}
+
+PYCRI_EXPORT int pycri_launcher_factory_new(const char *path, int *sock_out, int *pid_out,
+                                            struct pycri_error *err) {
+    *sock_out = -1;
+    *pid_out = -1;
+    if (!path || path[0] != '/')
+        return pycri_fail(err, EINVAL, "launch: the launcher path must be absolute");
+    int sv[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+        return pycri_fail(err, errno, "launch: socketpair");
+    pid_t first = -1;
+    int rc = spawn_launcher(path, 1, sv[1], &first, err);
+    close(sv[1]);
+    if (rc < 0) {
+        close(sv[0]);
+        return rc;
+    }
+    while (waitpid(first, NULL, 0) < 0 && errno == EINTR)
+        ;
+    int32_t pid = -1;
+    if (read_full(sv[0], &pid, sizeof(pid)) != (ssize_t)sizeof(pid)) {
+        close(sv[0]);
+        return pycri_fail(err, EPIPE, "launch: the launcher factory died starting");
+    }
+    *sock_out = sv[0];
+    *pid_out = pid;
+    return 0;
+}
+
+PYCRI_EXPORT int pycri_launcher_from_factory(int factory, int *sock_out,
+                                             struct pycri_error *err) {
+    *sock_out = -1;
+    char byte = 'L';
+    if (send(factory, &byte, 1, MSG_NOSIGNAL) != 1)
+        return pycri_fail(err, errno ? errno : EPIPE, "launch: the launcher factory is gone");
+    int fd = -1;
+    for (;;) {
+        union {
+            struct cmsghdr h;
+            char buf[CMSG_SPACE(sizeof(int) * 2)];
+        } cm;
+        struct iovec iov = {&byte, 1};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                            .msg_controllen = sizeof(cm.buf)};
+        ssize_t r = recvmsg(factory, &mh, MSG_CMSG_CLOEXEC);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r != 1)
+            return pycri_fail(err, r < 0 ? errno : EPIPE, "launch: the launcher factory is gone");
+        int got[2] = {-1, -1};
+        int k = take_fds(&mh, got, 2);
+        if (k > 1)
+            close(got[1]);
+        fd = k >= 1 ? got[0] : -1;
+        break;
+    }
+    if (fd < 0)
+        return pycri_fail(err, EAGAIN, "launch: the launcher factory could not fork");
+    *sock_out = fd;
     return 0;
 }
 

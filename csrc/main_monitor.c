@@ -14,6 +14,9 @@
  *                  that socket, then runs as that command line says without
  *                  another exec. TITLE (blanks) is overwritten with the start
  *                  socket path, so ps shows which container a monitor serves.
+ *   pycri-monitor --launch FD factory...
+ *                  a launcher factory: forks a launcher (as --launch 3 TITLE) for
+ *                  each byte read on FD and sends its socket back (csrc/launch.c).
  *   pycri-monitor --exit-file PATH --log PATH
  *                 [--stdin] [--tty] [--attach-socket PATH] [--ready-fd N]
  *                 [--pid-file PATH] [--log-max-line N] [--detach]
@@ -643,7 +646,10 @@ static void close_stray_fds(void) {
 int main(int argc, char **argv) {
     /* pycri_launch's launcher (launch.c): returns once the container started,
      * with our command line, and we carry on as its monitor in this process */
-    if (argc == 4 && !strcmp(argv[1], "--launch"))
+    if (argc == 4 && !strcmp(argv[1], "--launch") && pycri__is_factory_title(argv[3]))
+        pycri__launcher_factory((int)parse_num(argv[2], "--launch", 3, INT_MAX), argv[3],
+                                &argc, &argv);
+    else if (argc == 4 && !strcmp(argv[1], "--launch"))
         pycri__launcher((int)parse_num(argv[2], "--launch", 3, INT_MAX), argv[3], &argc, &argv);
     else if (argc == 3 && !strcmp(argv[1], "--launch"))
         pycri__launcher((int)parse_num(argv[2], "--launch", 3, INT_MAX), NULL, &argc, &argv);

@@ -168,7 +168,7 @@ class _Slots:
         os.register_at_fork(after_in_child=self._after_fork)
 
     def _after_fork(self) -> None:
-        for slot in self._ready.values():
+        for slot in [*self._ready.values(), *self._base.values()]:
             if slot.pre is not None:
                 for fd in (slot.pre.sock, slot.pre._pidfd):
                     if fd >= 0:
@@ -190,6 +190,10 @@ class _Slots:
         self._queue: list[tuple[Any, ...]] = []
         # per (root, pod): the config of the pod's last create, for its next pre-clone
         self._configs: dict[tuple[str, str], ContainerConfig] = {}
+        # per (root, pod): a premounted slot made ahead of the ready one, for a pod
+        # that creates containers (its held process comes when it is next up)
+        self._base: dict[tuple[str, str], Slot] = {}
+        self._basing: set[tuple[str, str]] = set()
         self._thread: threading.Thread | None = None
         self._tag = ""
 
@@ -202,7 +206,7 @@ class _Slots:
         with self._cv:
             # one being made is nearly done (it was asked for during the last
             # create): waiting for it costs less than doing its work inline
-            self._cv.wait_for(lambda: key not in self._making, TAKE_WAIT)
+            self._cv.wait_for(lambda: key in self._ready or key not in self._making, TAKE_WAIT)
             slot = self._ready.pop(key, None)
         if slot is not None and (slot.cgroup_parent != cgroup_parent or (
                 slot.premounted and not slot.fits(image_id, layer_dirs or []))):
@@ -250,12 +254,21 @@ class _Slots:
               tag: str, image_id: str, layer_dirs: list[str] | None) -> None:
         slot = None
         with self._cv:     # (a premounted slot holds 2 fds: not for every pod there is)
-            premount = sum(1 for s in self._ready.values() if s.premounted) < MAX_PREMOUNTED
+            premount = (sum(1 for s in self._ready.values() if s.premounted)
+                        + len(self._base)) < MAX_PREMOUNTED
+            base = self._base.pop(key, None)
+        hot = False
         try:
-            slot = _make(runtime, pod_id, cgroup_parent, tag,
-                         image_id if layer_dirs and premount else "",
-                         list(layer_dirs or []) if premount else [])
+            if base is not None and (base.cgroup_parent != cgroup_parent or not premount
+                                     or not base.fits(image_id, list(layer_dirs or []))):
+                runtime.trash.later(functools.partial(discard, runtime, base))
+                base = None
+            slot = base or _make(runtime, pod_id, cgroup_parent, tag,
+                                 image_id if layer_dirs and premount else "",
+                                 list(layer_dirs or []) if premount else [])
             if slot is not None and slot.rootfs_fd >= 0 and PRECLONE:
+                with self._cv:
+                    hot = key in self._configs      # (asked for by a create)
                 slot = self._preclone(key, runtime, slot, layer_dirs)
         except (OSError, PycriError):
             pass        # the pod went, or the disk is full
@@ -265,6 +278,34 @@ class _Slots:
                 if slot is not None:
                     self._ready[key] = slot
                 self._cv.notify_all()
+        if hot and slot is not None and slot.pre is not None:
+            self._make_base(key, runtime, pod_id, cgroup_parent, tag, image_id,
+                            list(layer_dirs or []))
+
+    def _make_base(self, key: tuple[str, str], runtime: Runtime, pod_id: str,
+                   cgroup_parent: str, tag: str, image_id: str, layer_dirs: list[str]) -> None:
+        """For a pod that creates containers: the slot after next, but for its held
+        process, made now while the pod's last container runs; the next slot then
+        only needs that process (it is asked for once a create's process exists, and
+        making all of it took longer than a short container's whole life)."""
+        with self._cv:
+            if key in self._base or any(j[0] == key for j in self._queue):
+                return
+            self._basing.add(key)   # (forget waits for it)
+        base = None
+        try:
+            base = _make(runtime, pod_id, cgroup_parent, tag, image_id, layer_dirs)
+        except (OSError, PycriError):
+            pass
+        finally:
+            with self._cv:
+                self._basing.discard(key)
+                if base is not None and base.rootfs_fd >= 0:
+                    self._base[key] = base
+                    base = None
+                self._cv.notify_all()
+        if base is not None:
+            discard(runtime, base)
 
     def _preclone(self, key: tuple[str, str], runtime: Runtime, slot: Slot,
                   layer_dirs: list[str] | None) -> Slot:
@@ -318,10 +359,14 @@ class _Slots:
                 self._making.discard(key)
                 if len(job) == 4:
                     slot = job[2]       # (a made slot waiting for its held process)
-            while key in self._making:
+            while key in self._making or key in self._basing:
                 self._cv.wait()
             slot = self._ready.pop(key, None) or slot
             self._configs.pop(key, None)
+            base = self._base.pop(key, None)
+        if base is not None:
+            _drop_cgroup(runtime, base)
+            runtime.trash.later(functools.partial(_drop_mounts_and_dir, runtime, base))
         if slot is not None:
             # its process and cgroup now (the pod's namespaces and cgroup go next),
             # its mounts and dir off the caller's path (closing a premounted overlay

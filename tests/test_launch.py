@@ -229,3 +229,60 @@ def test_launched_monitor_is_not_our_child_and_survives_start(paths):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+# --- the launcher factory -----------------------------------------------------------
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def test_factory_forks_working_launchers_and_goes_with_its_socket(paths):
+    """A launcher from the factory is a fork of it, detached like a spawned one (not
+    the factory's child, nor ours), and launches a container as a spawned one does;
+    the factory exits when its socket closes."""
+    mon = n.monitor_path()
+    factory, factory_pid = n.launcher_factory_new(mon)
+    with open(f"/proc/{factory_pid}/cmdline", "rb") as f:
+        assert f.read().split(b"\0")[1:4] == [b"--launch", b"3", b"factory" + b" " * 101]
+    try:
+        sock = n.launcher_from_factory(factory)
+        spec = n.SpawnSpec(argv=["/bin/sh", "-c", "exit 7"], start_wait=True)
+        c, _b = n._spec_struct(spec)
+        argv = _b.strv(monitor_argv(paths))
+        fds = n.ffi.new("int[]", 1)
+        res = n.ffi.new("struct pycri_launch_result *")
+        err = n._new_err()
+        assert n.lib.pycri_launch(sock, c, paths["sock"].encode(), argv, fds, 0, res, err) == 0, \
+            n.ffi.string(err.text)
+        os.close(sock)
+        assert _ppid(res.monitor_pid) not in (os.getpid(), factory_pid)
+        with open(f"/proc/{res.monitor_pid}/cmdline", "rb") as f:    # (a launcher's)
+            assert f.read().split(b"\0")[1:4] == [b"--launch", b"3", paths["sock"].encode()]
+        n.launch_start(paths["sock"])
+        deadline = time.monotonic() + 5
+        while not os.path.exists(paths["exit"]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with open(paths["exit"]) as f:
+            assert json.load(f)["exit_code"] == 7
+    finally:
+        os.close(factory)
+    assert gone_within(lambda: os.path.exists(f"/proc/{factory_pid}"))
+
+
+def test_spares_outlive_a_killed_factory(paths):
+    """kill -9 of the spare-making factory: the next spare comes from a new one, and
+    launches go on."""
+    for _ in range(2):
+        spec = n.SpawnSpec(argv=["/bin/true"], start_wait=True)
+        res = n.launch(spec, paths["sock"], monitor_argv(paths), [])
+        n.launch_start(paths["sock"])
+        monitor = f"/proc/{res.monitor_pid}"
+        assert gone_within(lambda m=monitor: os.path.exists(m), 5)
+        os.unlink(paths["exit"])
+        deadline = time.monotonic() + 5
+        while n._spares._factory is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert n._spares._factory is not None
+        os.kill(n._spares._factory[2], signal.SIGKILL)

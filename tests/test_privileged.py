@@ -7,6 +7,7 @@ pod that is not privileged, before anything is made.
 from __future__ import annotations
 
 import os
+import time
 import stat
 
 import pytest
@@ -147,6 +148,10 @@ def assert_nothing_left(rt, sb) -> None:
     assert os.listdir(os.path.join(rt.root, "containers")) == [] \
         if os.path.isdir(os.path.join(rt.root, "containers")) else True
     slots_dir = os.path.join(rt.root, "slots")      # (the pod's slot, made ahead, may be)
+    deadline = time.monotonic() + 5     # (once the slot thread is done with it)
+    while pycri.slots._slots._making or pycri.slots._slots._basing:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     slot_ids = {n.split(".")[3] for n in os.listdir(slots_dir)} if os.path.isdir(slots_dir) \
         else set()
     for d in rt.cgroups().pod(sb.id).dirs.values():

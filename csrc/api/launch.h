@@ -36,6 +36,14 @@ struct pycri_launch_result {
 /* A launcher waiting for a request on *sock_out (CLOEXEC); path is pycri-monitor. */
 int pycri_launcher_new(const char *path, int *sock_out, struct pycri_error *err);
 
+/* A launcher factory (a pycri-monitor that forks launchers: cheaper than spawning
+ * each), on *sock_out, its pid in *pid_out; pycri_launcher_from_factory asks it for one and sets
+ * *sock_out to the new launcher's socket, as pycri_launcher_new would. The
+ * factory exits when its socket closes. */
+int pycri_launcher_factory_new(const char *path, int *sock_out, int *pid_out,
+                               struct pycri_error *err);
+int pycri_launcher_from_factory(int factory, int *sock_out, struct pycri_error *err);
+
 /* launcher: from pycri_launcher_new, or -1 for a new one made here. */
 int pycri_launch(int launcher, const struct pycri_spawn_spec *spec, const char *start_sock,
                  const char *const *monitor_argv, const int *monitor_fds, int n_monitor_fds,
