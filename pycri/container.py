@@ -334,6 +334,12 @@ class Container:
                         "log_path": log_path, "cgroup_parent": sb_rec["cgroup_parent"],
                         "layers": list(image.chain_ids),
                     }
+                    if slot is not None and slot.pre is not None:
+                        # its process exists already (held, see slots.py): recorded
+                        # now, this is the record a crash from here on leaves (and
+                        # the launch need not write it again when it reports them)
+                        rec.update(pid=slot.pre.pid, pid_start_time=slot.pre.start_time,
+                                   monitor_pid=slot.pre.monitor_pid)
                     ctr._write(rec)
             except BaseException:
                 if slot:    # its cgroup and directory, wherever the latter is now
@@ -381,8 +387,10 @@ class Container:
         def record_pids(r: _native.LaunchResult) -> None:
             # while the container process mounts its root: the record with its pids
             # (a crash from here on leaves a record recovery can settle) ...
-            rec.update(pid=r.pid, pid_start_time=r.start_time, monitor_pid=r.monitor_pid)
-            self._write(rec)
+            pids = {"pid": r.pid, "pid_start_time": r.start_time, "monitor_pid": r.monitor_pid}
+            if any(rec.get(k) != v for k, v in pids.items()):
+                rec.update(pids)
+                self._write(rec)
             # ... and the next create's slot (it would wait through this anyway)
             slots.make(rt, sandbox.id, rec["cgroup_parent"], image.id,
                        None if sb_rec["config"].get("user_namespace") else plan.layer_dirs,
