@@ -20,9 +20,18 @@ making and the use) is deleted, directory and cgroup, by the next Runtime on the
 same root (``cleanup``); a pod's removal deletes the remover's own slot of it
 (``forget``) and its cgroup removal takes anyone else's with it.
 
+Where the pod allows it, a premounted slot also holds the container process
+itself, set up ahead (launchplan.standin: the setup a create with the pod's
+last config would get) and held by its launcher until a create with the same
+setup resumes it (Container._launch_in) or it is discarded; see Slot.pre.
+
 One thread makes them (``make``): a pod asks for its first while it is being
-set up (premounting the image this process last ran: a guess), and each create
-asks for the next once its container process exists (Container._launch).
+set up (premounting the image this process last ran: a guess; its held process
+comes once the pod is ready, ``pod_ready``), and each create asks for the next
+once its container process exists (Container._launch). For a pod that creates
+containers the thread then makes the slot after next too, all but its held
+process, so the next one is ready sooner (``_make_base``). PYCRI_PRECLONE=0 in
+the environment turns held processes off (slots are premounted only).
 """
 
 from __future__ import annotations
