@@ -179,3 +179,21 @@ def test_pid_holder_is_execd_by_fd(rt, tmp_path):
         assert open(f"/proc/{pid}/cmdline", "rb").read() == b"pycri-pause\0"
     finally:
         sb.remove()
+
+
+def test_pid_holder_counts_in_the_pods_cgroup(rt):
+    """The pod's pid 1 lives in a leaf cgroup under the pod's, in every hierarchy
+    (its memory and pids are the pod's, not the caller's), and that goes with the
+    pod."""
+    sb = rt.run_sandbox(pycri.SandboxConfig(name="pidcg", pid="pod"))
+    try:
+        pid = sb.record()["infra_pid"]
+        with open(f"/proc/{pid}/cgroup") as f:
+            lines = dict(line.rstrip("\n").split(":", 2)[1:] for line in f)
+        for ctl in ("memory", "pids", "cpu", "freezer"):
+            assert lines[ctl].endswith(f"/{rt.cgroup_parent}/{sb.id}/{sb.id}"), lines
+        procs = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{sb.id}/cgroup.procs"
+        assert open(procs).read().split() == [str(pid)]
+    finally:
+        sb.remove()
+    assert not os.path.exists(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}")
