@@ -278,27 +278,6 @@ static void place_cgroups(const struct pycri_spawn_spec *s, struct pycri__plan *
         plan->cg_tasks_fd[i] = -1;
         plan->cg_by_parent[i] = 1;
         plan->n_cg = i + 1;
-        if (s->pause_after_setup) {
-            /* A pre-clone joins its cgroups only when resumed (held, it must not
-             * count in the pod's usage and limits): "0" written to the tasks file
-             * (v1) or cgroup.procs (v2, or v1 without tasks) moves the writer. */
-            int fd = -1;
-            const char *slash = strrchr(*c, '/');
-            if (slash && strcmp(slash + 1, "cgroup.procs") == 0) {
-                char path[PATH_MAX];
-                size_t dirlen = (size_t)(slash - *c);
-                if (dirlen + sizeof("/tasks") <= sizeof(path)) {
-                    memcpy(path, *c, dirlen);
-                    strcpy(path + dirlen, "/tasks");
-                    fd = open(path, O_WRONLY | O_CLOEXEC);
-                }
-            }
-            if (fd < 0)
-                fd = open(*c, O_WRONLY | O_CLOEXEC);
-            plan->cg_tasks_fd[i] = fd;
-            plan->cg_by_parent[i] = fd < 0;
-            continue;
-        }
         const char *slash = strrchr(*c, '/');
         if (!slash || strcmp(slash + 1, "cgroup.procs") != 0)
             continue;
@@ -598,10 +577,16 @@ PYCRI_EXPORT int pycri_spawn(const struct pycri_spawn_spec *s, struct pycri_spaw
         rc = prepare_sysctls(s, &sysctl_buf, &plan.n_sysctl, err);
     if (rc == 0)
         place_cgroups(s, &plan);
-    for (int i = 0; rc == 0 && s->pause_after_setup && i < plan.n_cg; i++)
-        if (plan.cg_tasks_fd[i] < 0)
-            rc = pycri_fail(err, errno ? errno : EINVAL, "prepare: open %s",
-                            s->cgroup_procs[i]);
+    /* A pre-clone joins its late cgroups (those accounting memory and pids: held, it
+     * must not count in the pod's usage and limits) only when resumed, by writing
+     * "0" to their v1 tasks files: that moves the one thread without the global
+     * threadgroup lock, whose first writer after a quiet spell waits an RCU grace
+     * period (~10 ms here); a v2 cgroup.procs write would take it. */
+    for (int i = plan.n_cg - s->cgroup_late; rc == 0 && s->pause_after_setup && i < plan.n_cg;
+         i++)
+        if (i < 0 || plan.cg_tasks_fd[i] < 0)
+            rc = pycri_fail(err, EINVAL, "prepare: a late cgroup must be a v1 hierarchy: %s",
+                            i < 0 ? "(count)" : s->cgroup_procs[i]);
     if (rc == 0)
         rc = pycri__userns_prepare(s, &plan, err);
     plan.sysctl_buf = sysctl_buf;

@@ -338,10 +338,10 @@ static int raw_setresgid(unsigned int id) { return (int)syscall(SYS_setresgid, i
  * kernel does without the global threadgroup lock (whose first writer after a
  * quiet spell waits for an RCU grace period, ~6 ms); for a single-threaded
  * process that is the whole process. Children inherit it. */
-static void join_cgroups(struct pycri__plan *plan) {
+static void join_cgroups(struct pycri__plan *plan, int from, int to) {
     const struct pycri_spawn_spec *s = plan->spec;
     struct pycri__cerr ce;
-    for (int i = 0; i < plan->n_cg; i++) {
+    for (int i = from; i < to && i < plan->n_cg; i++) {
         if (plan->cg_tasks_fd[i] < 0)
             continue;
         ssize_t w;
@@ -353,6 +353,11 @@ static void join_cgroups(struct pycri__plan *plan) {
         close(plan->cg_tasks_fd[i]);
         plan->cg_tasks_fd[i] = -1;
     }
+}
+
+static int late_cgroups(const struct pycri__plan *plan) {
+    int late = plan->spec->cgroup_late;
+    return late < 0 ? 0 : (late > plan->n_cg ? plan->n_cg : late);
 }
 
 /* a cgroup namespace is rooted at the cgroup current when it is made: only
@@ -448,8 +453,9 @@ static void child_resume(struct pycri__plan *plan) {
         CFAIL(PYCRI_STAGE_PREPARE, "resume: hostname needs a new uts namespace", NULL);
     if (resumed.seccomp_bpf && (resumed.seccomp_len == 0 || resumed.seccomp_len > 4096))
         CFAIL(PYCRI_STAGE_PREPARE, "resume: bad seccomp program length", NULL);
-    /* into the container's cgroups only now (held, it was the launcher's) */
-    join_cgroups(plan);
+    /* into the container's memory and pids cgroups only now (held, it counted in
+     * the launcher's), then its own cgroup namespace */
+    join_cgroups(plan, plan->n_cg - late_cgroups(plan), plan->n_cg);
     new_cgroupns(plan);
     plan->spec = &resumed;
     plan->tty_fd = resumed.tty_fd;
@@ -624,8 +630,8 @@ void pycri__child_main(struct pycri__plan *plan, int two_step) {
     struct pycri__cerr ce;
 
     close_unneeded_fds(plan);
-    if (!s->pause_after_setup)
-        join_cgroups(plan);
+    /* (held: all but the late ones, see cgroup_late) */
+    join_cgroups(plan, 0, plan->n_cg - (s->pause_after_setup ? late_cgroups(plan) : 0));
 
     umask(0);
     /* signals stay blocked (the parent blocked them around clone); reset the

@@ -244,6 +244,8 @@ class SpawnSpec:
     uid_map: tuple[int, int, int] | None = None  # (inside, outside, count) for a new userns
     gid_map: tuple[int, int, int] | None = None
     cgroup_procs: list[str] = field(default_factory=list)
+    # (pre-clones: the last this many are joined only when resumed: see api/spawn.h)
+    cgroup_late: int = 0
     rootfs: str | None = None
     overlay_lower: list[str] = field(default_factory=list)  # top first; empty = bind rootfs
     overlay_upper: str | None = None
@@ -412,6 +414,7 @@ def _spec_struct(spec: SpawnSpec) -> tuple[Any, _Builder]:
     if spec.gid_map:
         c.gid_map_inside, c.gid_map_outside, c.gid_map_count = spec.gid_map
     c.cgroup_procs = b.strv(spec.cgroup_procs)
+    c.cgroup_late = spec.cgroup_late
     c.rootfs = b.s(spec.rootfs)
     if spec.overlay_lower:
         c.overlay_lower = b.s(":".join(spec.overlay_lower))
@@ -1148,7 +1151,7 @@ def _spec_from_struct(c) -> SpawnSpec:  # type: ignore[no-untyped-def]
         if c.uid_map_count else None,
         gid_map=(c.gid_map_inside, c.gid_map_outside, c.gid_map_count)
         if c.gid_map_count else None,
-        cgroup_procs=strv(c.cgroup_procs), rootfs=s(c.rootfs),
+        cgroup_procs=strv(c.cgroup_procs), cgroup_late=c.cgroup_late, rootfs=s(c.rootfs),
         overlay_lower=lower.split(":") if lower else [],
         overlay_upper=s(c.overlay_upper), overlay_work=s(c.overlay_work),
         rootfs_mount_fd=c.rootfs_mount_fd if c.rootfs_premounted else -1,

@@ -378,6 +378,17 @@ class Cgroup:
         """The cgroup.procs files a new process must be written into."""
         return [os.path.join(d, "cgroup.procs") for d in self.paths()]
 
+    def procs_files_accounting_last(self) -> tuple[list[str], int]:
+        """procs_files() with those of the dirs that account memory and pids last,
+        and how many those are (SpawnSpec.cgroup_late); -1 for the count where one
+        of them is a v2 dir (a held process could join it only by taking the
+        global threadgroup lock: no pre-clone there)."""
+        late = {self.dirs[c] for c in ("memory", "pids") if c in self.dirs}
+        early = [d for d in self.paths() if d not in late]
+        files = [os.path.join(d, "cgroup.procs") for d in early + sorted(late)]
+        v2 = self.dirs.get("unified")
+        return files, (-1 if v2 is not None and v2 in late else len(late))
+
     def exists(self) -> bool:
         return any(os.path.isdir(d) for d in self.paths())
 

@@ -109,7 +109,7 @@ def plan(ctr: Container, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str
         ctr._write(rec)
     seccomp = seccomp_for(config, caps)
     setup = _setup_fields(sandbox, sb_rec, config, ctr.record_dir, layer_dirs,
-                          cg.procs_files(), namespaces, binds)
+                          cg, namespaces, binds)
 
     monitor_fds: list[int] = []
     child_fds: list[int] = []
@@ -174,7 +174,7 @@ def plan(ctr: Container, rec: dict[str, Any], sandbox: Sandbox, sb_rec: dict[str
 # (setup_key); the rest of the spec (the process: argv, env, user, capabilities,
 # seccomp, rlimits, stdio...) comes with the resume.
 SETUP_FIELDS = (
-    "namespaces", "join_pidfd", "uid_map", "gid_map", "cgroup_procs", "rootfs",
+    "namespaces", "join_pidfd", "uid_map", "gid_map", "cgroup_procs", "cgroup_late", "rootfs",
     "overlay_lower", "overlay_upper", "overlay_work", "root_propagation", "mount_proc",
     "mount_sys", "sys_writable", "mount_dev", "host_devices", "shm_path", "shm_size",
     "etc_hostname", "etc_hosts", "etc_resolv", "binds", "masked_paths", "readonly_paths",
@@ -183,16 +183,18 @@ SETUP_FIELDS = (
 
 
 def _setup_fields(sandbox: Sandbox, sb_rec: dict[str, Any], config: ContainerConfig,
-                  record_dir: str, layer_dirs: list[str], cgroup_procs: list[str],
+                  record_dir: str, layer_dirs: list[str], cg: Any,
                   namespaces: dict[str, str], binds: list[_native.BindMount]) -> dict[str, Any]:
     """The setup part of a container's spec (the SETUP_FIELDS that are not left at
     their defaults), for a create and for a pre-clone alike."""
+    cgroup_procs, late = cg.procs_files_accounting_last()
     fs = os.path.join(record_dir, "fs")
     upper, work, rootfs = (os.path.join(fs, d) for d in ("upper", "work", "rootfs"))
     masked, readonly = masked_and_readonly(config)
     files = sandbox.container_files(sb_rec)
     return {
-        "namespaces": namespaces, "cgroup_procs": cgroup_procs, "rootfs": rootfs,
+        "namespaces": namespaces, "cgroup_procs": cgroup_procs,
+        "cgroup_late": max(late, 0), "rootfs": rootfs,
         "overlay_lower": [*layer_dirs, sandbox.runtime.mount_points],
         "overlay_upper": upper, "overlay_work": work,
         "mount_sys": True, "sys_writable": config.privileged,
@@ -229,8 +231,10 @@ def standin(runtime: Any, sandbox: Sandbox, sb_rec: dict[str, Any], config: Cont
     namespaces = _namespaces(sandbox, sb_rec, config)
     if namespaces["pid"] != "new":
         return None
-    procs = runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id).procs_files()
-    setup = _setup_fields(sandbox, sb_rec, config, slot.dir, layer_dirs, procs, namespaces, [])
+    cg = runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id)
+    if cg.procs_files_accounting_last()[1] < 0:
+        return None     # (memory or pids in a v2 hierarchy: see there)
+    setup = _setup_fields(sandbox, sb_rec, config, slot.dir, layer_dirs, cg, namespaces, [])
     return _native.SpawnSpec(argv=["/"], rootfs_mount_fd=slot.rootfs_fd,
                              dev_mount_fd=slot.dev_fd, start_wait=True, **setup)
 

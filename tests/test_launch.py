@@ -36,7 +36,7 @@ def every_field_spec() -> n.SpawnSpec:
                     "ipc": "new", "net": "/run/netns/x", "cgroup": "new"},
         join_pidfd=16, uid_map=(0, 100000, 65536), gid_map=(0, 200000, 1000),
         cgroup_procs=["/sys/fs/cgroup/pids/a/cgroup.procs", "/sys/fs/cgroup/x/cgroup.procs"],
-        rootfs="/run/r", overlay_lower=["/l/1", "/l/2"], overlay_upper="/u", overlay_work="/w",
+        cgroup_late=1, rootfs="/run/r", overlay_lower=["/l/1", "/l/2"], overlay_upper="/u", overlay_work="/w",
         rootfs_mount_fd=17, dev_mount_fd=18,
         rootfs_readonly=True, root_propagation="rshared", mount_proc=False, mount_sys=False,
         mount_dev=False, sys_writable=True, host_devices=True, shm_path="/dev/shm/pod", shm_size=1 << 20, etc_hostname="/e/h",

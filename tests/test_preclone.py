@@ -68,15 +68,18 @@ def _run(sb, img, argv, **config):
 
 
 def test_held_process_is_resumed_with_the_real_config(env):
-    """The held process is outside the pod's cgroups while it waits (the pod's usage
-    and limits do not see it); the create resumes that very process, which then
+    """The held process is outside the pod's memory and pids cgroups while it waits
+    (the pod's usage and limits do not see it), in the container's others; the
+    create resumes that very process, which then
     runs as the config says: user, groups, capabilities, no_new_privs, seccomp,
     env, working dir, rlimits, oom_score_adj - and in the container's cgroups and
     namespaces, with nothing but its stdio open."""
     rt, img = env
     with rt.run_sandbox(pycri.SandboxConfig(name="pre-a", hostname="pre-a")) as sb:
         slot = _held(rt, sb, img)
-        assert f"/{sb.id}/" not in _cgroups(slot.pre.pid)
+        held = dict(line.split(":", 2)[1:] for line in _cgroups(slot.pre.pid).splitlines())
+        assert f"/{sb.id}/" not in held["memory"] and f"/{sb.id}/" not in held["pids"]
+        assert held["cpu"].endswith(f"/{sb.id}/{slot.id}"), held
         c = sb.create_container(pycri.ContainerConfig(
             name="p", image=img.id, command=("probe",),
             run_as_user=1000, run_as_group=2000, supplemental_groups=(3000,),

@@ -152,6 +152,10 @@ struct pycri_spawn_spec {
                                        * v1 ones are entered by the child writing 0 to the
                                        * dir's "tasks", one v2 one by CLONE_INTO_CGROUP, the
                                        * rest by the parent writing the pid here */
+    int cgroup_late;                  /* with pause_after_setup: the last this many (those
+                                       * that account memory and pids, where a held
+                                       * process must not count; v1 only) are joined
+                                       * when resumed, the others at clone */
 
     /* --- rootfs (only with ns_mode[MNT] == NEW) --- */
     const char *rootfs;        /* target dir; NULL = no rootfs setup (keep the host view) */
