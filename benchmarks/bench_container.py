@@ -10,9 +10,13 @@
               Python process's peak RSS.
 
 Reproduce (root):  python3 benchmarks/bench_container.py [-n 30] [--crun] [--many 100]
-                   [--lifecycle-only]
+                   [--lifecycle-only] [--pace MS]
 The lifecycle row is followed by its phases (create, start, wait, remove), each
-the median of its own timings.
+the median of its own timings. pycri and its peers run in alternating rounds of
+10. Back to back (the default), pycri's work ahead of the next create (its slot)
+competes with the lifecycle being timed on this 2-core machine; --pace MS leaves
+MS idle after every lifecycle, pycri's and its peers' alike, as a program with
+anything else to do between containers would.
 (--crun re-runs everything in a private mount namespace with the empty cgroup v2
 mount unmounted, because crun 1.8 refuses this host's hybrid layout.)
 """
@@ -31,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -73,7 +78,8 @@ def row(name: str, t: list[float], base: float | None = None) -> str:
 
 def report(results: list[tuple[str, list[float]]], phases: dict[str, list[float]],
            args: argparse.Namespace) -> None:
-    print(f"lifecycle of /bin/true and sandboxes, n={args.n} (ms)")
+    pace = f", {args.pace:g} ms idle between lifecycles" if args.pace else ", back to back"
+    print(f"lifecycle of /bin/true and sandboxes, n={args.n} (ms){pace}")
     print(f"{'what':<28}{'median':>10}{'p10':>10}{'p90':>10}{'pycri/peer':>10}")
     pycri_med = statistics.median(results[0][1])
     print(row(results[0][0], results[0][1]))
@@ -86,7 +92,7 @@ def report(results: list[tuple[str, list[float]]], phases: dict[str, list[float]
         else:
             print(row(name, t))
     if args.lifecycle_only:
-        flag = " --crun" if args.crun else ""
+        flag = (" --crun" if args.crun else "") + (f" --pace {args.pace:g}" if args.pace else "")
         print(f"reproduce (root): python3 benchmarks/bench_container.py -n {args.n} "
               f"--lifecycle-only{flag}")
 
@@ -96,6 +102,9 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=30)
     ap.add_argument("--crun", action="store_true")
     ap.add_argument("--many", type=int, default=100)
+    ap.add_argument("--pace", type=float, default=0.0, metavar="MS",
+                    help="idle MS between lifecycles, for pycri and its peers alike "
+                         "(0: back to back)")
     ap.add_argument("--lifecycle-only", action="store_true",
                     help="only the lifecycle rows (no sandboxes, no --many)")
     args = ap.parse_args()
@@ -147,11 +156,19 @@ def main() -> None:
                 # machine in the same state: this host's file system gets slower
                 # for everyone the more files were made and deleted in the last
                 # minutes (journal-less ext4 skips recently freed inodes one by one).
+                pace = args.pace / 1000
+
+                def paced(fn: Callable[[], float]) -> float:
+                    t = fn()
+                    if pace:
+                        time.sleep(pace)    # (not timed)
+                    return t
+
                 for i in range(0, args.n, ROUND):
                     k = min(ROUND, args.n - i)
-                    times["pycri"] += [timed(lifecycle) for _ in range(k)]
+                    times["pycri"] += [paced(lambda: timed(lifecycle)) for _ in range(k)]
                     for p in peers:
-                        times[p] += [run_peer[p]() for _ in range(k)]
+                        times[p] += [paced(run_peer[p]) for _ in range(k)]
             results.append(("pycri lifecycle", times["pycri"]))
             results += [(f"{p} run", times[p]) for p in peers]
 
