@@ -34,6 +34,7 @@ Limitations (documented, tested where they can be):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -714,6 +715,29 @@ class CgroupManager:
             raise NotFoundError(f"pod cgroup {pod.relpath} does not exist")
         self._create(cg, resources, devices=True)
         return cg
+
+    def pod_process_files(self, pod_id: str) -> list[str]:
+        """cgroup.procs files for a process of the pod itself (its pid 1): the pod's
+        own cgroup in v1 hierarchies; in the v2 one, which allows no process beside
+        child cgroups with controllers, a leaf named after the pod (made here, gone
+        with drop_pod_process_cgroup or the pod's cgroup)."""
+        files = []
+        v2 = self.hierarchy.v2_root
+        for d in self.pod(pod_id).paths():
+            if v2 is not None and (d == v2 or d.startswith(v2.rstrip("/") + "/")):
+                d = os.path.join(d, _validate_id("pod id", pod_id))
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d, 0o755)
+            files.append(os.path.join(d, "cgroup.procs"))
+        return files
+
+    def drop_pod_process_cgroup(self, pod_id: str) -> None:
+        """rmdir the v2 leaf of pod_process_files (its process gone), if any."""
+        v2 = self.hierarchy.v2_root
+        for d in self.pod(pod_id).paths():
+            if v2 is not None and (d == v2 or d.startswith(v2.rstrip("/") + "/")):
+                with contextlib.suppress(FileNotFoundError):
+                    _native.cgroup_rmdir(os.path.join(d, pod_id), 1.0)
 
     def configure_container(self, pod_id: str, ctr_id: str,
                             resources: Resources | None = None) -> Cgroup:

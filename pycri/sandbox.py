@@ -278,17 +278,16 @@ class Sandbox:
         namespaces = {"pid": "new", "mnt": "host"}
         for kind in ("net", "ipc", "uts", "user"):
             namespaces[kind] = paths[kind] or "host"
-        # in a leaf cgroup of its own under the pod's (as a container's: v2 allows no
-        # process in a cgroup whose children have controllers), so what it uses is
-        # the pod's and not this process's; it goes with the pod's cgroup
-        cg = self.runtime.cgroups(rec["cgroup_parent"]).create_container(self.id, self.id)
+        # in the pod's cgroup (what it uses is the pod's, not this process's); it
+        # goes with the pod's cgroup
+        procs = self.runtime.cgroups(rec["cgroup_parent"]).pod_process_files(self.id)
         pause_fd = os.open(pause, os.O_RDONLY | os.O_CLOEXEC)
         try:
             spec = _native.SpawnSpec(argv=["pycri-pause"], exec_path="/proc/self/fd/3",
                                      keep_fds=[pause_fd], env=[], rootfs=None,
                                      mount_proc=False, mount_sys=False, mount_dev=False,
                                      namespaces=namespaces, no_new_privs=True,
-                                     cgroup_procs=cg.procs_files())
+                                     cgroup_procs=procs)
             try:
                 res = _native.spawn(spec)
             except OSError as e:
@@ -494,6 +493,8 @@ class Sandbox:
                 if e.errno not in (errno.EINVAL, errno.ENOENT):
                     errors.append(str(e))
         parent = rec.get("cgroup_parent") or self.runtime.cgroup_parent
+        with contextlib.suppress(OSError, PycriError):   # (pid 1's v2 leaf: see _start_infra)
+            self.runtime.cgroups(parent).drop_pod_process_cgroup(self.id)
         try:
             self.runtime.cgroups(parent).pod(self.id).destroy()
         except PycriError as e:

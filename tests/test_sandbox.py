@@ -182,18 +182,21 @@ def test_pid_holder_is_execd_by_fd(rt, tmp_path):
 
 
 def test_pid_holder_counts_in_the_pods_cgroup(rt):
-    """The pod's pid 1 lives in a leaf cgroup under the pod's, in every hierarchy
-    (its memory and pids are the pod's, not the caller's), and that goes with the
-    pod."""
+    """The pod's pid 1 lives in the pod's cgroup in every v1 hierarchy (its memory
+    and pids are the pod's, not the caller's) and in a leaf of it in the v2 one
+    (no process beside child cgroups there); both go with the pod."""
     sb = rt.run_sandbox(pycri.SandboxConfig(name="pidcg", pid="pod"))
     try:
         pid = sb.record()["infra_pid"]
         with open(f"/proc/{pid}/cgroup") as f:
             lines = dict(line.rstrip("\n").split(":", 2)[1:] for line in f)
         for ctl in ("memory", "pids", "cpu", "freezer"):
-            assert lines[ctl].endswith(f"/{rt.cgroup_parent}/{sb.id}/{sb.id}"), lines
-        procs = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/{sb.id}/cgroup.procs"
+            assert lines[ctl].endswith(f"/{rt.cgroup_parent}/{sb.id}"), lines
+        if os.path.isdir(f"/sys/fs/cgroup/unified/{rt.cgroup_parent}/{sb.id}"):
+            assert lines[""].endswith(f"/{rt.cgroup_parent}/{sb.id}/{sb.id}"), lines
+        procs = f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}/cgroup.procs"
         assert open(procs).read().split() == [str(pid)]
     finally:
         sb.remove()
     assert not os.path.exists(f"/sys/fs/cgroup/memory/{rt.cgroup_parent}/{sb.id}")
+    assert not os.path.exists(f"/sys/fs/cgroup/unified/{rt.cgroup_parent}/{sb.id}")
