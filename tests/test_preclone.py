@@ -16,6 +16,7 @@ import time
 
 import pycri
 import test_container
+from pycri import _native
 from test_container import TREE, _wait_slot
 
 # the fixtures of test_container.py: a Runtime on temp dirs with the probe image
@@ -227,3 +228,46 @@ os.kill(os.getpid(), signal.SIGKILL)
     pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
     assert not [n for n in os.listdir(f"{rt.root}/slots") if not n.startswith(f"{os.getpid()}.")]
     sb.remove()
+
+
+def test_tty_stdin_and_exec_on_a_held_process(env):
+    """What comes with the resume works as on a plain create: a pty of the
+    container's own devpts (made after pivot_root, its master passed back), a
+    stdin pipe, and exec into the resumed process's namespaces."""
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="pre-tty")) as sb:
+        slot = _held(rt, sb, img)
+        c = sb.create_container(pycri.ContainerConfig(
+            name="t", image=img.id, tty=True,
+            command=("sh", "-c", "tty; test -t 0 && echo interactive")))
+        assert c._read()["pid"] == slot.pre.pid
+        c.start()
+        assert c.wait(TIMEOUT) == 0
+        out = b"".join(r.content for r in c.logs())
+        assert b"/dev/pts/0" in out and b"interactive" in out, out
+        c.remove()
+
+        slot = _held(rt, sb, img)
+        c = sb.create_container(pycri.ContainerConfig(
+            name="s", image=img.id, stdin=True, command=("sh", "-c", "read x; echo got-$x")))
+        assert c._read()["pid"] == slot.pre.pid
+        c.start()
+        att = c.attach()
+        try:
+            att.sendall(_native.attach_frame(_native.ATTACH_STDIN, b"hello\n"))
+            att.sendall(_native.attach_frame(_native.ATTACH_CLOSE_STDIN))
+        finally:
+            att.close()
+        assert c.wait(TIMEOUT) == 0
+        assert [r.content for r in c.logs() if r.stream == "stdout"] == [b"got-hello"]
+        c.remove()
+
+        slot = _held(rt, sb, img)
+        c = sb.create_container(pycri.ContainerConfig(
+            name="e", image=img.id, command=("sleep", "30")))
+        assert c._read()["pid"] == slot.pre.pid
+        c.start()
+        r = c.exec_sync(["sh", "-c", "cat /proc/1/cmdline; hostname"])
+        assert r.exit_code == 0 and r.stdout.startswith(b"sleep\x0030\x00"), r
+        c.stop(timeout=0)
+        c.remove()
