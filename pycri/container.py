@@ -20,6 +20,7 @@ refreshes it from the exit file, checks the transition, acts, and saves.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import signal
@@ -792,13 +793,20 @@ class Container:
         rec = self.record()
         if rec["state"] != RUNNING:
             raise InvalidStateError(f"container {self.id[:12]} is {rec['state']}, not running")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(self._sock("attach"))
-        except OSError as e:
-            s.close()
-            raise RuntimeFailure(f"attach: {e.strerror}", stage="attach") from e
-        return s
+        # Right after start the process runs, but its launcher may not have become
+        # the monitor (which listens on the socket) yet: give it a moment.
+        deadline = time.monotonic() + ATTACH_WAIT_S
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(self._sock("attach"))
+                return s
+            except OSError as e:
+                s.close()
+                if (e.errno not in (errno.ENOENT, errno.ECONNREFUSED)
+                        or time.monotonic() > deadline or self.record()["state"] != RUNNING):
+                    raise RuntimeFailure(f"attach: {e.strerror}", stage="attach") from e
+            time.sleep(0.002)
 
     def logs(self) -> list[logs.LogRecord]:
         """The parsed CRI log records written so far."""
@@ -849,6 +857,9 @@ def _image_dir_exists(layer_dirs: list[str], path: str) -> bool:
         else:
             return True
     return False
+
+
+ATTACH_WAIT_S = 2.0     # how long attach waits for a just-started container's monitor
 
 
 def _stop_signal(runtime: Runtime, rec: dict[str, Any]) -> int:

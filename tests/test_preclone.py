@@ -254,8 +254,9 @@ def test_tty_stdin_and_exec_on_a_held_process(env):
         c.start()
         att = c.attach()
         try:
-            att.sendall(_native.attach_frame(_native.ATTACH_STDIN, b"hello\n"))
-            att.sendall(_native.attach_frame(_native.ATTACH_CLOSE_STDIN))
+            # (one write: the monitor may hang up as soon as the container has read it)
+            att.sendall(_native.attach_frame(_native.ATTACH_STDIN, b"hello\n")
+                        + _native.attach_frame(_native.ATTACH_CLOSE_STDIN))
         finally:
             att.close()
         assert c.wait(TIMEOUT) == 0
