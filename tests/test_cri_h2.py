@@ -9,6 +9,7 @@ test servicers where a handler must block, fail or stream on demand.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import threading
 import time
@@ -116,6 +117,7 @@ def probe():
     yield t, servicer, "unix://" + path
     servicer.release.set()
     t.stop(1)
+    shutil.rmtree(d, ignore_errors=True)    # (the socket file and its dir)
 
 
 def stub(address: str, **opts) -> tuple[grpc.Channel, api_pb2_grpc.RuntimeServiceStub]:
