@@ -478,23 +478,8 @@ void pycri__launcher(int sock, char *title, int *argc_out, char ***argv_out) {
     /* The caller gets the container's start and report sockets too: while it lives
      * it starts the container itself (pycri_spawn_start), two process hops fewer
      * than through the start socket and this launcher. */
-    {
-        int pass[2] = {sr.start_fd, sr.report_fd};
-        union {
-            struct cmsghdr h;
-            char buf[CMSG_SPACE(sizeof(pass))];
-        } cm;
-        memset(&cm, 0, sizeof(cm));
-        struct iovec iov = {&rep, sizeof(rep)};
-        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                            .msg_controllen = sizeof(cm.buf)};
-        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(pass));
-        memcpy(CMSG_DATA(c), pass, sizeof(pass));
-        sendmsg(sock, &mh, MSG_NOSIGNAL);
-    }
+    int pass[2] = {sr.start_fd, sr.report_fd};
+    pycri__send_fds(sock, &rep, sizeof(rep), pass, 2);
     close(sock);
 
     for (;;) {
@@ -670,22 +655,7 @@ void pycri__launcher_factory(int sock, char *title, int *argc_out, char ***argv_
         }
         close(sv[1]);
         if (child > 0) {
-            union {
-                struct cmsghdr h;
-                char buf[CMSG_SPACE(sizeof(int))];
-            } cm;
-            memset(&cm, 0, sizeof(cm));
-            char byte = 'L';
-            struct iovec iov = {&byte, 1};
-            struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                                .msg_controllen = sizeof(cm.buf)};
-            struct cmsghdr *cmh = CMSG_FIRSTHDR(&mh);
-            cmh->cmsg_level = SOL_SOCKET;
-            cmh->cmsg_type = SCM_RIGHTS;
-            cmh->cmsg_len = CMSG_LEN(sizeof(int));
-            memcpy(CMSG_DATA(cmh), &sv[0], sizeof(int));
-            while (sendmsg(sock, &mh, MSG_NOSIGNAL) < 0 && errno == EINTR)
-                ;
+            pycri__send_fds(sock, "L", 1, &sv[0], 1);
             /* the launcher's first process goes as soon as it has forked */
             while (waitpid(child, NULL, 0) < 0 && errno == EINTR)
                 ;
@@ -792,7 +762,9 @@ static int spawn_launcher(const char *path, int factory, int sock, pid_t *pid,
     return rc;
 }
 
-PYCRI_EXPORT int pycri_launcher_new(const char *path, int *sock_out, struct pycri_error *err) {
+/* A launcher (factory: a launcher factory) on a new socket pair: posix_spawned,
+ * and its first process (which forks the detached one) reaped. */
+static int start_detached(const char *path, int factory, int *sock_out, struct pycri_error *err) {
     *sock_out = -1;
     if (!path || path[0] != '/')
         return pycri_fail(err, EINVAL, "launch: the launcher path must be absolute");
@@ -800,43 +772,34 @@ PYCRI_EXPORT int pycri_launcher_new(const char *path, int *sock_out, struct pycr
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
         return pycri_fail(err, errno, "launch: socketpair");
     pid_t first = -1;
-    int rc = spawn_launcher(path, 0, sv[1], &first, err);
+    int rc = spawn_launcher(path, factory, sv[1], &first, err);
     close(sv[1]);
     if (rc < 0) {
         close(sv[0]);
         return rc;
     }
-    /* the first process forks the launcher proper and exits at once */
     while (waitpid(first, NULL, 0) < 0 && errno == EINTR)
         ;
     *sock_out = sv[0];
     return 0;
 }
 
+PYCRI_EXPORT int pycri_launcher_new(const char *path, int *sock_out, struct pycri_error *err) {
+    return start_detached(path, 0, sock_out, err);
+}
+
 PYCRI_EXPORT int pycri_launcher_factory_new(const char *path, int *sock_out, int *pid_out,
                                             struct pycri_error *err) {
-    *sock_out = -1;
     *pid_out = -1;
-    if (!path || path[0] != '/')
-        return pycri_fail(err, EINVAL, "launch: the launcher path must be absolute");
-    int sv[2];
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-        return pycri_fail(err, errno, "launch: socketpair");
-    pid_t first = -1;
-    int rc = spawn_launcher(path, 1, sv[1], &first, err);
-    close(sv[1]);
-    if (rc < 0) {
-        close(sv[0]);
+    int rc = start_detached(path, 1, sock_out, err);
+    if (rc < 0)
         return rc;
-    }
-    while (waitpid(first, NULL, 0) < 0 && errno == EINTR)
-        ;
-    int32_t pid = -1;
-    if (read_full(sv[0], &pid, sizeof(pid)) != (ssize_t)sizeof(pid)) {
-        close(sv[0]);
+    int32_t pid = -1;   /* its first word: its pid (it is not the one we reaped) */
+    if (read_full(*sock_out, &pid, sizeof(pid)) != (ssize_t)sizeof(pid)) {
+        close(*sock_out);
+        *sock_out = -1;
         return pycri_fail(err, EPIPE, "launch: the launcher factory died starting");
     }
-    *sock_out = sv[0];
     *pid_out = pid;
     return 0;
 }
@@ -900,25 +863,7 @@ static ssize_t recv_report(int sock, struct launch_report *rep, int fds[2]) {
 static int send_fds(int sock, const int *fds, int n) {
     for (int off = 0; off < n; off += FDS_PER_MSG) {
         int k = n - off < FDS_PER_MSG ? n - off : FDS_PER_MSG;
-        union {
-            struct cmsghdr h;
-            char buf[CMSG_SPACE(sizeof(int) * FDS_PER_MSG)];
-        } cm;
-        memset(&cm, 0, sizeof(cm));
-        char byte = 'F';
-        struct iovec iov = {&byte, 1};
-        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                            .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)k)};
-        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)k);
-        memcpy(CMSG_DATA(c), fds + off, sizeof(int) * (size_t)k);
-        ssize_t w;
-        do
-            w = sendmsg(sock, &mh, MSG_NOSIGNAL);
-        while (w < 0 && errno == EINTR);
-        if (w != 1)
+        if (pycri__send_fds(sock, "F", 1, fds + off, k) != 1)
             return -1;
     }
     return 0;

@@ -19,7 +19,6 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
@@ -717,16 +716,19 @@ PYCRI_EXPORT int pycri_spawn_start(int start_fd, int report_fd, struct pycri_err
 int pycri__spawn_resume(const struct pycri_spawn_spec *s, const unsigned char *specbuf,
                         size_t spec_len, struct pycri_spawn_result *res, struct pycri_error *err) {
     res->stage = PYCRI_STAGE_PREPARE;
+    /* the memfd with the spec first, then the fds it names (field order) */
     int fds[PYCRI_RESUME_MAX_FDS];
-    int n = 0;
-    int ok = 1;
-    int set[3 + 1 + 1024];
-    int ns = 0;
-    for (int i = 0; i < 3; i++)
-        set[ns++] = s->stdio[i];
-    set[ns++] = s->tty_fd;
-    for (int i = 0; i < s->n_keep_fds && ns < (int)(sizeof(set) / sizeof(set[0])); i++)
-        set[ns++] = s->keep_fds[i];
+    int n = 1;
+    int *fields[PYCRI_SPEC_FD_FIELDS_MAX];
+    int nf = pycri__spec_fd_fields(s, fields);
+    for (int i = 0; i < nf; i++) {
+        if (*fields[i] < 0)
+            continue;
+        if (n == PYCRI_RESUME_MAX_FDS)
+            return pycri_fail(err, EMFILE, "resume: more than %d fds for the container",
+                              PYCRI_RESUME_MAX_FDS - 1);
+        fds[n++] = *fields[i];
+    }
     int memfd = (int)syscall(SYS_memfd_create, "pycri-spec", 1 /* MFD_CLOEXEC */);
     if (memfd < 0)
         return pycri_fail(err, errno, "resume: memfd_create");
@@ -734,41 +736,12 @@ int pycri__spawn_resume(const struct pycri_spawn_spec *s, const unsigned char *s
         close(memfd);
         return pycri_fail(err, errno, "resume: write the spec");
     }
-    fds[n++] = memfd;
-    for (int i = 0; i < ns && ok; i++) {
-        if (set[i] < 0)
-            continue;
-        if (n == PYCRI_RESUME_MAX_FDS)
-            ok = 0;
-        else
-            fds[n++] = set[i];
-    }
-    if (!ok) {
-        close(memfd);
-        return pycri_fail(err, EMFILE, "resume: more than %d fds for the container",
-                          PYCRI_RESUME_MAX_FDS - 1);
-    }
+    fds[0] = memfd;
     struct msg m;
     memset(&m, 0, sizeof(m));
     m.kind = MSG_RESUME;
     m.pid = (int)spec_len;
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int) * PYCRI_RESUME_MAX_FDS)];
-    } cm;
-    memset(&cm, 0, sizeof(cm));
-    struct iovec iov = {&m, sizeof(m)};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                        .msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n)};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n);
-    memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)n);
-    ssize_t w;
-    do
-        w = sendmsg(res->report_fd, &mh, MSG_NOSIGNAL);
-    while (w < 0 && errno == EINTR);
+    ssize_t w = pycri__send_fds(res->report_fd, &m, sizeof(m), fds, n);
     int werr = errno;
     close(memfd);
     struct parent_state st = {.first_pid = res->pid, .final_pid = res->pid,

@@ -259,29 +259,50 @@ int pycri__write_sysctls(const struct pycri__plan *plan, int procfd, struct pycr
     return 0;
 }
 
+int pycri__spec_fd_fields(const struct pycri_spawn_spec *s, int **out) {
+    int n = 0;
+    for (int i = 0; i < 3; i++)
+        out[n++] = (int *)&s->stdio[i];
+    out[n++] = (int *)&s->tty_fd;
+    for (int i = 0; i < s->n_keep_fds && n < PYCRI_SPEC_FD_FIELDS_MAX; i++)
+        out[n++] = (int *)&s->keep_fds[i];
+    return n;
+}
+
+ssize_t pycri__send_fds(int sock, const void *buf, size_t len, const int *fds, int n) {
+    if (n < 0 || n > PYCRI_SEND_FDS_MAX) {
+        errno = EINVAL;
+        return -1;
+    }
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int) * PYCRI_SEND_FDS_MAX)];
+    } cm;
+    memset(&cm, 0, sizeof(cm));
+    struct iovec iov = {(void *)buf, len};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+    if (n > 0) {
+        mh.msg_control = cm.buf;
+        mh.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)n);
+        struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)n);
+        memcpy(CMSG_DATA(c), fds, sizeof(int) * (size_t)n);
+    }
+    ssize_t w;
+    do
+        w = sendmsg(sock, &mh, MSG_NOSIGNAL);
+    while (w < 0 && errno == EINTR);
+    return w;
+}
+
 /* Send a message carrying one fd (SCM_RIGHTS). */
 static int send_fd_msg(int sock, int kind, int fd) {
     struct msg m;
     memset(&m, 0, sizeof(m));
     m.kind = kind;
-    struct iovec iov = {&m, sizeof(m)};
-    union {
-        char buf[CMSG_SPACE(sizeof(int))];
-        struct cmsghdr align;
-    } u;
-    memset(&u, 0, sizeof(u));
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
-                        .msg_controllen = sizeof(u.buf)};
-    struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    memcpy(CMSG_DATA(c), &fd, sizeof(int));
-    ssize_t n;
-    do
-        n = sendmsg(sock, &mh, MSG_NOSIGNAL);
-    while (n < 0 && errno == EINTR);
-    return n == (ssize_t)sizeof(m) ? 0 : -1;
+    return pycri__send_fds(sock, &m, sizeof(m), &fd, 1) == (ssize_t)sizeof(m) ? 0 : -1;
 }
 
 /* tty_new: a pty of the container's own devpts instance (setup_dev mounted it
@@ -425,13 +446,8 @@ static void child_resume(struct pycri__plan *plan) {
     }
     /* its fds, renumbered: the ones the launcher sent, in field order */
     int next = 1;
-    int *slots[3 + 1 + 1024];
-    int ns = 0;
-    for (int i = 0; i < 3; i++)
-        slots[ns++] = &resumed.stdio[i];
-    slots[ns++] = &resumed.tty_fd;
-    for (int i = 0; i < resumed.n_keep_fds && ns < (int)(sizeof(slots) / sizeof(slots[0])); i++)
-        slots[ns++] = (int *)&resumed.keep_fds[i];
+    int *slots[PYCRI_SPEC_FD_FIELDS_MAX];
+    int ns = pycri__spec_fd_fields(&resumed, slots);
     for (int i = 0; i < ns; i++) {
         if (*slots[i] < 0)
             continue;

@@ -106,6 +106,12 @@ void pycri__default_all_signals(void);
  * sorted in place). Async-signal-safe: the child and the launcher use it. */
 void pycri__close_all_but(int *keep, int n, int lowest);
 
+/* The fd fields a resumed spec carries over (stdio, tty_fd, keep_fds), in the
+ * order MSG_RESUME sends them: pointers into s (its keep_fds array included, which
+ * the receiver renumbers in place). Returns how many. */
+#define PYCRI_SPEC_FD_FIELDS_MAX (3 + 1 + 1024)
+int pycri__spec_fd_fields(const struct pycri_spawn_spec *s, int **out);
+
 /* Resume a process paused after its setup (pause_after_setup; res as that
  * pycri_spawn left it) with the real spec s, whose encoding is specbuf: it
  * carries on to READY. On failure it is killed and reaped. (spawn.c) */
@@ -114,6 +120,11 @@ int pycri__spawn_resume(const struct pycri_spawn_spec *s, const unsigned char *s
 
 /* The child, from the clone on (spawn_child.c): never returns. */
 __attribute__((noreturn)) void pycri__child_main(struct pycri__plan *plan, int two_step);
+
+/* One sendmsg (retried on EINTR) of buf with n fds (SCM_RIGHTS, n <=
+ * PYCRI_SEND_FDS_MAX, 0 for none): what sendmsg returned. Async-signal-safe. */
+#define PYCRI_SEND_FDS_MAX 253      /* the kernel's SCM_MAX_FD */
+ssize_t pycri__send_fds(int sock, const void *buf, size_t len, const int *fds, int n);
 
 /* write all of buf, retrying on EINTR and short writes; 0 or -1 */
 static inline int pycri__write_all(int fd, const char *buf, size_t len) {

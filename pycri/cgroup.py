@@ -379,16 +379,21 @@ class Cgroup:
         """The cgroup.procs files a new process must be written into."""
         return [os.path.join(d, "cgroup.procs") for d in self.paths()]
 
+    def _accounting_dirs(self) -> set[str]:
+        return {self.dirs[c] for c in ("memory", "pids") if c in self.dirs}
+
     def procs_files_accounting_last(self) -> tuple[list[str], int]:
         """procs_files() with those of the dirs that account memory and pids last,
-        and how many those are (SpawnSpec.cgroup_late); -1 for the count where one
-        of them is a v2 dir (a held process could join it only by taking the
-        global threadgroup lock: no pre-clone there)."""
-        late = {self.dirs[c] for c in ("memory", "pids") if c in self.dirs}
+        and how many those are (SpawnSpec.cgroup_late)."""
+        late = self._accounting_dirs()
         early = [d for d in self.paths() if d not in late]
-        files = [os.path.join(d, "cgroup.procs") for d in early + sorted(late)]
-        v2 = self.dirs.get("unified")
-        return files, (-1 if v2 is not None and v2 in late else len(late))
+        return [os.path.join(d, "cgroup.procs") for d in early + sorted(late)], len(late)
+
+    @property
+    def accounting_in_v2(self) -> bool:
+        """Whether memory or pids is accounted in a v2 dir (which a held process could
+        join only by taking the global threadgroup lock: no pre-clone there)."""
+        return self.dirs.get("unified") in self._accounting_dirs()
 
     def exists(self) -> bool:
         return any(os.path.isdir(d) for d in self.paths())

@@ -194,7 +194,7 @@ def _setup_fields(sandbox: Sandbox, sb_rec: dict[str, Any], config: ContainerCon
     files = sandbox.container_files(sb_rec)
     return {
         "namespaces": namespaces, "cgroup_procs": cgroup_procs,
-        "cgroup_late": max(late, 0), "rootfs": rootfs,
+        "cgroup_late": late, "rootfs": rootfs,
         "overlay_lower": [*layer_dirs, sandbox.runtime.mount_points],
         "overlay_upper": upper, "overlay_work": work,
         "mount_sys": True, "sys_writable": config.privileged,
@@ -232,8 +232,8 @@ def standin(runtime: Any, sandbox: Sandbox, sb_rec: dict[str, Any], config: Cont
     if namespaces["pid"] != "new":
         return None
     cg = runtime.cgroups(slot.cgroup_parent).container(slot.pod_id, slot.id)
-    if cg.procs_files_accounting_last()[1] < 0:
-        return None     # (memory or pids in a v2 hierarchy: see there)
+    if cg.accounting_in_v2:
+        return None
     setup = _setup_fields(sandbox, sb_rec, config, slot.dir, layer_dirs, cg, namespaces, [])
     return _native.SpawnSpec(argv=["/"], rootfs_mount_fd=slot.rootfs_fd,
                              dev_mount_fd=slot.dev_fd, start_wait=True, **setup)

@@ -373,17 +373,12 @@ class _Slots:
             slot = self._ready.pop(key, None) or slot
             self._configs.pop(key, None)
             base = self._base.pop(key, None)
-        if base is not None:
-            _drop_cgroup(runtime, base)
-            runtime.trash.later(functools.partial(_drop_mounts_and_dir, runtime, base))
-        if slot is not None:
-            # its process and cgroup now (the pod's namespaces and cgroup go next),
-            # its mounts and dir off the caller's path (closing a premounted overlay
-            # unmounts it, syncing the upper dir)
-            if slot.pre is not None:
-                slot.pre.discard()
-            _drop_cgroup(runtime, slot)
-            runtime.trash.later(functools.partial(_drop_mounts_and_dir, runtime, slot))
+        # their processes and cgroups now (the pod's namespaces and cgroup go next),
+        # their mounts and dirs off the caller's path (closing a premounted overlay
+        # unmounts it, syncing the upper dir)
+        for s in (base, slot):
+            if s is not None:
+                discard(runtime, s, mounts_later=True)
 
 
 def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
@@ -443,12 +438,16 @@ def _preclone(runtime: Runtime, slot: Slot, config: ContainerConfig | None,
     return dataclasses.replace(slot, rootfs_fd=-1, dev_fd=-1, pre=pre, pre_key=key)
 
 
-def discard(runtime: Runtime, slot: Slot) -> None:
-    """Delete an unused slot: its process, mounts, cgroup and directory."""
+def discard(runtime: Runtime, slot: Slot, mounts_later: bool = False) -> None:
+    """Delete an unused slot: its process, cgroup, mounts and directory (the last
+    two on the trash thread with ``mounts_later``)."""
     if slot.pre is not None:
         slot.pre.discard()
     _drop_cgroup(runtime, slot)
-    _drop_mounts_and_dir(runtime, slot)
+    if mounts_later:
+        runtime.trash.later(functools.partial(_drop_mounts_and_dir, runtime, slot))
+    else:
+        _drop_mounts_and_dir(runtime, slot)
 
 
 def _drop_cgroup(runtime: Runtime, slot: Slot) -> None:

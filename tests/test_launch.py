@@ -120,6 +120,15 @@ def ident(fd: int) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
+def exit_record(paths: dict[str, str]) -> dict:
+    """The monitor's exit file, once it is there (within 5 s)."""
+    deadline = time.monotonic() + 5
+    while not os.path.exists(paths["exit"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with open(paths["exit"]) as f:
+        return json.load(f)
+
+
 @pytest.fixture
 def paths(tmp_path):
     d = tmp_path
@@ -182,11 +191,7 @@ def test_launcher_holds_none_of_the_callers_fds(paths):
                 assert target.startswith("socket:") or target == "anon_inode:[pidfd]" \
                     or (st.st_dev, st.st_ino) in allowed, target
         n.launch_start(paths["sock"])
-        deadline = time.monotonic() + 5
-        while not os.path.exists(paths["exit"]) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with open(paths["exit"]) as f:
-            assert json.load(f)["exit_code"] == 0
+        assert exit_record(paths)["exit_code"] == 0
         with open(paths["log"]) as f:
             log = f.read()
         assert " stdout F hi\n" in log
@@ -217,11 +222,7 @@ def test_launched_monitor_is_not_our_child_and_survives_start(paths):
             assert f.read().split(b"\0")[0] == b"/bin/sleep"
         # the same process now runs the monitor's loop: it records the exit
         os.kill(res.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        while not os.path.exists(paths["exit"]) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with open(paths["exit"]) as f:
-            assert json.load(f)["signal"] == signal.SIGTERM
+        assert exit_record(paths)["signal"] == signal.SIGTERM
         assert gone_within(lambda: os.path.exists(f"/proc/{res.monitor_pid}"))
     finally:
         for pid in (res.pid, res.monitor_pid):
@@ -261,11 +262,7 @@ def test_factory_forks_working_launchers_and_goes_with_its_socket(paths):
         with open(f"/proc/{res.monitor_pid}/cmdline", "rb") as f:    # (a launcher's)
             assert f.read().split(b"\0")[1:4] == [b"--launch", b"3", paths["sock"].encode()]
         n.launch_start(paths["sock"])
-        deadline = time.monotonic() + 5
-        while not os.path.exists(paths["exit"]) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with open(paths["exit"]) as f:
-            assert json.load(f)["exit_code"] == 7
+        assert exit_record(paths)["exit_code"] == 7
     finally:
         os.close(factory)
     assert gone_within(lambda: os.path.exists(f"/proc/{factory_pid}"))
