@@ -316,7 +316,7 @@ class Container:
                     if slot:
                         os.rename(slot.dir, ctr.record_dir)
                     else:
-                        slots.make_record_dir(ctr.record_dir)
+                        slots.make_record_dir(ctr.record_dir, runtime.root)
                     placed = True
                     # The container's lock only now that its dir exists (a new
                     # Runtime's sweep of lock files spares it), held from before
@@ -679,7 +679,8 @@ class Container:
         if rec["state"] == CREATED:
             self._kill_launcher(rec)
         cg = self._cgroup(rec)
-        if rec["state"] == EXITED and _nothing_runs_in(cg):
+        ended = rec["state"] == EXITED and _nothing_runs_in(cg)
+        if ended:
             # an empty cgroup: its rmdirs (one per hierarchy) need not hold up remove
             self.runtime.trash.later(cg.destroy)
         else:
@@ -691,7 +692,10 @@ class Container:
         self._unmount_image_volumes()
         # the state dir first: the record dir going is what makes the container gone
         self.runtime.state_trash.put(self.state_dir)
-        self.runtime.trash.put(self.record_dir)
+        if ended:     # (its dirs may make a next container's: slots.retire)
+            slots.retire(self.runtime, self.record_dir, rec.get("monitor_pid", 0))
+        else:
+            self.runtime.trash.put(self.record_dir)
         self.runtime.parsed.forget(os.path.join(self.record_dir, "record.json"))
         store.drop_lock_file(self._lock_path)
 

@@ -11,7 +11,8 @@ A create takes the pod's slot, renames the directory into ``<root>/containers/``
 and applies the config's limits; the container process attaches the mounts. That
 is one rename instead of five mkdirs on the record disk, a mkdir per cgroup
 hierarchy (nine on a v1 host), an overlay mount, a copy-up of /etc and a /dev,
-all off the caller's path.
+all off the caller's path. The record dir itself is often a removed container's,
+emptied (``retire``: one whose writable layer was left as made).
 
 A slot belongs to the process that made it, and its directory name says so:
 ``<pid>.<start time>.<pod id>.<container id>``. Nothing lists slots as
@@ -39,9 +40,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import atexit
 import os
 import secrets
+import select
 import shutil
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -98,6 +102,12 @@ def mount_points_layer(root: str) -> str:
 MAX_PREMOUNTED = 128
 # how long a create waits for its pod's slot while the thread is making it (s)
 TAKE_WAIT = 0.02
+# spare record dirs kept per root (retire), and how long a removed container's
+# monitor may take to exit before its dirs are deleted instead (s)
+MAX_SPARES = 4
+SPARE_WAIT = 0.1
+SPARE = "spare"     # (a spare's name: <pid>.<start time>.spare.<random>)
+OVERLAY_UUID = "trusted.overlay.uuid"
 # whether slots hold a pre-cloned container process (PYCRI_PRECLONE=0: never)
 PRECLONE = os.environ.get("PYCRI_PRECLONE", "1") != "0"
 
@@ -148,8 +158,20 @@ def _dir_ids(dirs: list[str]) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def make_record_dir(path: str) -> None:
-    """A container's record dir with its writable-layer dirs, none there before."""
+def make_record_dir(path: str, root: str = "") -> None:
+    """A container's record dir with its writable-layer dirs, none there before:
+    a spare one of ``root`` (a removed container's, see ``retire``) renamed into
+    place where there is one, else made."""
+    while root:
+        spare = _slots.take_spare(root)
+        if spare is None:
+            break
+        try:
+            os.rename(spare, path)
+            return
+        except OSError:
+            with contextlib.suppress(OSError):
+                store.remove_tree(spare)
     try:
         _native.mkdir_each([(path, 0o700)] + [(os.path.join(path, n), m) for n, m in FS_DIRS])
     except OSError as e:
@@ -205,6 +227,8 @@ class _Slots:
         self._basing: set[tuple[str, str]] = set()
         self._thread: threading.Thread | None = None
         self._tag = ""
+        # per root: spare record dirs (retire), newest last
+        self._spares: dict[str, list[str]] = {}
 
     def take(self, runtime: Runtime, pod_id: str, cgroup_parent: str, image_id: str = "",
              layer_dirs: list[str] | None = None) -> Slot | None:
@@ -346,6 +370,37 @@ class _Slots:
                 self._ready[key] = slot
                 self._cv.notify_all()
 
+    def take_spare(self, root: str) -> str | None:
+        with self._cv:
+            spares = self._spares.get(root)
+            return spares.pop() if spares else None
+
+    def keep_spare(self, root: str, path: str) -> bool:
+        """Move a removed container's emptied record dir (in the trash) to a spare's
+        name under ``<root>/slots/``; False when there are MAX_SPARES already."""
+        with self._cv:
+            if len(self._spares.get(root, ())) >= MAX_SPARES:
+                return False
+            if not self._tag:
+                self._tag = _owner_tag()
+            dest = os.path.join(root, "slots", f"{self._tag}.{SPARE}.{secrets.token_hex(16)}")
+        try:
+            os.rename(path, dest)
+        except OSError:
+            return False
+        with self._cv:
+            self._spares.setdefault(root, []).append(dest)
+        return True
+
+    def drop_spares(self) -> None:
+        """Delete this process's spares (at exit: nobody else may use them)."""
+        with self._cv:
+            spares = [p for ps in self._spares.values() for p in ps]
+            self._spares.clear()
+        for p in spares:
+            with contextlib.suppress(OSError):
+                store.remove_tree(p)
+
     def last_image(self, runtime: Runtime) -> tuple[str, list[str] | None]:
         """The image (id, layer dirs) the last slot on this root was asked for with:
         a new pod's first slot premounts it, a guess at what the pod will run."""
@@ -389,7 +444,7 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
     cid = secrets.token_hex(32)
     base = store.makedirs(os.path.join(runtime.root, "slots"), 0o700)
     path = os.path.join(base, f"{tag}.{pod_id}.{cid}")
-    make_record_dir(path)
+    make_record_dir(path, runtime.root)
     try:
         mgr.create_container(pod_id, cid)
     except BaseException:
@@ -464,6 +519,84 @@ def _drop_mounts_and_dir(runtime: Runtime, slot: Slot) -> None:
         runtime.trash.put(slot.dir)
 
 
+def retire(runtime: Runtime, record_dir: str, monitor_pid: int = 0) -> None:
+    """Take a removed container's record dir away (one rename into the trash, as
+    Trash.put does) and, off the caller's path, keep its writable-layer dirs as a
+    spare for a next slot where they are as make_record_dir made them (nothing
+    written, no attribute changed), else delete it all.
+
+    A spare saves the next container five mkdirs, and this one five rmdirs. On a
+    journal-less ext4 (this project's CI host) that is more than it looks: each
+    inode made skips, one by one, every inode freed in the last minutes.
+    ``monitor_pid`` is the container's monitor, which may still hold the old
+    overlay while it exits: the dirs are reused only once it is gone."""
+    runtime.trash.put(record_dir, functools.partial(_salvage, runtime.root, monitor_pid))
+
+
+def _salvage(root: str, monitor_pid: int, path: str) -> bool:
+    if not _monitor_gone(monitor_pid):
+        return False
+    try:
+        with os.scandir(path) as it:
+            others = [e.path for e in it if e.name != "fs"]
+        for p in others:
+            if os.path.isdir(p) and not os.path.islink(p):
+                store.remove_tree(p)
+            else:
+                os.unlink(p)
+        if not _as_made(path):
+            return False
+    except OSError:
+        return False
+    return _slots.keep_spare(root, path)
+
+
+def _monitor_gone(pid: int, timeout: float = SPARE_WAIT) -> bool:
+    if pid <= 0:
+        return True
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
+def _as_made(path: str) -> bool:
+    """Whether the record dir holds its FS_DIRS only, each empty (fs/work: but for
+    the overlay's own empty work/work, which a mount remakes), with the mode it was
+    made with, owned by root, without xattrs (ACLs included; the upper dir's
+    overlay uuid is removed), none a mount point."""
+    dev = os.lstat(path).st_dev
+    expect = ((path, 0o700, ["fs"]),) + tuple(
+        (os.path.join(path, n), m, ["rootfs", "upper", "work"] if n == "fs" else None)
+        for n, m in FS_DIRS)
+    for d, mode, names in expect:
+        st = os.lstat(d)
+        xattrs = os.listxattr(d, follow_symlinks=False)
+        if OVERLAY_UUID in xattrs and d.endswith("/upper"):
+            # the last overlay's identity (f_fsid): the next mount sets a new one
+            os.removexattr(d, OVERLAY_UUID, follow_symlinks=False)
+            xattrs.remove(OVERLAY_UUID)
+        if (not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) != mode
+                or st.st_uid or st.st_gid or st.st_dev != dev or xattrs):
+            return False
+        got = sorted(os.listdir(d))
+        if names is not None:
+            if got != names:
+                return False
+        elif d.endswith("/work"):
+            if got not in ([], ["work"]) or (got and os.listdir(os.path.join(d, "work"))):
+                return False
+        elif got:
+            return False
+    return True
+
+
 def cleanup(runtime: Runtime) -> None:
     """Delete the slots of processes that are gone."""
     base = os.path.join(runtime.root, "slots")
@@ -479,6 +612,9 @@ def cleanup(runtime: Runtime) -> None:
         pid, start, pod_id, cid = int(parts[0]), int(parts[1]), parts[2], parts[3]
         if _start_time(pid) == start:
             continue    # its owner lives (and may take it any moment)
+        if pod_id == SPARE:
+            runtime.trash.put(os.path.join(base, name))
+            continue
         parent = runtime.cgroup_parent
         with contextlib.suppress(OSError, ValueError, KeyError):
             parent = store.read_json(os.path.join(runtime.root, "sandboxes", pod_id,
@@ -487,6 +623,7 @@ def cleanup(runtime: Runtime) -> None:
 
 
 _slots = _Slots()
+atexit.register(_slots.drop_spares)     # (before store's drain: atexit runs newest first)
 take = _slots.take
 make = _slots.make
 last_image = _slots.last_image

@@ -16,6 +16,9 @@ Layout version 1::
       containers/<id>/record.json   container record (config, pids, state)
       containers/<id>/exit.json     written once by the container's monitor at exit
       containers/<id>/fs/           writable layer (upper, work) and rootfs mount point
+      slots/<pid>.<start>.<pod>.<id>/   a container's record dir made ahead by process
+                                    <pid> (pycri/slots.py); deleted once that is gone
+      slots/<pid>.<start>.spare.<r>/    a removed container's fs/, as made, for a next one
       locks/                        flock files (images.lock, content.lock, <id>.lock)
       trash/                        removed trees, deleted in the background (Trash)
     <state> (default /run/pycri; runtime state that should die with the boot)
@@ -256,9 +259,13 @@ class Trash:
         if leftovers:
             _deleter.enqueue(leftovers)
 
-    def put(self, path: str) -> None:
+    def put(self, path: str, salvage: Callable[[str], bool] | None = None) -> None:
         """Take ``path`` (a directory on the base's filesystem) away now; delete it
-        soon. A missing path is fine; across filesystems it is deleted right here."""
+        soon. A missing path is fine; across filesystems it is deleted right here.
+
+        ``salvage``, if given, is called with the tree's trash path on the deleting
+        thread first; when it returns True it has taken the tree (moved it out of
+        the trash), else the tree is deleted as usual."""
         dest = os.path.join(self.dir, f"{os.path.basename(path)}.{os.urandom(4).hex()}")
         try:
             os.rename(path, dest)
@@ -269,7 +276,7 @@ class Trash:
                 raise
             shutil.rmtree(path, ignore_errors=True)
             return
-        _deleter.enqueue([dest])
+        _deleter.enqueue([dest], salvage)
 
     @staticmethod
     def later(job: Callable[[], object]) -> None:
@@ -286,13 +293,13 @@ class Trash:
 class _Deleter:
     def __init__(self) -> None:
         self._cv = threading.Condition()
-        self._queue: list[str] = []
+        self._queue: list[tuple[str, Callable[[str], bool] | None]] = []
         self._jobs: list[Callable[[], object]] = []
         self._busy = False
         self._thread: threading.Thread | None = None
 
-    def enqueue(self, paths: list[str]) -> None:
-        self._add(lambda: self._queue.extend(paths))
+    def enqueue(self, paths: list[str], salvage: Callable[[str], bool] | None = None) -> None:
+        self._add(lambda: self._queue.extend((p, salvage) for p in paths))
 
     def enqueue_job(self, job: Callable[[], object]) -> None:
         self._add(lambda: self._jobs.append(job))
@@ -325,16 +332,21 @@ class _Deleter:
                 while not self._queue and not self._jobs:
                     self._cv.wait()
                 job = self._jobs.pop(0) if self._jobs else None
-                path = self._queue.pop(0) if job is None else ""
+                path, salvage = self._queue.pop(0) if job is None else ("", None)
                 self._busy = True
             if job is not None:
                 with contextlib.suppress(Exception):
                     job()
-            else:
-                _remove_tree(path)
+                continue
+            kept = False
+            if salvage is not None:
+                with contextlib.suppress(Exception):
+                    kept = salvage(path)
+            if not kept:
+                remove_tree(path)
 
 
-def _remove_tree(path: str) -> None:
+def remove_tree(path: str) -> None:
     """rm -rf in C (one call that frees the GIL for the whole tree: a Python rmtree
     takes it back between its syscalls, slowing the caller's next steps); what
     that cannot remove, shutil tries."""

@@ -833,6 +833,121 @@ def test_lock_files_go_with_their_objects(env):
     assert not [n for n in os.listdir(locks) if keep.id in n or sb.id in n]
 
 
+def _spares(rt):
+    return list(pycri.slots._slots._spares.get(rt.root, []))
+
+
+def _ino(path):
+    return os.stat(path).st_ino
+
+
+def test_removed_containers_dirs_make_a_next_slot(env):
+    """An exited container that left its writable layer as made gives its record
+    dir, emptied, to a later container (slots.retire): the same directory, holding
+    nothing of the first (no file, no log, no overlay identity), and the container
+    on it sees exactly its image."""
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="spare")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(name="first", image=img.id,
+                                                      command=("sh", "-c", "echo first-out")))
+        ino = _ino(c.record_dir)
+        c.start()
+        assert c.wait(10) == 0
+        upper = os.path.join(c.record_dir, "fs", "upper")
+        assert "trusted.overlay.uuid" in os.listxattr(upper)     # (the overlay's own)
+        c.remove()
+        assert pycri.store.Trash.drain(5)
+        spare = [p for p in _spares(rt) if _ino(p) == ino]
+        assert len(spare) == 1 and ".spare." in os.path.basename(spare[0])
+        assert os.path.dirname(spare[0]) == f"{rt.root}/slots"
+        assert os.listdir(spare[0]) == ["fs"]
+        assert not os.listxattr(os.path.join(spare[0], "fs", "upper"))
+        # slots are made ahead: a few creates on, one is made on it
+        for i in range(4):
+            d = sb.create_container(pycri.ContainerConfig(
+                name=f"next{i}", image=img.id,
+                command=("sh", "-c", "ls /; echo $0 > /mine")))
+            if _ino(d.record_dir) == ino:
+                break
+            d.remove()
+        else:
+            raise AssertionError("the spare record dir was not used")
+        assert sorted(os.listdir(d.record_dir)) == sorted(["fs", "record.json", "container.log"])
+        d.start()
+        assert d.wait(10) == 0
+        lines = [r.content.decode() for r in d.logs()]
+        assert "first-out" not in lines and "bin" in lines and "mine" not in lines, lines
+        assert os.listdir(os.path.join(d.record_dir, "fs", "upper")) == ["mine"]
+        d.remove()
+
+
+@pytest.mark.parametrize("change", [
+    "echo x > /new",            # a file in the writable layer
+    "rm /bin/true",             # a whiteout
+    "chmod 700 /",              # the upper dir's own mode
+    "mkdir /d && rmdir /d && touch /f && rm /f && chown 1:1 /",   # its owner
+])
+def test_changed_writable_layer_is_deleted_not_reused(env, change):
+    """A container that left anything in its writable layer (or changed the layer's
+    root) does not give its dirs to another: they are deleted."""
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="nospare")) as sb:
+        before = set(_spares(rt))
+        c = sb.create_container(pycri.ContainerConfig(name="w", image=img.id,
+                                                      command=("sh", "-c", change)))
+        ino = _ino(c.record_dir)
+        c.start()
+        assert c.wait(10) == 0, [r.content for r in c.logs()]
+        c.remove()
+        assert pycri.store.Trash.drain(5)
+        assert not [p for p in set(_spares(rt)) - before if _ino(p) == ino]
+        assert not os.listdir(f"{rt.root}/trash")
+
+
+def test_spares_are_capped_and_go_with_their_owner(env, monkeypatch):
+    """At most MAX_SPARES spare dirs per root; those of a process that is gone are
+    deleted by the next Runtime on the root, and a process's own at its exit."""
+    rt, img = env
+    monkeypatch.setattr(pycri.slots, "MAX_SPARES", 2)
+    pycri.slots._slots._spares.pop(rt.root, None)
+    with rt.run_sandbox(pycri.SandboxConfig(name="cap")) as sb:
+        cs = [sb.create_container(pycri.ContainerConfig(name=f"c{i}", image=img.id,
+                                                        command=("true",))) for i in range(4)]
+        for c in cs:
+            c.start()
+            assert c.wait(10) == 0
+            c.remove()
+        assert pycri.store.Trash.drain(5)
+        assert len(_spares(rt)) == 2
+        assert sorted(_spares(rt)) == sorted(
+            f"{rt.root}/slots/{n}" for n in os.listdir(f"{rt.root}/slots") if ".spare." in n)
+    # a process that dies with spares: the next Runtime deletes them
+    script = f"""
+import sys, os, signal; sys.path.insert(0, {TREE!r})
+import pycri
+rt = pycri.Runtime(root={rt.root!r}, state={rt.state!r}, cgroup_parent={rt.cgroup_parent!r})
+with rt.run_sandbox(pycri.SandboxConfig(name="dies")) as sb:
+    sb.run({img.id!r}, ["true"])
+assert pycri.store.Trash.drain(5)
+print(len(pycri.slots._slots._spares[rt.root]), flush=True)
+if sys.argv[1] == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+    def theirs():
+        return [n for n in os.listdir(f"{rt.root}/slots")
+                if ".spare." in n and not n.startswith(f"{os.getpid()}.")]
+    r = subprocess.run([sys.executable, "-c", script, "exit"], capture_output=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == b"1", r.stderr.decode()
+    assert not theirs()     # (deleted at its exit)
+    r = subprocess.run([sys.executable, "-c", script, "kill"], capture_output=True, timeout=60)
+    assert r.returncode == -signal.SIGKILL and r.stdout.strip() == b"1", r.stderr.decode()
+    assert len(theirs()) == 1
+    pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
+    assert pycri.store.Trash.drain(5)
+    assert not theirs()
+    assert len(_spares(rt)) == 2 and all(os.path.isdir(p) for p in _spares(rt))
+
+
 def test_slot_of_a_dead_process_is_deleted(env):
     """A process that made a slot and died (SIGKILL) leaves a record dir and a
     cgroup nobody uses; the next Runtime on the root deletes both, and leaves the
@@ -855,7 +970,9 @@ os.kill(os.getpid(), signal.SIGKILL)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert r.returncode == -signal.SIGKILL, r.stderr.decode()
     # (its ready slot, and maybe the one it made ahead of it)
-    dead = [n for n in os.listdir(f"{rt.root}/slots") if not n.startswith(f"{os.getpid()}.")]
+    # (its spare dir, if its remove made one, is test_spares_are_capped_and_go_...'s)
+    dead = [n for n in os.listdir(f"{rt.root}/slots")
+            if not n.startswith(f"{os.getpid()}.") and ".spare." not in n]
     assert 1 <= len(dead) <= 2
     dead_ids = [d.split(".")[3] for d in dead]
     # (the one made ahead may have been killed half made: a dir without a cgroup)
