@@ -711,6 +711,13 @@ PYCRI_EXPORT int pycri_mount_unmount(const char *target, struct pycri_error *err
     return 0;
 }
 
+PYCRI_EXPORT int pycri_mount_clone(int fd, int *fd_out, struct pycri_error *err) {
+    *fd_out = open_tree(fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH);
+    if (*fd_out < 0)
+        return pycri_fail(err, errno, "clone the mount at fd %d", fd);
+    return 0;
+}
+
 PYCRI_EXPORT int pycri_dev_premount(int *fd_out, struct pycri_error *err) {
     *fd_out = -1;
     int fs cleanup_fd = (int)syscall(SYS_fsopen, "tmpfs", 1 /* FSOPEN_CLOEXEC */);

@@ -1052,6 +1052,15 @@ def overlay_premount(lower: Sequence[str], upper: str, work: str,
     return out[0]
 
 
+def mount_clone(fd: int) -> int:
+    """A new detached mount (fd, CLOEXEC) of the mount at ``fd``: the same file
+    system, attached and dropped on its own (csrc/api/mount.h)."""
+    out = ffi.new("int *", -1)
+    err = _new_err()
+    _check(lib.pycri_mount_clone(fd, out, err), err, f"fd {fd}")
+    return out[0]
+
+
 def dev_premount() -> int:
     """A container's /dev made ahead: a tmpfs with its nodes, links and mount point
     dirs, as a detached mount (csrc/api/mount.h). Its fd (CLOEXEC) is

@@ -20,6 +20,7 @@ refreshes it from the exit file, checks the transition, acts, and saves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import secrets
@@ -342,11 +343,12 @@ class Container:
                         rec.update(pid=slot.pre.pid, pid_start_time=slot.pre.start_time,
                                    monitor_pid=slot.pre.monitor_pid)
                     ctr._write(rec)
+                    if slot:
+                        slots.adopt(ctr.id, slot.overlay)
             except BaseException:
-                if slot:    # its cgroup and directory, wherever the latter is now
-                    slots.discard(runtime, slots.Slot(
-                        slot.id, ctr.record_dir if placed else slot.dir, slot.pod_id,
-                        slot.cgroup_parent))
+                if slot:    # all it holds, its directory wherever that is now
+                    slots.discard(runtime, dataclasses.replace(
+                        slot, dir=ctr.record_dir if placed else slot.dir))
                 elif placed:
                     runtime.trash.put(ctr.record_dir)
                 if placed:
@@ -384,6 +386,12 @@ class Container:
                 or not pre.alive()):
             pre.discard()
             pre = None
+        if (pre is None and slot is not None and slot.overlay is not None
+                and plan.spec.rootfs_mount_fd < 0):
+            # the slot's overlay (its held process had the clone): one of its own, as
+            # a second overlay on the same upper dir must not be
+            plan.spec.rootfs_mount_fd = _native.mount_clone(slot.overlay.fd)
+            plan.child_fds.append(plan.spec.rootfs_mount_fd)
 
         def record_pids(r: _native.LaunchResult) -> None:
             # while the container process mounts its root: the record with its pids
@@ -692,9 +700,12 @@ class Container:
         self._unmount_image_volumes()
         # the state dir first: the record dir going is what makes the container gone
         self.runtime.state_trash.put(self.state_dir)
+        overlay = slots.release(self.id)
         if ended:     # (its dirs may make a next container's: slots.retire)
-            slots.retire(self.runtime, self.record_dir, rec.get("monitor_pid", 0))
+            slots.retire(self.runtime, self.record_dir, rec.get("monitor_pid", 0), overlay)
         else:
+            if overlay is not None:
+                overlay.close()
             self.runtime.trash.put(self.record_dir)
         self.runtime.parsed.forget(os.path.join(self.record_dir, "record.json"))
         store.drop_lock_file(self._lock_path)

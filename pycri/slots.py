@@ -12,7 +12,8 @@ and applies the config's limits; the container process attaches the mounts. That
 is one rename instead of five mkdirs on the record disk, a mkdir per cgroup
 hierarchy (nine on a v1 host), an overlay mount, a copy-up of /etc and a /dev,
 all off the caller's path. The record dir itself is often a removed container's,
-emptied (``retire``: one whose writable layer was left as made).
+emptied, and its overlay still mounted (``retire``: one whose writable layer was
+left as made; see Overlay).
 
 A slot belongs to the process that made it, and its directory name says so:
 ``<pid>.<start time>.<pod id>.<container id>``. Nothing lists slots as
@@ -113,6 +114,26 @@ PRECLONE = os.environ.get("PYCRI_PRECLONE", "1") != "0"
 
 
 @dataclass(frozen=True)
+class Overlay:
+    """A container's overlay as this process keeps it: a detached mount (``fd``)
+    of the image's layers over the record dir's fs/upper. Its containers attach a
+    clone each (Slot.rootfs_fd), so the file system outlives them: one whose
+    container left the writable layer as made serves a next container of the same
+    image as it is (``retire``), without a new mount, nor the unmount (and sync
+    of the upper file system) at the end of each container."""
+    fd: int
+    image_id: str
+    lowers: tuple[tuple[int, int], ...]     # the layer dirs' (device, inode) then
+
+    def fits(self, image_id: str, lowers: tuple[tuple[int, int], ...]) -> bool:
+        return bool(image_id) and self.image_id == image_id and self.lowers == lowers
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)   # (the last reference: the file system goes)
+
+
+@dataclass(frozen=True)
 class Slot:
     id: str             # the container id it was made for
     dir: str            # <root>/slots/<pid>.<start>.<pod>.<id>: the record dir to be
@@ -131,6 +152,8 @@ class Slot:
     # that setup (launchplan.setup_key).
     pre: _native.Preclone | None = None
     pre_key: tuple[Any, ...] = ()
+    # the overlay rootfs_fd is a clone of (kept while the container lives), or None
+    overlay: Overlay | None = None
 
     def fds(self) -> tuple[int, int]:
         return (self.rootfs_fd, self.dev_fd)
@@ -158,26 +181,32 @@ def _dir_ids(dirs: list[str]) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
-def make_record_dir(path: str, root: str = "") -> None:
+def make_record_dir(path: str, root: str = "", image_id: str = "",
+                    lowers: tuple[tuple[int, int], ...] = ()) -> Overlay | None:
     """A container's record dir with its writable-layer dirs, none there before:
     a spare one of ``root`` (a removed container's, see ``retire``) renamed into
-    place where there is one, else made."""
+    place where there is one, else made. Returns the spare's overlay where it is
+    of ``image_id`` on those ``lowers`` (the caller's now), else None."""
     while root:
-        spare = _slots.take_spare(root)
+        spare = _slots.take_spare(root, image_id, lowers)
         if spare is None:
             break
+        spare_dir, overlay = spare
         try:
-            os.rename(spare, path)
-            return
+            os.rename(spare_dir, path)
+            return overlay
         except OSError:
+            if overlay is not None:
+                overlay.close()
             with contextlib.suppress(OSError):
-                store.remove_tree(spare)
+                store.remove_tree(spare_dir)
     try:
         _native.mkdir_each([(path, 0o700)] + [(os.path.join(path, n), m) for n, m in FS_DIRS])
     except OSError as e:
         if getattr(e, "made", 0):
             shutil.rmtree(path, ignore_errors=True)
         raise
+    return None
 
 
 def _owner_tag() -> str:
@@ -209,7 +238,15 @@ class _Slots:
                 if fd >= 0:
                     with contextlib.suppress(OSError):
                         os.close(fd)
+        for ov in self._overlays():
+            ov.close()
         self._reset()
+
+    def _overlays(self) -> list[Overlay]:
+        slots = [*self._ready.values(), *self._base.values()]
+        spares = [ov for ps in self._spares.values() for _p, ov in ps]
+        return [ov for ov in [*(s.overlay for s in slots), *spares, *self._in_use.values()]
+                if ov is not None]
 
     def _reset(self) -> None:
         # (also in a forked child: the parent's slots are not its own)
@@ -227,8 +264,10 @@ class _Slots:
         self._basing: set[tuple[str, str]] = set()
         self._thread: threading.Thread | None = None
         self._tag = ""
-        # per root: spare record dirs (retire), newest last
-        self._spares: dict[str, list[str]] = {}
+        # per root: spare record dirs (retire) with their overlays, newest last
+        self._spares: dict[str, list[tuple[str, Overlay | None]]] = {}
+        # per container id: the overlay its rootfs is a clone of (adopt, release)
+        self._in_use: dict[str, Overlay] = {}
 
     def take(self, runtime: Runtime, pod_id: str, cgroup_parent: str, image_id: str = "",
              layer_dirs: list[str] | None = None) -> Slot | None:
@@ -370,14 +409,27 @@ class _Slots:
                 self._ready[key] = slot
                 self._cv.notify_all()
 
-    def take_spare(self, root: str) -> str | None:
+    def take_spare(self, root: str, image_id: str = "", lowers: tuple[tuple[int, int], ...] = ()
+                   ) -> tuple[str, Overlay | None] | None:
+        """A spare dir of root: one whose overlay fits (image_id, lowers) first, with
+        it; else the newest, its overlay (if any) closed."""
         with self._cv:
             spares = self._spares.get(root)
-            return spares.pop() if spares else None
+            if not spares:
+                return None
+            for i in range(len(spares) - 1, -1, -1):
+                ov = spares[i][1]
+                if ov is not None and ov.fits(image_id, lowers):
+                    return spares.pop(i)
+            path, ov = spares.pop()
+        if ov is not None:
+            ov.close()      # (before its dirs get another overlay)
+        return path, None
 
-    def keep_spare(self, root: str, path: str) -> bool:
+    def keep_spare(self, root: str, path: str, overlay: Overlay | None = None) -> bool:
         """Move a removed container's emptied record dir (in the trash) to a spare's
-        name under ``<root>/slots/``; False when there are MAX_SPARES already."""
+        name under ``<root>/slots/``, with its overlay; False when there are
+        MAX_SPARES already."""
         with self._cv:
             if len(self._spares.get(root, ())) >= MAX_SPARES:
                 return False
@@ -389,17 +441,29 @@ class _Slots:
         except OSError:
             return False
         with self._cv:
-            self._spares.setdefault(root, []).append(dest)
+            self._spares.setdefault(root, []).append((dest, overlay))
         return True
 
     def drop_spares(self) -> None:
         """Delete this process's spares (at exit: nobody else may use them)."""
         with self._cv:
-            spares = [p for ps in self._spares.values() for p in ps]
+            spares = [sp for ps in self._spares.values() for sp in ps]
             self._spares.clear()
-        for p in spares:
+        for p, ov in spares:
+            if ov is not None:
+                ov.close()
             with contextlib.suppress(OSError):
                 store.remove_tree(p)
+
+    def adopt(self, ctr_id: str, overlay: Overlay | None) -> None:
+        """A container made on a slot keeps the slot's overlay (release)."""
+        if overlay is not None:
+            with self._cv:
+                self._in_use[ctr_id] = overlay
+
+    def release(self, ctr_id: str) -> Overlay | None:
+        with self._cv:
+            return self._in_use.pop(ctr_id, None)
 
     def last_image(self, runtime: Runtime) -> tuple[str, list[str] | None]:
         """The image (id, layer dirs) the last slot on this root was asked for with:
@@ -444,27 +508,35 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
     cid = secrets.token_hex(32)
     base = store.makedirs(os.path.join(runtime.root, "slots"), 0o700)
     path = os.path.join(base, f"{tag}.{pod_id}.{cid}")
-    make_record_dir(path, runtime.root)
+    try:
+        lowers = _dir_ids(layers) if layers else ()
+    except OSError:
+        lowers, layers = (), []     # (the image went meanwhile: a slot without a rootfs)
+    overlay = make_record_dir(path, runtime.root, image_id if layers else "", lowers)
     try:
         mgr.create_container(pod_id, cid)
     except BaseException:
+        if overlay is not None:
+            overlay.close()
         runtime.trash.put(path)
         raise
     slot = Slot(cid, path, pod_id, parent)
     if layers:
         try:
-            lowers = _dir_ids(layers)
-            fd = _native.overlay_premount(layers + [runtime.mount_points],
-                                          os.path.join(path, "fs", "upper"),
-                                          os.path.join(path, "fs", "work"),
-                                          MOUNT_DIRS, MOUNT_FILES)
+            if overlay is None:
+                overlay = Overlay(_native.overlay_premount(
+                    layers + [runtime.mount_points], os.path.join(path, "fs", "upper"),
+                    os.path.join(path, "fs", "work"), MOUNT_DIRS, MOUNT_FILES), image_id, lowers)
+            fd = _native.mount_clone(overlay.fd)
         except OSError:
+            if overlay is not None:
+                overlay.close()
             return slot     # (the image went meanwhile: a slot without a rootfs)
         try:
             dev = _native.dev_premount()
         except OSError:
             dev = -1
-        slot = Slot(cid, path, pod_id, parent, image_id, fd, lowers, dev)
+        slot = Slot(cid, path, pod_id, parent, image_id, fd, lowers, dev, overlay=overlay)
     return slot
 
 
@@ -514,12 +586,15 @@ def _drop_mounts_and_dir(runtime: Runtime, slot: Slot) -> None:
     for fd in slot.fds():
         if fd >= 0:
             with contextlib.suppress(OSError):
-                os.close(fd)    # (the last reference: the mount goes)
+                os.close(fd)
+    if slot.overlay is not None:
+        slot.overlay.close()    # (the last reference: the mount goes)
     with contextlib.suppress(OSError):
         runtime.trash.put(slot.dir)
 
 
-def retire(runtime: Runtime, record_dir: str, monitor_pid: int = 0) -> None:
+def retire(runtime: Runtime, record_dir: str, monitor_pid: int = 0,
+           overlay: Overlay | None = None) -> None:
     """Take a removed container's record dir away (one rename into the trash, as
     Trash.put does) and, off the caller's path, keep its writable-layer dirs as a
     spare for a next slot where they are as make_record_dir made them (nothing
@@ -529,11 +604,20 @@ def retire(runtime: Runtime, record_dir: str, monitor_pid: int = 0) -> None:
     journal-less ext4 (this project's CI host) that is more than it looks: each
     inode made skips, one by one, every inode freed in the last minutes.
     ``monitor_pid`` is the container's monitor, which may still hold the old
-    overlay while it exits: the dirs are reused only once it is gone."""
-    runtime.trash.put(record_dir, functools.partial(_salvage, runtime.root, monitor_pid))
+    overlay while it exits: the dirs are reused only once it is gone. ``overlay``
+    (this process's, see Overlay) goes with them when they are kept, else it is
+    closed before they are deleted."""
+    runtime.trash.put(record_dir, functools.partial(_salvage, runtime.root, monitor_pid, overlay))
 
 
-def _salvage(root: str, monitor_pid: int, path: str) -> bool:
+def _salvage(root: str, monitor_pid: int, overlay: Overlay | None, path: str) -> bool:
+    kept = _salvage_dirs(root, monitor_pid, overlay, path)
+    if not kept and overlay is not None:
+        overlay.close()
+    return kept
+
+
+def _salvage_dirs(root: str, monitor_pid: int, overlay: Overlay | None, path: str) -> bool:
     if not _monitor_gone(monitor_pid):
         return False
     try:
@@ -548,7 +632,7 @@ def _salvage(root: str, monitor_pid: int, path: str) -> bool:
             return False
     except OSError:
         return False
-    return _slots.keep_spare(root, path)
+    return _slots.keep_spare(root, path, overlay)
 
 
 def _monitor_gone(pid: int, timeout: float = SPARE_WAIT) -> bool:
@@ -625,6 +709,8 @@ def cleanup(runtime: Runtime) -> None:
 _slots = _Slots()
 atexit.register(_slots.drop_spares)     # (before store's drain: atexit runs newest first)
 take = _slots.take
+adopt = _slots.adopt
+release = _slots.release
 make = _slots.make
 last_image = _slots.last_image
 peek = _slots.peek

@@ -834,25 +834,39 @@ def test_lock_files_go_with_their_objects(env):
 
 
 def _spares(rt):
-    return list(pycri.slots._slots._spares.get(rt.root, []))
+    return [p for p, _ov in pycri.slots._slots._spares.get(rt.root, [])]
+
+
+def _spare_overlay(rt, path):
+    return dict(pycri.slots._slots._spares.get(rt.root, [])).get(path)
 
 
 def _ino(path):
     return os.stat(path).st_ino
 
 
+def _root_dev(c):
+    """The device number of the container's / (its overlay's), from its log."""
+    lines = [r.content.decode() for r in c.logs()]
+    return [x for x in lines if x.startswith("dev=")][0]
+
+
 def test_removed_containers_dirs_make_a_next_slot(env):
     """An exited container that left its writable layer as made gives its record
     dir, emptied, to a later container (slots.retire): the same directory, holding
-    nothing of the first (no file, no log, no overlay identity), and the container
-    on it sees exactly its image."""
+    nothing of the first (no file, no log), on the very same overlay (this process
+    kept it: slots.Overlay), and the container on it sees exactly its image."""
     rt, img = env
+    show_dev = "echo dev=$(stat -c %d /)"
     with rt.run_sandbox(pycri.SandboxConfig(name="spare")) as sb:
-        c = sb.create_container(pycri.ContainerConfig(name="first", image=img.id,
-                                                      command=("sh", "-c", "echo first-out")))
+        # (a new pod's first slot premounts the image this process last ran: maybe none)
+        assert sb.run(img, ["true"]).exit_code == 0
+        c = sb.create_container(pycri.ContainerConfig(
+            name="first", image=img.id, command=("sh", "-c", f"echo first-out; {show_dev}")))
         ino = _ino(c.record_dir)
         c.start()
         assert c.wait(10) == 0
+        dev = _root_dev(c)
         upper = os.path.join(c.record_dir, "fs", "upper")
         assert "trusted.overlay.uuid" in os.listxattr(upper)     # (the overlay's own)
         c.remove()
@@ -862,11 +876,12 @@ def test_removed_containers_dirs_make_a_next_slot(env):
         assert os.path.dirname(spare[0]) == f"{rt.root}/slots"
         assert os.listdir(spare[0]) == ["fs"]
         assert not os.listxattr(os.path.join(spare[0], "fs", "upper"))
+        assert _spare_overlay(rt, spare[0]).image_id == img.id
         # slots are made ahead: a few creates on, one is made on it
         for i in range(4):
             d = sb.create_container(pycri.ContainerConfig(
                 name=f"next{i}", image=img.id,
-                command=("sh", "-c", "ls /; echo $0 > /mine")))
+                command=("sh", "-c", f"ls /; echo $0 > /mine; {show_dev}")))
             if _ino(d.record_dir) == ino:
                 break
             d.remove()
@@ -878,7 +893,43 @@ def test_removed_containers_dirs_make_a_next_slot(env):
         lines = [r.content.decode() for r in d.logs()]
         assert "first-out" not in lines and "bin" in lines and "mine" not in lines, lines
         assert os.listdir(os.path.join(d.record_dir, "fs", "upper")) == ["mine"]
+        assert _root_dev(d) == dev      # (the same overlay file system)
         d.remove()
+        # d wrote to its layer: its dirs and overlay go (no spare has that overlay)
+        assert pycri.store.Trash.drain(5)
+        assert not [p for p in _spares(rt) if _ino(p) == ino]
+
+
+def test_spare_overlay_serves_a_create_that_sets_up_its_own_process(env, registry):
+    """Every container made on a slot runs on the slot's kept overlay: one resumed
+    from the held process, and one whose setup differs (here: a sysctl), set up
+    anew on a clone of it (never a second overlay on the same upper dir); a slot
+    of another image mounts its own overlay on the reused dirs."""
+    rt, img = env
+    other = ib.build_image([ib.busybox_layer(), ib.layer_tar([ib.File("marker", b"o\n")])],
+                           config={"Env": ["PATH=/bin"]})
+    ib.push(registry.host, "test/spare-other", "v1", other)
+    img2 = rt.images.pull(f"{registry.host}/test/spare-other:v1")
+    show = "echo dev=$(stat -c %d /); ls /marker 2>/dev/null; true"
+    with rt.run_sandbox(pycri.SandboxConfig(name="spare-ov")) as sb:
+        assert sb.run(img, ["true"]).exit_code == 0
+        seen = set()
+        for i, image in enumerate([img, img, img, img, img2, img2, img]):
+            _wait_slot(rt, sb)
+            slot = pycri.slots.peek(rt, sb.id)
+            r = sb.create_container(pycri.ContainerConfig(
+                name=f"a{i}", image=image.id, command=("sh", "-c", show),
+                sysctls={"net.ipv4.ip_forward": "0"} if i % 2 else {}))
+            r.start()
+            assert r.wait(10) == 0
+            lines = [x.content.decode() for x in r.logs()]
+            assert ("/marker" in lines) == (image is img2), lines
+            if slot.overlay is not None and slot.image_id == image.id:
+                assert r.id == slot.id
+                assert lines[0] == f"dev={os.fstat(slot.overlay.fd).st_dev}", lines
+                seen.add(slot.overlay.fd)
+            r.remove()
+        assert len(seen) >= 3
 
 
 @pytest.mark.parametrize("change", [

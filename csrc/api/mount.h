@@ -22,6 +22,12 @@ int pycri_overlay_premount(const char *lower, const char *upper, const char *wor
                            const char *const *dirs, const char *const *files, int *fd_out,
                            struct pycri_error *err);
 
+/* A new detached mount of the mount at fd (open_tree OPEN_TREE_CLONE; fd may be
+ * a detached mount itself): the same file system, attached and dropped on its
+ * own (*fd_out, CLOEXEC). A premounted overlay kept by its maker outlives the
+ * containers that each attach a clone of it. */
+int pycri_mount_clone(int fd, int *fd_out, struct pycri_error *err);
+
 /* A /dev tmpfs (mode 755, 64 MiB) with the standard nodes, links and mount
  * point dirs a container's /dev has, as a detached mount (*fd_out, CLOEXEC),
  * for pycri_spawn_spec.dev_mount_fd. */
