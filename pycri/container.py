@@ -22,10 +22,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import os
 import secrets
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -155,12 +157,27 @@ class Container:
         """Unix socket paths are limited to 107 bytes: keep them short."""
         return os.path.join(self.runtime.state, "sockets", f"{self.id[:20]}.{kind}")
 
-    def _lock(self) -> contextlib.AbstractContextManager[None]:
-        return store.flock(self._lock_path)
-
-    @property
-    def _lock_path(self) -> str:
-        return os.path.join(self.runtime.root, "locks", f"container-{self.id}.lock")
+    @contextlib.contextmanager
+    def _lock(self, missing_ok: bool = False) -> Iterator[bool]:
+        """The container's lock: an flock on its record dir, so a container has no
+        lock file to make and delete (an inode each, costly on some disks). Once
+        the container is removed: NotFoundError. One who opened the dir before the
+        removal and gets the lock after it finds the record gone (every locked
+        operation reads it first), even where the dir was reused for another
+        container (slots.retire): that one only waits a moment. With ``missing_ok``
+        a removed container yields False (no lock) instead."""
+        try:
+            fd = os.open(self.record_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise NotFoundError(f"container {self.id} not found") from None
+            yield False
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield True
+        finally:
+            os.close(fd)
 
     def _parsed(self) -> store.ParsedRecord:
         """The record file as it is now, parsed (reused while its bytes are unchanged)."""
@@ -351,8 +368,6 @@ class Container:
                         slot, dir=ctr.record_dir if placed else slot.dir))
                 elif placed:
                     runtime.trash.put(ctr.record_dir)
-                if placed:
-                    store.drop_lock_file(ctr._lock_path)
                 raise
             try:
                 ctr._launch(rec, sandbox, sb_rec, image, config, slot)
@@ -578,7 +593,9 @@ class Container:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop signal, up to ``timeout`` seconds' grace, then SIGKILL to every process
         of the container. Idempotent; a created container is simply marked exited."""
-        with self._lock():
+        with self._lock(missing_ok=True) as present:
+            if not present:
+                return
             try:
                 rec = self._read()
             except NotFoundError:
@@ -630,7 +647,7 @@ class Container:
             self.wait(10)
         # the init is gone; anything it left behind in the cgroup (host or pod pid
         # namespace modes) goes too
-        with self._lock():
+        with self._lock(missing_ok=True):
             with contextlib.suppress(NotFoundError, PycriError, OSError):
                 rec = self._read()
                 cg = self._cgroup(rec)
@@ -669,7 +686,9 @@ class Container:
         exited = rec["state"] == EXITED
         if not exited:
             self.stop(timeout=0)
-        with self._lock():
+        with self._lock(missing_ok=True) as present:
+            if not present:
+                return
             if exited:
                 # an end is final: only whether someone removed it meanwhile matters
                 if not os.path.exists(os.path.join(self.record_dir, "record.json")):
@@ -708,7 +727,6 @@ class Container:
                 overlay.close()
             self.runtime.trash.put(self.record_dir)
         self.runtime.parsed.forget(os.path.join(self.record_dir, "record.json"))
-        store.drop_lock_file(self._lock_path)
 
     # -- exec, logs, stats, update ---------------------------------------------------
 

@@ -19,7 +19,8 @@ Layout version 1::
       slots/<pid>.<start>.<pod>.<id>/   a container's record dir made ahead by process
                                     <pid> (pycri/slots.py); deleted once that is gone
       slots/<pid>.<start>.spare.<r>/    a removed container's fs/, as made, for a next one
-      locks/                        flock files (images.lock, content.lock, <id>.lock)
+      locks/                        flock files (images.lock, content.lock, sandbox-<id>.lock;
+                                    a container flocks its record dir)
       trash/                        removed trees, deleted in the background (Trash)
     <state> (default /run/pycri; runtime state that should die with the boot)
       sandboxes/<id>/, containers/<id>/   pinned namespaces, pod files, image volumes

@@ -6,6 +6,7 @@ reports what the process sees.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -810,25 +811,58 @@ def test_masked_dirs_are_empty_and_read_only(env):
 
 
 def test_lock_files_go_with_their_objects(env):
-    """Each container and pod has a lock file while it exists; removing it removes
-    the file (the locks dir does not grow without bound), and a new Runtime sweeps
-    those left by a process killed in a remove, keeping live objects' files."""
+    """A pod has a lock file while it exists and its removal removes it; a
+    container locks its record dir (no file of its own: an inode made and deleted
+    per container); a new Runtime sweeps the lock files left by a process killed
+    in a remove (or by an older pycri), keeping live objects' files."""
     rt, img = env
     locks = f"{rt.root}/locks"
     sb = rt.run_sandbox(pycri.SandboxConfig(name="locks"))
     c = sb.create_container(pycri.ContainerConfig(name="l", image=img.id, command=("true",)))
     keep = sb.create_container(pycri.ContainerConfig(name="k", image=img.id, command=("true",)))
-    assert {f"container-{c.id}.lock", f"container-{keep.id}.lock",
-            f"sandbox-{sb.id}.lock"} <= set(os.listdir(locks))
+    assert f"sandbox-{sb.id}.lock" in os.listdir(locks)
+    assert not [n for n in os.listdir(locks) if c.id in n or keep.id in n]
+    # the lock is the record dir's flock: held, another holder waits
+    script = f"""
+import sys, time; sys.path.insert(0, {TREE!r})
+import pycri
+rt = pycri.Runtime(root={rt.root!r}, state={rt.state!r}, cgroup_parent={rt.cgroup_parent!r})
+ctr = rt.container({c.id!r})
+print("ready", flush=True)
+sys.stdin.readline()
+t = time.monotonic(); ctr.kill(); print(time.monotonic() - t)
+"""
+    p = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        fd = os.open(c.record_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            p.stdin.write(b"go\n")
+            p.stdin.flush()
+            time.sleep(0.5)
+            assert p.poll() is None     # (waiting for the lock)
+        finally:
+            os.close(fd)
+        out, _ = p.communicate(timeout=30)
+        assert p.returncode == 0 and float(out) >= 0.5
+    finally:
+        p.kill()
+        p.wait()
     c.remove()
-    assert f"container-{c.id}.lock" not in os.listdir(locks)
+    with pytest.raises(NotFoundError):
+        with c._lock():
+            pass
+    c.remove()      # (idempotent)
+    c.stop()
     stale = [f"container-{uuid.uuid4().hex * 2}.lock", f"sandbox-{uuid.uuid4().hex * 2}.lock"]
     for name in stale:
         open(os.path.join(locks, name), "w").close()
     pycri.Runtime(root=rt.root, state=rt.state, cgroup_parent=rt.cgroup_parent)
     left = set(os.listdir(locks))
     assert not left & set(stale)
-    assert {f"container-{keep.id}.lock", f"sandbox-{sb.id}.lock"} <= left
+    assert f"sandbox-{sb.id}.lock" in left
     sb.remove()
     assert not [n for n in os.listdir(locks) if keep.id in n or sb.id in n]
 
