@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pycri.procinfo import (_alive, _catches, _direct, _exits, _pty_in,  # noqa: F401 (_alive: sandbox.py)
-                             _read_started, _start_time)
+                             _started_at, _start_time, mark_started)
 from pycri import _native, launchplan, logs, slots, store, users
 from pycri.execproc import EXEC_OUTPUT_LIMIT, ExecProcess, ExecResult, _collect  # noqa: F401 (public here too)
 from pycri.execproc import _readable
@@ -194,20 +194,15 @@ class Container:
         shared parse: callers may set top-level keys, and replace (never change) the rest."""
         rec = dict((parsed or self._parsed()).rec)
         if rec["state"] == CREATED:
-            started = _read_started(os.path.join(self.record_dir, "started"))
+            started = _started_at(self.record_dir)
             if started is not None:
                 rec.update(state=RUNNING, started_at_ns=started)
         return rec
 
     def _mark_started(self) -> None:
-        """Record the start as a new small file (no rewrite of record.json: creating a
-        file costs a fraction of replacing one here). _read folds it in."""
-        fd = os.open(os.path.join(self.record_dir, "started"),
-                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, str(time.time_ns()).encode())
-        finally:
-            os.close(fd)
+        """Record the start beside record.json (procinfo.mark_started: no rewrite of
+        the record, no file made). _read folds it in."""
+        mark_started(self.record_dir)
 
     def _write(self, rec: dict[str, Any]) -> None:
         # No fsync: the rename is atomic, so a killed process never leaves a torn

@@ -5,8 +5,10 @@ them skips the launcher: see csrc/api/launch.h)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import threading
+import time
 
 
 
@@ -118,6 +120,40 @@ def _close_all(fds: tuple[int, ...]) -> None:
 _direct = _HeldFds()
 # (a cap: a long-running server must not run out of fds for containers it keeps)
 _exits = _HeldFds(cap=256)
+
+
+# The start time of a container, on its record dir (an xattr: no file made and
+# deleted per container); a "started" file where the file system has no user xattrs.
+STARTED_XATTR = "user.pycri.started"
+
+
+def _started_at(record_dir: str) -> int | None:
+    """When the container in record_dir was started (ns), None if it was not."""
+    try:
+        return int(os.getxattr(record_dir, STARTED_XATTR))
+    except OSError as e:
+        if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    except ValueError:
+        pass
+    return _read_started(os.path.join(record_dir, "started"))
+
+
+def mark_started(record_dir: str) -> None:
+    """Record the start now (FileExistsError if it was recorded already)."""
+    now = str(time.time_ns()).encode()
+    try:
+        os.setxattr(record_dir, STARTED_XATTR, now, os.XATTR_CREATE)
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    fd = os.open(os.path.join(record_dir, "started"),
+                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, now)
+    finally:
+        os.close(fd)
 
 
 def _read_started(path: str) -> int | None:

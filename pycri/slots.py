@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 from pycri import _native, store
 from pycri.errors import PycriError
-from pycri.procinfo import _start_time
+from pycri.procinfo import STARTED_XATTR, _start_time
 
 if TYPE_CHECKING:
     from pycri.config import ContainerConfig
@@ -655,6 +655,8 @@ def _as_made(path: str) -> bool:
     the overlay's own empty work/work, which a mount remakes), with the mode it was
     made with, owned by root, without xattrs (ACLs included; the upper dir's
     overlay uuid is removed), none a mount point."""
+    with contextlib.suppress(OSError):     # (the start time of its last container)
+        os.removexattr(path, STARTED_XATTR, follow_symlinks=False)
     dev = os.lstat(path).st_dev
     expect = ((path, 0o700, ["fs"]),) + tuple(
         (os.path.join(path, n), m, ["rootfs", "upper", "work"] if n == "fs" else None)

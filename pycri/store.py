@@ -15,6 +15,8 @@ Layout version 1::
       sandboxes/<id>/record.json    sandbox record
       containers/<id>/record.json   container record (config, pids, state)
       containers/<id>/exit.json     written once by the container's monitor at exit
+      containers/<id>/  xattr user.pycri.started   its start time (ns); a "started"
+                                    file instead where the file system has no user xattrs
       containers/<id>/fs/           writable layer (upper, work) and rootfs mount point
       slots/<pid>.<start>.<pod>.<id>/   a container's record dir made ahead by process
                                     <pid> (pycri/slots.py); deleted once that is gone

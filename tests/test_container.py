@@ -810,6 +810,35 @@ def test_masked_dirs_are_empty_and_read_only(env):
         assert out == ["0", "1"] * len(dirs) + ["0"], out
 
 
+def test_start_time_is_an_xattr_of_the_record_dir(env, tmp_path):
+    """start records its time on the record dir (no file made per container); a
+    "started" file (older records, or a file system without user xattrs) still
+    counts, one cut short by a crash by its mtime."""
+    rt, img = env
+    with rt.run_sandbox(pycri.SandboxConfig(name="started")) as sb:
+        c = sb.create_container(pycri.ContainerConfig(name="s", image=img.id,
+                                                      command=("sleep", "5")))
+        assert c.status().state == "created"
+        before = time.time_ns()
+        c.start()
+        at = int(os.getxattr(c.record_dir, "user.pycri.started"))
+        assert before <= at <= time.time_ns()
+        assert "started" not in os.listdir(c.record_dir)
+        assert c.status().state == "running" and c.status().started_at_ns == at
+        with pytest.raises(FileExistsError):
+            pycri.procinfo.mark_started(c.record_dir)
+        c.stop(timeout=0)
+        c.remove()
+    from pycri.procinfo import _started_at
+    d = str(tmp_path)
+    assert _started_at(d) is None
+    with open(os.path.join(d, "started"), "w") as f:
+        f.write("123")
+    assert _started_at(d) == 123
+    open(os.path.join(d, "started"), "w").close()
+    assert _started_at(d) == os.stat(os.path.join(d, "started")).st_mtime_ns
+
+
 def test_lock_files_go_with_their_objects(env):
     """A pod has a lock file while it exists and its removal removes it; a
     container locks its record dir (no file of its own: an inode made and deleted
