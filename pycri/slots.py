@@ -103,10 +103,12 @@ def mount_points_layer(root: str) -> str:
 MAX_PREMOUNTED = 128
 # how long a create waits for its pod's slot while the thread is making it (s)
 TAKE_WAIT = 0.02
+# containers whose overlay this process keeps for reuse (an fd each), per process
+MAX_KEPT_OVERLAYS = 128
 # spare record dirs kept per root (retire), and how long a removed container's
 # monitor may take to exit before its dirs are deleted instead (s)
 MAX_SPARES = 4
-SPARE_WAIT = 0.1
+SPARE_WAIT = 1.0
 SPARE = "spare"     # (a spare's name: <pid>.<start time>.spare.<random>)
 OVERLAY_UUID = "trusted.overlay.uuid"
 # whether slots hold a pre-cloned container process (PYCRI_PRECLONE=0: never)
@@ -456,10 +458,16 @@ class _Slots:
                 store.remove_tree(p)
 
     def adopt(self, ctr_id: str, overlay: Overlay | None) -> None:
-        """A container made on a slot keeps the slot's overlay (release)."""
-        if overlay is not None:
-            with self._cv:
+        """A container made on a slot keeps the slot's overlay (release), but past
+        MAX_KEPT_OVERLAYS (an fd each): then the container's own clone is all that
+        holds it, and it goes with the container."""
+        if overlay is None:
+            return
+        with self._cv:
+            if len(self._in_use) < MAX_KEPT_OVERLAYS:
                 self._in_use[ctr_id] = overlay
+                return
+        overlay.close()
 
     def release(self, ctr_id: str) -> Overlay | None:
         with self._cv:
