@@ -26,7 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pycri import oci, reference, store
+from pycri import oci, reference, slots, store
 from pycri.config import Auth, Platform
 from pycri.errors import (
     DigestMismatchError,
@@ -440,11 +440,14 @@ class ImageStore:
                         os.unlink(os.path.join(bdir, b))
                         removed += 1
                 ldir = os.path.join(self.root, "layers")
+                gone = 0
                 for name in os.listdir(ldir):
                     if name not in keep_layers:
                         shutil.rmtree(os.path.join(ldir, name), ignore_errors=True)
-                        removed += 1
-                return removed
+                        gone += 1
+                if gone:    # (an overlay this process keeps for reuse may hold them)
+                    slots.drop_stale_overlays(self.root)
+                return removed + gone
         finally:
             os.close(fd)
 

@@ -38,10 +38,10 @@ the environment turns held processes off (slots are premounted only).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
-import atexit
 import os
 import secrets
 import select
@@ -126,6 +126,15 @@ class Overlay:
     fd: int
     image_id: str
     lowers: tuple[tuple[int, int], ...]     # the layer dirs' (device, inode) then
+    layers: tuple[str, ...] = ()            # and their paths
+
+    def layers_gone(self) -> bool:
+        """Whether a layer dir was deleted (or replaced) since: then only this
+        overlay keeps its files, and their disk space."""
+        try:
+            return _dir_ids(list(self.layers)) != self.lowers
+        except OSError:
+            return True
 
     def fits(self, image_id: str, lowers: tuple[tuple[int, int], ...]) -> bool:
         return bool(image_id) and self.image_id == image_id and self.lowers == lowers
@@ -457,6 +466,19 @@ class _Slots:
             with contextlib.suppress(OSError):
                 store.remove_tree(p)
 
+    def drop_stale_overlays(self, root: str) -> None:
+        """Close the spares' overlays whose layer dirs were deleted (image GC), so
+        their files' disk space is freed; the spare dirs stay."""
+        stale = []
+        with self._cv:
+            spares = self._spares.get(root, [])
+            for i, (path, ov) in enumerate(spares):
+                if ov is not None and ov.layers_gone():
+                    stale.append(ov)
+                    spares[i] = (path, None)
+        for ov in stale:
+            ov.close()
+
     def adopt(self, ctr_id: str, overlay: Overlay | None) -> None:
         """A container made on a slot keeps the slot's overlay (release), but past
         MAX_KEPT_OVERLAYS (an fd each): then the container's own clone is all that
@@ -534,7 +556,8 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
             if overlay is None:
                 overlay = Overlay(_native.overlay_premount(
                     layers + [runtime.mount_points], os.path.join(path, "fs", "upper"),
-                    os.path.join(path, "fs", "work"), MOUNT_DIRS, MOUNT_FILES), image_id, lowers)
+                    os.path.join(path, "fs", "work"), MOUNT_DIRS, MOUNT_FILES), image_id, lowers,
+                    tuple(layers))
             fd = _native.mount_clone(overlay.fd)
         except OSError:
             if overlay is not None:
@@ -720,6 +743,7 @@ _slots = _Slots()
 atexit.register(_slots.drop_spares)     # (before store's drain: atexit runs newest first)
 take = _slots.take
 adopt = _slots.adopt
+drop_stale_overlays = _slots.drop_stale_overlays
 release = _slots.release
 make = _slots.make
 last_image = _slots.last_image

@@ -1018,6 +1018,33 @@ def test_changed_writable_layer_is_deleted_not_reused(env, change):
         assert not os.listdir(f"{rt.root}/trash")
 
 
+def test_spare_overlay_lets_a_removed_image_go(env, registry):
+    """A spare's overlay holds its image's layers; once the image is removed and its
+    layers collected, the overlay is closed (their disk space freed), and the
+    spare's dirs serve a next container of another image."""
+    rt, img = env
+    gone = ib.build_image([ib.busybox_layer(), ib.layer_tar([ib.File("gone", b"g\n")])],
+                          config={"Env": ["PATH=/bin"]})
+    ib.push(registry.host, "test/spare-gone", "v1", gone)
+    img2 = rt.images.pull(f"{registry.host}/test/spare-gone:v1")
+    with rt.run_sandbox(pycri.SandboxConfig(name="spare-gone")) as sb:
+        for _ in range(2):      # (the second on a slot premounted with img2)
+            assert sb.run(img2, ["true"]).exit_code == 0
+        assert pycri.store.Trash.drain(5)
+        mine = [(p, ov) for p, ov in pycri.slots._slots._spares.get(rt.root, [])
+                if ov is not None and ov.image_id == img2.id]
+        assert mine
+        fds = [ov.fd for _p, ov in mine]
+        assert all(os.path.exists(f"/proc/self/fd/{fd}") for fd in fds)
+    rt.images.remove(img2.id)
+    assert not any(ov is not None and ov.image_id == img2.id
+                   for _p, ov in pycri.slots._slots._spares.get(rt.root, []))
+    assert [p for p, _ov in mine if p in _spares(rt)]      # (the dirs stay spares)
+    with rt.run_sandbox(pycri.SandboxConfig(name="spare-gone2")) as sb:
+        r = sb.run(img, ["sh", "-c", "ls /gone 2>&1; true"])
+        assert r.exit_code == 0 and b"No such file" in r.stdout + r.stderr, r
+
+
 def test_kept_overlays_are_capped(env, monkeypatch):
     """Each container made on a slot leaves its overlay with this process (an fd)
     for reuse, up to MAX_KEPT_OVERLAYS; past that the container's own mount is
