@@ -448,6 +448,7 @@ class _Slots:
                 self._tag = _owner_tag()
             dest = os.path.join(root, "slots", f"{self._tag}.{SPARE}.{secrets.token_hex(16)}")
         try:
+            store.makedirs(os.path.dirname(dest), 0o700)
             os.rename(path, dest)
         except OSError:
             return False
