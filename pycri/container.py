@@ -356,7 +356,7 @@ class Container:
                                    monitor_pid=slot.pre.monitor_pid)
                     ctr._write(rec)
                     if slot:
-                        slots.adopt(ctr.id, slot.overlay)
+                        slots.adopt(ctr.id, slot.overlay, ctr.record_dir)
             except BaseException:
                 if slot:    # all it holds, its directory wherever that is now
                     slots.discard(runtime, dataclasses.replace(

@@ -279,6 +279,7 @@ class _Slots:
         self._spares: dict[str, list[tuple[str, Overlay | None]]] = {}
         # per container id: the overlay its rootfs is a clone of (adopt, release)
         self._in_use: dict[str, Overlay] = {}
+        self._in_use_dirs: dict[str, str] = {}      # (and their record dirs)
 
     def take(self, runtime: Runtime, pod_id: str, cgroup_parent: str, image_id: str = "",
              layer_dirs: list[str] | None = None) -> Slot | None:
@@ -480,20 +481,28 @@ class _Slots:
         for ov in stale:
             ov.close()
 
-    def adopt(self, ctr_id: str, overlay: Overlay | None) -> None:
+    def adopt(self, ctr_id: str, overlay: Overlay | None, record_dir: str = "") -> None:
         """A container made on a slot keeps the slot's overlay (release), but past
         MAX_KEPT_OVERLAYS (an fd each): then the container's own clone is all that
-        holds it, and it goes with the container."""
+        holds it, and it goes with the container. (Kept ones of containers another
+        process removed are let go first.)"""
         if overlay is None:
             return
         with self._cv:
+            if len(self._in_use) >= MAX_KEPT_OVERLAYS:
+                gone = [k for k, d in self._in_use_dirs.items() if d and not os.path.isdir(d)]
+                for k in gone:
+                    self._in_use_dirs.pop(k, None)
+                    self._in_use.pop(k).close()
             if len(self._in_use) < MAX_KEPT_OVERLAYS:
                 self._in_use[ctr_id] = overlay
+                self._in_use_dirs[ctr_id] = record_dir
                 return
         overlay.close()
 
     def release(self, ctr_id: str) -> Overlay | None:
         with self._cv:
+            self._in_use_dirs.pop(ctr_id, None)
             return self._in_use.pop(ctr_id, None)
 
     def last_image(self, runtime: Runtime) -> tuple[str, list[str] | None]:

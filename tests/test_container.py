@@ -1074,6 +1074,26 @@ def test_kept_overlays_are_capped(env, monkeypatch):
             assert _root_dev(c) == f"dev={dev}"
             c.remove()
         assert not [c.id for c, _ in cs if c.id in kept]
+        # one kept for a container removed by another process is let go when the
+        # cap is reached
+        _wait_slot(rt, sb)
+        c = sb.create_container(pycri.ContainerConfig(name="other", image=img.id,
+                                                      command=("true",)))
+        assert list(kept) == [c.id]
+        fd = kept[c.id].fd
+        r = subprocess.run([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {TREE!r})
+import pycri
+rt = pycri.Runtime(root={rt.root!r}, state={rt.state!r}, cgroup_parent={rt.cgroup_parent!r})
+rt.container({c.id!r}).remove()
+"""], capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr.decode()
+        assert os.path.exists(f"/proc/self/fd/{fd}") and list(kept) == [c.id]
+        _wait_slot(rt, sb)
+        d = sb.create_container(pycri.ContainerConfig(name="after", image=img.id,
+                                                      command=("true",)))
+        assert list(kept) == [d.id]
+        d.remove()
 
 
 def test_spares_are_capped_and_go_with_their_owner(env, monkeypatch):
