@@ -449,7 +449,6 @@ class _Slots:
                 self._tag = _owner_tag()
             dest = os.path.join(root, "slots", f"{self._tag}.{SPARE}.{secrets.token_hex(16)}")
         try:
-            store.makedirs(os.path.dirname(dest), 0o700)
             os.rename(path, dest)
         except OSError:
             return False
@@ -457,11 +456,15 @@ class _Slots:
             self._spares.setdefault(root, []).append((dest, overlay))
         return True
 
-    def drop_spares(self) -> None:
-        """Delete this process's spares (at exit: nobody else may use them)."""
+    def drop_spares(self, root: str = "") -> None:
+        """Delete this process's spares, of ``root`` or all (at exit: nobody else may
+        use them)."""
         with self._cv:
-            spares = [sp for ps in self._spares.values() for sp in ps]
-            self._spares.clear()
+            if root:
+                spares = self._spares.pop(root, [])
+            else:
+                spares = [sp for ps in self._spares.values() for sp in ps]
+                self._spares.clear()
         for p, ov in spares:
             if ov is not None:
                 ov.close()
@@ -754,6 +757,7 @@ atexit.register(_slots.drop_spares)     # (before store's drain: atexit runs new
 take = _slots.take
 adopt = _slots.adopt
 drop_stale_overlays = _slots.drop_stale_overlays
+drop_spares = _slots.drop_spares
 release = _slots.release
 make = _slots.make
 last_image = _slots.last_image

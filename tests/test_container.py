@@ -62,7 +62,12 @@ def env(probe_image):
                            for x in os.listdir(f"/sys/fs/cgroup/{c}/{parent}"))
                    for c in ("memory", "pids"))
     rt.cgroups().remove_parent()
+    # the trash thread's work for this root first (it may make a spare dir), then
+    # this process's spares of it (their overlays)
+    assert pycri.store.Trash.drain(10)
+    pycri.slots.drop_spares(rt.root)
     shutil.rmtree(base, ignore_errors=True)
+    assert not os.path.exists(base)
 
 
 def probe(sb, img, *checks, **config):
@@ -1032,6 +1037,7 @@ def test_spare_overlay_lets_a_removed_image_go(env, registry, monkeypatch):
     # a spare as a removed container of img2 leaves it (made here: which removed
     # container's dirs are spares at a given moment depends on the slot thread)
     d = os.path.join(rt.root, "trash", "spare-gone")
+    os.makedirs(os.path.join(rt.root, "slots"), exist_ok=True)     # (made by the first slot)
     pycri.slots.make_record_dir(d)
     fd = pycri._native.overlay_premount(layers + [rt.mount_points], f"{d}/fs/upper",
                                         f"{d}/fs/work")
@@ -1121,6 +1127,7 @@ rt = pycri.Runtime(root={rt.root!r}, state={rt.state!r}, cgroup_parent={rt.cgrou
 # (a dir as a removed container's would be: which ones become spares is the
 # tests above's; a spare can also be taken by a slot being made meanwhile)
 d = os.path.join(rt.root, "trash", "dies")
+os.makedirs(os.path.join(rt.root, "slots"), exist_ok=True)
 pycri.slots.make_record_dir(d)
 assert pycri.slots._slots.keep_spare(rt.root, d)
 print(len(pycri.slots._slots._spares[rt.root]), flush=True)

@@ -67,7 +67,10 @@ def two(image_ref):
     for sb in writer.sandboxes():
         sb.remove()
     writer.cgroups().remove_parent()
+    assert pycri.store.Trash.drain(10)     # (its work for this root, then its spares)
+    pycri.slots.drop_spares(writer.root)
     shutil.rmtree(base, ignore_errors=True)
+    assert not os.path.exists(base)
 
 
 def _container(rt, sb, ref, cmd, **kw):

@@ -65,7 +65,10 @@ def env(image_ref):
         sb.remove()
     assert not mounts_with(base)
     rt.cgroups().remove_parent()
+    assert pycri.store.Trash.drain(10)     # (its work for this root, then its spares)
+    pycri.slots.drop_spares(rt.root)
     shutil.rmtree(base, ignore_errors=True)
+    assert not os.path.exists(base)
 
 
 def start(sb, img, name, cmd=("sleep", "60"), **kw):
