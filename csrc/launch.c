@@ -164,25 +164,6 @@ static int listen_start(const char *path, struct pycri_error *err) {
     return s;
 }
 
-/* The fds a received message carries (SCM_RIGHTS), up to room of them into out;
- * the rest are closed. Returns how many were stored. */
-static int take_fds(struct msghdr *mh, int *out, int room) {
-    int stored = 0;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(mh); c; c = CMSG_NXTHDR(mh, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-            continue;
-        int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-        int *fds = (int *)CMSG_DATA(c);
-        for (int i = 0; i < k; i++) {
-            if (stored < room)
-                out[stored++] = fds[i];
-            else
-                close(fds[i]);
-        }
-    }
-    return stored;
-}
-
 /* Receive n fds (one-byte messages carrying SCM_RIGHTS) and put them at
  * base + i. */
 static int recv_fds(int sock, int n, int base) {
@@ -190,19 +171,10 @@ static int recv_fds(int sock, int n, int base) {
     int have = 0;
     while (have < n) {
         char byte;
-        union {
-            struct cmsghdr h;
-            char buf[CMSG_SPACE(sizeof(int) * FDS_PER_MSG)];
-        } cm;
-        struct iovec iov = {&byte, 1};
-        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                            .msg_controllen = sizeof(cm.buf)};
-        ssize_t r = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r != 1 || (mh.msg_flags & MSG_CTRUNC))
+        int k;
+        if (pycri__recv_fds(sock, &byte, 1, got + have, n - have, &k) != 1 || k < 0)
             return -1;
-        have += take_fds(&mh, got + have, n - have);
+        have += k;
     }
     /* above every target first, so no dup2 clobbers one still to be placed */
     for (int i = 0; i < n; i++) {
@@ -810,28 +782,11 @@ PYCRI_EXPORT int pycri_launcher_from_factory(int factory, int *sock_out,
     char byte = 'L';
     if (send(factory, &byte, 1, MSG_NOSIGNAL) != 1)
         return pycri_fail(err, errno ? errno : EPIPE, "launch: the launcher factory is gone");
-    int fd = -1;
-    for (;;) {
-        union {
-            struct cmsghdr h;
-            char buf[CMSG_SPACE(sizeof(int) * 2)];
-        } cm;
-        struct iovec iov = {&byte, 1};
-        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                            .msg_controllen = sizeof(cm.buf)};
-        ssize_t r = recvmsg(factory, &mh, MSG_CMSG_CLOEXEC);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r != 1)
-            return pycri_fail(err, r < 0 ? errno : EPIPE, "launch: the launcher factory is gone");
-        int got[2] = {-1, -1};
-        int k = take_fds(&mh, got, 2);
-        if (k > 1)
-            close(got[1]);
-        fd = k >= 1 ? got[0] : -1;
-        break;
-    }
-    if (fd < 0)
+    int fd = -1, k;
+    ssize_t r = pycri__recv_fds(factory, &byte, 1, &fd, 1, &k);
+    if (r != 1)
+        return pycri_fail(err, r < 0 ? errno : EPIPE, "launch: the launcher factory is gone");
+    if (k < 1)
         return pycri_fail(err, EAGAIN, "launch: the launcher factory could not fork");
     *sock_out = fd;
     return 0;
@@ -841,19 +796,11 @@ PYCRI_EXPORT int pycri_launcher_from_factory(int factory, int *sock_out,
 static ssize_t recv_report(int sock, struct launch_report *rep, int fds[2]) {
     size_t got = 0;
     while (got < sizeof(*rep)) {
-        union {
-            struct cmsghdr h;
-            char buf[CMSG_SPACE(sizeof(int) * 4)];
-        } cm;
-        struct iovec iov = {(char *)rep + got, sizeof(*rep) - got};
-        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                            .msg_controllen = sizeof(cm.buf)};
-        ssize_t r = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
-        if (r < 0 && errno == EINTR)
-            continue;
+        int k;  /* (only the first part carries fds) */
+        ssize_t r = pycri__recv_fds(sock, (char *)rep + got, sizeof(*rep) - got, fds,
+                                    fds[0] < 0 ? 2 : 0, &k);
         if (r <= 0)
             break;
-        take_fds(&mh, fds, fds[0] < 0 ? 2 : 0); /* (only the first carries any) */
         got += (size_t)r;
     }
     return (ssize_t)got;

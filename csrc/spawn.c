@@ -119,31 +119,9 @@ struct parent_state {
 /* recv one report message; an fd passed with it (SCM_RIGHTS) lands in *fd (CLOEXEC),
  * any further ones are closed. */
 static ssize_t recv_report(int sock, struct msg *m, int *fd) {
-    struct iovec iov = {m, sizeof(*m)};
-    union {
-        char buf[CMSG_SPACE(sizeof(int) * 4)];
-        struct cmsghdr align;
-    } u;
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = u.buf,
-                        .msg_controllen = sizeof(u.buf)};
+    int k;
     *fd = -1;
-    ssize_t n = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
-    if (n < 0)
-        return n;
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
-        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
-            continue;
-        size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-        for (size_t i = 0; i < count; i++) {
-            int got;
-            memcpy(&got, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-            if (*fd < 0)
-                *fd = got;
-            else
-                close(got);
-        }
-    }
-    return n;
+    return pycri__recv_fds(sock, m, sizeof(*m), fd, 1, &k);
 }
 
 static void reap(struct parent_state *st, int kill_final) {

@@ -297,6 +297,40 @@ ssize_t pycri__send_fds(int sock, const void *buf, size_t len, const int *fds, i
     return w;
 }
 
+ssize_t pycri__recv_fds(int sock, void *buf, size_t len, int *fds, int room, int *nfds) {
+    union {
+        struct cmsghdr h;
+        char buf[CMSG_SPACE(sizeof(int) * PYCRI_SEND_FDS_MAX)];
+    } cm;
+    struct iovec iov = {buf, len};
+    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
+                        .msg_controllen = sizeof(cm.buf)};
+    ssize_t r;
+    do
+        r = recvmsg(sock, &mh, MSG_CMSG_CLOEXEC);
+    while (r < 0 && errno == EINTR);
+    int stored = 0;
+    if (r >= 0) {
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < k; i++) {
+                int fd;
+                memcpy(&fd, CMSG_DATA(c) + (size_t)i * sizeof(int), sizeof(int));
+                if (stored < room)
+                    fds[stored++] = fd;
+                else
+                    close(fd);
+            }
+        }
+        if (mh.msg_flags & MSG_CTRUNC)
+            stored = -1;
+    }
+    *nfds = stored;
+    return r;
+}
+
 /* Send a message carrying one fd (SCM_RIGHTS). */
 static int send_fd_msg(int sock, int kind, int fd) {
     struct msg m;
@@ -412,28 +446,12 @@ static void child_resume(struct pycri__plan *plan) {
     send_msg(plan->sock, MSG_PAUSED, 0, NULL);
     struct msg m;
     int fds[PYCRI_RESUME_MAX_FDS];
-    int n_fds = 0;
-    union {
-        struct cmsghdr h;
-        char buf[CMSG_SPACE(sizeof(int) * PYCRI_RESUME_MAX_FDS)];
-    } cm;
-    struct iovec iov = {&m, sizeof(m)};
-    struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cm.buf,
-                        .msg_controllen = sizeof(cm.buf)};
-    ssize_t n;
-    do
-        n = recvmsg(plan->sock, &mh, MSG_CMSG_CLOEXEC);
-    while (n < 0 && errno == EINTR);
+    int n_fds;
+    ssize_t n = pycri__recv_fds(plan->sock, &m, sizeof(m), fds, PYCRI_RESUME_MAX_FDS, &n_fds);
     if (n != (ssize_t)sizeof(m) || m.kind != MSG_RESUME)
         _exit(0); /* discarded unused (the launcher went) */
-    for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c))
-        if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
-            int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
-            for (int i = 0; i < k && n_fds < PYCRI_RESUME_MAX_FDS; i++)
-                memcpy(&fds[n_fds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-        }
     errno = EPROTO;
-    if (n_fds < 1 || m.pid <= 0 || (mh.msg_flags & MSG_CTRUNC))
+    if (n_fds < 1 || m.pid <= 0)
         CFAIL(PYCRI_STAGE_PREPARE, "resume: bad message from the launcher", NULL);
     unsigned char *buf = mmap(NULL, (size_t)m.pid, PROT_READ | PROT_WRITE, MAP_PRIVATE, fds[0], 0);
     if (buf == MAP_FAILED)

@@ -126,6 +126,11 @@ __attribute__((noreturn)) void pycri__child_main(struct pycri__plan *plan, int t
 #define PYCRI_SEND_FDS_MAX 253      /* the kernel's SCM_MAX_FD */
 ssize_t pycri__send_fds(int sock, const void *buf, size_t len, const int *fds, int n);
 
+/* Its counterpart: one recvmsg (retried on EINTR) into buf, and the fds that came
+ * with it (CLOEXEC): up to room of them into fds, the rest closed; *nfds says how
+ * many were stored, -1 when the kernel cut them short. What recvmsg returned. */
+ssize_t pycri__recv_fds(int sock, void *buf, size_t len, int *fds, int room, int *nfds);
+
 /* write all of buf, retrying on EINTR and short writes; 0 or -1 */
 static inline int pycri__write_all(int fd, const char *buf, size_t len) {
     while (len) {
