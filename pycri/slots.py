@@ -150,11 +150,9 @@ class Slot:
     dir: str            # <root>/slots/<pid>.<start>.<pod>.<id>: the record dir to be
     pod_id: str
     cgroup_parent: str
-    # The overlay rootfs, mounted ahead (detached) for the image the pod's last
-    # create used, and what its lower dirs were (device, inode) then; or -1.
-    image_id: str = ""
+    # A clone of ``overlay`` (below), the rootfs mounted ahead (detached) for the
+    # image the pod's last create used; or -1.
     rootfs_fd: int = -1
-    lowers: tuple[tuple[int, int], ...] = ()
     dev_fd: int = -1        # the container's /dev, made ahead with it (or -1)
     # The container process itself, set up ahead in the pod's namespaces, in the
     # cgroup, on the rootfs and /dev above (which it then holds: both fds are -1),
@@ -166,6 +164,10 @@ class Slot:
     # the overlay rootfs_fd is a clone of (kept while the container lives), or None
     overlay: Overlay | None = None
 
+    @property
+    def image_id(self) -> str:
+        return self.overlay.image_id if self.overlay is not None else ""
+
     def fds(self) -> tuple[int, int]:
         return (self.rootfs_fd, self.dev_fd)
 
@@ -176,10 +178,8 @@ class Slot:
     def fits(self, image_id: str, layer_dirs: list[str]) -> bool:
         """Whether the premounted rootfs is this image's, on the same layer dirs (an
         image removed and pulled again has new ones)."""
-        if self.image_id != image_id:
-            return False
         try:
-            return self.lowers == _dir_ids(layer_dirs)
+            return self.overlay is not None and self.overlay.fits(image_id, _dir_ids(layer_dirs))
         except OSError:
             return False
 
@@ -580,7 +580,7 @@ def _make(runtime: Runtime, pod_id: str, parent: str, tag: str, image_id: str,
             dev = _native.dev_premount()
         except OSError:
             dev = -1
-        slot = Slot(cid, path, pod_id, parent, image_id, fd, lowers, dev, overlay=overlay)
+        slot = Slot(cid, path, pod_id, parent, rootfs_fd=fd, dev_fd=dev, overlay=overlay)
     return slot
 
 
